@@ -1,0 +1,251 @@
+//! Turn, group and batch statistics (`docs/contract.md` §3–4) in float64: the CPU epilogue,
+//! and the second stage of the two-stage API.
+
+use crate::batch::Advantages;
+use crate::error::{Error, Result};
+use crate::params::Params;
+use crate::validate::{GroupLayout, Layout};
+
+/// Weighted Welford/Chan moments: count n (a sum of weights), mean μ and M2 = Σ w (v − μ)².
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Moments {
+    pub count: f64,
+    pub mean: f64,
+    pub m2: f64,
+}
+
+impl Moments {
+    /// Adds `value` with weight `weight` (a value repeated `weight` times).
+    pub fn push(&mut self, value: f64, weight: f64) {
+        self.merge(&Moments { count: weight, mean: value, m2: 0.0 });
+    }
+
+    /// Chan, Golub & LeVeque's pairwise merge.
+    pub fn merge(&mut self, other: &Moments) {
+        let n = self.count + other.count;
+        if other.count == 0.0 {
+            return;
+        }
+        if self.count == 0.0 {
+            *self = *other;
+            return;
+        }
+        let delta = other.mean - self.mean;
+        self.mean += delta * (other.count / n);
+        self.m2 += other.m2 + delta * delta * (self.count * other.count / n);
+        self.count = n;
+    }
+
+    /// √(M2 / (n − 1)); needs n ≥ 2.
+    pub fn unbiased_std(&self) -> f64 {
+        (self.m2 / (self.count - 1.0)).max(0.0).sqrt()
+    }
+}
+
+/// Per-turn accumulators of the estimator: Σ and row count. Feed rows in any micro-batches and
+/// merge; [`TurnAccumulator::info`] equals that of one batch.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TurnAccumulator {
+    pub sum: Vec<f64>,
+    pub count: Vec<u64>,
+}
+
+impl TurnAccumulator {
+    pub fn new(turns: usize) -> Self {
+        TurnAccumulator { sum: vec![0.0; turns], count: vec![0; turns] }
+    }
+
+    pub fn turns(&self) -> usize {
+        self.sum.len()
+    }
+
+    /// Adds the estimator values of global rows `first_row..first_row + values.len()`;
+    /// `offsets` is the whole batch's validated turn CSR ([T+1]).
+    pub fn add_rows(&mut self, offsets: &[u32], first_row: usize, values: &[f64]) -> Result<()> {
+        if offsets.len() != self.turns() + 1 {
+            return Err(Error::turns(format!(
+                "accumulator has {} turns but the offsets describe {}",
+                self.turns(),
+                offsets.len().saturating_sub(1)
+            )));
+        }
+        let end = first_row + values.len();
+        if end > *offsets.last().unwrap_or(&0) as usize {
+            return Err(Error::turns(format!(
+                "rows {first_row}..{end} extend past the layout's {} rows",
+                offsets.last().unwrap_or(&0)
+            )));
+        }
+        // The first turn whose rows end after first_row.
+        let mut t = offsets.partition_point(|&o| (o as usize) <= first_row).saturating_sub(1);
+        while t < self.turns() && (offsets[t] as usize) < end {
+            let lo = (offsets[t] as usize).max(first_row);
+            let hi = (offsets[t + 1] as usize).min(end);
+            if hi > lo {
+                self.sum[t] += values[lo - first_row..hi - first_row].iter().sum::<f64>();
+                self.count[t] += (hi - lo) as u64;
+            }
+            t += 1;
+        }
+        Ok(())
+    }
+
+    pub fn merge(&mut self, other: &TurnAccumulator) -> Result<()> {
+        if other.turns() != self.turns() {
+            return Err(Error::turns(format!(
+                "cannot merge accumulators of {} and {} turns",
+                self.turns(),
+                other.turns()
+            )));
+        }
+        for t in 0..self.turns() {
+            self.sum[t] += other.sum[t];
+            self.count[t] += other.count[t];
+        }
+        Ok(())
+    }
+
+    /// info_t: the mean per turn, 0 for a turn with no rows.
+    pub fn info(&self) -> Vec<f64> {
+        self.sum
+            .iter()
+            .zip(&self.count)
+            .map(|(&s, &c)| if c > 0 { s / c as f64 } else { 0.0 })
+            .collect()
+    }
+}
+
+/// Outcome moments of one group and the rule for a singleton group (μ = 0, σ = 1).
+fn outcome_mean_std(m: &Moments) -> (f64, f64) {
+    if m.count <= 1.0 {
+        (0.0, 1.0)
+    } else {
+        (m.mean, m.unbiased_std())
+    }
+}
+
+/// Intrinsic pool moments and the rule for a pool of one token (μ = value, σ = 1).
+fn pool_mean_std(m: &Moments) -> (f64, f64) {
+    if m.count <= 1.0 {
+        (m.mean, 1.0)
+    } else {
+        (m.mean, m.unbiased_std())
+    }
+}
+
+/// Stage two: advantages from the per-turn information gain (contract §4).
+pub fn advantages(info: &[f64], layout: &Layout, params: &Params) -> Result<Advantages> {
+    params.validate()?;
+    let groups = layout
+        .groups
+        .as_ref()
+        .ok_or_else(|| Error::trajectories("advantages need trajectories"))?;
+    if info.len() != layout.turns() {
+        return Err(Error::turns(format!("{} info values for {} turns", info.len(), layout.turns())));
+    }
+    let GroupLayout {
+        trajectory_group,
+        trajectory_outcome,
+        trajectory_tokens,
+        group_trajectory_offsets,
+        group_trajectories,
+        group_turn_offsets,
+        group_turns,
+        total_tokens,
+    } = groups;
+    let n_groups = group_trajectory_offsets.len() - 1;
+    let eps = params.eps;
+
+    let turn_intrinsic: Vec<f64> =
+        info.iter().zip(&layout.turn_credit).map(|(&i, &c)| i / c as f64).collect();
+
+    let mut outcome = vec![(0.0, 1.0); n_groups];
+    let mut pool = vec![(0.0, 1.0); n_groups];
+    for g in 0..n_groups {
+        let mut m = Moments::default();
+        let members = group_trajectory_offsets[g] as usize..group_trajectory_offsets[g + 1] as usize;
+        for &i in &group_trajectories[members] {
+            m.push(trajectory_outcome[i as usize], 1.0);
+        }
+        outcome[g] = outcome_mean_std(&m);
+        let mut p = Moments::default();
+        let members = group_turn_offsets[g] as usize..group_turn_offsets[g + 1] as usize;
+        for &t in &group_turns[members] {
+            let v = turn_intrinsic[t as usize];
+            if v != 0.0 {
+                p.push(v, layout.turn_credit[t as usize] as f64);
+            }
+        }
+        pool[g] = pool_mean_std(&p);
+    }
+
+    let trajectory_advantage: Vec<f64> = trajectory_outcome
+        .iter()
+        .zip(trajectory_group)
+        .map(|(&r, &g)| {
+            let (mu, sigma) = outcome[g as usize];
+            (r - mu) / (sigma + eps)
+        })
+        .collect();
+    let trajectory_gate: Vec<f64> = trajectory_group
+        .iter()
+        .map(|&g| sigmoid(-outcome[g as usize].1 / params.gate_temperature))
+        .collect();
+
+    let turn_intrinsic_norm: Vec<f64> = (0..layout.turns())
+        .map(|t| {
+            let v = turn_intrinsic[t];
+            if !params.normalize {
+                v
+            } else if v == 0.0 {
+                0.0
+            } else {
+                let g = trajectory_group[layout.turn_trajectory[t] as usize] as usize;
+                let (mu, sigma) = pool[g];
+                (v - mu) / (sigma + eps)
+            }
+        })
+        .collect();
+
+    let mut outcome_tokens = Moments::default();
+    for (&a, &n) in trajectory_advantage.iter().zip(trajectory_tokens) {
+        outcome_tokens.push(a, n as f64);
+    }
+    let mut intrinsic_tokens = Moments::default();
+    let mut credited = 0u64;
+    for (&v, &c) in turn_intrinsic_norm.iter().zip(&layout.turn_credit) {
+        intrinsic_tokens.push(v, c as f64);
+        credited += c as u64;
+    }
+    intrinsic_tokens.push(0.0, (*total_tokens - credited) as f64);
+
+    let outcome_std = outcome_tokens.unbiased_std() + eps;
+    let intrinsic_std = intrinsic_tokens.unbiased_std() + eps;
+    let magnitude_ratio = (outcome_std.max(1.0) / intrinsic_std).min(1.0);
+    let turn_bonus: Vec<f64> = turn_intrinsic_norm
+        .iter()
+        .zip(&layout.turn_trajectory)
+        .map(|(&v, &i)| params.beta * trajectory_gate[i as usize] * magnitude_ratio * v)
+        .collect();
+
+    Ok(Advantages {
+        turn_intrinsic,
+        turn_intrinsic_norm,
+        turn_bonus,
+        trajectory_advantage,
+        trajectory_gate,
+        outcome_std,
+        intrinsic_std,
+        magnitude_ratio,
+    })
+}
+
+/// 1 / (1 + e^−z), without overflow for large |z|.
+pub fn sigmoid(z: f64) -> f64 {
+    if z >= 0.0 {
+        1.0 / (1.0 + (-z).exp())
+    } else {
+        let e = z.exp();
+        e / (1.0 + e)
+    }
+}

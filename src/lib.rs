@@ -1,0 +1,52 @@
+//! # infopo-kernels
+//!
+//! Fused one-pass kernels for the turn-level rewards of InfoPO (Information-Driven Policy
+//! Optimization): from two [N, V] logit tensors (the policy run with the real user feedback and
+//! with it masked) compute per row the two log-sum-exps, the log-ratio of the realised token,
+//! the full-vocabulary KL and the entropy; per turn the mean information gain; per GRPO group the
+//! outcome and intrinsic statistics, the variance gate and the fused advantages.
+//!
+//! The math is stated once, in `docs/contract.md` (included below). Backends:
+//! - [`cpu::Cpu`]: the float64 reference, vectorised and parallel over rows;
+//! - `emulated::Emulated` (feature `emulator`): the CUDA kernel source compiled as host C++;
+//! - `cuda::CudaBackend` (feature `cuda`): the kernels on a GPU through cudarc.
+//!
+//! ```
+//! use infopo_kernels::{Backend, Batch, Logits, Params, cpu::Cpu};
+//! let (n, v) = (2, 4);
+//! let real = vec![0.5f32, 1.0, -1.0, 2.0, 0.0, 0.1, 0.2, 0.3];
+//! let masked = vec![0.4f32, 1.2, -1.0, 1.5, 0.0, 0.0, 0.0, 0.0];
+//! let targets = [3i64, 1];
+//! let batch = Batch::rows(Logits::new(&real, n, v)?, Logits::new(&masked, n, v)?, &targets);
+//! let out = Cpu.compute(&batch, &Params::default())?;
+//! assert!(out.rows.kl.iter().all(|&kl| kl >= 0.0));
+//! # Ok::<(), infopo_kernels::Error>(())
+//! ```
+#![doc = include_str!("../docs/contract.md")]
+
+pub mod backend;
+pub mod batch;
+pub mod cpu;
+pub mod epilogue;
+pub mod error;
+pub mod io;
+pub mod logits;
+pub mod params;
+pub mod state;
+pub mod synth;
+pub mod validate;
+
+#[cfg(any(feature = "emulator", feature = "cuda"))]
+pub mod launch;
+
+#[cfg(feature = "emulator")]
+pub mod emulated;
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+pub use backend::{open, Backend, BackendKind};
+pub use batch::{Advantages, Batch, Output, RowOutputs, Trajectories, Turns};
+pub use error::{Error, Result, RowErrorKind, Tensor};
+pub use logits::{Dtype, LogitData, LogitElement, Logits};
+pub use params::{Estimator, Params};

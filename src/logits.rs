@@ -1,0 +1,201 @@
+//! Borrowed views of the two logit tensors.
+
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+
+/// Element type of a logit tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl Dtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::BF16 => "bf16",
+        }
+    }
+
+    pub fn size_bytes(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Dtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Dtype::F32),
+            "f16" => Ok(Dtype::F16),
+            "bf16" => Ok(Dtype::BF16),
+            _ => Err(format!("unknown dtype `{s}` (expected f32, f16 or bf16)")),
+        }
+    }
+}
+
+/// A logit element type the crate reads.
+pub trait LogitElement: bytemuck::Pod + Send + Sync + 'static {
+    const DTYPE: Dtype;
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+}
+
+impl LogitElement for f32 {
+    const DTYPE: Dtype = Dtype::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl LogitElement for f16 {
+    const DTYPE: Dtype = Dtype::F16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+impl LogitElement for bf16 {
+    const DTYPE: Dtype = Dtype::BF16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+/// The elements of one logit tensor, by dtype.
+#[derive(Debug, Clone, Copy)]
+pub enum LogitData<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+}
+
+/// A borrowed, row-major [rows, vocab] logit tensor.
+#[derive(Debug, Clone, Copy)]
+pub struct Logits<'a> {
+    data: LogitData<'a>,
+    rows: usize,
+    vocab: usize,
+}
+
+impl<'a> Logits<'a> {
+    /// Views `data` as `rows` contiguous rows of `vocab` logits.
+    pub fn new<T: LogitElement>(data: &'a [T], rows: usize, vocab: usize) -> Result<Self> {
+        let data = LogitData::from_slice(data);
+        Self::from_data(data, rows, vocab)
+    }
+
+    pub fn from_data(data: LogitData<'a>, rows: usize, vocab: usize) -> Result<Self> {
+        if vocab == 0 {
+            return Err(Error::EmptyVocab);
+        }
+        let expected = rows.checked_mul(vocab).ok_or_else(|| {
+            Error::shape(format!("{rows} rows x {vocab} vocab overflows usize"))
+        })?;
+        if data.len() != expected {
+            return Err(Error::shape(format!(
+                "logits hold {} elements, expected rows x vocab = {rows} x {vocab} = {expected}",
+                data.len()
+            )));
+        }
+        Ok(Logits { data, rows, vocab })
+    }
+
+    pub fn data(&self) -> LogitData<'a> {
+        self.data
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+    pub fn dtype(&self) -> Dtype {
+        self.data.dtype()
+    }
+    /// Bytes of logits in this tensor.
+    pub fn size_bytes(&self) -> usize {
+        self.rows * self.vocab * self.dtype().size_bytes()
+    }
+
+    /// Rows `start..start + len` as a new view (a micro-batch).
+    pub fn slice_rows(&self, start: usize, len: usize) -> Result<Logits<'a>> {
+        let end = start
+            .checked_add(len)
+            .filter(|&e| e <= self.rows)
+            .ok_or_else(|| {
+                Error::shape(format!("rows {start}..{start}+{len} outside 0..{}", self.rows))
+            })?;
+        let (a, b) = (start * self.vocab, end * self.vocab);
+        let data = match self.data {
+            LogitData::F32(d) => LogitData::F32(&d[a..b]),
+            LogitData::F16(d) => LogitData::F16(&d[a..b]),
+            LogitData::BF16(d) => LogitData::BF16(&d[a..b]),
+        };
+        Ok(Logits { data, rows: len, vocab: self.vocab })
+    }
+}
+
+impl<'a> LogitData<'a> {
+    pub fn from_slice<T: LogitElement>(data: &'a [T]) -> Self {
+        // The three element types are the only implementors of LogitElement.
+        match T::DTYPE {
+            Dtype::F32 => LogitData::F32(bytemuck::cast_slice(data)),
+            Dtype::F16 => LogitData::F16(bytemuck::cast_slice(data)),
+            Dtype::BF16 => LogitData::BF16(bytemuck::cast_slice(data)),
+        }
+    }
+
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            LogitData::F32(_) => Dtype::F32,
+            LogitData::F16(_) => Dtype::F16,
+            LogitData::BF16(_) => Dtype::BF16,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            LogitData::F32(d) => d.len(),
+            LogitData::F16(d) => d.len(),
+            LogitData::BF16(d) => d.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The raw bytes (for FFI and device uploads).
+    pub fn as_bytes(&self) -> &'a [u8] {
+        match self {
+            LogitData::F32(d) => bytemuck::cast_slice(d),
+            LogitData::F16(d) => bytemuck::cast_slice(d),
+            LogitData::BF16(d) => bytemuck::cast_slice(d),
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Parameters of the InfoPO computation, with the paper's defaults.
+
+use crate::error::{Error, Result};
+
+/// Which per-row value a turn's information gain averages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Estimator {
+    /// `log_ratio`: the paper's teacher-forced estimator of the realised token.
+    #[default]
+    LogRatio,
+    /// `kl`: the full-vocabulary KL(p_real ‖ p_masked).
+    Kl,
+}
+
+impl Estimator {
+    pub fn name(self) -> &'static str {
+        match self {
+            Estimator::LogRatio => "log-ratio",
+            Estimator::Kl => "kl",
+        }
+    }
+}
+
+impl std::str::FromStr for Estimator {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "log-ratio" => Ok(Estimator::LogRatio),
+            "kl" => Ok(Estimator::Kl),
+            _ => Err(format!("unknown estimator `{s}` (expected log-ratio or kl)")),
+        }
+    }
+}
+
+/// Parameters of `docs/contract.md`; `Params::default()` is the paper's setting.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Params {
+    /// τs: logits are divided by it. Default 1.
+    pub temperature: f64,
+    pub estimator: Estimator,
+    /// β: weight of the intrinsic bonus. Default 0.1.
+    pub beta: f64,
+    /// τ of the variance gate sigmoid(−σ_g/τ). Default 0.05.
+    pub gate_temperature: f64,
+    /// ε added to standard deviations. Default 1e-6.
+    pub eps: f64,
+    /// Normalise intrinsic values within each group. Default on.
+    pub normalize: bool,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            temperature: 1.0,
+            estimator: Estimator::LogRatio,
+            beta: 0.1,
+            gate_temperature: 0.05,
+            eps: 1e-6,
+            normalize: true,
+        }
+    }
+}
+
+impl Params {
+    /// Checks every parameter's range (contract §5).
+    pub fn validate(&self) -> Result<()> {
+        let positive = |name, value: f64| {
+            if value.is_finite() && value > 0.0 {
+                Ok(())
+            } else {
+                Err(Error::Param { name, value, why: "must be finite and > 0" })
+            }
+        };
+        positive("temperature", self.temperature)?;
+        positive("gate_temperature", self.gate_temperature)?;
+        if !(self.eps.is_finite() && self.eps >= 0.0) {
+            return Err(Error::Param { name: "eps", value: self.eps, why: "must be finite and >= 0" });
+        }
+        if !self.beta.is_finite() {
+            return Err(Error::Param { name: "beta", value: self.beta, why: "must be finite" });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,214 @@
+//! Host-side validation of shapes and layouts, shared by every backend, and the prepared layout
+//! (dense group ids, members of each group in a fixed order) that the epilogues consume.
+
+use crate::batch::{Batch, Trajectories, Turns};
+use crate::error::{Error, Result};
+
+/// A validated turn/trajectory layout in the form the epilogues (CPU and kernel) read.
+/// Members of a group are listed in increasing index order, so every reduction over a group
+/// has one fixed order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Layout {
+    /// [T+1] CSR row offsets of the turns.
+    pub turn_offsets: Vec<u32>,
+    /// [T]
+    pub turn_trajectory: Vec<u32>,
+    /// [T]
+    pub turn_credit: Vec<u32>,
+    /// Trajectory-level data; `None` when the batch has turns only.
+    pub groups: Option<GroupLayout>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GroupLayout {
+    /// [B] dense group index in 0..G, in order of first appearance of the caller's group id.
+    pub trajectory_group: Vec<u32>,
+    /// [B]
+    pub trajectory_outcome: Vec<f64>,
+    /// [B]
+    pub trajectory_tokens: Vec<u32>,
+    /// [G+1] CSR into `group_trajectories`.
+    pub group_trajectory_offsets: Vec<u32>,
+    /// [B] trajectory indices, grouped, increasing within a group.
+    pub group_trajectories: Vec<u32>,
+    /// [G+1] CSR into `group_turns`.
+    pub group_turn_offsets: Vec<u32>,
+    /// [T] turn indices, grouped by their trajectory's group, increasing within a group.
+    pub group_turns: Vec<u32>,
+    /// M = Σ trajectory_tokens.
+    pub total_tokens: u64,
+}
+
+impl Layout {
+    pub fn turns(&self) -> usize {
+        self.turn_trajectory.len()
+    }
+
+    pub fn groups(&self) -> usize {
+        self.groups.as_ref().map_or(0, |g| g.group_trajectory_offsets.len() - 1)
+    }
+}
+
+/// Checks the logits, targets' length and the layouts of a batch; targets' values are checked
+/// per row by the backends (contract §2, "Row errors").
+pub fn batch(batch: &Batch<'_>) -> Result<Option<Layout>> {
+    let (real, masked) = (&batch.real, &batch.masked);
+    if real.dtype() != masked.dtype() {
+        return Err(Error::DtypeMismatch { real: real.dtype().name(), masked: masked.dtype().name() });
+    }
+    if real.rows() != masked.rows() || real.vocab() != masked.vocab() {
+        return Err(Error::shape(format!(
+            "real logits are [{}, {}] but masked logits are [{}, {}]",
+            real.rows(),
+            real.vocab(),
+            masked.rows(),
+            masked.vocab()
+        )));
+    }
+    if batch.targets.len() != real.rows() {
+        return Err(Error::shape(format!(
+            "targets hold {} ids for {} rows",
+            batch.targets.len(),
+            real.rows()
+        )));
+    }
+    if real.rows() > u32::MAX as usize {
+        return Err(Error::shape(format!("{} rows exceed the 2^32 - 1 supported", real.rows())));
+    }
+    match (batch.turns, batch.trajectories) {
+        (None, Some(_)) => Err(Error::trajectories("trajectories need a turn layout")),
+        (None, None) => Ok(None),
+        (Some(turns), trajectories) => layout(real.rows(), &turns, trajectories.as_ref()).map(Some),
+    }
+}
+
+/// Validates a turn layout over `rows` rows and, optionally, its trajectories.
+pub fn layout(rows: usize, turns: &Turns<'_>, trajectories: Option<&Trajectories<'_>>) -> Result<Layout> {
+    let t = turns.trajectory.len();
+    if turns.offsets.len() != t + 1 {
+        return Err(Error::turns(format!(
+            "turn_offsets has {} entries, expected turns + 1 = {}",
+            turns.offsets.len(),
+            t + 1
+        )));
+    }
+    if turns.credit_tokens.len() != t {
+        return Err(Error::turns(format!(
+            "turn_credit_tokens has {} entries for {t} turns",
+            turns.credit_tokens.len()
+        )));
+    }
+    if turns.offsets[0] != 0 {
+        return Err(Error::turns(format!("turn_offsets[0] = {}, must be 0", turns.offsets[0])));
+    }
+    for (i, w) in turns.offsets.windows(2).enumerate() {
+        if w[1] < w[0] {
+            return Err(Error::turns(format!(
+                "turn_offsets decrease at turn {i}: {} then {}",
+                w[0], w[1]
+            )));
+        }
+    }
+    if turns.offsets[t] as usize != rows {
+        return Err(Error::turns(format!(
+            "turn_offsets[{t}] = {}, must equal the number of rows {rows}",
+            turns.offsets[t]
+        )));
+    }
+    if let Some(i) = turns.credit_tokens.iter().position(|&c| c < 1) {
+        return Err(Error::turns(format!("turn {i} has credit_tokens = 0, must be >= 1")));
+    }
+    let mut out = Layout {
+        turn_offsets: turns.offsets.to_vec(),
+        turn_trajectory: turns.trajectory.to_vec(),
+        turn_credit: turns.credit_tokens.to_vec(),
+        groups: None,
+    };
+    if let Some(traj) = trajectories {
+        out.groups = Some(group_layout(turns, traj)?);
+    }
+    Ok(out)
+}
+
+fn group_layout(turns: &Turns<'_>, traj: &Trajectories<'_>) -> Result<GroupLayout> {
+    let b = traj.group.len();
+    if traj.outcome.len() != b || traj.tokens.len() != b {
+        return Err(Error::trajectories(format!(
+            "trajectory_group, trajectory_outcome and trajectory_tokens have {}, {} and {} entries",
+            b,
+            traj.outcome.len(),
+            traj.tokens.len()
+        )));
+    }
+    if let Some(i) = traj.outcome.iter().position(|r| !r.is_finite()) {
+        return Err(Error::trajectories(format!(
+            "trajectory {i} has a non-finite outcome {}",
+            traj.outcome[i]
+        )));
+    }
+    let mut credited = vec![0u64; b];
+    for (t, (&i, &c)) in turns.trajectory.iter().zip(turns.credit_tokens).enumerate() {
+        let slot = credited.get_mut(i as usize).ok_or_else(|| {
+            Error::turns(format!("turn {t} belongs to trajectory {i}, but there are {b} trajectories"))
+        })?;
+        *slot += c as u64;
+    }
+    for (i, (&c, &tokens)) in credited.iter().zip(traj.tokens).enumerate() {
+        if c > tokens as u64 {
+            return Err(Error::trajectories(format!(
+                "trajectory {i} credits {c} tokens to its turns but has only {tokens} response tokens"
+            )));
+        }
+    }
+    let total_tokens: u64 = traj.tokens.iter().map(|&x| x as u64).sum();
+    if total_tokens < 2 {
+        return Err(Error::trajectories(format!(
+            "the batch has {total_tokens} response tokens; its standard deviations need at least 2"
+        )));
+    }
+    // Dense group ids in order of first appearance.
+    let mut dense = std::collections::HashMap::new();
+    let trajectory_group: Vec<u32> = traj
+        .group
+        .iter()
+        .map(|&g| {
+            let next = dense.len() as u32;
+            *dense.entry(g).or_insert(next)
+        })
+        .collect();
+    let g = dense.len();
+    let (group_trajectory_offsets, group_trajectories) =
+        bucket(g, (0..b as u32).map(|i| (trajectory_group[i as usize], i)));
+    let (group_turn_offsets, group_turns) = bucket(
+        g,
+        (0..turns.len() as u32).map(|t| (trajectory_group[turns.trajectory[t as usize] as usize], t)),
+    );
+    Ok(GroupLayout {
+        trajectory_group,
+        trajectory_outcome: traj.outcome.to_vec(),
+        trajectory_tokens: traj.tokens.to_vec(),
+        group_trajectory_offsets,
+        group_trajectories,
+        group_turn_offsets,
+        group_turns,
+        total_tokens,
+    })
+}
+
+/// Stable counting sort of (bucket, item) pairs into CSR form.
+fn bucket(buckets: usize, items: impl Iterator<Item = (u32, u32)> + Clone) -> (Vec<u32>, Vec<u32>) {
+    let mut offsets = vec![0u32; buckets + 1];
+    for (k, _) in items.clone() {
+        offsets[k as usize + 1] += 1;
+    }
+    for k in 0..buckets {
+        offsets[k + 1] += offsets[k];
+    }
+    let mut fill = offsets.clone();
+    let mut out = vec![0u32; offsets[buckets] as usize];
+    for (k, item) in items {
+        out[fill[k as usize] as usize] = item;
+        fill[k as usize] += 1;
+    }
+    (offsets, out)
+}

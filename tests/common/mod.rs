@@ -1,0 +1,224 @@
+//! An independent naive float64 oracle of `docs/contract.md`, written from the formulas with
+//! two passes and explicit repetition (no online state, no Welford), plus shared test helpers.
+#![allow(dead_code)]
+
+use infopo_kernels::synth::Rng;
+use std::collections::BTreeMap;
+
+/// Per-row values by the textbook two-pass formulas.
+#[derive(Debug, Clone, Copy)]
+pub struct OracleRow {
+    pub lse_real: f64,
+    pub lse_masked: f64,
+    pub log_ratio: f64,
+    pub kl: f64,
+    pub entropy_real: f64,
+}
+
+pub fn oracle_row(real: &[f64], masked: &[f64], target: usize, temperature: f64) -> OracleRow {
+    let x: Vec<f64> = real.iter().map(|v| v / temperature).collect();
+    let y: Vec<f64> = masked.iter().map(|v| v / temperature).collect();
+    let lse = |v: &[f64]| {
+        let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        m + v.iter().map(|&e| (e - m).exp()).sum::<f64>().ln()
+    };
+    let (lx, ly) = (lse(&x), lse(&y));
+    let mut kl = 0.0;
+    let mut px = 0.0;
+    for i in 0..x.len() {
+        let p = (x[i] - lx).exp();
+        if p > 0.0 {
+            kl += p * ((x[i] - lx) - (y[i] - ly));
+            px += p * x[i];
+        }
+    }
+    OracleRow {
+        lse_real: lx,
+        lse_masked: ly,
+        log_ratio: (x[target] - lx) - (y[target] - ly),
+        kl,
+        entropy_real: lx - px,
+    }
+}
+
+/// Mean and unbiased std of an explicit list of values.
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+#[derive(Debug, Clone)]
+pub struct OracleAdvantages {
+    pub info: Vec<f64>,
+    pub intrinsic: Vec<f64>,
+    pub norm: Vec<f64>,
+    pub bonus: Vec<f64>,
+    pub advantage: Vec<f64>,
+    pub gate: Vec<f64>,
+    pub outcome_std: f64,
+    pub intrinsic_std: f64,
+    pub magnitude_ratio: f64,
+}
+
+pub struct OracleParams {
+    pub beta: f64,
+    pub gate_temperature: f64,
+    pub eps: f64,
+    pub normalize: bool,
+}
+
+impl Default for OracleParams {
+    fn default() -> Self {
+        OracleParams { beta: 0.1, gate_temperature: 0.05, eps: 1e-6, normalize: true }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn oracle_advantages(
+    estimator: &[f64],
+    offsets: &[u32],
+    turn_traj: &[u32],
+    credit: &[u32],
+    group: &[u32],
+    outcome: &[f64],
+    tokens: &[u32],
+    p: &OracleParams,
+) -> OracleAdvantages {
+    let t_n = turn_traj.len();
+    let info: Vec<f64> = (0..t_n)
+        .map(|t| {
+            let rows = &estimator[offsets[t] as usize..offsets[t + 1] as usize];
+            if rows.is_empty() { 0.0 } else { rows.iter().sum::<f64>() / rows.len() as f64 }
+        })
+        .collect();
+    let intrinsic: Vec<f64> = (0..t_n).map(|t| info[t] / credit[t] as f64).collect();
+    let mut members: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for (i, &g) in group.iter().enumerate() {
+        members.entry(g).or_default().push(i);
+    }
+    let mut mu_sigma = vec![(0.0, 1.0); group.len()];
+    let mut pool_stats: BTreeMap<u32, (f64, f64)> = BTreeMap::new();
+    for (&g, traj) in &members {
+        let r: Vec<f64> = traj.iter().map(|&i| outcome[i]).collect();
+        let ms = if r.len() == 1 { (0.0, 1.0) } else { mean_std(&r) };
+        for &i in traj {
+            mu_sigma[i] = ms;
+        }
+        let mut pool = Vec::new();
+        for t in 0..t_n {
+            if group[turn_traj[t] as usize] == g && intrinsic[t] != 0.0 {
+                pool.extend(std::iter::repeat_n(intrinsic[t], credit[t] as usize));
+            }
+        }
+        let ps = match pool.len() {
+            0 => (0.0, 1.0),
+            1 => (pool[0], 1.0),
+            _ => mean_std(&pool),
+        };
+        pool_stats.insert(g, ps);
+    }
+    let advantage: Vec<f64> =
+        (0..group.len()).map(|i| (outcome[i] - mu_sigma[i].0) / (mu_sigma[i].1 + p.eps)).collect();
+    let gate: Vec<f64> =
+        (0..group.len()).map(|i| 1.0 / (1.0 + (mu_sigma[i].1 / p.gate_temperature).exp())).collect();
+    let norm: Vec<f64> = (0..t_n)
+        .map(|t| {
+            if !p.normalize {
+                intrinsic[t]
+            } else if intrinsic[t] == 0.0 {
+                0.0
+            } else {
+                let (m, s) = pool_stats[&group[turn_traj[t] as usize]];
+                (intrinsic[t] - m) / (s + p.eps)
+            }
+        })
+        .collect();
+    let mut outcome_tokens = Vec::new();
+    for i in 0..group.len() {
+        outcome_tokens.extend(std::iter::repeat_n(advantage[i], tokens[i] as usize));
+    }
+    let mut intrinsic_tokens = Vec::new();
+    let mut credited = 0usize;
+    for t in 0..t_n {
+        intrinsic_tokens.extend(std::iter::repeat_n(norm[t], credit[t] as usize));
+        credited += credit[t] as usize;
+    }
+    let total: usize = tokens.iter().map(|&n| n as usize).sum();
+    intrinsic_tokens.extend(std::iter::repeat_n(0.0, total - credited));
+    let outcome_std = mean_std(&outcome_tokens).1 + p.eps;
+    let intrinsic_std = mean_std(&intrinsic_tokens).1 + p.eps;
+    let magnitude_ratio = (outcome_std.max(1.0) / intrinsic_std).min(1.0);
+    let bonus: Vec<f64> = (0..t_n)
+        .map(|t| p.beta * gate[turn_traj[t] as usize] * magnitude_ratio * norm[t])
+        .collect();
+    OracleAdvantages {
+        info,
+        intrinsic,
+        norm,
+        bonus,
+        advantage,
+        gate,
+        outcome_std,
+        intrinsic_std,
+        magnitude_ratio,
+    }
+}
+
+/// |a − b| ≤ atol + rtol·|b|, with infinities equal only to themselves and NaN never close.
+pub fn close(a: f64, b: f64, atol: f64, rtol: f64) -> bool {
+    if a.is_infinite() || b.is_infinite() {
+        return a == b;
+    }
+    (a - b).abs() <= atol + rtol * b.abs()
+}
+
+#[track_caller]
+pub fn assert_close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(close(g, w, atol, rtol), "{what}[{i}]: got {g}, want {w} (atol {atol}, rtol {rtol})");
+    }
+}
+
+pub fn f32s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// Random logits with a realistic spread, rounded through the element type so the oracle sees
+/// exactly the values the backend reads.
+pub fn random_logits(rng: &mut Rng, n: usize, scale: f64) -> Vec<f64> {
+    (0..n).map(|_| scale * rng.normal()).collect()
+}
+
+/// A random turn layout over `rows` rows: `turns` turns (some empty), trajectories in groups.
+pub struct RandomLayout {
+    pub offsets: Vec<u32>,
+    pub turn_traj: Vec<u32>,
+    pub credit: Vec<u32>,
+    pub group: Vec<u32>,
+    pub outcome: Vec<f64>,
+    pub tokens: Vec<u32>,
+}
+
+pub fn random_layout(rng: &mut Rng, rows: usize, turns: usize, trajectories: usize, groups: u32) -> RandomLayout {
+    let mut cuts: Vec<u32> = (0..turns - 1).map(|_| rng.below(rows as u64 + 1) as u32).collect();
+    cuts.sort_unstable();
+    let mut offsets = vec![0];
+    offsets.extend(cuts);
+    offsets.push(rows as u32);
+    let turn_traj: Vec<u32> = (0..turns).map(|_| rng.below(trajectories as u64) as u32).collect();
+    let credit: Vec<u32> = (0..turns).map(|_| 1 + rng.below(20) as u32).collect();
+    // Sparse, unordered group ids.
+    let group: Vec<u32> = (0..trajectories).map(|_| 7 * rng.below(groups as u64) as u32 + 3).collect();
+    let outcome: Vec<f64> = (0..trajectories).map(|_| rng.below(3) as f64 * 0.5).collect();
+    let mut tokens = vec![0u32; trajectories];
+    for t in 0..turns {
+        tokens[turn_traj[t] as usize] += credit[t];
+    }
+    for x in &mut tokens {
+        *x += rng.below(30) as u32 + 1;
+    }
+    RandomLayout { offsets, turn_traj, credit, group, outcome, tokens }
+}
