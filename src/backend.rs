@@ -11,16 +11,19 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// The one-call form: rows, turns and advantages of a whole batch.
-    fn compute(&self, batch: &Batch<'_>, params: &Params) -> Result<Output>;
+    fn compute(&self, batch: &Batch<'_>, params: &Params) -> Result<Output> {
+        self.compute_micro_batched(batch, params, &[])
+    }
+
+    /// Like [`Backend::compute`], but the rows go through in micro-batches (one kernel launch
+    /// each on the kernel backends): `cuts` are the increasing row indices where a new
+    /// micro-batch starts. Per-turn sums are carried across micro-batches (a turn may span a
+    /// cut) and the last one computes the advantages, so the result equals one batch up to the
+    /// rounding of the f64 per-turn sums.
+    fn compute_micro_batched(&self, batch: &Batch<'_>, params: &Params, cuts: &[usize]) -> Result<Output>;
 
     /// Per-row outputs only (stage one of the two-stage form).
-    fn score_rows(
-        &self,
-        real: Logits<'_>,
-        masked: Logits<'_>,
-        targets: &[i64],
-        params: &Params,
-    ) -> Result<RowOutputs> {
+    fn score_rows(&self, real: Logits<'_>, masked: Logits<'_>, targets: &[i64], params: &Params) -> Result<RowOutputs> {
         Ok(self.compute(&Batch::rows(real, masked, targets), params)?.rows)
     }
 }

@@ -5,11 +5,11 @@ use crate::logits::Logits;
 /// Scored turns as a CSR layout over rows (contract §1).
 #[derive(Debug, Clone, Copy)]
 pub struct Turns<'a> {
-    /// [T+1]: rows of turn t are `offsets[t]..offsets[t+1]`.
+    /// `[T+1]`: rows of turn t are `offsets[t]..offsets[t+1]`.
     pub offsets: &'a [u32],
-    /// [T]: the trajectory each turn belongs to.
+    /// `[T]`: the trajectory each turn belongs to.
     pub trajectory: &'a [u32],
-    /// [T]: tokens of the agent turn that receives the credit (≥ 1).
+    /// `[T]`: tokens of the agent turn that receives the credit (≥ 1).
     pub credit_tokens: &'a [u32],
 }
 
@@ -25,11 +25,11 @@ impl Turns<'_> {
 /// Trajectories and their GRPO groups (contract §1).
 #[derive(Debug, Clone, Copy)]
 pub struct Trajectories<'a> {
-    /// [B]: GRPO group id (any non-negative ids; they need not be dense).
+    /// `[B]`: GRPO group id (any non-negative ids; they need not be dense).
     pub group: &'a [u32],
-    /// [B]: the task reward R_i.
+    /// `[B]`: the task reward R_i.
     pub outcome: &'a [f64],
-    /// [B]: agent response tokens of each trajectory.
+    /// `[B]`: agent response tokens of each trajectory.
     pub tokens: &'a [u32],
 }
 
@@ -47,7 +47,7 @@ impl Trajectories<'_> {
 pub struct Batch<'a> {
     pub real: Logits<'a>,
     pub masked: Logits<'a>,
-    /// [N] realised token ids.
+    /// `[N]` realised token ids.
     pub targets: &'a [i64],
     pub turns: Option<Turns<'a>>,
     /// Needs `turns`.
@@ -76,7 +76,7 @@ impl<'a> Batch<'a> {
     }
 }
 
-/// Per-row outputs (contract §2), each [N].
+/// Per-row outputs (contract §2), each `[N]`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RowOutputs {
     pub lse_real: Vec<f32>,
@@ -109,15 +109,15 @@ impl RowOutputs {
 /// Per-turn, per-trajectory and batch outputs (contract §4).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Advantages {
-    /// [T] info_t / credit_t.
+    /// `[T]` info_t / credit_t.
     pub turn_intrinsic: Vec<f64>,
-    /// [T] norm_t.
+    /// `[T]` norm_t.
     pub turn_intrinsic_norm: Vec<f64>,
-    /// [T] bonus_t, added to each credited token of turn t.
+    /// `[T]` bonus_t, added to each credited token of turn t.
     pub turn_bonus: Vec<f64>,
-    /// [B] outcome advantage, added to every token of trajectory i.
+    /// `[B]` outcome advantage, added to every token of trajectory i.
     pub trajectory_advantage: Vec<f64>,
-    /// [B] sigmoid(−σ_g/τ) of the trajectory's group.
+    /// `[B]` sigmoid(−σ_g/τ) of the trajectory's group.
     pub trajectory_gate: Vec<f64>,
     pub outcome_std: f64,
     pub intrinsic_std: f64,
@@ -128,7 +128,7 @@ pub struct Advantages {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Output {
     pub rows: RowOutputs,
-    /// [T] with turns: the mean estimator per turn.
+    /// `[T]` with turns: the mean estimator per turn.
     pub turn_info: Option<Vec<f64>>,
     /// With trajectories.
     pub advantages: Option<Advantages>,

@@ -21,17 +21,33 @@ impl Backend for Cpu {
         "cpu"
     }
 
-    fn compute(&self, batch: &Batch<'_>, params: &Params) -> Result<Output> {
+    fn compute_micro_batched(&self, batch: &Batch<'_>, params: &Params, cuts: &[usize]) -> Result<Output> {
         params.validate()?;
         let layout = validate::batch(batch)?;
-        let values = score(batch.real, batch.masked, batch.targets, params.temperature)?;
+        let bounds = validate::micro_batches(cuts, batch.real.rows())?;
+        let mut values = Vec::with_capacity(batch.real.rows());
+        let mut acc = TurnAccumulator::new(layout.as_ref().map_or(0, |l| l.turns()));
+        for w in bounds.windows(2) {
+            let (r0, n) = (w[0], w[1] - w[0]);
+            let part = score(
+                batch.real.slice_rows(r0, n)?,
+                batch.masked.slice_rows(r0, n)?,
+                &batch.targets[r0..r0 + n],
+                params.temperature,
+            )
+            .map_err(|e| match e {
+                Error::Row { row, kind, target } => Error::Row { row: row + r0, kind, target },
+                other => other,
+            })?;
+            if let Some(l) = &layout {
+                acc.add_rows(&l.turn_offsets, r0, &estimator_values(&part, params.estimator))?;
+            }
+            values.extend(part);
+        }
         let rows = to_outputs(&values);
         let Some(layout) = layout else {
             return Ok(Output { rows, turn_info: None, advantages: None });
         };
-        let estimator = estimator_values(&values, params.estimator);
-        let mut acc = TurnAccumulator::new(layout.turns());
-        acc.add_rows(&layout.turn_offsets, 0, &estimator)?;
         let info = acc.info();
         let advantages = match layout.groups {
             Some(_) => Some(advantages(&info, &layout, params)?),
@@ -83,9 +99,7 @@ pub fn score(real: Logits<'_>, masked: Logits<'_>, targets: &[i64], temperature:
         (LogitData::F32(x), LogitData::F32(y)) => score_rows(x, y, targets, real.vocab(), inv_t),
         (LogitData::F16(x), LogitData::F16(y)) => score_rows(x, y, targets, real.vocab(), inv_t),
         (LogitData::BF16(x), LogitData::BF16(y)) => score_rows(x, y, targets, real.vocab(), inv_t),
-        (x, y) => {
-            return Err(Error::DtypeMismatch { real: x.dtype().name(), masked: y.dtype().name() })
-        }
+        (x, y) => return Err(Error::DtypeMismatch { real: x.dtype().name(), masked: y.dtype().name() }),
     };
     results
         .into_iter()
@@ -265,14 +279,7 @@ fn chunk_sums<F: MulAdd>(xs: &[f64], ys: &[f64], max_real: f64, max_masked: f64)
         }
     }
     let sum = |a: [f64; LANES]| a.iter().sum::<f64>();
-    RowState {
-        max_real,
-        sum_real: sum(sr),
-        max_masked,
-        sum_masked: sum(sm),
-        sum_diff: sum(sd),
-        sum_centered: sum(sc),
-    }
+    RowState { max_real, sum_real: sum(sr), max_masked, sum_masked: sum(sm), sum_diff: sum(sd), sum_centered: sum(sc) }
 }
 
 /// e^t for t ≤ 0 (portable arithmetic); see [`exp_nonpositive_with`].
@@ -286,8 +293,8 @@ pub fn exp_nonpositive(t: f64) -> f64 {
 #[inline(always)]
 pub fn exp_nonpositive_with<F: MulAdd>(t: f64) -> f64 {
     const LOG2E: f64 = std::f64::consts::LOG2_E;
-    const LN2_HI: f64 = 6.931_471_803_691_238_164_90e-1;
-    const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
+    const LN2_HI: f64 = 6.931_471_803_691_238e-1;
+    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
     // 1.5 · 2^52: adding it rounds to an integer held in the low mantissa bits.
     const SHIFTER: f64 = 6_755_399_441_055_744.0;
     // Comparisons with NaN are false, so NaN flows through to the result.

@@ -107,11 +107,7 @@ impl TurnAccumulator {
 
     /// info_t: the mean per turn, 0 for a turn with no rows.
     pub fn info(&self) -> Vec<f64> {
-        self.sum
-            .iter()
-            .zip(&self.count)
-            .map(|(&s, &c)| if c > 0 { s / c as f64 } else { 0.0 })
-            .collect()
+        self.sum.iter().zip(&self.count).map(|(&s, &c)| if c > 0 { s / c as f64 } else { 0.0 }).collect()
     }
 }
 
@@ -136,10 +132,7 @@ fn pool_mean_std(m: &Moments) -> (f64, f64) {
 /// Stage two: advantages from the per-turn information gain (contract §4).
 pub fn advantages(info: &[f64], layout: &Layout, params: &Params) -> Result<Advantages> {
     params.validate()?;
-    let groups = layout
-        .groups
-        .as_ref()
-        .ok_or_else(|| Error::trajectories("advantages need trajectories"))?;
+    let groups = layout.groups.as_ref().ok_or_else(|| Error::trajectories("advantages need trajectories"))?;
     if info.len() != layout.turns() {
         return Err(Error::turns(format!("{} info values for {} turns", info.len(), layout.turns())));
     }
@@ -156,8 +149,7 @@ pub fn advantages(info: &[f64], layout: &Layout, params: &Params) -> Result<Adva
     let n_groups = group_trajectory_offsets.len() - 1;
     let eps = params.eps;
 
-    let turn_intrinsic: Vec<f64> =
-        info.iter().zip(&layout.turn_credit).map(|(&i, &c)| i / c as f64).collect();
+    let turn_intrinsic: Vec<f64> = info.iter().zip(&layout.turn_credit).map(|(&i, &c)| i / c as f64).collect();
 
     let mut outcome = vec![(0.0, 1.0); n_groups];
     let mut pool = vec![(0.0, 1.0); n_groups];
@@ -187,10 +179,8 @@ pub fn advantages(info: &[f64], layout: &Layout, params: &Params) -> Result<Adva
             (r - mu) / (sigma + eps)
         })
         .collect();
-    let trajectory_gate: Vec<f64> = trajectory_group
-        .iter()
-        .map(|&g| sigmoid(-outcome[g as usize].1 / params.gate_temperature))
-        .collect();
+    let trajectory_gate: Vec<f64> =
+        trajectory_group.iter().map(|&g| sigmoid(-outcome[g as usize].1 / params.gate_temperature)).collect();
 
     let turn_intrinsic_norm: Vec<f64> = (0..layout.turns())
         .map(|t| {

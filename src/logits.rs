@@ -113,9 +113,9 @@ impl<'a> Logits<'a> {
         if vocab == 0 {
             return Err(Error::EmptyVocab);
         }
-        let expected = rows.checked_mul(vocab).ok_or_else(|| {
-            Error::shape(format!("{rows} rows x {vocab} vocab overflows usize"))
-        })?;
+        let expected = rows
+            .checked_mul(vocab)
+            .ok_or_else(|| Error::shape(format!("{rows} rows x {vocab} vocab overflows usize")))?;
         if data.len() != expected {
             return Err(Error::shape(format!(
                 "logits hold {} elements, expected rows x vocab = {rows} x {vocab} = {expected}",
@@ -147,9 +147,7 @@ impl<'a> Logits<'a> {
         let end = start
             .checked_add(len)
             .filter(|&e| e <= self.rows)
-            .ok_or_else(|| {
-                Error::shape(format!("rows {start}..{start}+{len} outside 0..{}", self.rows))
-            })?;
+            .ok_or_else(|| Error::shape(format!("rows {start}..{start}+{len} outside 0..{}", self.rows)))?;
         let (a, b) = (start * self.vocab, end * self.vocab);
         let data = match self.data {
             LogitData::F32(d) => LogitData::F32(&d[a..b]),

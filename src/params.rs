@@ -42,7 +42,7 @@ pub struct Params {
     pub beta: f64,
     /// τ of the variance gate sigmoid(−σ_g/τ). Default 0.05.
     pub gate_temperature: f64,
-    /// ε added to standard deviations. Default 1e-6.
+    /// ε > 0 added to standard deviations. Default 1e-6.
     pub eps: f64,
     /// Normalise intrinsic values within each group. Default on.
     pub normalize: bool,
@@ -73,9 +73,8 @@ impl Params {
         };
         positive("temperature", self.temperature)?;
         positive("gate_temperature", self.gate_temperature)?;
-        if !(self.eps.is_finite() && self.eps >= 0.0) {
-            return Err(Error::Param { name: "eps", value: self.eps, why: "must be finite and >= 0" });
-        }
+        // ε > 0: a tied group (σ = 0) gets advantage 0/ε = 0, not 0/0.
+        positive("eps", self.eps)?;
         if !self.beta.is_finite() {
             return Err(Error::Param { name: "beta", value: self.beta, why: "must be finite" });
         }

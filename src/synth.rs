@@ -73,32 +73,38 @@ impl SynthSpec {
 
 /// Logits like a language model's: a broad normal background, a few strongly preferred tokens;
 /// the masked run is the real one with its preferences partly moved (feedback removed).
+/// Rows are generated in parallel, each from its own stream of `rng`.
 pub fn logits_pair<T: LogitElement>(rng: &mut Rng, rows: usize, vocab: usize) -> (Vec<T>, Vec<T>, Vec<i64>) {
-    let mut real = Vec::with_capacity(rows * vocab);
-    let mut masked = Vec::with_capacity(rows * vocab);
-    let mut targets = Vec::with_capacity(rows);
-    for _ in 0..rows {
-        let start = real.len();
-        for _ in 0..vocab {
-            let x = 2.0 * rng.normal() as f32;
-            let y = x + 0.3 * rng.normal() as f32;
-            real.push(T::from_f32(x));
-            masked.push(T::from_f32(y));
-        }
-        // A handful of preferred tokens; the feedback sharpens the real distribution.
-        let peaks = 1 + rng.below(4) as usize;
-        let mut first = 0;
-        for p in 0..peaks {
-            let i = rng.below(vocab as u64) as usize;
-            if p == 0 {
-                first = i;
+    use rayon::prelude::*;
+    let zero = T::from_f32(0.0);
+    let mut real = vec![zero; rows * vocab];
+    let mut masked = vec![zero; rows * vocab];
+    let mut targets = vec![0i64; rows];
+    let seeds: Vec<u64> = (0..rows).map(|_| rng.next_u64()).collect();
+    real.par_chunks_mut(vocab.max(1))
+        .zip(masked.par_chunks_mut(vocab.max(1)))
+        .zip(targets.par_iter_mut().zip(seeds))
+        .for_each(|((real, masked), (target, seed))| {
+            let mut rng = Rng::new(seed);
+            for (x_out, y_out) in real.iter_mut().zip(masked.iter_mut()) {
+                let x = 2.0 * rng.normal() as f32;
+                *x_out = T::from_f32(x);
+                *y_out = T::from_f32(x + 0.3 * rng.normal() as f32);
             }
-            let boost = 8.0 + 4.0 * rng.uniform() as f32;
-            real[start + i] = T::from_f32(real[start + i].to_f32() + boost);
-            masked[start + i] = T::from_f32(masked[start + i].to_f32() + boost * (0.5 + rng.uniform() as f32));
-        }
-        targets.push(if rng.uniform() < 0.8 { first } else { rng.below(vocab as u64) as usize } as i64);
-    }
+            // A handful of preferred tokens; the feedback sharpens the real distribution.
+            let peaks = 1 + rng.below(4) as usize;
+            let mut first = 0;
+            for p in 0..peaks {
+                let i = rng.below(vocab as u64) as usize;
+                if p == 0 {
+                    first = i;
+                }
+                let boost = 8.0 + 4.0 * rng.uniform() as f32;
+                real[i] = T::from_f32(real[i].to_f32() + boost);
+                masked[i] = T::from_f32(masked[i].to_f32() + boost * (0.5 + rng.uniform() as f32));
+            }
+            *target = if rng.uniform() < 0.8 { first } else { rng.below(vocab as u64) as usize } as i64;
+        });
     (real, masked, targets)
 }
 
@@ -113,7 +119,11 @@ pub fn batch<T: LogitElement>(spec: SynthSpec) -> SynthBatch<T> {
         .iter()
         .map(|&g| {
             let rate = [0.5, 1.0, 0.25, 0.0][g as usize % 4];
-            if rng.uniform() < rate { 1.0 } else { 0.0 }
+            if rng.uniform() < rate {
+                1.0
+            } else {
+                0.0
+            }
         })
         .collect();
     // 1..=4 scored turns per trajectory, rows spread over them (some turns empty).

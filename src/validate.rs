@@ -9,11 +9,11 @@ use crate::error::{Error, Result};
 /// has one fixed order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Layout {
-    /// [T+1] CSR row offsets of the turns.
+    /// `[T+1]` CSR row offsets of the turns.
     pub turn_offsets: Vec<u32>,
-    /// [T]
+    /// `[T]`
     pub turn_trajectory: Vec<u32>,
-    /// [T]
+    /// `[T]`
     pub turn_credit: Vec<u32>,
     /// Trajectory-level data; `None` when the batch has turns only.
     pub groups: Option<GroupLayout>,
@@ -21,19 +21,19 @@ pub struct Layout {
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GroupLayout {
-    /// [B] dense group index in 0..G, in order of first appearance of the caller's group id.
+    /// `[B]` dense group index in 0..G, in order of first appearance of the caller's group id.
     pub trajectory_group: Vec<u32>,
-    /// [B]
+    /// `[B]`
     pub trajectory_outcome: Vec<f64>,
-    /// [B]
+    /// `[B]`
     pub trajectory_tokens: Vec<u32>,
-    /// [G+1] CSR into `group_trajectories`.
+    /// `[G+1]` CSR into `group_trajectories`.
     pub group_trajectory_offsets: Vec<u32>,
-    /// [B] trajectory indices, grouped, increasing within a group.
+    /// `[B]` trajectory indices, grouped, increasing within a group.
     pub group_trajectories: Vec<u32>,
-    /// [G+1] CSR into `group_turns`.
+    /// `[G+1]` CSR into `group_turns`.
     pub group_turn_offsets: Vec<u32>,
-    /// [T] turn indices, grouped by their trajectory's group, increasing within a group.
+    /// `[T]` turn indices, grouped by their trajectory's group, increasing within a group.
     pub group_turns: Vec<u32>,
     /// M = Σ trajectory_tokens.
     pub total_tokens: u64,
@@ -66,11 +66,7 @@ pub fn batch(batch: &Batch<'_>) -> Result<Option<Layout>> {
         )));
     }
     if batch.targets.len() != real.rows() {
-        return Err(Error::shape(format!(
-            "targets hold {} ids for {} rows",
-            batch.targets.len(),
-            real.rows()
-        )));
+        return Err(Error::shape(format!("targets hold {} ids for {} rows", batch.targets.len(), real.rows())));
     }
     if real.rows() > u32::MAX as usize {
         return Err(Error::shape(format!("{} rows exceed the 2^32 - 1 supported", real.rows())));
@@ -80,6 +76,20 @@ pub fn batch(batch: &Batch<'_>) -> Result<Option<Layout>> {
         (None, None) => Ok(None),
         (Some(turns), trajectories) => layout(real.rows(), &turns, trajectories.as_ref()).map(Some),
     }
+}
+
+/// The micro-batch bounds `[0, cuts…, rows]` of [`crate::Backend::compute_micro_batched`].
+pub fn micro_batches(cuts: &[usize], rows: usize) -> Result<Vec<usize>> {
+    let mut bounds = Vec::with_capacity(cuts.len() + 2);
+    bounds.push(0);
+    for &c in cuts {
+        if c < *bounds.last().unwrap_or(&0) || c > rows {
+            return Err(Error::shape(format!("micro-batch cut {c} is not increasing within 0..={rows}")));
+        }
+        bounds.push(c);
+    }
+    bounds.push(rows);
+    Ok(bounds)
 }
 
 /// Validates a turn layout over `rows` rows and, optionally, its trajectories.
@@ -103,10 +113,7 @@ pub fn layout(rows: usize, turns: &Turns<'_>, trajectories: Option<&Trajectories
     }
     for (i, w) in turns.offsets.windows(2).enumerate() {
         if w[1] < w[0] {
-            return Err(Error::turns(format!(
-                "turn_offsets decrease at turn {i}: {} then {}",
-                w[0], w[1]
-            )));
+            return Err(Error::turns(format!("turn_offsets decrease at turn {i}: {} then {}", w[0], w[1])));
         }
     }
     if turns.offsets[t] as usize != rows {
@@ -141,10 +148,7 @@ fn group_layout(turns: &Turns<'_>, traj: &Trajectories<'_>) -> Result<GroupLayou
         )));
     }
     if let Some(i) = traj.outcome.iter().position(|r| !r.is_finite()) {
-        return Err(Error::trajectories(format!(
-            "trajectory {i} has a non-finite outcome {}",
-            traj.outcome[i]
-        )));
+        return Err(Error::trajectories(format!("trajectory {i} has a non-finite outcome {}", traj.outcome[i])));
     }
     let mut credited = vec![0u64; b];
     for (t, (&i, &c)) in turns.trajectory.iter().zip(turns.credit_tokens).enumerate() {
@@ -179,10 +183,8 @@ fn group_layout(turns: &Turns<'_>, traj: &Trajectories<'_>) -> Result<GroupLayou
     let g = dense.len();
     let (group_trajectory_offsets, group_trajectories) =
         bucket(g, (0..b as u32).map(|i| (trajectory_group[i as usize], i)));
-    let (group_turn_offsets, group_turns) = bucket(
-        g,
-        (0..turns.len() as u32).map(|t| (trajectory_group[turns.trajectory[t as usize] as usize], t)),
-    );
+    let (group_turn_offsets, group_turns) =
+        bucket(g, (0..turns.len() as u32).map(|t| (trajectory_group[turns.trajectory[t as usize] as usize], t)));
     Ok(GroupLayout {
         trajectory_group,
         trajectory_outcome: traj.outcome.to_vec(),

@@ -1,0 +1,76 @@
+/* The one argument block of the InfoPO kernel (kernels/infopo.cu), passed BY VALUE to the
+ * entry points infopo_f32 / infopo_f16 / infopo_bf16 (and by pointer to the emulator's
+ * infopo_emulate_<dtype>). Plain C types only; src/launch.rs mirrors it field for field as
+ * `#[repr(C)] struct KernelArgs` (a unit test compares sizeof/offsetof through
+ * infopo_args_layout() of the emulator build).
+ *
+ * Fields are ordered 8-byte first, then 4-byte, so the struct has no interior padding.
+ * "global row" = first_row + local row; every turn offset is in global rows.
+ *
+ * Buffers the host allocates ZEROED ONCE and never clears again (the kernel leaves them zero):
+ *   row_tickets [>= n_rows] u32, grid_ticket [1] u32.
+ * Buffers the host zeroes once per BATCH (before the first micro-batch launch):
+ *   error_word [1] u64, turn_sum [n_turns] f64, turn_count [n_turns] f64.
+ * Workspace with no initial contents: partials [n_rows * splits * 6] f32 (only when splits > 1).
+ */
+#ifndef INFOPO_ARGS_H
+#define INFOPO_ARGS_H
+
+#include <stdint.h>
+
+#define INFOPO_STATE_FLOATS 6 /* floats per partial row state in `partials` */
+#define INFOPO_ROW_OUTPUTS 5  /* lse_real, lse_masked, log_ratio, kl, entropy_real */
+
+typedef struct InfopoArgs {
+    /* ---------------- row pass ---------------- */
+    const void *real;            /* [n_rows * vocab] logits of the entry point's dtype; row r starts at element r*vocab (any alignment of the element type) */
+    const void *masked;          /* [n_rows * vocab] same dtype; its alignment may differ from real's */
+    const int64_t *targets;      /* [n_rows] realised token ids */
+    float *row_out;              /* [5 * n_rows] out: row_out[k*n_rows + r], k = 0 lse_real, 1 lse_masked, 2 log_ratio, 3 kl, 4 entropy_real */
+    unsigned long long *error_word; /* [1] in/out: atomicMax of ~(global_row*8 + code); 0 = no error; host decodes ~word. Zero per batch. */
+    float *partials;             /* [n_rows * splits * 6] workspace when splits > 1 (may be NULL when splits == 1) */
+    uint32_t *row_tickets;       /* [n_rows] zeroed once, self-cleaning; needed when splits > 1 */
+    uint32_t *grid_ticket;       /* [1] zeroed once, self-cleaning; needed when n_turns > 0 */
+    int64_t n_rows;              /* rows in this launch (may be 0: the launch then only runs the epilogue) */
+    int64_t vocab;               /* V >= 1 */
+    int64_t first_row;           /* global index of this launch's row 0 (micro-batches) */
+
+    /* ---------------- turns (n_turns > 0) ---------------- */
+    int64_t n_turns;             /* T; 0 = no turn layout, no epilogue */
+    const uint32_t *turn_offsets;    /* [T+1] global row CSR */
+    const uint32_t *turn_trajectory; /* [T] */
+    const uint32_t *turn_credit;     /* [T] >= 1 */
+    double *turn_sum;            /* [T] carried across micro-batches: sum of the estimator */
+    double *turn_count;          /* [T] carried across micro-batches: rows seen */
+    double *turn_info;           /* [T] out: turn_sum / turn_count (0 for no rows), cumulative */
+
+    /* ---------------- trajectories (finalize && n_traj > 0) ---------------- */
+    int64_t n_traj;              /* B */
+    int64_t n_groups;            /* G (dense) */
+    const double *trajectory_outcome;      /* [B] */
+    const uint32_t *trajectory_tokens;     /* [B] */
+    const uint32_t *group_trajectory_offsets; /* [G+1] CSR into group_trajectories */
+    const uint32_t *group_trajectories;    /* [B] members of each group, fixed order */
+    const uint32_t *group_turn_offsets;    /* [G+1] CSR into group_turns */
+    const uint32_t *group_turns;           /* [T] turns of each group, fixed order */
+    double *turn_intrinsic;      /* [T] out: info_t / credit_t */
+    double *turn_norm;           /* [T] out: norm_t */
+    double *turn_bonus;          /* [T] out: bonus_t */
+    double *traj_advantage;      /* [B] out */
+    double *traj_gate;           /* [B] out */
+    double *scalars;             /* [3] out: outcome_std, intrinsic_std, magnitude_ratio */
+    double total_tokens;         /* M = sum of trajectory_tokens (>= 2) */
+    double beta;
+    double gate_temperature;     /* tau of the gate */
+    double eps;
+
+    /* ---------------- 4-byte fields ---------------- */
+    float scale;                 /* log2(e) / temperature */
+    uint32_t splits;             /* blocks per row (>= 1); grid covers n_rows * splits work items */
+    uint32_t estimator;          /* 0 = log_ratio, 1 = kl */
+    uint32_t finalize;           /* 1 = last launch of the batch: run the group/trajectory epilogue */
+    uint32_t normalize;          /* 1 = normalise intrinsic values within each group */
+    uint32_t reserved;           /* 0; keeps sizeof a multiple of 8 */
+} InfopoArgs;
+
+#endif

@@ -1,0 +1,401 @@
+// The fused InfoPO kernel: ONE launch computes every row of docs/contract.md §2 (split over
+// blocks when rows are few), the per-turn means of §3 and, on the last launch of a batch, the
+// group/trajectory/batch epilogue of §4. Compiled by nvcc (feature `cuda`) or, unchanged, as
+// host C++ against kernels/emulator.h (feature `emulator`).
+//
+// Grid: work items item = row * splits + split, item = blockIdx.x, blockIdx.x + gridDim.x, ...
+// (grid = rows * splits normally; the loop only matters above 2^31 - 1 items).
+// Block: blockDim.x threads, a multiple of 32, at most 256.
+//
+// Determinism: every reduction has a fixed shape given (n_rows, vocab, splits, blockDim,
+// row alignment); no float atomics; split partials are merged in split order by the block
+// that draws the last ticket of the row; the epilogue runs in one block in fixed orders.
+#ifdef __CUDACC__
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#else
+#include "emulator.h"
+#endif
+#include <cfloat>
+#include <stdint.h>
+
+#include "args.h"
+#include "state.cuh"
+
+#define INFOPO_MAX_THREADS 256
+// 3 resident blocks of 256 threads per SM: ptxas gets 85 registers (f16/bf16 use 80), no spills;
+// 768 threads x 4 x 16-byte loads keep ~48 KiB in flight per SM.
+#define INFOPO_MIN_BLOCKS 3
+
+// ---------------------------------------------------------------------------------------------
+// Element types: how a 16-byte vector unpacks into f32, and the scalar conversion.
+
+template <typename T> struct Elem;
+
+template <> struct Elem<float> {
+    static constexpr int PER_VEC = 4;
+    static __device__ __forceinline__ float load(const float *p) { return *p; }
+    static __device__ __forceinline__ void unpack(const uint4 &v, float *o) {
+        o[0] = __uint_as_float(v.x);
+        o[1] = __uint_as_float(v.y);
+        o[2] = __uint_as_float(v.z);
+        o[3] = __uint_as_float(v.w);
+    }
+};
+
+__device__ __forceinline__ float half_lo(unsigned w) { return __half2float(__ushort_as_half((unsigned short)(w & 0xffffu))); }
+__device__ __forceinline__ float half_hi(unsigned w) { return __half2float(__ushort_as_half((unsigned short)(w >> 16))); }
+
+template <> struct Elem<__half> {
+    static constexpr int PER_VEC = 8;
+    static __device__ __forceinline__ float load(const __half *p) { return __half2float(*p); }
+    static __device__ __forceinline__ void unpack(const uint4 &v, float *o) {
+        o[0] = half_lo(v.x); o[1] = half_hi(v.x);
+        o[2] = half_lo(v.y); o[3] = half_hi(v.y);
+        o[4] = half_lo(v.z); o[5] = half_hi(v.z);
+        o[6] = half_lo(v.w); o[7] = half_hi(v.w);
+    }
+};
+
+// bf16 -> f32 is a 16-bit shift: no conversion instruction needed.
+template <> struct Elem<__nv_bfloat16> {
+    static constexpr int PER_VEC = 8;
+    static __device__ __forceinline__ float load(const __nv_bfloat16 *p) { return __bfloat162float(*p); }
+    static __device__ __forceinline__ void unpack(const uint4 &v, float *o) {
+        o[0] = __uint_as_float(v.x << 16); o[1] = __uint_as_float(v.x & 0xffff0000u);
+        o[2] = __uint_as_float(v.y << 16); o[3] = __uint_as_float(v.y & 0xffff0000u);
+        o[4] = __uint_as_float(v.z << 16); o[5] = __uint_as_float(v.z & 0xffff0000u);
+        o[6] = __uint_as_float(v.w << 16); o[7] = __uint_as_float(v.w & 0xffff0000u);
+    }
+};
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+template <typename T>
+__device__ __forceinline__ void update_scalar(RowState &s, const T *xr, const T *yr, int64_t j, float scale) {
+    const float x[1] = {Elem<T>::load(xr + j)};
+    const float y[1] = {Elem<T>::load(yr + j)};
+    state_update<1>(s, x, y, scale);
+}
+
+// This thread's state over its part of chunk `split` of row `row`.
+//
+// Aligned path (real and masked rows have the same offset mod 16 bytes): a scalar head up to
+// the 16-byte boundary (split 0), 128-bit vectors split into `splits` contiguous ranges, a
+// scalar tail (last split). Threads stride the vectors (coalesced) two at a time, so four
+// 128-bit loads are in flight per thread. Otherwise (offsets differ, e.g. a sliced tensor):
+// scalar loads over contiguous element ranges, still coalesced.
+template <typename T>
+__device__ __forceinline__ RowState row_chunk(const InfopoArgs &a, int64_t row, int64_t split) {
+    constexpr int E = Elem<T>::PER_VEC;
+    const int64_t V = a.vocab, S = a.splits;
+    const float scale = a.scale;
+    const T *__restrict__ xr = static_cast<const T *>(a.real) + row * V;
+    const T *__restrict__ yr = static_cast<const T *>(a.masked) + row * V;
+    const int64_t tid = threadIdx.x, nt = blockDim.x;
+    RowState s = state_empty();
+
+    const unsigned ox = (unsigned)((uintptr_t)xr & 15u), oy = (unsigned)((uintptr_t)yr & 15u);
+    if (ox == oy) {
+        const int64_t head = min64(V, ox ? (int64_t)((16u - ox) / sizeof(T)) : 0);
+        const int64_t nvec = (V - head) / E;
+        const int64_t tail0 = head + nvec * E;
+        const int64_t per = (nvec + S - 1) / S;
+        const int64_t v0 = min64(split * per, nvec), v1 = min64(v0 + per, nvec);
+        if (split == 0 && tid < head) update_scalar<T>(s, xr, yr, tid, scale);
+        const uint4 *__restrict__ xv = reinterpret_cast<const uint4 *>(xr + head);
+        const uint4 *__restrict__ yv = reinterpret_cast<const uint4 *>(yr + head);
+        int64_t i = v0 + tid;
+        for (; i + nt < v1; i += 2 * nt) {
+            const uint4 x0 = xv[i], x1 = xv[i + nt], y0 = yv[i], y1 = yv[i + nt];
+            float x[2 * E], y[2 * E];
+            Elem<T>::unpack(x0, x);
+            Elem<T>::unpack(x1, x + E);
+            Elem<T>::unpack(y0, y);
+            Elem<T>::unpack(y1, y + E);
+            state_update<2 * E>(s, x, y, scale);
+        }
+        if (i < v1) {
+            const uint4 x0 = xv[i], y0 = yv[i];
+            float x[E], y[E];
+            Elem<T>::unpack(x0, x);
+            Elem<T>::unpack(y0, y);
+            state_update<E>(s, x, y, scale);
+        }
+        if (split == S - 1 && tid < V - tail0) update_scalar<T>(s, xr, yr, tail0 + tid, scale);
+    } else {
+        const int64_t per = (V + S - 1) / S;
+        const int64_t e0 = min64(split * per, V), e1 = min64(e0 + per, V);
+        for (int64_t j = e0 + tid; j < e1; j += nt) update_scalar<T>(s, xr, yr, j, scale);
+    }
+    return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Epilogue (float64, one block, fixed orders).
+
+struct Moments {
+    double n, mean, m2; // weight, mean, Σ w (v − mean)²
+};
+
+__device__ __forceinline__ Moments moments_empty() {
+    Moments m;
+    m.n = 0.0;
+    m.mean = 0.0;
+    m.m2 = 0.0;
+    return m;
+}
+
+__device__ __forceinline__ Moments moments_one(double w, double v) {
+    Moments m;
+    m.n = w;
+    m.mean = v;
+    m.m2 = 0.0;
+    return m;
+}
+
+// Chan et al. pairwise merge; `a` is the left (earlier) operand.
+__device__ __forceinline__ Moments moments_merge(const Moments &a, const Moments &b) {
+    if (b.n == 0.0) return a;
+    if (a.n == 0.0) return b;
+    Moments r;
+    r.n = a.n + b.n;
+    const double d = b.mean - a.mean;
+    r.mean = a.mean + d * (b.n / r.n);
+    r.m2 = a.m2 + b.m2 + d * d * (a.n * (b.n / r.n));
+    return r;
+}
+
+// Ordered butterfly: at each step the lower lane's value is the left operand, so both partners
+// compute the same merge and every lane ends with the same bits. Lane-strided inputs
+// (lane l holds items l, l+32, ...) thus always reduce in one fixed order.
+__device__ __forceinline__ Moments moments_warp(Moments m) {
+    const unsigned lane = threadIdx.x & 31u;
+#pragma unroll
+    for (int k = 16; k >= 1; k >>= 1) {
+#ifdef INFOPO_EMULATOR
+        const Moments o = __shfl_xor_sync(0xffffffffu, m, k); // one exchange (see state_shfl_xor)
+#else
+        Moments o;
+        o.n = __shfl_xor_sync(0xffffffffu, m.n, k);
+        o.mean = __shfl_xor_sync(0xffffffffu, m.mean, k);
+        o.m2 = __shfl_xor_sync(0xffffffffu, m.m2, k);
+#endif
+        // Operands swapped with scalar selects (one inlined merge, no local-memory struct copy).
+        const bool upper = (lane & (unsigned)k) != 0u;
+        Moments l, r;
+        l.n = upper ? o.n : m.n;
+        l.mean = upper ? o.mean : m.mean;
+        l.m2 = upper ? o.m2 : m.m2;
+        r.n = upper ? m.n : o.n;
+        r.mean = upper ? m.mean : o.mean;
+        r.m2 = upper ? m.m2 : o.m2;
+        m = moments_merge(l, r);
+    }
+    return m;
+}
+
+__device__ __forceinline__ double sum_warp(double v) {
+#pragma unroll
+    for (int k = 16; k >= 1; k >>= 1) v += __shfl_xor_sync(0xffffffffu, v, k);
+    return v;
+}
+
+// Block-wide moments: every thread calls it; the result is returned to every thread.
+__device__ __forceinline__ Moments moments_block(Moments m, Moments *scratch) {
+    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    m = moments_warp(m);
+    if (lane == 0) scratch[warp] = m;
+    __syncthreads();
+    if (warp == 0) {
+        m = lane < warps ? scratch[lane] : moments_empty();
+        m = moments_warp(m);
+        if (lane == 0) scratch[32] = m;
+    }
+    __syncthreads();
+    m = scratch[32];
+    __syncthreads();
+    return m;
+}
+
+__device__ __forceinline__ void epilogue(const InfopoArgs &a, Moments *scratch) {
+    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int64_t T = a.n_turns, lo_row = a.first_row, hi_row = a.first_row + a.n_rows;
+    const float *est = a.row_out + (a.estimator ? 3 : 2) * a.n_rows;
+    const bool groups = a.finalize && a.n_traj > 0;
+
+    // (a) Per turn: this launch's rows of the turn, added to the carried sums.
+    for (int64_t t = warp; t < T; t += warps) {
+        const int64_t lo = max64((int64_t)a.turn_offsets[t], lo_row) - lo_row;
+        const int64_t hi = max64(min64((int64_t)a.turn_offsets[t + 1], hi_row) - lo_row, lo);
+        double s = 0.0;
+        for (int64_t r = lo + lane; r < hi; r += 32) s += (double)__ldcg(est + r);
+        s = sum_warp(s);
+        if (lane == 0) {
+            const double sum = a.turn_sum[t] + s;
+            const double cnt = a.turn_count[t] + (double)(hi - lo);
+            a.turn_sum[t] = sum;
+            a.turn_count[t] = cnt;
+            const double info = cnt > 0.0 ? sum / cnt : 0.0;
+            a.turn_info[t] = info;
+            if (groups) a.turn_intrinsic[t] = info / (double)a.turn_credit[t];
+        }
+    }
+    if (!groups) return;
+    __syncthreads();
+
+    // (b) Per group (a warp each): outcome moments, advantages, gates; intrinsic pool, norms.
+    for (int64_t g = warp; g < a.n_groups; g += warps) {
+        const int64_t b0 = a.group_trajectory_offsets[g], b1 = a.group_trajectory_offsets[g + 1];
+        Moments m = moments_empty();
+        for (int64_t j = b0 + lane; j < b1; j += 32)
+            m = moments_merge(m, moments_one(1.0, a.trajectory_outcome[a.group_trajectories[j]]));
+        m = moments_warp(m);
+        const bool single = m.n == 1.0;
+        const double mu = single ? 0.0 : m.mean;
+        const double sigma = single ? 1.0 : sqrt(m.m2 / (m.n - 1.0));
+        const double gate = 1.0 / (1.0 + exp(sigma / a.gate_temperature));
+        for (int64_t j = b0 + lane; j < b1; j += 32) {
+            const uint32_t i = a.group_trajectories[j];
+            a.traj_advantage[i] = (a.trajectory_outcome[i] - mu) / (sigma + a.eps);
+            a.traj_gate[i] = gate;
+        }
+
+        const int64_t t0 = a.group_turn_offsets[g], t1 = a.group_turn_offsets[g + 1];
+        Moments p = moments_empty();
+        for (int64_t j = t0 + lane; j < t1; j += 32) {
+            const uint32_t t = a.group_turns[j];
+            const double v = a.turn_intrinsic[t];
+            if (v != 0.0) p = moments_merge(p, moments_one((double)a.turn_credit[t], v));
+        }
+        p = moments_warp(p);
+        const bool psingle = p.n == 1.0;
+        const double pmu = p.mean;
+        const double psigma = psingle ? 1.0 : sqrt(p.m2 / (p.n - 1.0));
+        for (int64_t j = t0 + lane; j < t1; j += 32) {
+            const uint32_t t = a.group_turns[j];
+            const double v = a.turn_intrinsic[t];
+            a.turn_norm[t] = a.normalize ? (v != 0.0 ? (v - pmu) / (psigma + a.eps) : 0.0) : v;
+        }
+    }
+    __syncthreads();
+
+    // (c) Batch statistics over the M response tokens.
+    Moments o = moments_empty();
+    for (int64_t i = threadIdx.x; i < a.n_traj; i += blockDim.x)
+        o = moments_merge(o, moments_one((double)a.trajectory_tokens[i], a.traj_advantage[i]));
+    o = moments_block(o, scratch);
+    Moments q = moments_empty();
+    for (int64_t t = threadIdx.x; t < T; t += blockDim.x)
+        q = moments_merge(q, moments_one((double)a.turn_credit[t], a.turn_norm[t]));
+    q = moments_block(q, scratch);
+    q = moments_merge(q, moments_one(a.total_tokens - q.n, 0.0)); // uncredited tokens carry 0
+    const double outcome_std = sqrt(o.m2 / (o.n - 1.0)) + a.eps;
+    const double intrinsic_std = sqrt(q.m2 / (q.n - 1.0)) + a.eps;
+    const double ratio = fmin(1.0, fmax(outcome_std, 1.0) / intrinsic_std);
+    if (threadIdx.x == 0) {
+        a.scalars[0] = outcome_std;
+        a.scalars[1] = intrinsic_std;
+        a.scalars[2] = ratio;
+    }
+    for (int64_t t = threadIdx.x; t < T; t += blockDim.x)
+        a.turn_bonus[t] = a.beta * a.traj_gate[a.turn_trajectory[t]] * ratio * a.turn_norm[t];
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernel.
+
+template <typename T>
+__device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
+    __shared__ RowState red[32];
+    __shared__ Moments mscratch[33];
+    __shared__ unsigned row_flag, grid_flag;
+    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+
+    // An epilogue-only launch (a final micro-batch with no rows) runs it in block 0; otherwise
+    // the block that finalises the last row does, after its loop (it has no items left then:
+    // every row, hence every item, is done). One call site keeps the code inlined once.
+    bool run_epilogue = a.n_rows == 0 && blockIdx.x == 0 && a.n_turns > 0;
+    const int64_t S = a.splits;
+    const int64_t items = a.n_rows * S;
+    for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+        const int64_t row = item / S, split = item - row * S;
+        RowState s = row_chunk<T>(a, row, split);
+        s = state_block_merge(s, red); // valid in warp 0
+
+        bool row_done = true;
+        if (S > 1) {
+            if (threadIdx.x == 0) {
+                float *p = a.partials + item * INFOPO_STATE_FLOATS;
+                p[0] = s.max_real; p[1] = s.sum_real; p[2] = s.max_masked;
+                p[3] = s.sum_masked; p[4] = s.sum_diff; p[5] = s.sum_centered;
+                __threadfence();
+                const unsigned ticket = atomicAdd(a.row_tickets + row, 1u);
+                row_flag = ticket == (unsigned)(S - 1);
+            }
+            __syncthreads();
+            row_done = row_flag != 0u;
+            if (row_done && warp == 0) {
+                __threadfence();
+                // Lane l folds splits l, l+32, ... then an ordered butterfly: fixed split order.
+                const float *base = a.partials + row * S * INFOPO_STATE_FLOATS;
+                RowState m = state_empty();
+                for (int64_t k = lane; k < S; k += 32) {
+                    const float *p = base + k * INFOPO_STATE_FLOATS;
+                    RowState q;
+                    q.max_real = __ldcg(p + 0); q.sum_real = __ldcg(p + 1); q.max_masked = __ldcg(p + 2);
+                    q.sum_masked = __ldcg(p + 3); q.sum_diff = __ldcg(p + 4); q.sum_centered = __ldcg(p + 5);
+                    m = state_merge(m, q);
+                }
+                s = state_warp_merge(m);
+                if (lane == 0) a.row_tickets[row] = 0u; // self-cleaning for the next launch
+            }
+        }
+
+        if (row_done && threadIdx.x == 0) {
+            const int64_t V = a.vocab;
+            const int64_t target = a.targets[row];
+            unsigned code;
+            RowValues v;
+            if (target < 0 || target >= V) {
+                code = INFOPO_ERR_TARGET_OUT_OF_RANGE;
+                v.lse_real = v.lse_masked = v.log_ratio = v.kl = v.entropy_real = __uint_as_float(0x7fc00000u);
+            } else {
+                const float xa = Elem<T>::load(static_cast<const T *>(a.real) + row * V + target);
+                const float ya = Elem<T>::load(static_cast<const T *>(a.masked) + row * V + target);
+                code = state_finalize(s, xa, ya, a.scale, v);
+            }
+            const int64_t n = a.n_rows;
+            a.row_out[0 * n + row] = v.lse_real;
+            a.row_out[1 * n + row] = v.lse_masked;
+            a.row_out[2 * n + row] = v.log_ratio;
+            a.row_out[3 * n + row] = v.kl;
+            a.row_out[4 * n + row] = v.entropy_real;
+            if (code) atomicMax(a.error_word, ~((unsigned long long)(a.first_row + row) * 8ull + code));
+        }
+
+        if (a.n_turns > 0) {
+            if (threadIdx.x == 0) {
+                unsigned last = 0u;
+                if (row_done) {
+                    __threadfence();
+                    const unsigned ticket = atomicAdd(a.grid_ticket, 1u);
+                    last = ticket == (unsigned)(a.n_rows - 1);
+                    if (last) a.grid_ticket[0] = 0u; // every row is done: self-cleaning
+                }
+                grid_flag = last;
+            }
+            __syncthreads();
+            if (grid_flag) run_epilogue = true;
+        }
+    }
+    if (run_epilogue) {
+        __threadfence();
+        epilogue(a, mscratch);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_f32(const InfopoArgs a) { infopo_body<float>(a); }
+extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_f16(const InfopoArgs a) { infopo_body<__half>(a); }
+extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_bf16(const InfopoArgs a) { infopo_body<__nv_bfloat16>(a); }

@@ -1,0 +1,203 @@
+//! The kernel source of `kernels/infopo.cu`, compiled as host C++ against `kernels/emulator.h`
+//! (feature `emulator`) and launched on CPU threads, one OS thread per CUDA thread, with the
+//! launch shape the GPU would get on an H100 ([`launch_shape`] with 132 SMs).
+//!
+//! It validates exactly like the CPU backend, fills the same [`KernelArgs`] a CUDA backend
+//! fills, and decodes the kernel's error word the same way. Slow (it is a test vehicle), but
+//! bitwise deterministic run to run.
+
+use crate::backend::Backend;
+use crate::batch::{Advantages, Batch, Output, RowOutputs};
+use crate::error::{Error, Result, RowErrorKind};
+use crate::launch::{self, launch_shape, KernelArgs, LaunchShape};
+use crate::logits::Dtype;
+use crate::params::{Estimator, Params};
+use crate::validate;
+use std::sync::Mutex;
+
+extern "C" {
+    fn infopo_emulate_f32(args: *const KernelArgs, grid: u32, block: u32);
+    fn infopo_emulate_f16(args: *const KernelArgs, grid: u32, block: u32);
+    fn infopo_emulate_bf16(args: *const KernelArgs, grid: u32, block: u32);
+}
+
+/// SMs of the emulated device (an H100 SXM).
+pub const EMULATED_SM_COUNT: u32 = 132;
+
+/// The emulated-kernel backend.
+#[derive(Debug)]
+pub struct Emulated {
+    sm_count: u32,
+    /// Tickets allocated zeroed once and reused, as on the GPU (the kernel cleans them).
+    tickets: Mutex<Tickets>,
+}
+
+#[derive(Debug, Default)]
+struct Tickets {
+    rows: Vec<u32>,
+    grid: u32,
+}
+
+impl Default for Emulated {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Emulated {
+    pub fn new() -> Self {
+        Self::with_sm_count(EMULATED_SM_COUNT)
+    }
+
+    /// An emulated device with `sm_count` SMs (changes only the launch shape).
+    pub fn with_sm_count(sm_count: u32) -> Self {
+        Emulated { sm_count, tickets: Mutex::new(Tickets::default()) }
+    }
+
+    /// The shape this backend launches for `rows` rows.
+    pub fn shape(&self, rows: usize, vocab: usize, dtype: Dtype) -> LaunchShape {
+        launch_shape(rows, vocab, dtype, self.sm_count)
+    }
+
+    /// See [`Backend::compute_micro_batched`].
+    fn micro_batched(&self, batch: &Batch<'_>, params: &Params, cuts: &[usize]) -> Result<Output> {
+        params.validate()?;
+        let layout = validate::batch(batch)?;
+        let n = batch.real.rows();
+        let v = batch.real.vocab();
+        let dtype = batch.real.dtype();
+        let bounds = validate::micro_batches(cuts, n)?;
+
+        let t = layout.as_ref().map_or(0, |l| l.turns());
+        let groups = layout.as_ref().and_then(|l| l.groups.as_ref());
+        let b = groups.map_or(0, |g| g.trajectory_tokens.len());
+
+        let mut rows = RowOutputs::with_len(n);
+        let mut error_word = 0u64;
+        let mut turn_sum = vec![0f64; t];
+        let mut turn_count = vec![0f64; t];
+        let mut turn_info = vec![0f64; t];
+        let mut turn_intrinsic = vec![0f64; t];
+        let mut turn_norm = vec![0f64; t];
+        let mut turn_bonus = vec![0f64; t];
+        let mut traj_advantage = vec![0f64; b];
+        let mut traj_gate = vec![0f64; b];
+        let mut scalars = [0f64; 3];
+
+        let mut tickets = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
+        let launches = bounds.len() - 1;
+        for (k, w) in bounds.windows(2).enumerate() {
+            let (r0, r1) = (w[0], w[1]);
+            let m = r1 - r0;
+            let finalize = k + 1 == launches;
+            if m == 0 && !(finalize && t > 0) {
+                continue;
+            }
+            let real = batch.real.slice_rows(r0, m)?;
+            let masked = batch.masked.slice_rows(r0, m)?;
+            let shape = self.shape(m, v, dtype);
+            let mut partials = vec![0f32; launch::partials_len(m, shape.splits)];
+            if tickets.rows.len() < m {
+                tickets.rows.resize(m, 0);
+            }
+            let mut row_out = vec![0f32; launch::ROW_OUTPUTS * m];
+
+            let mut a = KernelArgs {
+                real: real.data().as_bytes().as_ptr().cast(),
+                masked: masked.data().as_bytes().as_ptr().cast(),
+                targets: batch.targets[r0..r1].as_ptr(),
+                row_out: row_out.as_mut_ptr(),
+                error_word: &mut error_word,
+                partials: partials.as_mut_ptr(),
+                row_tickets: tickets.rows.as_mut_ptr(),
+                grid_ticket: &mut tickets.grid,
+                n_rows: m as i64,
+                vocab: v as i64,
+                first_row: r0 as i64,
+                scale: launch::scale(params.temperature),
+                splits: shape.splits,
+                estimator: match params.estimator {
+                    Estimator::LogRatio => 0,
+                    Estimator::Kl => 1,
+                },
+                finalize: finalize as u32,
+                normalize: params.normalize as u32,
+                beta: params.beta,
+                gate_temperature: params.gate_temperature,
+                eps: params.eps,
+                ..KernelArgs::default()
+            };
+            if let Some(l) = layout.as_ref() {
+                a.n_turns = t as i64;
+                a.turn_offsets = l.turn_offsets.as_ptr();
+                a.turn_trajectory = l.turn_trajectory.as_ptr();
+                a.turn_credit = l.turn_credit.as_ptr();
+                a.turn_sum = turn_sum.as_mut_ptr();
+                a.turn_count = turn_count.as_mut_ptr();
+                a.turn_info = turn_info.as_mut_ptr();
+            }
+            if let Some(g) = groups {
+                a.n_traj = b as i64;
+                a.n_groups = (g.group_trajectory_offsets.len() - 1) as i64;
+                a.trajectory_outcome = g.trajectory_outcome.as_ptr();
+                a.trajectory_tokens = g.trajectory_tokens.as_ptr();
+                a.group_trajectory_offsets = g.group_trajectory_offsets.as_ptr();
+                a.group_trajectories = g.group_trajectories.as_ptr();
+                a.group_turn_offsets = g.group_turn_offsets.as_ptr();
+                a.group_turns = g.group_turns.as_ptr();
+                a.turn_intrinsic = turn_intrinsic.as_mut_ptr();
+                a.turn_norm = turn_norm.as_mut_ptr();
+                a.turn_bonus = turn_bonus.as_mut_ptr();
+                a.traj_advantage = traj_advantage.as_mut_ptr();
+                a.traj_gate = traj_gate.as_mut_ptr();
+                a.scalars = scalars.as_mut_ptr();
+                a.total_tokens = g.total_tokens as f64;
+            }
+            // SAFETY: every pointer is valid for the sizes documented in kernels/args.h for
+            // this launch; the call returns after the emulated grid has finished.
+            unsafe {
+                match dtype {
+                    Dtype::F32 => infopo_emulate_f32(&a, shape.grid, shape.threads),
+                    Dtype::F16 => infopo_emulate_f16(&a, shape.grid, shape.threads),
+                    Dtype::BF16 => infopo_emulate_bf16(&a, shape.grid, shape.threads),
+                }
+            }
+            debug_assert!(tickets.grid == 0 && tickets.rows.iter().all(|&x| x == 0), "tickets not self-cleaned");
+            if let Some((row, code)) = launch::decode_error_word(error_word) {
+                let row = row as usize;
+                let kind = RowErrorKind::from_code(code)
+                    .ok_or_else(|| Error::Cuda(format!("emulated kernel reported unknown row error code {code}")))?;
+                return Err(Error::Row { row, kind, target: batch.targets[row] });
+            }
+            for (i, dst) in
+                [&mut rows.lse_real, &mut rows.lse_masked, &mut rows.log_ratio, &mut rows.kl, &mut rows.entropy_real]
+                    .into_iter()
+                    .enumerate()
+            {
+                dst[r0..r1].copy_from_slice(&row_out[i * m..(i + 1) * m]);
+            }
+        }
+
+        let advantages = groups.map(|_| Advantages {
+            turn_intrinsic,
+            turn_intrinsic_norm: turn_norm,
+            turn_bonus,
+            trajectory_advantage: traj_advantage,
+            trajectory_gate: traj_gate,
+            outcome_std: scalars[0],
+            intrinsic_std: scalars[1],
+            magnitude_ratio: scalars[2],
+        });
+        Ok(Output { rows, turn_info: layout.map(|_| turn_info), advantages })
+    }
+}
+
+impl Backend for Emulated {
+    fn name(&self) -> &'static str {
+        "emulated"
+    }
+
+    fn compute_micro_batched(&self, batch: &Batch<'_>, params: &Params, cuts: &[usize]) -> Result<Output> {
+        self.micro_batched(batch, params, cuts)
+    }
+}

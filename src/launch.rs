@@ -1,0 +1,299 @@
+//! What the CUDA and the emulated backend share about launching `kernels/infopo.cu`:
+//! the argument block ([`KernelArgs`], the mirror of `kernels/args.h`), the launch shape
+//! ([`launch_shape`]), the entry point names and the workspace sizes.
+//!
+//! # Launching (for a backend)
+//!
+//! One launch per (micro-)batch of rows: `infopo_<dtype>` (see [`entry_point`]) with
+//! `grid = shape.grid` blocks of `shape.threads` threads, no dynamic shared memory, and the
+//! [`KernelArgs`] passed **by value** as the only kernel parameter.
+//!
+//! Buffers (element counts; see also `kernels/args.h`):
+//! - `row_out`: `5 * n_rows` f32, written (`row_out[k * n_rows + r]`, k = lse_real, lse_masked,
+//!   log_ratio, kl, entropy_real);
+//! - `error_word`: 1 u64, **zeroed before the first launch of a batch**; after a launch, a
+//!   non-zero word `w` means the lowest row error is `row = !w >> 3` (global), `code = !w & 7`
+//!   ([`decode_error_word`]);
+//! - `partials`: [`partials_len`] f32 of scratch (only read when `splits > 1`);
+//! - `row_tickets`: ≥ `n_rows` u32 and `grid_ticket`: 1 u32, **zeroed once when allocated**;
+//!   the kernel returns them to zero itself, so keep them across launches (never memset);
+//! - `turn_sum`, `turn_count`: `n_turns` f64, **zeroed before the first launch of a batch**,
+//!   carried across the micro-batches of a batch (`first_row` = global index of row 0);
+//! - outputs `turn_info` [T] (every launch with turns), and on the launch with `finalize = 1`:
+//!   `turn_intrinsic`, `turn_norm`, `turn_bonus` [T], `traj_advantage`, `traj_gate` [B],
+//!   `scalars` [3] (outcome_std, intrinsic_std, magnitude_ratio).
+//!
+//! A launch with `n_rows = 0` (grid 1) only runs the epilogue (a final micro-batch with no rows).
+
+use crate::logits::Dtype;
+use std::ffi::c_void;
+use std::ptr;
+
+/// The kernel's argument block: field for field `InfopoArgs` of `kernels/args.h`
+/// (see there for each field's meaning).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct KernelArgs {
+    pub real: *const c_void,
+    pub masked: *const c_void,
+    pub targets: *const i64,
+    pub row_out: *mut f32,
+    pub error_word: *mut u64,
+    pub partials: *mut f32,
+    pub row_tickets: *mut u32,
+    pub grid_ticket: *mut u32,
+    pub n_rows: i64,
+    pub vocab: i64,
+    pub first_row: i64,
+
+    pub n_turns: i64,
+    pub turn_offsets: *const u32,
+    pub turn_trajectory: *const u32,
+    pub turn_credit: *const u32,
+    pub turn_sum: *mut f64,
+    pub turn_count: *mut f64,
+    pub turn_info: *mut f64,
+
+    pub n_traj: i64,
+    pub n_groups: i64,
+    pub trajectory_outcome: *const f64,
+    pub trajectory_tokens: *const u32,
+    pub group_trajectory_offsets: *const u32,
+    pub group_trajectories: *const u32,
+    pub group_turn_offsets: *const u32,
+    pub group_turns: *const u32,
+    pub turn_intrinsic: *mut f64,
+    pub turn_norm: *mut f64,
+    pub turn_bonus: *mut f64,
+    pub traj_advantage: *mut f64,
+    pub traj_gate: *mut f64,
+    pub scalars: *mut f64,
+    pub total_tokens: f64,
+    pub beta: f64,
+    pub gate_temperature: f64,
+    pub eps: f64,
+
+    pub scale: f32,
+    pub splits: u32,
+    pub estimator: u32,
+    pub finalize: u32,
+    pub normalize: u32,
+    pub reserved: u32,
+}
+
+impl Default for KernelArgs {
+    /// Every pointer null, every count 0, one split.
+    fn default() -> Self {
+        KernelArgs {
+            real: ptr::null(),
+            masked: ptr::null(),
+            targets: ptr::null(),
+            row_out: ptr::null_mut(),
+            error_word: ptr::null_mut(),
+            partials: ptr::null_mut(),
+            row_tickets: ptr::null_mut(),
+            grid_ticket: ptr::null_mut(),
+            n_rows: 0,
+            vocab: 0,
+            first_row: 0,
+            n_turns: 0,
+            turn_offsets: ptr::null(),
+            turn_trajectory: ptr::null(),
+            turn_credit: ptr::null(),
+            turn_sum: ptr::null_mut(),
+            turn_count: ptr::null_mut(),
+            turn_info: ptr::null_mut(),
+            n_traj: 0,
+            n_groups: 0,
+            trajectory_outcome: ptr::null(),
+            trajectory_tokens: ptr::null(),
+            group_trajectory_offsets: ptr::null(),
+            group_trajectories: ptr::null(),
+            group_turn_offsets: ptr::null(),
+            group_turns: ptr::null(),
+            turn_intrinsic: ptr::null_mut(),
+            turn_norm: ptr::null_mut(),
+            turn_bonus: ptr::null_mut(),
+            traj_advantage: ptr::null_mut(),
+            traj_gate: ptr::null_mut(),
+            scalars: ptr::null_mut(),
+            total_tokens: 0.0,
+            beta: 0.0,
+            gate_temperature: 0.0,
+            eps: 0.0,
+            scale: 0.0,
+            splits: 1,
+            estimator: 0,
+            finalize: 0,
+            normalize: 0,
+            reserved: 0,
+        }
+    }
+}
+
+/// `log2(e) / temperature`, the kernel's `scale`.
+pub fn scale(temperature: f64) -> f32 {
+    (std::f64::consts::LOG2_E / temperature) as f32
+}
+
+/// Kernel entry point (symbol) for a dtype.
+pub fn entry_point(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => "infopo_f32",
+        Dtype::F16 => "infopo_f16",
+        Dtype::BF16 => "infopo_bf16",
+    }
+}
+
+/// All entry points of the fatbin.
+pub const ENTRY_POINTS: [&str; 3] = ["infopo_f32", "infopo_f16", "infopo_bf16"];
+
+/// The fatbin (SASS for the archs of `INFOPO_CUDA_ARCHS`, PTX for the last), for
+/// `cuModuleLoadData` / cudarc `Ptx::from_binary`-style loading.
+#[cfg(feature = "cuda")]
+pub static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/infopo.fatbin"));
+
+/// Row-state floats per partial in `partials`.
+pub const STATE_FLOATS: usize = 6;
+/// Row outputs per row in `row_out`.
+pub const ROW_OUTPUTS: usize = 5;
+/// Largest block the kernel is compiled for (`__launch_bounds__`).
+pub const MAX_THREADS: u32 = 256;
+/// A split chunk never has fewer logits than this (per tensor).
+pub const MIN_CHUNK: usize = 4096;
+/// Most splits per row.
+pub const MAX_SPLITS: usize = 1024;
+/// Registers per thread the kernel is budgeted for (`__launch_bounds__(256, 3)`).
+const REGISTERS: u32 = 85;
+
+/// f32 elements of the `partials` workspace for a launch.
+pub fn partials_len(rows: usize, splits: u32) -> usize {
+    rows * splits as usize * STATE_FLOATS
+}
+
+/// Decodes a non-zero error word into (global row, code).
+pub fn decode_error_word(word: u64) -> Option<(u64, u8)> {
+    (word != 0).then(|| {
+        let v = !word;
+        (v >> 3, (v & 7) as u8)
+    })
+}
+
+/// Launch geometry of one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchShape {
+    /// Threads per block (a power of two, 32..=256).
+    pub threads: u32,
+    /// Blocks per row (each takes a contiguous chunk of the row's 16-byte vectors).
+    pub splits: u32,
+    /// Blocks of the grid (rows × splits, at most 2^31 − 1: the kernel loops over the rest;
+    /// 1 for an epilogue-only launch of 0 rows).
+    pub grid: u32,
+}
+
+/// The launch shape for `rows` rows of `vocab` logits on a device with `sm_count` SMs (the
+/// emulator passes 132, an H100, so it takes the same paths as the GPU).
+///
+/// - threads: enough for about two 16-byte vectors per thread per row, 32..=256;
+/// - splits: 1 when the rows alone give ≥ 2 waves of resident blocks; otherwise the rows are
+///   split over blocks to reach 2 waves, but never into chunks of fewer than [`MIN_CHUNK`]
+///   logits (nor more than [`MAX_SPLITS`] splits).
+pub fn launch_shape(rows: usize, vocab: usize, dtype: Dtype, sm_count: u32) -> LaunchShape {
+    let per_vec = 16 / dtype.size_bytes();
+    let vectors = vocab.div_ceil(per_vec).max(1);
+    let threads = vectors.div_ceil(2).next_power_of_two().clamp(32, MAX_THREADS as usize) as u32;
+    if rows == 0 {
+        return LaunchShape { threads, splits: 1, grid: 1 };
+    }
+    let resident = (65536 / (REGISTERS * threads)).clamp(1, 32) as usize;
+    let target = 2 * sm_count.max(1) as usize * resident;
+    let splits = if rows >= target { 1 } else { target.div_ceil(rows).min((vocab / MIN_CHUNK).max(1)).min(MAX_SPLITS) };
+    let items = rows.saturating_mul(splits);
+    LaunchShape { threads, splits: splits as u32, grid: items.min(i32::MAX as usize) as u32 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shape_splits_only_few_rows() {
+        let s = launch_shape(1, 151_936, Dtype::BF16, 132);
+        assert_eq!(s.threads, 256);
+        assert_eq!(s.splits, 151_936 / MIN_CHUNK as u32);
+        assert_eq!(s.grid, s.splits);
+        let s = launch_shape(100_000, 151_936, Dtype::BF16, 132);
+        assert_eq!((s.splits, s.grid), (1, 100_000));
+        let s = launch_shape(3, 1000, Dtype::F32, 132);
+        assert_eq!(s.splits, 1);
+        assert_eq!(s.threads, 128);
+        let s = launch_shape(1, 7, Dtype::F16, 132);
+        assert_eq!((s.threads, s.splits, s.grid), (32, 1, 1));
+        let s = launch_shape(0, 7, Dtype::F16, 132);
+        assert_eq!(s.grid, 1);
+    }
+
+    #[test]
+    fn error_word_decodes() {
+        assert_eq!(decode_error_word(0), None);
+        assert_eq!(decode_error_word(!(5u64 * 8 + 3)), Some((5, 3)));
+    }
+
+    #[cfg(feature = "emulator")]
+    #[test]
+    fn args_layout_matches_c() {
+        extern "C" {
+            fn infopo_args_layout(out: *mut usize, cap: usize) -> usize;
+        }
+        let mut c = [0usize; 64];
+        let n = unsafe { infopo_args_layout(c.as_mut_ptr(), c.len()) };
+        use std::mem::{align_of, offset_of, size_of};
+        let rust = [
+            size_of::<KernelArgs>(),
+            align_of::<KernelArgs>(),
+            offset_of!(KernelArgs, real),
+            offset_of!(KernelArgs, masked),
+            offset_of!(KernelArgs, targets),
+            offset_of!(KernelArgs, row_out),
+            offset_of!(KernelArgs, error_word),
+            offset_of!(KernelArgs, partials),
+            offset_of!(KernelArgs, row_tickets),
+            offset_of!(KernelArgs, grid_ticket),
+            offset_of!(KernelArgs, n_rows),
+            offset_of!(KernelArgs, vocab),
+            offset_of!(KernelArgs, first_row),
+            offset_of!(KernelArgs, n_turns),
+            offset_of!(KernelArgs, turn_offsets),
+            offset_of!(KernelArgs, turn_trajectory),
+            offset_of!(KernelArgs, turn_credit),
+            offset_of!(KernelArgs, turn_sum),
+            offset_of!(KernelArgs, turn_count),
+            offset_of!(KernelArgs, turn_info),
+            offset_of!(KernelArgs, n_traj),
+            offset_of!(KernelArgs, n_groups),
+            offset_of!(KernelArgs, trajectory_outcome),
+            offset_of!(KernelArgs, trajectory_tokens),
+            offset_of!(KernelArgs, group_trajectory_offsets),
+            offset_of!(KernelArgs, group_trajectories),
+            offset_of!(KernelArgs, group_turn_offsets),
+            offset_of!(KernelArgs, group_turns),
+            offset_of!(KernelArgs, turn_intrinsic),
+            offset_of!(KernelArgs, turn_norm),
+            offset_of!(KernelArgs, turn_bonus),
+            offset_of!(KernelArgs, traj_advantage),
+            offset_of!(KernelArgs, traj_gate),
+            offset_of!(KernelArgs, scalars),
+            offset_of!(KernelArgs, total_tokens),
+            offset_of!(KernelArgs, beta),
+            offset_of!(KernelArgs, gate_temperature),
+            offset_of!(KernelArgs, eps),
+            offset_of!(KernelArgs, scale),
+            offset_of!(KernelArgs, splits),
+            offset_of!(KernelArgs, estimator),
+            offset_of!(KernelArgs, finalize),
+            offset_of!(KernelArgs, normalize),
+            offset_of!(KernelArgs, reserved),
+        ];
+        assert_eq!(&c[..n], &rust[..]);
+    }
+}

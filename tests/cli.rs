@@ -1,0 +1,669 @@
+//! End-to-end tests of the `infopo` binary on files written into a temporary folder.
+
+use half::bf16;
+use infopo_kernels::synth::{self, SynthSpec};
+use infopo_kernels::{cpu::Cpu, io, Backend, Batch, Logits, Output, Params, Trajectories, Turns};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output as Run};
+
+fn infopo(args: &[&str]) -> Run {
+    Command::new(env!("CARGO_BIN_EXE_infopo"))
+        .args(args)
+        .output()
+        .expect("run infopo")
+}
+
+fn stderr(run: &Run) -> String {
+    String::from_utf8_lossy(&run.stderr).into_owned()
+}
+
+fn stdout(run: &Run) -> String {
+    String::from_utf8_lossy(&run.stdout).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+fn small_spec() -> SynthSpec {
+    SynthSpec {
+        rows: 40,
+        vocab: 97,
+        groups: 2,
+        trajectories_per_group: 3,
+        seed: 11,
+    }
+}
+
+/// The names, dtype F32 and shapes of every tensor in an output file, checked against the
+/// library's CPU output; the values must be the CPU's, rounded to f32.
+fn check_output(path: &Path, want: &Output) {
+    let bytes = std::fs::read(path).expect("output file exists");
+    let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    let mut expected: Vec<(&str, Vec<f32>)> = vec![
+        ("row_lse_real", want.rows.lse_real.clone()),
+        ("row_lse_masked", want.rows.lse_masked.clone()),
+        ("row_log_ratio", want.rows.log_ratio.clone()),
+        ("row_kl", want.rows.kl.clone()),
+        ("row_entropy_real", want.rows.entropy_real.clone()),
+    ];
+    let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+    if let Some(info) = &want.turn_info {
+        expected.push(("turn_info", f(info)));
+    }
+    if let Some(a) = &want.advantages {
+        expected.extend([
+            ("turn_intrinsic", f(&a.turn_intrinsic)),
+            ("turn_intrinsic_norm", f(&a.turn_intrinsic_norm)),
+            ("turn_bonus", f(&a.turn_bonus)),
+            ("trajectory_advantage", f(&a.trajectory_advantage)),
+            ("trajectory_gate", f(&a.trajectory_gate)),
+            ("outcome_std", f(&[a.outcome_std])),
+            ("intrinsic_std", f(&[a.intrinsic_std])),
+            ("magnitude_ratio", f(&[a.magnitude_ratio])),
+        ]);
+    }
+    let mut names: Vec<String> = st.names().into_iter().cloned().collect();
+    names.sort();
+    let mut want_names: Vec<String> = expected.iter().map(|(n, _)| n.to_string()).collect();
+    want_names.sort();
+    assert_eq!(names, want_names, "tensors in {}", path.display());
+    for (name, values) in expected {
+        let t = st.tensor(name).unwrap();
+        assert_eq!(t.dtype(), Dtype::F32, "{name}");
+        assert_eq!(t.shape(), [values.len()], "{name}");
+        let got: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(got, values, "{name}");
+    }
+}
+
+/// Files in `dir` other than the inputs the test wrote: none may be left by a failed run.
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn compute_full_batch_matches_the_cpu_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (
+        dir.path().join("in.safetensors"),
+        dir.path().join("out.safetensors"),
+    );
+    let data = synth::batch::<bf16>(small_spec());
+    io::write_input(&input, &data.as_batch()).unwrap();
+    let run = infopo(&["compute", s(&input), s(&output), "--backend", "cpu"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let want = Cpu.compute(&data.as_batch(), &Params::default()).unwrap();
+    assert!(want.advantages.is_some());
+    check_output(&output, &want);
+    assert_eq!(
+        entries(dir.path()),
+        [input, output],
+        "no temporary file left behind"
+    );
+}
+
+#[test]
+fn compute_with_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (
+        dir.path().join("in.safetensors"),
+        dir.path().join("out.safetensors"),
+    );
+    let data = synth::batch::<f32>(small_spec());
+    io::write_input(&input, &data.as_batch()).unwrap();
+    let args = [
+        "--estimator",
+        "kl",
+        "--temperature",
+        "0.7",
+        "--beta",
+        "-0.2",
+        "--gate-temperature",
+        "0.5",
+        "--eps",
+        "0.001",
+        "--no-normalize",
+    ];
+    let mut cmd = vec!["compute", s(&input), s(&output), "--backend", "cpu"];
+    cmd.extend(args);
+    let run = infopo(&cmd);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let params = Params {
+        temperature: 0.7,
+        estimator: infopo_kernels::Estimator::Kl,
+        beta: -0.2,
+        gate_temperature: 0.5,
+        eps: 0.001,
+        normalize: false,
+    };
+    check_output(&output, &Cpu.compute(&data.as_batch(), &params).unwrap());
+}
+
+#[test]
+fn compute_turns_only_and_rows_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth::batch::<bf16>(small_spec());
+    let full = data.as_batch();
+    let turns_only = Batch {
+        trajectories: None,
+        ..full
+    };
+    let rows_only = Batch::rows(full.real, full.masked, full.targets);
+    for (name, batch) in [("turns", turns_only), ("rows", rows_only)] {
+        let input = dir.path().join(format!("{name}.safetensors"));
+        let output = dir.path().join(format!("{name}.out.safetensors"));
+        io::write_input(&input, &batch).unwrap();
+        // The default backend (auto) on a build without CUDA is the CPU.
+        let run = infopo(&["compute", s(&input), s(&output)]);
+        assert!(run.status.success(), "{name}: {}", stderr(&run));
+        let want = Cpu.compute(&batch, &Params::default()).unwrap();
+        assert_eq!(want.turn_info.is_some(), name == "turns");
+        assert!(want.advantages.is_none());
+        check_output(&output, &want);
+    }
+}
+
+#[test]
+fn verify_cpu_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    io::write_input(&input, &synth::batch::<bf16>(small_spec()).as_batch()).unwrap();
+    let run = infopo(&["verify", s(&input), "--backend", "cpu"]);
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&run),
+        stderr(&run)
+    );
+    let out = stdout(&run);
+    for name in [
+        "row_kl",
+        "turn_info",
+        "turn_bonus",
+        "trajectory_gate",
+        "magnitude_ratio",
+    ] {
+        assert!(out.contains(name), "{out}");
+    }
+}
+
+#[test]
+fn verify_emulated_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let bf16_input = dir.path().join("bf16.safetensors");
+    io::write_input(&bf16_input, &synth::batch::<bf16>(small_spec()).as_batch()).unwrap();
+    let f32_input = dir.path().join("f32.safetensors");
+    io::write_input(&f32_input, &synth::batch::<f32>(small_spec()).as_batch()).unwrap();
+    for input in [&bf16_input, &f32_input] {
+        for estimator in ["log-ratio", "kl"] {
+            let run = infopo(&[
+                "verify",
+                s(input),
+                "--backend",
+                "emulated",
+                "--estimator",
+                estimator,
+            ]);
+            assert_eq!(
+                run.status.code(),
+                Some(0),
+                "{} {estimator}: {}{}",
+                input.display(),
+                stdout(&run),
+                stderr(&run)
+            );
+        }
+    }
+}
+
+/// Writes a safetensors file of raw tensors (name, dtype, shape, little-endian bytes).
+fn raw_file(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<(&str, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| (*n, TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, &None, path).unwrap();
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn i64_bytes(v: &[i64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// A small valid batch as raw tensors: 6 rows of 5 logits, 3 turns, 2 trajectories.
+fn raw_batch() -> Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)> {
+    let real: Vec<f32> = (0..30).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+    let masked: Vec<f32> = (0..30).map(|i| (i as f32 * 0.53).cos() * 2.0).collect();
+    vec![
+        ("real_logits", Dtype::F32, vec![6, 5], f32_bytes(&real)),
+        ("masked_logits", Dtype::F32, vec![6, 5], f32_bytes(&masked)),
+        (
+            "targets",
+            Dtype::I64,
+            vec![6],
+            i64_bytes(&[0, 1, 2, 3, 4, 0]),
+        ),
+        (
+            "turn_offsets",
+            Dtype::I64,
+            vec![4],
+            i64_bytes(&[0, 2, 4, 6]),
+        ),
+        (
+            "turn_trajectory",
+            Dtype::I64,
+            vec![3],
+            i64_bytes(&[0, 0, 1]),
+        ),
+        (
+            "turn_credit_tokens",
+            Dtype::I64,
+            vec![3],
+            i64_bytes(&[3, 4, 5]),
+        ),
+        ("trajectory_group", Dtype::I64, vec![2], i64_bytes(&[0, 0])),
+        (
+            "trajectory_tokens",
+            Dtype::I64,
+            vec![2],
+            i64_bytes(&[10, 12]),
+        ),
+        (
+            "trajectory_outcome",
+            Dtype::F64,
+            vec![2],
+            [1.0f64, 0.0].iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
+    ]
+}
+
+fn with(
+    mut tensors: Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)>,
+    name: &str,
+    replacement: Option<(Dtype, Vec<usize>, Vec<u8>)>,
+) -> Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)> {
+    let i = tensors
+        .iter()
+        .position(|t| t.0 == name)
+        .expect("known tensor");
+    match replacement {
+        Some((d, s, b)) => {
+            tensors[i].1 = d;
+            tensors[i].2 = s;
+            tensors[i].3 = b;
+        }
+        None => {
+            tensors.remove(i);
+        }
+    }
+    tensors
+}
+
+/// Runs `compute` on a bad input: exit 2, one line on stderr containing every `needle`, no OUT
+/// and no temporary file left behind. Returns stderr.
+fn expect_bad_input(dir: &Path, input: &Path, needles: &[&str]) -> String {
+    let output = dir.join("out.safetensors");
+    let before = entries(dir);
+    let run = infopo(&["compute", s(input), s(&output), "--backend", "cpu"]);
+    let err = stderr(&run);
+    assert_eq!(run.status.code(), Some(2), "stderr: {err}");
+    assert!(err.starts_with("infopo: "), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    for needle in needles {
+        assert!(err.contains(needle), "`{needle}` not in: {err}");
+    }
+    assert!(!output.exists(), "OUT left behind");
+    assert_eq!(entries(dir), before, "a file was left behind");
+    err
+}
+
+#[test]
+fn the_raw_batch_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (
+        dir.path().join("in.safetensors"),
+        dir.path().join("out.safetensors"),
+    );
+    raw_file(&input, &raw_batch());
+    let run = infopo(&["compute", s(&input), s(&output)]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let batch = io::read_input(&input).unwrap();
+    check_output(
+        &output,
+        &Cpu.compute(&batch.as_batch().unwrap(), &Params::default())
+            .unwrap(),
+    );
+}
+
+#[test]
+fn missing_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    raw_file(&input, &with(raw_batch(), "targets", None));
+    expect_bad_input(dir.path(), &input, &["missing tensor `targets`"]);
+    // A partial turn set names the missing member.
+    raw_file(&input, &with(raw_batch(), "turn_credit_tokens", None));
+    expect_bad_input(dir.path(), &input, &["turn_credit_tokens"]);
+    // Trajectories without turns.
+    let mut t = raw_batch();
+    t.retain(|x| !x.0.starts_with("turn_"));
+    raw_file(&input, &t);
+    expect_bad_input(dir.path(), &input, &["turn_offsets"]);
+}
+
+#[test]
+fn wrong_dtypes_and_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    let f32_targets = f32_bytes(&[0.0; 6]);
+    raw_file(
+        &input,
+        &with(
+            raw_batch(),
+            "targets",
+            Some((Dtype::F32, vec![6], f32_targets)),
+        ),
+    );
+    expect_bad_input(dir.path(), &input, &["targets", "dtype"]);
+    // real f32, masked bf16.
+    let masked: Vec<u8> = (0..30)
+        .flat_map(|i| bf16::from_f32(i as f32).to_bits().to_le_bytes())
+        .collect();
+    raw_file(
+        &input,
+        &with(
+            raw_batch(),
+            "masked_logits",
+            Some((Dtype::BF16, vec![6, 5], masked)),
+        ),
+    );
+    expect_bad_input(dir.path(), &input, &["dtype mismatch", "f32", "bf16"]);
+    // Logits of rank 1.
+    let real = f32_bytes(&[0.0; 30]);
+    raw_file(
+        &input,
+        &with(raw_batch(), "real_logits", Some((Dtype::F32, vec![30], real))),
+    );
+    expect_bad_input(dir.path(), &input, &["real", "shape"]);
+    // Targets of the wrong length.
+    raw_file(
+        &input,
+        &with(
+            raw_batch(),
+            "targets",
+            Some((Dtype::I64, vec![5], i64_bytes(&[0; 5]))),
+        ),
+    );
+    expect_bad_input(dir.path(), &input, &["targets", "shape"]);
+}
+
+#[test]
+fn nan_logit_names_the_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    let mut real: Vec<f32> = vec![0.5; 30];
+    real[3 * 5 + 2] = f32::NAN;
+    raw_file(
+        &input,
+        &with(
+            raw_batch(),
+            "real_logits",
+            Some((Dtype::F32, vec![6, 5], f32_bytes(&real))),
+        ),
+    );
+    let err = expect_bad_input(dir.path(), &input, &["row 3", "real logit is NaN"]);
+    assert_eq!(
+        err.trim_end(),
+        "infopo: row 3: a real logit is NaN or +inf (target 3)"
+    );
+    // verify reports bad input the same way (both backends reject it).
+    let run = infopo(&["verify", s(&input), "--backend", "cpu"]);
+    assert_eq!(run.status.code(), Some(2), "{}", stderr(&run));
+    assert!(stderr(&run).contains("row 3"), "{}", stderr(&run));
+}
+
+#[test]
+fn decreasing_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    raw_file(
+        &input,
+        &with(
+            raw_batch(),
+            "turn_offsets",
+            Some((Dtype::I64, vec![4], i64_bytes(&[0, 4, 2, 6]))),
+        ),
+    );
+    expect_bad_input(dir.path(), &input, &["turn_offsets decrease"]);
+}
+
+#[test]
+fn negative_group_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    raw_file(
+        &input,
+        &with(
+            raw_batch(),
+            "trajectory_group",
+            Some((
+                Dtype::I32,
+                vec![2],
+                [0i32, -1].iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )),
+        ),
+    );
+    expect_bad_input(
+        dir.path(),
+        &input,
+        &["trajectory_group", "entry 1", "negative"],
+    );
+}
+
+#[test]
+fn corrupt_and_nonexistent_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    std::fs::write(&input, b"this is not a safetensors file at all").unwrap();
+    expect_bad_input(dir.path(), &input, &["cannot read", "in.safetensors"]);
+    // A valid file cut short.
+    raw_file(&input, &raw_batch());
+    let bytes = std::fs::read(&input).unwrap();
+    std::fs::write(&input, &bytes[..bytes.len() - 7]).unwrap();
+    expect_bad_input(dir.path(), &input, &["cannot read"]);
+    std::fs::write(&input, b"").unwrap();
+    expect_bad_input(dir.path(), &input, &["cannot read"]);
+    let missing = dir.path().join("nope.safetensors");
+    expect_bad_input(dir.path(), &missing, &["cannot read", "nope.safetensors"]);
+}
+
+#[test]
+fn bad_parameters_and_unwritable_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    raw_file(&input, &raw_batch());
+    let output = dir.path().join("out.safetensors");
+    let run = infopo(&["compute", s(&input), s(&output), "--temperature", "0"]);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(stderr(&run).contains("temperature"), "{}", stderr(&run));
+    let run = infopo(&["compute", s(&input), s(&output), "--gate-temperature", "-1"]);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(!output.exists());
+    let nowhere = dir.path().join("no-such-folder").join("out.safetensors");
+    let run = infopo(&["compute", s(&input), s(&nowhere)]);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(stderr(&run).contains("cannot write"), "{}", stderr(&run));
+    assert_eq!(entries(dir.path()), [input]);
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        &["compute"][..],
+        &["compute", "a.safetensors"],
+        &["frobnicate"],
+        &["verify", "a.safetensors", "--backend", "gpu"],
+        &["compute", "a", "b", "--estimator", "mean"],
+        &["bench", "--rows", "0"],
+        &["bench", "--dtype", "f64"],
+        &["bench", "--iters", "x"],
+        &["--no-such-flag"],
+    ] {
+        let run = infopo(args);
+        assert_eq!(run.status.code(), Some(2), "{args:?}: {}", stderr(&run));
+        assert!(!stderr(&run).is_empty());
+    }
+    let run = infopo(&["--help"]);
+    assert_eq!(run.status.code(), Some(0));
+    for sub in ["compute", "verify", "bench"] {
+        assert!(stdout(&run).contains(sub), "{}", stdout(&run));
+    }
+}
+
+#[test]
+fn unavailable_backend_exits_2() {
+    // This build has no CUDA kernels unless built with `--features cuda`.
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    raw_file(&input, &raw_batch());
+    let run = infopo(&["verify", s(&input), "--backend", "cuda"]);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(stderr(&run).contains("cuda"), "{}", stderr(&run));
+}
+
+/// The value of `"key":` in a flat JSON object, as text.
+fn json_field<'a>(json: &'a str, key: &str) -> &'a str {
+    let pat = format!("\"{key}\":");
+    let start = json
+        .find(&pat)
+        .unwrap_or_else(|| panic!("no key {key} in {json}"))
+        + pat.len();
+    let rest = &json[start..];
+    let end = rest.find([',', '}']).expect("value ends");
+    rest[..end].trim()
+}
+
+#[test]
+fn bench_json_is_one_object() {
+    let run = infopo(&[
+        "bench",
+        "--backend",
+        "cpu",
+        "--rows",
+        "8",
+        "--vocab",
+        "1000",
+        "--dtype",
+        "f16",
+        "--iters",
+        "3",
+        "--warmup",
+        "1",
+        "--json",
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let out = stdout(&run);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    let json = lines[0].trim();
+    assert!(json.starts_with('{') && json.ends_with('}'), "{json}");
+    assert_eq!(json.matches('{').count(), 1, "{json}");
+    assert_eq!(json_field(json, "backend"), "\"cpu\"");
+    assert_eq!(json_field(json, "dtype"), "\"f16\"");
+    assert_eq!(json_field(json, "rows"), "8");
+    assert_eq!(json_field(json, "vocab"), "1000");
+    assert_eq!(json_field(json, "iters"), "3");
+    assert_eq!(
+        json_field(json, "bytes").parse::<u64>().unwrap(),
+        2 * 8 * 1000 * 2
+    );
+    let median: f64 = json_field(json, "median_ms").parse().unwrap();
+    let min: f64 = json_field(json, "min_ms").parse().unwrap();
+    let gbps: f64 = json_field(json, "gbps").parse().unwrap();
+    assert!(min > 0.0 && min <= median && gbps > 0.0, "{json}");
+    // Text form.
+    let run = infopo(&[
+        "bench",
+        "--backend",
+        "cpu",
+        "--rows",
+        "4",
+        "--vocab",
+        "500",
+        "--iters",
+        "2",
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(stdout(&run).contains("GB/s"), "{}", stdout(&run));
+}
+
+/// The main job: 1024 x 151936 bf16 logits (about 600 MB), about 13 s in the test profile on
+/// 2 cores, most of it synthesising the data.
+#[test]
+fn main_job_runs() {
+    let run = infopo(&[]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let out = stdout(&run);
+    for needle in [
+        "turn",
+        "advantage",
+        "gate",
+        "magnitude_ratio",
+        "GB/s",
+        "rows/s",
+        "…",
+    ] {
+        assert!(out.contains(needle), "`{needle}` not in {out}");
+    }
+}
+
+#[test]
+fn write_input_round_trips_views() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("in.safetensors");
+    let real = [1.0f32, 2.0, 3.0, 4.0];
+    let masked = [0.0f32, 2.0, 1.0, 4.0];
+    let batch = Batch::rows(
+        Logits::new(&real, 2, 2).unwrap(),
+        Logits::new(&masked, 2, 2).unwrap(),
+        &[1, 0],
+    )
+    .with_turns(Turns {
+        offsets: &[0, 2],
+        trajectory: &[0],
+        credit_tokens: &[2],
+    })
+    .with_trajectories(Trajectories {
+        group: &[3],
+        outcome: &[0.5],
+        tokens: &[4],
+    });
+    io::write_input(&path, &batch).unwrap();
+    let back = io::read_input(&path).unwrap();
+    assert_eq!(back.targets, [1, 0]);
+    assert_eq!(back.real, io::LogitBuf::F32(real.to_vec()));
+    let a = Cpu.compute(&batch, &Params::default()).unwrap();
+    let b = Cpu
+        .compute(&back.as_batch().unwrap(), &Params::default())
+        .unwrap();
+    assert_eq!(a, b);
+}
