@@ -77,10 +77,7 @@ fn build_cuda() {
 
     let fatbin = out.join("infopo.fatbin");
     let mut cmd = Command::new(&nvcc);
-    cmd.arg("-fatbin")
-        .args(["-O3", "-ftz=true", "-std=c++17", "-Xptxas", "-v"])
-        .arg("-I")
-        .arg(root.join("kernels"));
+    cmd.arg("-fatbin").args(["-O3", "-ftz=true", "-std=c++17", "-Xptxas", "-v"]).arg("-I").arg(root.join("kernels"));
     // Source line tables for profilers (ncu): INFOPO_CUDA_LINEINFO=1 (doubles the fatbin).
     if env::var("INFOPO_CUDA_LINEINFO").is_ok_and(|v| v == "1") {
         cmd.arg("-lineinfo");
@@ -105,11 +102,7 @@ fn build_cuda() {
             nvcc.display()
         )
     });
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     std::fs::write(out.join("ptxas.txt"), &report).expect("write ptxas.txt");
     eprintln!("nvcc: {}\n{report}", nvcc.display());
     if !output.status.success() {

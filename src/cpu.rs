@@ -104,7 +104,7 @@ pub fn score(real: Logits<'_>, masked: Logits<'_>, targets: &[i64], temperature:
     results
         .into_iter()
         .enumerate()
-        .map(|(row, r)| r.map_err(|kind| Error::Row { row, kind, target: targets[row] }))
+        .map(|(row, r)| r.map_err(|kind| Error::Row { row, kind, target: Some(targets[row]) }))
         .collect()
 }
 

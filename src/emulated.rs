@@ -167,7 +167,7 @@ impl Emulated {
                 let row = row as usize;
                 let kind = RowErrorKind::from_code(code)
                     .ok_or_else(|| Error::Cuda(format!("emulated kernel reported unknown row error code {code}")))?;
-                return Err(Error::Row { row, kind, target: batch.targets[row] });
+                return Err(Error::Row { row, kind, target: Some(batch.targets[row]) });
             }
             for (i, dst) in
                 [&mut rows.lse_real, &mut rows.lse_masked, &mut rows.log_ratio, &mut rows.kl, &mut rows.entropy_real]

@@ -79,8 +79,10 @@ pub enum Error {
     #[error("vocabulary size is 0: a logit row needs at least one entry")]
     EmptyVocab,
 
-    #[error("row {row}: {kind} (target {target})")]
-    Row { row: usize, kind: RowErrorKind, target: i64 },
+    /// `target` is the row's target id when the backend knows it (host data); the device API
+    /// reports the row only, its targets being on the GPU.
+    #[error("row {row}: {kind}{}", target.map(|t| format!(" (target {t})")).unwrap_or_default())]
+    Row { row: usize, kind: RowErrorKind, target: Option<i64> },
 
     #[error("invalid turn layout: {what}")]
     Turns { what: String },

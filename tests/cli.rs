@@ -9,10 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output as Run};
 
 fn infopo(args: &[&str]) -> Run {
-    Command::new(env!("CARGO_BIN_EXE_infopo"))
-        .args(args)
-        .output()
-        .expect("run infopo")
+    Command::new(env!("CARGO_BIN_EXE_infopo")).args(args).output().expect("run infopo")
 }
 
 fn stderr(run: &Run) -> String {
@@ -28,13 +25,7 @@ fn s(p: &Path) -> &str {
 }
 
 fn small_spec() -> SynthSpec {
-    SynthSpec {
-        rows: 40,
-        vocab: 97,
-        groups: 2,
-        trajectories_per_group: 3,
-        seed: 11,
-    }
+    SynthSpec { rows: 40, vocab: 97, groups: 2, trajectories_per_group: 3, seed: 11 }
 }
 
 /// The names, dtype F32 and shapes of every tensor in an output file, checked against the
@@ -74,21 +65,14 @@ fn check_output(path: &Path, want: &Output) {
         let t = st.tensor(name).unwrap();
         assert_eq!(t.dtype(), Dtype::F32, "{name}");
         assert_eq!(t.shape(), [values.len()], "{name}");
-        let got: Vec<f32> = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let got: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         assert_eq!(got, values, "{name}");
     }
 }
 
 /// Files in `dir` other than the inputs the test wrote: none may be left by a failed run.
 fn entries(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
     v.sort();
     v
 }
@@ -96,10 +80,7 @@ fn entries(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn compute_full_batch_matches_the_cpu_library() {
     let dir = tempfile::tempdir().unwrap();
-    let (input, output) = (
-        dir.path().join("in.safetensors"),
-        dir.path().join("out.safetensors"),
-    );
+    let (input, output) = (dir.path().join("in.safetensors"), dir.path().join("out.safetensors"));
     let data = synth::batch::<bf16>(small_spec());
     io::write_input(&input, &data.as_batch()).unwrap();
     let run = infopo(&["compute", s(&input), s(&output), "--backend", "cpu"]);
@@ -107,20 +88,13 @@ fn compute_full_batch_matches_the_cpu_library() {
     let want = Cpu.compute(&data.as_batch(), &Params::default()).unwrap();
     assert!(want.advantages.is_some());
     check_output(&output, &want);
-    assert_eq!(
-        entries(dir.path()),
-        [input, output],
-        "no temporary file left behind"
-    );
+    assert_eq!(entries(dir.path()), [input, output], "no temporary file left behind");
 }
 
 #[test]
 fn compute_with_parameters() {
     let dir = tempfile::tempdir().unwrap();
-    let (input, output) = (
-        dir.path().join("in.safetensors"),
-        dir.path().join("out.safetensors"),
-    );
+    let (input, output) = (dir.path().join("in.safetensors"), dir.path().join("out.safetensors"));
     let data = synth::batch::<f32>(small_spec());
     io::write_input(&input, &data.as_batch()).unwrap();
     let args = [
@@ -156,10 +130,7 @@ fn compute_turns_only_and_rows_only() {
     let dir = tempfile::tempdir().unwrap();
     let data = synth::batch::<bf16>(small_spec());
     let full = data.as_batch();
-    let turns_only = Batch {
-        trajectories: None,
-        ..full
-    };
+    let turns_only = Batch { trajectories: None, ..full };
     let rows_only = Batch::rows(full.real, full.masked, full.targets);
     for (name, batch) in [("turns", turns_only), ("rows", rows_only)] {
         let input = dir.path().join(format!("{name}.safetensors"));
@@ -181,21 +152,9 @@ fn verify_cpu_passes() {
     let input = dir.path().join("in.safetensors");
     io::write_input(&input, &synth::batch::<bf16>(small_spec()).as_batch()).unwrap();
     let run = infopo(&["verify", s(&input), "--backend", "cpu"]);
-    assert_eq!(
-        run.status.code(),
-        Some(0),
-        "{}{}",
-        stdout(&run),
-        stderr(&run)
-    );
+    assert_eq!(run.status.code(), Some(0), "{}{}", stdout(&run), stderr(&run));
     let out = stdout(&run);
-    for name in [
-        "row_kl",
-        "turn_info",
-        "turn_bonus",
-        "trajectory_gate",
-        "magnitude_ratio",
-    ] {
+    for name in ["row_kl", "turn_info", "turn_bonus", "trajectory_gate", "magnitude_ratio"] {
         assert!(out.contains(name), "{out}");
     }
 }
@@ -209,32 +168,16 @@ fn verify_emulated_passes() {
     io::write_input(&f32_input, &synth::batch::<f32>(small_spec()).as_batch()).unwrap();
     for input in [&bf16_input, &f32_input] {
         for estimator in ["log-ratio", "kl"] {
-            let run = infopo(&[
-                "verify",
-                s(input),
-                "--backend",
-                "emulated",
-                "--estimator",
-                estimator,
-            ]);
-            assert_eq!(
-                run.status.code(),
-                Some(0),
-                "{} {estimator}: {}{}",
-                input.display(),
-                stdout(&run),
-                stderr(&run)
-            );
+            let run = infopo(&["verify", s(input), "--backend", "emulated", "--estimator", estimator]);
+            assert_eq!(run.status.code(), Some(0), "{} {estimator}: {}{}", input.display(), stdout(&run), stderr(&run));
         }
     }
 }
 
 /// Writes a safetensors file of raw tensors (name, dtype, shape, little-endian bytes).
 fn raw_file(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
-    let views: Vec<(&str, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, d, s, b)| (*n, TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
+    let views: Vec<(&str, TensorView<'_>)> =
+        tensors.iter().map(|(n, d, s, b)| (*n, TensorView::new(*d, s.clone(), b).unwrap())).collect();
     safetensors::serialize_to_file(views, &None, path).unwrap();
 }
 
@@ -253,43 +196,13 @@ fn raw_batch() -> Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)> {
     vec![
         ("real_logits", Dtype::F32, vec![6, 5], f32_bytes(&real)),
         ("masked_logits", Dtype::F32, vec![6, 5], f32_bytes(&masked)),
-        (
-            "targets",
-            Dtype::I64,
-            vec![6],
-            i64_bytes(&[0, 1, 2, 3, 4, 0]),
-        ),
-        (
-            "turn_offsets",
-            Dtype::I64,
-            vec![4],
-            i64_bytes(&[0, 2, 4, 6]),
-        ),
-        (
-            "turn_trajectory",
-            Dtype::I64,
-            vec![3],
-            i64_bytes(&[0, 0, 1]),
-        ),
-        (
-            "turn_credit_tokens",
-            Dtype::I64,
-            vec![3],
-            i64_bytes(&[3, 4, 5]),
-        ),
+        ("targets", Dtype::I64, vec![6], i64_bytes(&[0, 1, 2, 3, 4, 0])),
+        ("turn_offsets", Dtype::I64, vec![4], i64_bytes(&[0, 2, 4, 6])),
+        ("turn_trajectory", Dtype::I64, vec![3], i64_bytes(&[0, 0, 1])),
+        ("turn_credit_tokens", Dtype::I64, vec![3], i64_bytes(&[3, 4, 5])),
         ("trajectory_group", Dtype::I64, vec![2], i64_bytes(&[0, 0])),
-        (
-            "trajectory_tokens",
-            Dtype::I64,
-            vec![2],
-            i64_bytes(&[10, 12]),
-        ),
-        (
-            "trajectory_outcome",
-            Dtype::F64,
-            vec![2],
-            [1.0f64, 0.0].iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ),
+        ("trajectory_tokens", Dtype::I64, vec![2], i64_bytes(&[10, 12])),
+        ("trajectory_outcome", Dtype::F64, vec![2], [1.0f64, 0.0].iter().flat_map(|x| x.to_le_bytes()).collect()),
     ]
 }
 
@@ -298,10 +211,7 @@ fn with(
     name: &str,
     replacement: Option<(Dtype, Vec<usize>, Vec<u8>)>,
 ) -> Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)> {
-    let i = tensors
-        .iter()
-        .position(|t| t.0 == name)
-        .expect("known tensor");
+    let i = tensors.iter().position(|t| t.0 == name).expect("known tensor");
     match replacement {
         Some((d, s, b)) => {
             tensors[i].1 = d;
@@ -336,19 +246,12 @@ fn expect_bad_input(dir: &Path, input: &Path, needles: &[&str]) -> String {
 #[test]
 fn the_raw_batch_is_valid() {
     let dir = tempfile::tempdir().unwrap();
-    let (input, output) = (
-        dir.path().join("in.safetensors"),
-        dir.path().join("out.safetensors"),
-    );
+    let (input, output) = (dir.path().join("in.safetensors"), dir.path().join("out.safetensors"));
     raw_file(&input, &raw_batch());
     let run = infopo(&["compute", s(&input), s(&output)]);
     assert!(run.status.success(), "{}", stderr(&run));
     let batch = io::read_input(&input).unwrap();
-    check_output(
-        &output,
-        &Cpu.compute(&batch.as_batch().unwrap(), &Params::default())
-            .unwrap(),
-    );
+    check_output(&output, &Cpu.compute(&batch.as_batch().unwrap(), &Params::default()).unwrap());
 }
 
 #[test]
@@ -372,44 +275,18 @@ fn wrong_dtypes_and_shapes() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.safetensors");
     let f32_targets = f32_bytes(&[0.0; 6]);
-    raw_file(
-        &input,
-        &with(
-            raw_batch(),
-            "targets",
-            Some((Dtype::F32, vec![6], f32_targets)),
-        ),
-    );
+    raw_file(&input, &with(raw_batch(), "targets", Some((Dtype::F32, vec![6], f32_targets))));
     expect_bad_input(dir.path(), &input, &["targets", "dtype"]);
     // real f32, masked bf16.
-    let masked: Vec<u8> = (0..30)
-        .flat_map(|i| bf16::from_f32(i as f32).to_bits().to_le_bytes())
-        .collect();
-    raw_file(
-        &input,
-        &with(
-            raw_batch(),
-            "masked_logits",
-            Some((Dtype::BF16, vec![6, 5], masked)),
-        ),
-    );
+    let masked: Vec<u8> = (0..30).flat_map(|i| bf16::from_f32(i as f32).to_bits().to_le_bytes()).collect();
+    raw_file(&input, &with(raw_batch(), "masked_logits", Some((Dtype::BF16, vec![6, 5], masked))));
     expect_bad_input(dir.path(), &input, &["dtype mismatch", "f32", "bf16"]);
     // Logits of rank 1.
     let real = f32_bytes(&[0.0; 30]);
-    raw_file(
-        &input,
-        &with(raw_batch(), "real_logits", Some((Dtype::F32, vec![30], real))),
-    );
+    raw_file(&input, &with(raw_batch(), "real_logits", Some((Dtype::F32, vec![30], real))));
     expect_bad_input(dir.path(), &input, &["real", "shape"]);
     // Targets of the wrong length.
-    raw_file(
-        &input,
-        &with(
-            raw_batch(),
-            "targets",
-            Some((Dtype::I64, vec![5], i64_bytes(&[0; 5]))),
-        ),
-    );
+    raw_file(&input, &with(raw_batch(), "targets", Some((Dtype::I64, vec![5], i64_bytes(&[0; 5])))));
     expect_bad_input(dir.path(), &input, &["targets", "shape"]);
 }
 
@@ -419,19 +296,9 @@ fn nan_logit_names_the_row() {
     let input = dir.path().join("in.safetensors");
     let mut real: Vec<f32> = vec![0.5; 30];
     real[3 * 5 + 2] = f32::NAN;
-    raw_file(
-        &input,
-        &with(
-            raw_batch(),
-            "real_logits",
-            Some((Dtype::F32, vec![6, 5], f32_bytes(&real))),
-        ),
-    );
+    raw_file(&input, &with(raw_batch(), "real_logits", Some((Dtype::F32, vec![6, 5], f32_bytes(&real)))));
     let err = expect_bad_input(dir.path(), &input, &["row 3", "real logit is NaN"]);
-    assert_eq!(
-        err.trim_end(),
-        "infopo: row 3: a real logit is NaN or +inf (target 3)"
-    );
+    assert_eq!(err.trim_end(), "infopo: row 3: a real logit is NaN or +inf (target 3)");
     // verify reports bad input the same way (both backends reject it).
     let run = infopo(&["verify", s(&input), "--backend", "cpu"]);
     assert_eq!(run.status.code(), Some(2), "{}", stderr(&run));
@@ -442,14 +309,7 @@ fn nan_logit_names_the_row() {
 fn decreasing_offsets() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.safetensors");
-    raw_file(
-        &input,
-        &with(
-            raw_batch(),
-            "turn_offsets",
-            Some((Dtype::I64, vec![4], i64_bytes(&[0, 4, 2, 6]))),
-        ),
-    );
+    raw_file(&input, &with(raw_batch(), "turn_offsets", Some((Dtype::I64, vec![4], i64_bytes(&[0, 4, 2, 6])))));
     expect_bad_input(dir.path(), &input, &["turn_offsets decrease"]);
 }
 
@@ -462,18 +322,10 @@ fn negative_group_id() {
         &with(
             raw_batch(),
             "trajectory_group",
-            Some((
-                Dtype::I32,
-                vec![2],
-                [0i32, -1].iter().flat_map(|x| x.to_le_bytes()).collect(),
-            )),
+            Some((Dtype::I32, vec![2], [0i32, -1].iter().flat_map(|x| x.to_le_bytes()).collect())),
         ),
     );
-    expect_bad_input(
-        dir.path(),
-        &input,
-        &["trajectory_group", "entry 1", "negative"],
-    );
+    expect_bad_input(dir.path(), &input, &["trajectory_group", "entry 1", "negative"]);
 }
 
 #[test]
@@ -553,10 +405,7 @@ fn unavailable_backend_exits_2() {
 /// The value of `"key":` in a flat JSON object, as text.
 fn json_field<'a>(json: &'a str, key: &str) -> &'a str {
     let pat = format!("\"{key}\":");
-    let start = json
-        .find(&pat)
-        .unwrap_or_else(|| panic!("no key {key} in {json}"))
-        + pat.len();
+    let start = json.find(&pat).unwrap_or_else(|| panic!("no key {key} in {json}")) + pat.len();
     let rest = &json[start..];
     let end = rest.find([',', '}']).expect("value ends");
     rest[..end].trim()
@@ -592,26 +441,13 @@ fn bench_json_is_one_object() {
     assert_eq!(json_field(json, "rows"), "8");
     assert_eq!(json_field(json, "vocab"), "1000");
     assert_eq!(json_field(json, "iters"), "3");
-    assert_eq!(
-        json_field(json, "bytes").parse::<u64>().unwrap(),
-        2 * 8 * 1000 * 2
-    );
+    assert_eq!(json_field(json, "bytes").parse::<u64>().unwrap(), 2 * 8 * 1000 * 2);
     let median: f64 = json_field(json, "median_ms").parse().unwrap();
     let min: f64 = json_field(json, "min_ms").parse().unwrap();
     let gbps: f64 = json_field(json, "gbps").parse().unwrap();
     assert!(min > 0.0 && min <= median && gbps > 0.0, "{json}");
     // Text form.
-    let run = infopo(&[
-        "bench",
-        "--backend",
-        "cpu",
-        "--rows",
-        "4",
-        "--vocab",
-        "500",
-        "--iters",
-        "2",
-    ]);
+    let run = infopo(&["bench", "--backend", "cpu", "--rows", "4", "--vocab", "500", "--iters", "2"]);
     assert!(run.status.success(), "{}", stderr(&run));
     assert!(stdout(&run).contains("GB/s"), "{}", stdout(&run));
 }
@@ -623,15 +459,7 @@ fn main_job_runs() {
     let run = infopo(&[]);
     assert!(run.status.success(), "{}", stderr(&run));
     let out = stdout(&run);
-    for needle in [
-        "turn",
-        "advantage",
-        "gate",
-        "magnitude_ratio",
-        "GB/s",
-        "rows/s",
-        "…",
-    ] {
+    for needle in ["turn", "advantage", "gate", "magnitude_ratio", "GB/s", "rows/s", "…"] {
         assert!(out.contains(needle), "`{needle}` not in {out}");
     }
 }
@@ -642,28 +470,14 @@ fn write_input_round_trips_views() {
     let path = dir.path().join("in.safetensors");
     let real = [1.0f32, 2.0, 3.0, 4.0];
     let masked = [0.0f32, 2.0, 1.0, 4.0];
-    let batch = Batch::rows(
-        Logits::new(&real, 2, 2).unwrap(),
-        Logits::new(&masked, 2, 2).unwrap(),
-        &[1, 0],
-    )
-    .with_turns(Turns {
-        offsets: &[0, 2],
-        trajectory: &[0],
-        credit_tokens: &[2],
-    })
-    .with_trajectories(Trajectories {
-        group: &[3],
-        outcome: &[0.5],
-        tokens: &[4],
-    });
+    let batch = Batch::rows(Logits::new(&real, 2, 2).unwrap(), Logits::new(&masked, 2, 2).unwrap(), &[1, 0])
+        .with_turns(Turns { offsets: &[0, 2], trajectory: &[0], credit_tokens: &[2] })
+        .with_trajectories(Trajectories { group: &[3], outcome: &[0.5], tokens: &[4] });
     io::write_input(&path, &batch).unwrap();
     let back = io::read_input(&path).unwrap();
     assert_eq!(back.targets, [1, 0]);
     assert_eq!(back.real, io::LogitBuf::F32(real.to_vec()));
     let a = Cpu.compute(&batch, &Params::default()).unwrap();
-    let b = Cpu
-        .compute(&back.as_batch().unwrap(), &Params::default())
-        .unwrap();
+    let b = Cpu.compute(&back.as_batch().unwrap(), &Params::default()).unwrap();
     assert_eq!(a, b);
 }

@@ -26,20 +26,16 @@ fn quantize<T: LogitElement>(v: &[f64]) -> (Vec<T>, Vec<f64>) {
 fn check_rows<T: LogitElement>(rows: usize, vocab: usize, scale: f64, temperature: f64, seed: u64) {
     let mut rng = Rng::new(seed);
     let (real, real64) = quantize::<T>(&random_logits(&mut rng, rows * vocab, scale));
-    let (masked, masked64) = quantize::<T>(
-        &real64.iter().map(|&x| x + 0.5 * scale.min(3.0) * rng.normal()).collect::<Vec<_>>(),
-    );
+    let (masked, masked64) =
+        quantize::<T>(&real64.iter().map(|&x| x + 0.5 * scale.min(3.0) * rng.normal()).collect::<Vec<_>>());
     let targets: Vec<i64> = (0..rows).map(|_| rng.below(vocab as u64) as i64).collect();
-    let batch = Batch::rows(
-        Logits::new(&real, rows, vocab).unwrap(),
-        Logits::new(&masked, rows, vocab).unwrap(),
-        &targets,
-    );
+    let batch =
+        Batch::rows(Logits::new(&real, rows, vocab).unwrap(), Logits::new(&masked, rows, vocab).unwrap(), &targets);
     let params = Params { temperature, ..Params::default() };
     let out = cpu::Cpu.compute(&batch, &params).unwrap().rows;
-    for r in 0..rows {
+    for (r, &a) in targets.iter().enumerate() {
         let row = r * vocab..(r + 1) * vocab;
-        let o = oracle_row(&real64[row.clone()], &masked64[row], targets[r] as usize, temperature);
+        let o = oracle_row(&real64[row.clone()], &masked64[row], a as usize, temperature);
         let what = format!("{} N={rows} V={vocab} scale={scale} row {r}", T::DTYPE);
         for (name, got, want) in [
             ("lse_real", out.lse_real[r], o.lse_real),
@@ -102,14 +98,20 @@ fn full_check(estimator: Estimator, normalize: bool, seed: u64) {
     let (real64, masked64) = (f32s(&real), f32s(&masked));
     let targets: Vec<i64> = (0..rows).map(|_| rng.below(vocab as u64) as i64).collect();
     let l = random_layout(&mut rng, rows, 12, 6, 3);
-    let batch = Batch::rows(Logits::new(&real, rows, vocab).unwrap(), Logits::new(&masked, rows, vocab).unwrap(), &targets)
-        .with_turns(Turns { offsets: &l.offsets, trajectory: &l.turn_traj, credit_tokens: &l.credit })
-        .with_trajectories(Trajectories { group: &l.group, outcome: &l.outcome, tokens: &l.tokens });
+    let batch =
+        Batch::rows(Logits::new(&real, rows, vocab).unwrap(), Logits::new(&masked, rows, vocab).unwrap(), &targets)
+            .with_turns(Turns { offsets: &l.offsets, trajectory: &l.turn_traj, credit_tokens: &l.credit })
+            .with_trajectories(Trajectories { group: &l.group, outcome: &l.outcome, tokens: &l.tokens });
     let params = Params { estimator, normalize, beta: 0.3, gate_temperature: 0.5, ..Params::default() };
     let out = cpu::Cpu.compute(&batch, &params).unwrap();
     let est: Vec<f64> = (0..rows)
         .map(|r| {
-            let o = oracle_row(&real64[r * vocab..(r + 1) * vocab], &masked64[r * vocab..(r + 1) * vocab], targets[r] as usize, 1.0);
+            let o = oracle_row(
+                &real64[r * vocab..(r + 1) * vocab],
+                &masked64[r * vocab..(r + 1) * vocab],
+                targets[r] as usize,
+                1.0,
+            );
             match estimator {
                 Estimator::LogRatio => o.log_ratio,
                 Estimator::Kl => o.kl,
@@ -127,7 +129,13 @@ fn full_check(estimator: Estimator, normalize: bool, seed: u64) {
     assert_close("bonus", &adv.turn_bonus, &want.bonus, a, r);
     assert_close("advantage", &adv.trajectory_advantage, &want.advantage, a, r);
     assert_close("gate", &adv.trajectory_gate, &want.gate, a, r);
-    assert_close("scalars", &[adv.outcome_std, adv.intrinsic_std, adv.magnitude_ratio], &[want.outcome_std, want.intrinsic_std, want.magnitude_ratio], a, r);
+    assert_close(
+        "scalars",
+        &[adv.outcome_std, adv.intrinsic_std, adv.magnitude_ratio],
+        &[want.outcome_std, want.intrinsic_std, want.magnitude_ratio],
+        a,
+        r,
+    );
 }
 
 #[test]
@@ -141,7 +149,14 @@ fn full_pipeline_matches_oracle() {
 
 // ---- Paper conventions -------------------------------------------------------------------
 
-fn layout(offsets: &[u32], traj: &[u32], credit: &[u32], group: &[u32], outcome: &[f64], tokens: &[u32]) -> validate::Layout {
+fn layout(
+    offsets: &[u32],
+    traj: &[u32],
+    credit: &[u32],
+    group: &[u32],
+    outcome: &[f64],
+    tokens: &[u32],
+) -> validate::Layout {
     let rows = *offsets.last().unwrap() as usize;
     validate::layout(
         rows,
@@ -193,7 +208,10 @@ fn zero_info_turns_are_excluded_and_empty_turns_have_zero_info() {
 fn rows_out(real: &[f32], masked: &[f32], targets: &[i64], vocab: usize) -> infopo_kernels::RowOutputs {
     let n = targets.len();
     cpu::Cpu
-        .compute(&Batch::rows(Logits::new(real, n, vocab).unwrap(), Logits::new(masked, n, vocab).unwrap(), targets), &Params::default())
+        .compute(
+            &Batch::rows(Logits::new(real, n, vocab).unwrap(), Logits::new(masked, n, vocab).unwrap(), targets),
+            &Params::default(),
+        )
         .unwrap()
         .rows
 }
@@ -287,7 +305,10 @@ proptest! {
 fn err_of(real: &[f32], masked: &[f32], targets: &[i64], vocab: usize) -> Error {
     let n = targets.len();
     cpu::Cpu
-        .compute(&Batch::rows(Logits::new(real, n, vocab).unwrap(), Logits::new(masked, n, vocab).unwrap(), targets), &Params::default())
+        .compute(
+            &Batch::rows(Logits::new(real, n, vocab).unwrap(), Logits::new(masked, n, vocab).unwrap(), targets),
+            &Params::default(),
+        )
         .unwrap_err()
 }
 
@@ -335,7 +356,10 @@ fn shape_dtype_and_param_errors() {
     assert!(matches!(Logits::new(&x, 2, 4), Err(Error::Shape { .. })));
     assert!(matches!(Logits::new(&x, 6, 0), Err(Error::EmptyVocab)));
     let (a, b) = (Logits::new(&x, 2, 3).unwrap(), Logits::new(&h, 2, 3).unwrap());
-    assert!(matches!(cpu::Cpu.compute(&Batch::rows(a, b, &[0, 0]), &Params::default()), Err(Error::DtypeMismatch { .. })));
+    assert!(matches!(
+        cpu::Cpu.compute(&Batch::rows(a, b, &[0, 0]), &Params::default()),
+        Err(Error::DtypeMismatch { .. })
+    ));
     let c = Logits::new(&x, 3, 2).unwrap();
     assert!(matches!(cpu::Cpu.compute(&Batch::rows(a, c, &[0, 0]), &Params::default()), Err(Error::Shape { .. })));
     assert!(matches!(cpu::Cpu.compute(&Batch::rows(a, a, &[0]), &Params::default()), Err(Error::Shape { .. })));
@@ -390,6 +414,49 @@ fn layout_errors() {
     // Trajectories without turns.
     let x = [0.0f32; 2];
     let l = Logits::new(&x, 1, 2).unwrap();
-    let b = Batch { real: l, masked: l, targets: &[0], turns: None, trajectories: Some(Trajectories { group: &[0], outcome: &[0.0], tokens: &[2] }) };
+    let b = Batch {
+        real: l,
+        masked: l,
+        targets: &[0],
+        turns: None,
+        trajectories: Some(Trajectories { group: &[0], outcome: &[0.0], tokens: &[2] }),
+    };
     assert!(matches!(cpu::Cpu.compute(&b, &Params::default()), Err(Error::Trajectories { .. })));
+}
+
+// ---- The kernel test bodies (tests/common/kernel.rs) on the CPU reference ----------------------
+// The kernels' tolerances there hold the f64 reference with a wide margin; the tighter checks
+// of the CPU are the ones above.
+
+#[test]
+fn kernel_bodies_micro_batches_match_one_batch() {
+    kernel::micro_batches_match_one_batch(&cpu::Cpu);
+}
+
+#[test]
+fn kernel_bodies_every_row_error_code_with_priority() {
+    kernel::every_row_error_code_with_priority(&cpu::Cpu);
+}
+
+#[test]
+fn kernel_bodies_epilogue_matches_oracle() {
+    kernel::epilogue_matches_oracle(&cpu::Cpu);
+}
+
+#[test]
+fn kernel_bodies_bitwise_deterministic() {
+    kernel::bitwise_deterministic(&cpu::Cpu);
+}
+
+#[test]
+fn kernel_bodies_alignment_neg_inf_and_huge_logits() {
+    kernel::real_and_masked_with_different_alignment(&cpu::Cpu);
+    kernel::neg_inf_entries_and_infinite_kl(&cpu::Cpu);
+    kernel::huge_logits_and_temperature(&cpu::Cpu);
+}
+
+#[test]
+fn kernel_bodies_turns_and_validation() {
+    kernel::turns_without_trajectories_and_empty_turns(&cpu::Cpu);
+    kernel::validation_errors_are_typed(&cpu::Cpu);
 }

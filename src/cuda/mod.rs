@@ -459,7 +459,7 @@ impl DeviceBatch<'_> {
             Some((row, code)) => Err(Error::Row {
                 row: row as usize,
                 kind: RowErrorKind::from_code(code).ok_or_else(|| Error::Cuda(format!("bad error code {code}")))?,
-                target: -1,
+                target: None,
             }),
         }
     }
@@ -576,7 +576,7 @@ impl CudaBackend {
             }
         }
         let fill_target = |e: Error| match e {
-            Error::Row { row, kind, .. } => Error::Row { row, kind, target: batch.targets[row] },
+            Error::Row { row, kind, .. } => Error::Row { row, kind, target: Some(batch.targets[row]) },
             other => other,
         };
         let (turn_info, advantages) = state.to_host().map_err(fill_target)?;

@@ -2,7 +2,11 @@
 //! two passes and explicit repetition (no online state, no Welford), plus shared test helpers.
 #![allow(dead_code)]
 
+/// Kernel test bodies shared by every backend (`&dyn Backend`), checked against this oracle.
+pub mod kernel;
+
 use infopo_kernels::synth::Rng;
+use infopo_kernels::{LogitElement, Params, RowErrorKind, Trajectories, Turns};
 use std::collections::BTreeMap;
 
 /// Per-row values by the textbook two-pass formulas.
@@ -41,6 +45,33 @@ pub fn oracle_row(real: &[f64], masked: &[f64], target: usize, temperature: f64)
     }
 }
 
+/// The row error the contract (§2, "Row errors") assigns to one row, by a direct reading of its
+/// seven rules in order; `None` for a good row.
+pub fn oracle_code(real: &[f64], masked: &[f64], target: i64) -> Option<RowErrorKind> {
+    use RowErrorKind::*;
+    if target < 0 || target >= real.len() as i64 {
+        return Some(TargetOutOfRange);
+    }
+    let a = target as usize;
+    let bad = |s: &[f64]| s.iter().any(|x| x.is_nan() || *x == f64::INFINITY);
+    let all_neg = |s: &[f64]| s.iter().all(|x| *x == f64::NEG_INFINITY);
+    if bad(real) {
+        Some(RealNotFinite)
+    } else if bad(masked) {
+        Some(MaskedNotFinite)
+    } else if all_neg(real) {
+        Some(RealAllNegInf)
+    } else if all_neg(masked) {
+        Some(MaskedAllNegInf)
+    } else if real[a] == f64::NEG_INFINITY {
+        Some(RealTargetNegInf)
+    } else if masked[a] == f64::NEG_INFINITY {
+        Some(MaskedTargetNegInf)
+    } else {
+        None
+    }
+}
+
 /// Mean and unbiased std of an explicit list of values.
 fn mean_std(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
@@ -75,6 +106,31 @@ impl Default for OracleParams {
     }
 }
 
+impl From<&Params> for OracleParams {
+    fn from(p: &Params) -> Self {
+        OracleParams { beta: p.beta, gate_temperature: p.gate_temperature, eps: p.eps, normalize: p.normalize }
+    }
+}
+
+/// [`oracle_advantages`] for a batch's own turn and trajectory views.
+pub fn oracle_batch_advantages(
+    estimator: &[f64],
+    turns: &Turns<'_>,
+    traj: &Trajectories<'_>,
+    p: &Params,
+) -> OracleAdvantages {
+    oracle_advantages(
+        estimator,
+        turns.offsets,
+        turns.trajectory,
+        turns.credit_tokens,
+        traj.group,
+        traj.outcome,
+        traj.tokens,
+        &OracleParams::from(p),
+    )
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn oracle_advantages(
     estimator: &[f64],
@@ -90,7 +146,11 @@ pub fn oracle_advantages(
     let info: Vec<f64> = (0..t_n)
         .map(|t| {
             let rows = &estimator[offsets[t] as usize..offsets[t + 1] as usize];
-            if rows.is_empty() { 0.0 } else { rows.iter().sum::<f64>() / rows.len() as f64 }
+            if rows.is_empty() {
+                0.0
+            } else {
+                rows.iter().sum::<f64>() / rows.len() as f64
+            }
         })
         .collect();
     let intrinsic: Vec<f64> = (0..t_n).map(|t| info[t] / credit[t] as f64).collect();
@@ -121,8 +181,7 @@ pub fn oracle_advantages(
     }
     let advantage: Vec<f64> =
         (0..group.len()).map(|i| (outcome[i] - mu_sigma[i].0) / (mu_sigma[i].1 + p.eps)).collect();
-    let gate: Vec<f64> =
-        (0..group.len()).map(|i| 1.0 / (1.0 + (mu_sigma[i].1 / p.gate_temperature).exp())).collect();
+    let gate: Vec<f64> = (0..group.len()).map(|i| 1.0 / (1.0 + (mu_sigma[i].1 / p.gate_temperature).exp())).collect();
     let norm: Vec<f64> = (0..t_n)
         .map(|t| {
             if !p.normalize {
@@ -150,20 +209,8 @@ pub fn oracle_advantages(
     let outcome_std = mean_std(&outcome_tokens).1 + p.eps;
     let intrinsic_std = mean_std(&intrinsic_tokens).1 + p.eps;
     let magnitude_ratio = (outcome_std.max(1.0) / intrinsic_std).min(1.0);
-    let bonus: Vec<f64> = (0..t_n)
-        .map(|t| p.beta * gate[turn_traj[t] as usize] * magnitude_ratio * norm[t])
-        .collect();
-    OracleAdvantages {
-        info,
-        intrinsic,
-        norm,
-        bonus,
-        advantage,
-        gate,
-        outcome_std,
-        intrinsic_std,
-        magnitude_ratio,
-    }
+    let bonus: Vec<f64> = (0..t_n).map(|t| p.beta * gate[turn_traj[t] as usize] * magnitude_ratio * norm[t]).collect();
+    OracleAdvantages { info, intrinsic, norm, bonus, advantage, gate, outcome_std, intrinsic_std, magnitude_ratio }
 }
 
 /// |a − b| ≤ atol + rtol·|b|, with infinities equal only to themselves and NaN never close.
@@ -184,6 +231,16 @@ pub fn assert_close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64)
 
 pub fn f32s(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
+}
+
+/// f32 values rounded to the element type T.
+pub fn to_dtype<T: LogitElement>(v: &[f32]) -> Vec<T> {
+    v.iter().map(|&x| T::from_f32(x)).collect()
+}
+
+/// Elements of T, exactly, as f64 (what the oracle is fed).
+pub fn to_f64<T: LogitElement>(v: &[T]) -> Vec<f64> {
+    v.iter().map(|x| x.to_f32() as f64).collect()
 }
 
 /// Random logits with a realistic spread, rounded through the element type so the oracle sees

@@ -1,0 +1,545 @@
+//! Kernel test bodies, one function per property, each taking the backend under test as
+//! `&dyn Backend`: `tests/emulated_kernel.rs` runs them on the emulated kernel,
+//! `tests/cuda_kernel.rs` on a GPU, `tests/cpu_reference.rs` runs the ones meaningful for the
+//! float64 reference. Everything is compared with the naive oracle of `tests/common/mod.rs`.
+//!
+//! Tolerances (the kernels accumulate in f32; the CPU reference, in f64, is well inside them).
+//! - Rows: the kernel sums ≤ V exp2 terms of centred logits in per-thread runs + trees and rounds
+//!   its outputs to f32, so each row value must satisfy
+//!   |kernel − oracle| ≤ 2e-4 + 1e-5·|oracle| + 2e-7·L, where L = max |logit|/τs of the row's
+//!   finite logits (the f32 rounding of the scaled logits themselves: ~6e-8·L per logit, a few
+//!   of them per value). Infinities must be equal.
+//! - Epilogue (turns, trajectories, batch scalars): f64 in every backend; fed with the backend's
+//!   own f32 row values, the oracle must agree to |kernel − oracle| ≤ 1e-9·(1 + |oracle|).
+
+use super::{assert_close, close, f32s, oracle_batch_advantages, oracle_code, oracle_row, to_dtype, to_f64};
+use half::{bf16, f16};
+use infopo_kernels::{
+    Backend, Batch, Error, Estimator, LogitElement, Logits, Output, Params, RowOutputs, Trajectories, Turns,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Absolute and relative parts of the row tolerance (see the module docs).
+pub const ROW_ATOL: f64 = 2e-4;
+pub const ROW_RTOL: f64 = 1e-5;
+/// Per unit of max |logit|/τs.
+pub const ROW_LOGIT_TOL: f64 = 2e-7;
+/// Epilogue tolerance against the oracle fed with the backend's own row values.
+pub const EPILOGUE_TOL: f64 = 1e-9;
+
+// ------------------------------------------------------------------------------------------
+// Data.
+
+#[derive(Clone, Copy, Debug)]
+pub struct Spec {
+    pub n: usize,
+    pub v: usize,
+    /// Standard-ish deviation of the logits.
+    pub spread: f32,
+    /// A constant added to every logit (|logit| ~ 1e4 with 1e4).
+    pub shift: f32,
+    /// Fraction of −∞ entries (never at the target, never a whole row).
+    pub neg_inf: f64,
+    pub temperature: f64,
+}
+
+impl Spec {
+    pub fn new(n: usize, v: usize) -> Self {
+        Spec { n, v, spread: 3.0, shift: 0.0, neg_inf: 0.0, temperature: 1.0 }
+    }
+}
+
+/// Real and masked logits (f32, before conversion to the dtype) and targets.
+pub fn generate(s: &Spec, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<i64>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut real = Vec::with_capacity(s.n * s.v);
+    let mut masked = Vec::with_capacity(s.n * s.v);
+    let mut targets = Vec::with_capacity(s.n);
+    for _ in 0..s.n {
+        let a = rng.gen_range(0..s.v);
+        targets.push(a as i64);
+        for i in 0..s.v {
+            let x: f32 = (rng.gen::<f32>() + rng.gen::<f32>() + rng.gen::<f32>() - 1.5) * 2.0 * s.spread;
+            let d: f32 = (rng.gen::<f32>() - 0.5) * s.spread;
+            let (mut xr, mut ym) = (x + s.shift, x + d + s.shift);
+            if i != a && s.v > 2 && rng.gen_bool(s.neg_inf) {
+                xr = f32::NEG_INFINITY;
+            }
+            if i != a && s.v > 2 && rng.gen_bool(s.neg_inf) {
+                ym = f32::NEG_INFINITY;
+            }
+            real.push(xr);
+            masked.push(ym);
+        }
+    }
+    (real, masked, targets)
+}
+
+// ------------------------------------------------------------------------------------------
+// Checks.
+
+/// Checks row `row` of `got` against the oracle of logits `x`, `y` (that row only, as f64).
+#[track_caller]
+pub fn check_row(got: &RowOutputs, row: usize, x: &[f64], y: &[f64], target: usize, temperature: f64, what: &str) {
+    let o = oracle_row(x, y, target, temperature);
+    let l = x.iter().chain(y).filter(|v| v.is_finite()).fold(0.0f64, |a, v| a.max(v.abs())) / temperature;
+    let values = [
+        ("lse_real", got.lse_real[row], o.lse_real),
+        ("lse_masked", got.lse_masked[row], o.lse_masked),
+        ("log_ratio", got.log_ratio[row], o.log_ratio),
+        ("kl", got.kl[row], o.kl),
+        ("entropy_real", got.entropy_real[row], o.entropy_real),
+    ];
+    for (name, g, w) in values {
+        let atol = ROW_ATOL + ROW_LOGIT_TOL * l;
+        assert!(
+            close(g as f64, w, atol, ROW_RTOL),
+            "{what} row {row} {name}: backend {g} oracle {w} (tol {:e})",
+            atol + ROW_RTOL * w.abs()
+        );
+    }
+}
+
+/// Checks every row of `got` against the oracle of `real`, `masked` ([n, v] as f64).
+#[track_caller]
+pub fn compare_rows(
+    got: &RowOutputs,
+    real: &[f64],
+    masked: &[f64],
+    targets: &[i64],
+    v: usize,
+    temperature: f64,
+    what: &str,
+) {
+    assert_eq!(got.len(), targets.len(), "{what}: rows");
+    for (row, &a) in targets.iter().enumerate() {
+        let range = row * v..(row + 1) * v;
+        check_row(got, row, &real[range.clone()], &masked[range], a as usize, temperature, what);
+    }
+}
+
+/// Runs one spec in dtype T on `b` and compares every row with the oracle. Returns the output.
+pub fn check_rows<T: LogitElement>(b: &dyn Backend, s: &Spec, seed: u64) -> Output {
+    let (r, m, targets) = generate(s, seed);
+    let (real, masked) = (to_dtype::<T>(&r), to_dtype::<T>(&m));
+    let batch = Batch::rows(Logits::new(&real, s.n, s.v).unwrap(), Logits::new(&masked, s.n, s.v).unwrap(), &targets);
+    let params = Params { temperature: s.temperature, ..Params::default() };
+    let out = b.compute(&batch, &params).unwrap();
+    let what = format!("{} {} N={} V={} τs={}", b.name(), T::DTYPE, s.n, s.v, s.temperature);
+    compare_rows(&out.rows, &to_f64(&real), &to_f64(&masked), &targets, s.v, s.temperature, &what);
+    out
+}
+
+fn all_dtypes(b: &dyn Backend, s: &Spec, seed: u64) {
+    check_rows::<f32>(b, s, seed);
+    check_rows::<f16>(b, s, seed + 1);
+    check_rows::<bf16>(b, s, seed + 2);
+}
+
+/// The per-row estimator values a backend's epilogue is fed. The kernels feed their own f32 row
+/// outputs, so the oracle is fed the same values. The CPU reference feeds its f64 row values
+/// (rounded to f32 only on output), so the oracle is fed its own f64 rows of the same logits
+/// (`real`, `masked`: [n, v] as f64).
+pub fn epilogue_feed(
+    b: &dyn Backend,
+    out: &Output,
+    estimator: Estimator,
+    real: &[f64],
+    masked: &[f64],
+    targets: &[i64],
+    temperature: f64,
+) -> Vec<f64> {
+    let pick = |lr: f64, kl: f64| match estimator {
+        Estimator::LogRatio => lr,
+        Estimator::Kl => kl,
+    };
+    if b.name() == "cpu" {
+        let v = real.len() / targets.len().max(1);
+        (0..targets.len())
+            .map(|r| {
+                let range = r * v..(r + 1) * v;
+                let o = oracle_row(&real[range.clone()], &masked[range], targets[r] as usize, temperature);
+                pick(o.log_ratio, o.kl)
+            })
+            .collect()
+    } else {
+        out.rows.log_ratio.iter().zip(&out.rows.kl).map(|(&lr, &kl)| pick(lr as f64, kl as f64)).collect()
+    }
+}
+
+/// The turn and trajectory outputs of `out` against the oracle fed with `est` (see
+/// [`epilogue_feed`]).
+#[track_caller]
+pub fn check_epilogue(out: &Output, est: &[f64], turns: &Turns<'_>, traj: &Trajectories<'_>, p: &Params) {
+    let o = oracle_batch_advantages(est, turns, traj, p);
+    let adv = out.advantages.as_ref().expect("advantages");
+    let t = EPILOGUE_TOL;
+    assert_close("turn_info", out.turn_info.as_ref().expect("turn_info"), &o.info, t, t);
+    assert_close("turn_intrinsic", &adv.turn_intrinsic, &o.intrinsic, t, t);
+    assert_close("turn_norm", &adv.turn_intrinsic_norm, &o.norm, t, t);
+    assert_close("turn_bonus", &adv.turn_bonus, &o.bonus, t, t);
+    assert_close("advantage", &adv.trajectory_advantage, &o.advantage, t, t);
+    assert_close("gate", &adv.trajectory_gate, &o.gate, t, t);
+    assert_close(
+        "scalars",
+        &[adv.outcome_std, adv.intrinsic_std, adv.magnitude_ratio],
+        &[o.outcome_std, o.intrinsic_std, o.magnitude_ratio],
+        t,
+        t,
+    );
+}
+
+fn row_bits(o: &Output) -> Vec<u32> {
+    [&o.rows.lse_real, &o.rows.lse_masked, &o.rows.log_ratio, &o.rows.kl, &o.rows.entropy_real]
+        .iter()
+        .flat_map(|v| v.iter().map(|x| x.to_bits()))
+        .collect()
+}
+
+// ------------------------------------------------------------------------------------------
+// Rows.
+
+/// V ≤ 31: one warp per block; odd V makes f16/bf16 (and f32) rows unaligned.
+pub fn small_vocabularies_every_dtype(b: &dyn Backend) {
+    for &v in &[1usize, 7, 31] {
+        for &n in &[1usize, 3, 64, 300] {
+            all_dtypes(b, &Spec::new(n, v), (v * 1000 + n) as u64);
+        }
+    }
+}
+
+pub fn vocab_1000(b: &dyn Backend) {
+    for &n in &[1usize, 3, 64] {
+        all_dtypes(b, &Spec::new(n, 1000), 77 + n as u64);
+    }
+    check_rows::<f32>(b, &Spec::new(300, 1000), 5);
+}
+
+/// N small, V large: on the kernels the rows are split over blocks (partials + row tickets).
+pub fn split_vocabulary_large_v(b: &dyn Backend) {
+    for &v in &[50257usize, 151936] {
+        for &n in &[1usize, 3] {
+            all_dtypes(b, &Spec::new(n, v), v as u64 + n as u64);
+        }
+    }
+}
+
+pub fn neg_inf_entries_and_infinite_kl(b: &dyn Backend) {
+    let s = Spec { neg_inf: 0.2, ..Spec::new(40, 211) };
+    let out = check_rows::<f32>(b, &s, 11);
+    // Some masked −∞ where the real token has mass: kl = +∞, the true value.
+    assert!(out.rows.kl.iter().any(|k| k.is_infinite()));
+    check_rows::<bf16>(b, &s, 12);
+    // Split path with −∞.
+    check_rows::<f16>(b, &Spec { neg_inf: 0.05, ..Spec::new(2, 50257) }, 13);
+}
+
+pub fn huge_logits_and_temperature(b: &dyn Backend) {
+    check_rows::<f32>(b, &Spec { shift: 1.0e4, spread: 5.0, ..Spec::new(16, 1000) }, 21);
+    check_rows::<f32>(b, &Spec { shift: -1.0e4, spread: 5.0, ..Spec::new(2, 50257) }, 22);
+    check_rows::<bf16>(b, &Spec { shift: 1.0e4, spread: 300.0, ..Spec::new(8, 333) }, 23);
+    check_rows::<f16>(b, &Spec { temperature: 0.7, ..Spec::new(8, 999) }, 24);
+    check_rows::<f32>(b, &Spec { temperature: 3.0, spread: 40.0, ..Spec::new(8, 4099) }, 25);
+}
+
+/// `n` rows of dtype T where real starts `real_pad` elements into its allocation and masked
+/// `masked_pad`; with `sliced`, both are rows 1..n+1 of an [n+1, v] tensor (`slice_rows`).
+fn misaligned<T: LogitElement>(b: &dyn Backend, n: usize, v: usize, real_pad: usize, masked_pad: usize, sliced: bool) {
+    let first = sliced as usize;
+    let (r, m, targets) = generate(&Spec::new(n + first, v), 31 + v as u64);
+    let pad = |k: usize, x: &[f32]| {
+        let mut buf = vec![T::from_f32(0.0); k];
+        buf.extend(to_dtype::<T>(x));
+        buf
+    };
+    let (rbuf, mbuf) = (pad(real_pad, &r), pad(masked_pad, &m));
+    fn view<T: LogitElement>(buf: &[T], k: usize, rows: usize, v: usize, first: usize) -> Logits<'_> {
+        Logits::new(&buf[k..], rows, v).unwrap().slice_rows(first, rows - first).unwrap()
+    }
+    let (real, masked) = (view(&rbuf, real_pad, n + first, v, first), view(&mbuf, masked_pad, n + first, v, first));
+    let targets = &targets[first..];
+    let out = b.compute(&Batch::rows(real, masked, targets), &Params::default()).unwrap();
+    let what = format!("{} {} N={n} V={v} pads {real_pad}/{masked_pad} sliced {sliced}", b.name(), T::DTYPE);
+    let (rf, mf) = (to_f64(&rbuf[real_pad + first * v..]), to_f64(&mbuf[masked_pad + first * v..]));
+    compare_rows(&out.rows, &rf, &mf, targets, v, 1.0, &what);
+}
+
+/// Real and masked rows at different 16-byte offsets (the kernel's scalar path): the values
+/// must not change. On a host-data backend the offsets are those of the host slices (the CUDA
+/// backend copies them into fresh device buffers; tests/cuda_kernel.rs offsets device views).
+pub fn real_and_masked_with_different_alignment(b: &dyn Backend) {
+    // masked one element into its allocation.
+    misaligned::<f16>(b, 3, 1000, 0, 1, false);
+    misaligned::<f16>(b, 2, 50257, 0, 1, false);
+    // Both offset differently, through slice_rows of a larger tensor (odd V).
+    misaligned::<bf16>(b, 4, 333, 0, 3, true);
+    misaligned::<f32>(b, 3, 1001, 2, 1, true);
+}
+
+/// Two runs of the same batch are equal bit for bit: the split path (row tickets, partials)
+/// and the whole pipeline (turns, trajectories).
+pub fn bitwise_deterministic(b: &dyn Backend) {
+    let s = Spec::new(3, 50257);
+    let (r, m, targets) = generate(&s, 41);
+    let (real, masked) = (to_dtype::<bf16>(&r), to_dtype::<bf16>(&m));
+    let batch = Batch::rows(Logits::new(&real, 3, s.v).unwrap(), Logits::new(&masked, 3, s.v).unwrap(), &targets);
+    let a = b.compute(&batch, &Params::default()).unwrap();
+    let c = b.compute(&batch, &Params::default()).unwrap();
+    assert_eq!(row_bits(&a), row_bits(&c));
+
+    let l = layout();
+    let (r, m, targets) = generate(&Spec::new(64, 31), 42);
+    let batch = Batch::rows(Logits::new(&r, 64, 31).unwrap(), Logits::new(&m, 64, 31).unwrap(), &targets)
+        .with_turns(l.turns())
+        .with_trajectories(l.trajectories());
+    let a = b.compute(&batch, &Params::default()).unwrap();
+    let c = b.compute(&batch, &Params::default()).unwrap();
+    assert_eq!(row_bits(&a), row_bits(&c));
+    let f64_bits = |o: &Output| {
+        let adv = o.advantages.as_ref().unwrap();
+        [
+            o.turn_info.as_ref().unwrap(),
+            &adv.turn_intrinsic,
+            &adv.turn_intrinsic_norm,
+            &adv.turn_bonus,
+            &adv.trajectory_advantage,
+            &adv.trajectory_gate,
+            &vec![adv.outcome_std, adv.intrinsic_std, adv.magnitude_ratio],
+        ]
+        .iter()
+        .flat_map(|v| v.iter().map(|x| x.to_bits()))
+        .collect::<Vec<_>>()
+    };
+    assert_eq!(f64_bits(&a), f64_bits(&c));
+}
+
+// ------------------------------------------------------------------------------------------
+// Row errors.
+
+fn expect_error<T: LogitElement>(
+    b: &dyn Backend,
+    n: usize,
+    v: usize,
+    edit: impl Fn(&mut [f32], &mut [f32], &mut [i64]),
+) {
+    let (mut r, mut m, mut targets) = generate(&Spec::new(n, v), 51);
+    edit(&mut r, &mut m, &mut targets);
+    let (real, masked) = (to_dtype::<T>(&r), to_dtype::<T>(&m));
+    let (rf, mf) = (to_f64(&real), to_f64(&masked));
+    let want = (0..n).find_map(|row| {
+        oracle_code(&rf[row * v..(row + 1) * v], &mf[row * v..(row + 1) * v], targets[row]).map(|k| (row, k))
+    });
+    let batch = Batch::rows(Logits::new(&real, n, v).unwrap(), Logits::new(&masked, n, v).unwrap(), &targets);
+    let got = b.compute(&batch, &Params::default());
+    match (got, want) {
+        (Err(Error::Row { row, kind, target }), Some((wr, wk))) => {
+            assert_eq!((row, kind, target), (wr, wk, Some(targets[wr])), "{} {} V={v}", b.name(), T::DTYPE);
+        }
+        (got, want) => panic!("{} {} V={v}: got {got:?}, want {want:?}", b.name(), T::DTYPE),
+    }
+}
+
+/// Each of the seven row errors, deep in the row (the last split for large V), in every dtype,
+/// and the priority: lowest row first, then the contract's order within the row.
+pub fn every_row_error_code_with_priority(b: &dyn Backend) {
+    const INF: f32 = f32::INFINITY;
+    const NAN: f32 = f32::NAN;
+    const NEG: f32 = f32::NEG_INFINITY;
+    for &v in &[37usize, 50257] {
+        let row = |r: usize| r * v;
+        let other = |t: &[i64], r: usize| if t[r] == 0 { 1 } else { 0 };
+        // 1: target out of range (both signs), row 2; row 3 also bad but later.
+        expect_error::<f32>(b, 5, v, |_, _, t| {
+            t[2] = v as i64;
+            t[3] = -1;
+        });
+        expect_error::<f32>(b, 5, v, |_, _, t| t[2] = -7);
+        // 2 / 3: NaN and +∞.
+        expect_error::<f32>(b, 5, v, |x, _, _| x[row(2) + v - 1] = NAN);
+        expect_error::<bf16>(b, 5, v, |x, _, t| {
+            let o = other(t, 1);
+            x[row(1) + o] = INF
+        });
+        expect_error::<f16>(b, 5, v, |_, y, _| y[row(4) + v / 2] = NAN);
+        expect_error::<f32>(b, 5, v, |_, y, t| {
+            let o = other(t, 0);
+            y[row(0) + o] = INF
+        });
+        // 4 / 5: a whole row at −∞.
+        expect_error::<f32>(b, 5, v, |x, _, _| x[row(3)..row(4)].fill(NEG));
+        expect_error::<f16>(b, 5, v, |_, y, _| y[row(3)..row(4)].fill(NEG));
+        // 6 / 7: the target at −∞.
+        expect_error::<f32>(b, 5, v, |x, _, t| x[row(2) + t[2] as usize] = NEG);
+        expect_error::<bf16>(b, 5, v, |_, y, t| y[row(2) + t[2] as usize] = NEG);
+        // Priority: lowest row first (row 1 code 7 beats row 3 code 1), then lowest code
+        // (row 2: NaN masked (3) and −∞ real target (6) → 3; with a real +∞ (2) → 2).
+        expect_error::<f32>(b, 5, v, |_, y, t| {
+            t[3] = 1 << 40;
+            y[row(1) + t[1] as usize] = NEG;
+        });
+        expect_error::<f32>(b, 5, v, |x, y, t| {
+            x[row(2) + t[2] as usize] = NEG;
+            y[row(2) + v - 1] = NAN;
+        });
+        expect_error::<f32>(b, 5, v, |x, y, t| {
+            x[row(2) + t[2] as usize] = NEG;
+            y[row(2)] = NAN;
+            let o = other(t, 2);
+            x[row(2) + o] = INF;
+            x[row(4)] = NAN;
+        });
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Turns, trajectories, micro-batches.
+
+pub struct Layout {
+    pub offsets: Vec<u32>,
+    pub trajectory: Vec<u32>,
+    pub credit: Vec<u32>,
+    pub group: Vec<u32>,
+    pub outcome: Vec<f64>,
+    pub tokens: Vec<u32>,
+}
+
+impl Layout {
+    pub fn turns(&self) -> Turns<'_> {
+        Turns { offsets: &self.offsets, trajectory: &self.trajectory, credit_tokens: &self.credit }
+    }
+    pub fn trajectories(&self) -> Trajectories<'_> {
+        Trajectories { group: &self.group, outcome: &self.outcome, tokens: &self.tokens }
+    }
+}
+
+/// 64 rows over 12 turns (two of them empty) of 6 trajectories in 3 groups (one a singleton),
+/// with one group whose intrinsic pool is a single credited token.
+pub fn layout() -> Layout {
+    Layout {
+        offsets: vec![0, 5, 5, 17, 20, 31, 31, 40, 41, 50, 58, 60, 64],
+        trajectory: vec![0, 0, 1, 1, 2, 2, 3, 4, 4, 5, 5, 5],
+        credit: vec![3, 1, 7, 2, 5, 5, 1, 4, 2, 6, 1, 9],
+        group: vec![10, 10, 7, 42, 42, 42],
+        outcome: vec![1.0, 0.0, 0.5, 1.0, 0.25, 0.0],
+        tokens: vec![20, 9, 11, 1, 30, 40],
+    }
+}
+
+fn epilogue_params() -> [Params; 3] {
+    [
+        Params::default(),
+        Params { estimator: Estimator::Kl, ..Params::default() },
+        Params { normalize: false, beta: 0.3, gate_temperature: 0.5, ..Params::default() },
+    ]
+}
+
+/// The 64-row batch of [`layout`] with V logits of bf16, for [`epilogue_matches_oracle`] and
+/// [`micro_batches_match_one_batch`].
+fn layout_data(v: usize, seed: u64) -> (Vec<bf16>, Vec<bf16>, Vec<i64>) {
+    let (r, m, targets) = generate(&Spec::new(64, v), seed);
+    (to_dtype(&r), to_dtype(&m), targets)
+}
+
+/// Rows, turns, trajectories and batch scalars of one call against the oracle, for each
+/// estimator and with normalisation off.
+pub fn epilogue_matches_oracle(b: &dyn Backend) {
+    let l = layout();
+    for (v, seed) in [(31usize, 61u64), (5000, 62)] {
+        let (real, masked, targets) = layout_data(v, seed);
+        let (rf, mf) = (to_f64(&real), to_f64(&masked));
+        let batch = Batch::rows(Logits::new(&real, 64, v).unwrap(), Logits::new(&masked, 64, v).unwrap(), &targets)
+            .with_turns(l.turns())
+            .with_trajectories(l.trajectories());
+        for params in epilogue_params() {
+            let out = b.compute(&batch, &params).unwrap();
+            let what = format!("{} bf16 N=64 V={v} {params:?}", b.name());
+            compare_rows(&out.rows, &rf, &mf, &targets, v, 1.0, &what);
+            let est = epilogue_feed(b, &out, params.estimator, &rf, &mf, &targets, 1.0);
+            check_epilogue(&out, &est, &l.turns(), &l.trajectories(), &params);
+        }
+    }
+}
+
+/// `compute_micro_batched` with a turn spanning cuts, an empty micro-batch and a final empty
+/// one equals one batch: the rows bit for bit (V < 2·MIN_CHUNK, so every launch has one block
+/// per row and the same block size whatever the rows per launch or the SM count), the epilogue
+/// against the oracle and to 1e-12 of one batch (the f64 per-turn sums round differently).
+pub fn micro_batches_match_one_batch(b: &dyn Backend) {
+    let l = layout();
+    for (v, seed) in [(31usize, 61u64), (5000, 62)] {
+        let (real, masked, targets) = layout_data(v, seed);
+        let (rf, mf) = (to_f64(&real), to_f64(&masked));
+        let batch = Batch::rows(Logits::new(&real, 64, v).unwrap(), Logits::new(&masked, 64, v).unwrap(), &targets)
+            .with_turns(l.turns())
+            .with_trajectories(l.trajectories());
+        for params in epilogue_params() {
+            let one = b.compute(&batch, &params).unwrap();
+            let micro = b.compute_micro_batched(&batch, &params, &[7, 18, 18, 33, 64]).unwrap();
+            let est = epilogue_feed(b, &micro, params.estimator, &rf, &mf, &targets, 1.0);
+            check_epilogue(&micro, &est, &l.turns(), &l.trajectories(), &params);
+            assert_eq!(row_bits(&one), row_bits(&micro), "{} V={v} {params:?}", b.name());
+            let (x, y) = (one.advantages.as_ref().unwrap(), micro.advantages.as_ref().unwrap());
+            assert_close("turn_bonus", &y.turn_bonus, &x.turn_bonus, 1e-12, 1e-12);
+            assert_close("turn_info", micro.turn_info.as_ref().unwrap(), one.turn_info.as_ref().unwrap(), 1e-12, 1e-12);
+        }
+    }
+    // Rows only, cut into single rows and a remainder.
+    let (real, masked, targets) = layout_data(31, 63);
+    let batch = Batch::rows(Logits::new(&real, 64, 31).unwrap(), Logits::new(&masked, 64, 31).unwrap(), &targets);
+    let one = b.compute(&batch, &Params::default()).unwrap();
+    let micro = b.compute_micro_batched(&batch, &Params::default(), &[0, 1, 2, 3, 40]).unwrap();
+    assert_eq!(row_bits(&one), row_bits(&micro));
+    assert!(micro.turn_info.is_none() && micro.advantages.is_none());
+}
+
+pub fn turns_without_trajectories_and_empty_turns(b: &dyn Backend) {
+    let offsets = [0u32, 0, 3, 3, 3, 10];
+    let trajectory = [0u32, 0, 0, 0, 0];
+    let credit = [1u32, 2, 3, 4, 5];
+    let turns = Turns { offsets: &offsets, trajectory: &trajectory, credit_tokens: &credit };
+    let (r, m, targets) = generate(&Spec::new(10, 77), 71);
+    let batch =
+        Batch::rows(Logits::new(&r, 10, 77).unwrap(), Logits::new(&m, 10, 77).unwrap(), &targets).with_turns(turns);
+    let out = b.compute(&batch, &Params::default()).unwrap();
+    let info = out.turn_info.clone().unwrap();
+    assert!(out.advantages.is_none());
+    assert_eq!((info[0], info[2], info[3]), (0.0, 0.0, 0.0));
+    let est = epilogue_feed(b, &out, Estimator::LogRatio, &f32s(&r), &f32s(&m), &targets, 1.0);
+    let mean = |a: usize, c: usize| est[a..c].iter().sum::<f64>() / (c - a) as f64;
+    assert!((info[1] - mean(0, 3)).abs() < 1e-12);
+    assert!((info[4] - mean(3, 10)).abs() < 1e-12);
+}
+
+/// Bad parameters, shapes, dtypes, layouts and micro-batch cuts are typed errors.
+pub fn validation_errors_are_typed(b: &dyn Backend) {
+    let r = vec![0f32; 6];
+    let t = [0i64, 1];
+    let x = Logits::new(&r, 2, 3).unwrap();
+    let batch = Batch::rows(x, x, &t);
+    for p in [
+        Params { temperature: 0.0, ..Params::default() },
+        Params { temperature: f64::NAN, ..Params::default() },
+        Params { gate_temperature: -1.0, ..Params::default() },
+        Params { eps: -1e-3, ..Params::default() },
+        Params { beta: f64::INFINITY, ..Params::default() },
+    ] {
+        assert!(matches!(b.compute(&batch, &p), Err(Error::Param { .. })), "{p:?}");
+    }
+    let r16 = vec![f16::ZERO; 6];
+    let mixed = Batch::rows(x, Logits::new(&r16, 2, 3).unwrap(), &t);
+    assert!(matches!(b.compute(&mixed, &Params::default()), Err(Error::DtypeMismatch { .. })));
+    let other_shape = Batch::rows(x, Logits::new(&r, 3, 2).unwrap(), &t);
+    assert!(matches!(b.compute(&other_shape, &Params::default()), Err(Error::Shape { .. })));
+    assert!(matches!(b.compute(&Batch::rows(x, x, &[0]), &Params::default()), Err(Error::Shape { .. })));
+    for cuts in [&[2usize, 1][..], &[3]] {
+        let e = b.compute_micro_batched(&batch, &Params::default(), cuts);
+        assert!(matches!(e, Err(Error::Shape { .. })), "cuts {cuts:?}: {e:?}");
+    }
+    let bad_turns = Turns { offsets: &[0, 3], trajectory: &[0], credit_tokens: &[1] };
+    assert!(matches!(b.compute(&batch.with_turns(bad_turns), &Params::default()), Err(Error::Turns { .. })));
+    let turns = Turns { offsets: &[0, 2], trajectory: &[0], credit_tokens: &[1] };
+    let traj = Trajectories { group: &[0], outcome: &[1.0], tokens: &[1] };
+    let e = b.compute(&batch.with_turns(turns).with_trajectories(traj), &Params::default());
+    assert!(matches!(e, Err(Error::Trajectories { .. })), "{e:?}");
+}

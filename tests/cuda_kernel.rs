@@ -1,0 +1,236 @@
+//! The CUDA kernels on a GPU (feature `cuda`) through the shared kernel test bodies of
+//! `tests/common/kernel.rs` (tolerances documented there), plus GPU-only cases: a batch of more
+//! than 2^31 elements per tensor and device views at different alignments.
+//!
+//! The GPU tests are ignored (a machine without a GPU must pass the suite); run them with
+//!
+//! ```text
+//! NVCC=$(scripts/install-nvcc | tail -1) cargo test --features cuda --test cuda_kernel -- --include-ignored
+//! ```
+//!
+//! `no_driver_is_a_typed_error` runs everywhere.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use common::kernel::{self, check_row, generate, Spec};
+use common::{to_dtype, to_f64};
+use half::{bf16, f16};
+use infopo_kernels::cuda::{self, CudaBackend};
+use infopo_kernels::{open, BackendKind, Error, LogitElement, Params};
+use rayon::prelude::*;
+
+fn gpu() -> CudaBackend {
+    CudaBackend::new(0).expect("CUDA device 0 (these tests need a GPU and a driver)")
+}
+
+#[test]
+fn no_driver_is_a_typed_error() {
+    let present = cuda::driver_present();
+    let opened = CudaBackend::new(0);
+    match &opened {
+        Ok(b) => {
+            assert!(present, "CudaBackend::new succeeded without a driver library");
+            assert!(b.sm_count() > 0);
+        }
+        Err(Error::BackendUnavailable { backend, why }) => {
+            assert_eq!(*backend, "cuda");
+            assert!(!why.is_empty());
+        }
+        Err(e) => panic!("CudaBackend::new(0) failed with an error other than BackendUnavailable: {e:?}"),
+    }
+    if !present {
+        assert!(opened.is_err(), "no driver, yet a backend");
+    }
+    // The CLI's paths: `cuda` names the same outcome, `auto` never fails (falls back to the CPU).
+    match open(BackendKind::Cuda) {
+        Ok(b) => assert!(opened.is_ok() && b.name() == "cuda"),
+        Err(e) => assert!(opened.is_err() && matches!(e, Error::BackendUnavailable { .. }), "{e:?}"),
+    }
+    let auto = open(BackendKind::Auto).expect("auto never fails");
+    assert_eq!(auto.name(), if opened.is_ok() { "cuda" } else { "cpu" });
+}
+
+// ---- The shared bodies ------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn small_vocabularies_every_dtype() {
+    kernel::small_vocabularies_every_dtype(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn vocab_1000() {
+    kernel::vocab_1000(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn split_vocabulary_large_v() {
+    kernel::split_vocabulary_large_v(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn neg_inf_entries_and_infinite_kl() {
+    kernel::neg_inf_entries_and_infinite_kl(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn huge_logits_and_temperature() {
+    kernel::huge_logits_and_temperature(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn real_and_masked_with_different_alignment() {
+    kernel::real_and_masked_with_different_alignment(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn bitwise_deterministic() {
+    kernel::bitwise_deterministic(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn every_row_error_code_with_priority() {
+    kernel::every_row_error_code_with_priority(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn epilogue_matches_oracle() {
+    kernel::epilogue_matches_oracle(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn micro_batches_match_one_batch() {
+    kernel::micro_batches_match_one_batch(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn turns_without_trajectories_and_empty_turns() {
+    kernel::turns_without_trajectories_and_empty_turns(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn validation_errors_are_typed() {
+    kernel::validation_errors_are_typed(&gpu());
+}
+
+// ---- GPU only ---------------------------------------------------------------------------
+
+/// Device views of real and masked at element offsets `real_pad` / `masked_pad` into their
+/// allocations (so their 16-byte alignments differ), scored through the device API in two
+/// launches (rows `0..k`, then `k..n` with `finalize`); every row against the oracle.
+fn device_views_misaligned<T: LogitElement + cudarc::driver::DeviceRepr>(
+    n: usize,
+    v: usize,
+    real_pad: usize,
+    masked_pad: usize,
+) {
+    let b = gpu();
+    let s = b.stream();
+    let (r, m, targets) = generate(&Spec::new(n, v), 81 + v as u64);
+    let pad = |k: usize, x: &[f32]| {
+        let mut buf = vec![T::from_f32(0.0); k];
+        buf.extend(to_dtype::<T>(x));
+        buf
+    };
+    let (rbuf, mbuf) = (pad(real_pad, &r), pad(masked_pad, &m));
+    let (real_d, masked_d) = (s.clone_htod(&rbuf).unwrap(), s.clone_htod(&mbuf).unwrap());
+    let targets_d = s.clone_htod(&targets).unwrap();
+    let (rf, mf) = (to_f64(&rbuf[real_pad..]), to_f64(&mbuf[masked_pad..]));
+    let mut batch = b.begin(None, &Params::default()).unwrap();
+    let k = n / 2;
+    for (lo, hi) in [(0, k), (k, n)] {
+        let out = b
+            .score(
+                &mut batch,
+                &real_d.slice(real_pad + lo * v..real_pad + hi * v),
+                &masked_d.slice(masked_pad + lo * v..masked_pad + hi * v),
+                &targets_d.slice(lo..hi),
+                v,
+                hi == n,
+            )
+            .unwrap();
+        batch.check().unwrap();
+        let rows = cuda::rows_to_host(s, &out, hi - lo).unwrap();
+        let what = format!("cuda device views {} V={v} pads {real_pad}/{masked_pad}", T::DTYPE);
+        for (row, &a) in targets.iter().enumerate().take(hi).skip(lo) {
+            let range = row * v..(row + 1) * v;
+            check_row(&rows, row - lo, &rf[range.clone()], &mf[range], a as usize, 1.0, &what);
+        }
+    }
+    assert_eq!(batch.rows_seen(), n);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn device_views_at_different_alignments() {
+    device_views_misaligned::<f16>(6, 1000, 0, 1);
+    device_views_misaligned::<bf16>(4, 50257, 3, 0);
+    device_views_misaligned::<f32>(6, 4099, 1, 2);
+    device_views_misaligned::<bf16>(300, 333, 5, 2);
+}
+
+/// A cheap deterministic pattern: (real, masked) logits of element `idx`, real in [−4, 4),
+/// masked = real + [−0.5, 0.5).
+fn pattern(idx: u64) -> (f32, f32) {
+    let mut h = (idx ^ 0x5851_F42D_4C95_7F2D).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    h ^= h >> 29;
+    h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h ^= h >> 32;
+    let x = (h >> 40) as f32 * (8.0 / (1u64 << 24) as f32) - 4.0;
+    let d = (h & 0xFFFF) as f32 * (1.0 / 65536.0) - 0.5;
+    (x, x + d)
+}
+
+/// N = 16384 rows of Qwen's V = 151936 in bf16: 2.49e9 elements (> 2^31) and 5 GB per tensor.
+/// One launch over the whole batch through the device API; every row finite with KL ≥ 0 and a
+/// handful (the first, one straddling element 2^31 with its target past it, the last) against
+/// the oracle.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn more_than_2_pow_31_elements() {
+    const N: usize = 16384;
+    const V: usize = 151_936;
+    const { assert!(N * V > 1 << 31) };
+    let straddle = (1usize << 31) / V; // row 14134 holds element 2^31
+    let mut real = vec![bf16::ZERO; N * V];
+    let mut masked = vec![bf16::ZERO; N * V];
+    real.par_chunks_mut(V).zip(masked.par_chunks_mut(V)).enumerate().for_each(|(r, (x, y))| {
+        for i in 0..V {
+            let (a, c) = pattern((r * V + i) as u64);
+            x[i] = bf16::from_f32(a);
+            y[i] = bf16::from_f32(c);
+        }
+    });
+    let mut targets: Vec<i64> = (0..N).map(|r| ((r * 7919 + 13) % V) as i64).collect();
+    targets[straddle] = ((1usize << 31) - straddle * V + 5) as i64; // the target lies past 2^31
+
+    let b = gpu();
+    let s = b.stream();
+    let (real_d, masked_d) = (s.clone_htod(&real).unwrap(), s.clone_htod(&masked).unwrap());
+    let targets_d = s.clone_htod(&targets).unwrap();
+    let mut batch = b.begin(None, &Params::default()).unwrap();
+    let out = b.score(&mut batch, &real_d.slice(..), &masked_d.slice(..), &targets_d.slice(..), V, true).unwrap();
+    batch.check().unwrap();
+    let rows = cuda::rows_to_host(s, &out, N).unwrap();
+    for r in 0..N {
+        let values = [rows.lse_real[r], rows.lse_masked[r], rows.log_ratio[r], rows.kl[r], rows.entropy_real[r]];
+        assert!(values.iter().all(|x| x.is_finite()) && rows.kl[r] >= -1e-3, "row {r}: {values:?}");
+    }
+    for r in [0, 1, N / 2, straddle - 1, straddle, straddle + 1, N - 1] {
+        let range = r * V..(r + 1) * V;
+        let (x, y) = (to_f64(&real[range.clone()]), to_f64(&masked[range]));
+        check_row(&rows, r, &x, &y, targets[r] as usize, 1.0, "cuda bf16 N=16384 V=151936");
+    }
+}
