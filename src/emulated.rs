@@ -11,7 +11,7 @@ use crate::batch::{Advantages, Batch, Output, RowOutputs};
 use crate::error::{Error, Result, RowErrorKind};
 use crate::launch::{self, launch_shape, KernelArgs, LaunchShape};
 use crate::logits::Dtype;
-use crate::params::{Estimator, Params};
+use crate::params::Params;
 use crate::validate;
 use std::sync::Mutex;
 
@@ -111,21 +111,7 @@ impl Emulated {
                 partials: partials.as_mut_ptr(),
                 row_tickets: tickets.rows.as_mut_ptr(),
                 grid_ticket: &mut tickets.grid,
-                n_rows: m as i64,
-                vocab: v as i64,
-                first_row: r0 as i64,
-                scale: launch::scale(params.temperature),
-                splits: shape.splits,
-                estimator: match params.estimator {
-                    Estimator::LogRatio => 0,
-                    Estimator::Kl => 1,
-                },
-                finalize: finalize as u32,
-                normalize: params.normalize as u32,
-                beta: params.beta,
-                gate_temperature: params.gate_temperature,
-                eps: params.eps,
-                ..KernelArgs::default()
+                ..KernelArgs::new(params, &shape, m, v, r0, finalize)
             };
             if let Some(l) = layout.as_ref() {
                 a.n_turns = t as i64;

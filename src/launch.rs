@@ -26,6 +26,7 @@
 //! A launch with `n_rows = 0` (grid 1) only runs the epilogue (a final micro-batch with no rows).
 
 use crate::logits::Dtype;
+use crate::params::{Estimator, Params};
 use std::ffi::c_void;
 use std::ptr;
 
@@ -127,6 +128,37 @@ impl Default for KernelArgs {
             finalize: 0,
             normalize: 0,
             reserved: 0,
+        }
+    }
+}
+
+impl KernelArgs {
+    /// The scalar fields of one launch (shape, row range, parameters); every pointer null and
+    /// no turns, for the backend to fill in.
+    pub fn new(
+        params: &Params,
+        shape: &LaunchShape,
+        rows: usize,
+        vocab: usize,
+        first_row: usize,
+        finalize: bool,
+    ) -> Self {
+        KernelArgs {
+            n_rows: rows as i64,
+            vocab: vocab as i64,
+            first_row: first_row as i64,
+            scale: scale(params.temperature),
+            splits: shape.splits,
+            estimator: match params.estimator {
+                Estimator::LogRatio => 0,
+                Estimator::Kl => 1,
+            },
+            finalize: finalize as u32,
+            normalize: params.normalize as u32,
+            beta: params.beta,
+            gate_temperature: params.gate_temperature,
+            eps: params.eps,
+            ..KernelArgs::default()
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::batch::{Advantages, Batch, Output, RowOutputs};
 use crate::error::{Error, Result, RowErrorKind};
 use crate::launch::{self, launch_shape, KernelArgs};
 use crate::logits::{Dtype, LogitData, LogitElement};
-use crate::params::{Estimator, Params};
+use crate::params::Params;
 use crate::validate::{self, Layout};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, DriverError,
@@ -300,27 +300,12 @@ impl CudaBackend {
         if shape.splits > 1 && scratch.partials.len() < partials {
             scratch.partials = s.alloc_zeros::<f32>(partials).map_err(cuda_err)?;
         }
-        let p = batch.params;
         let mut args = KernelArgs {
             real: real as *const c_void,
             masked: masked as *const c_void,
             targets: targets as *const i64,
             row_out: row_out as *mut f32,
-            n_rows: rows as i64,
-            vocab: vocab as i64,
-            first_row: batch.rows_seen as i64,
-            scale: launch::scale(p.temperature),
-            splits: shape.splits,
-            estimator: match p.estimator {
-                Estimator::LogRatio => 0,
-                Estimator::Kl => 1,
-            },
-            finalize: finalize as u32,
-            normalize: p.normalize as u32,
-            beta: p.beta,
-            gate_temperature: p.gate_temperature,
-            eps: p.eps,
-            ..KernelArgs::default()
+            ..KernelArgs::new(&batch.params, &shape, rows, vocab, batch.rows_seen, finalize)
         };
         // Pointers of every buffer; the guards keep cudarc's stream ordering until launch.
         // `carried` = [turn_sum (T f64) | turn_count (T f64) | error word (u64)]: one memset
