@@ -6,7 +6,7 @@ use crate::backend::Backend;
 use crate::batch::{Batch, Output, RowOutputs};
 use crate::epilogue::{advantages, TurnAccumulator};
 use crate::error::{Error, Result, RowErrorKind};
-use crate::logits::{LogitData, LogitElement, Logits};
+use crate::logits::{Dtype, LogitData, LogitElement, Logits};
 use crate::params::{Estimator, Params};
 use crate::state::{RowState, RowValues};
 use crate::validate;
@@ -218,22 +218,32 @@ fn row_state_generic<T: LogitElement, F: MulAdd>(real: &[T], masked: &[T], inv_t
     let mut state = RowState::EMPTY;
     let mut xs = [0.0f64; CHUNK];
     let mut ys = [0.0f64; CHUNK];
+    let mut xw = [0.0f32; CHUNK];
+    let mut yw = [0.0f32; CHUNK];
     for (cx, cy) in real.chunks(CHUNK).zip(masked.chunks(CHUNK)) {
         let n = cx.len();
         let padded = n.next_multiple_of(LANES);
+        // f32 is read in place; f16/bf16 are first widened into L1 (a vectorised conversion).
+        let (fx, fy): (&[f32], &[f32]) = if T::DTYPE == Dtype::F32 {
+            (bytemuck::cast_slice(cx), bytemuck::cast_slice(cy))
+        } else {
+            T::widen(cx, &mut xw[..n]);
+            T::widen(cy, &mut yw[..n]);
+            (&xw[..n], &yw[..n])
+        };
         // Pass 1, from memory: scale into f64 and take the chunk's maxima. NaN fails the
         // comparison and stays out of the max; it (and +∞, through ∞ − ∞) poisons the sums of
         // pass 2 instead, which is how the row errors find it.
         let mut mx = [f64::MIN; LANES];
         let mut my = [f64::MIN; LANES];
         let whole = n - n % LANES;
-        for ((bx, by), (ox, oy)) in cx[..whole]
+        for ((bx, by), (ox, oy)) in fx[..whole]
             .chunks_exact(LANES)
-            .zip(cy[..whole].chunks_exact(LANES))
+            .zip(fy[..whole].chunks_exact(LANES))
             .zip(xs.chunks_exact_mut(LANES).zip(ys.chunks_exact_mut(LANES)))
         {
             for j in 0..LANES {
-                let (x, y) = (bx[j].to_f32() as f64 * inv_t, by[j].to_f32() as f64 * inv_t);
+                let (x, y) = (bx[j] as f64 * inv_t, by[j] as f64 * inv_t);
                 ox[j] = x;
                 oy[j] = y;
                 mx[j] = if x > mx[j] { x } else { mx[j] };
@@ -242,9 +252,10 @@ fn row_state_generic<T: LogitElement, F: MulAdd>(real: &[T], masked: &[T], inv_t
         }
         // The tail, padded with −∞ (which contributes nothing).
         for i in whole..padded {
-            let (x, y) = match (cx.get(i), cy.get(i)) {
-                (Some(x), Some(y)) => (x.to_f32() as f64 * inv_t, y.to_f32() as f64 * inv_t),
-                _ => (f64::NEG_INFINITY, f64::NEG_INFINITY),
+            let (x, y) = if i < n {
+                (fx[i] as f64 * inv_t, fy[i] as f64 * inv_t)
+            } else {
+                (f64::NEG_INFINITY, f64::NEG_INFINITY)
             };
             xs[i] = x;
             ys[i] = y;

@@ -51,6 +51,12 @@ pub trait LogitElement: bytemuck::Pod + Send + Sync + 'static {
     const DTYPE: Dtype;
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
+    /// `dst[i] = src[i].to_f32()` for equal-length slices, vectorised where the type allows.
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
+        }
+    }
 }
 
 impl LogitElement for f32 {
@@ -73,13 +79,18 @@ impl LogitElement for f16 {
     fn from_f32(v: f32) -> Self {
         f16::from_f32(v)
     }
+    /// half's slice conversion uses F16C when the CPU has it.
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
+    }
 }
 
 impl LogitElement for bf16 {
     const DTYPE: Dtype = Dtype::BF16;
     #[inline(always)]
+    /// Exact: a bf16 is the top half of an f32 (a 16-bit shift, which vectorises).
     fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
+        f32::from_bits((self.to_bits() as u32) << 16)
     }
     fn from_f32(v: f32) -> Self {
         bf16::from_f32(v)
