@@ -99,9 +99,11 @@ __device__ __forceinline__ void state_update(RowState &s, const float (&x)[K], c
         const float w = exp2f(xh);
         s.sum_real += w;
         s.sum_masked += exp2f(yh);
+        // Select the operand, not the product: one FSEL + one FFMA per sum instead of
+        // FMUL + FSEL + FADD (w = 0 exactly when the select matters, so 0·0 is added).
         const bool live = w > 0.0f;
-        s.sum_diff += live ? w * (xh - yh) : 0.0f;
-        s.sum_centered += live ? w * xh : 0.0f;
+        s.sum_diff = fmaf(w, live ? xh - yh : 0.0f, s.sum_diff);
+        s.sum_centered = fmaf(w, live ? xh : 0.0f, s.sum_centered);
     }
 }
 
