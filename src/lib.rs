@@ -45,6 +45,11 @@ pub mod emulated;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+/// The README's examples, compiled and run by `cargo test` so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub use backend::{open, Backend, BackendKind};
 pub use batch::{Advantages, Batch, Output, RowOutputs, Trajectories, Turns};
 pub use error::{Error, Result, RowErrorKind, Tensor};
