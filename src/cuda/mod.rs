@@ -582,12 +582,14 @@ fn nonempty<T: bytemuck::Zeroable + Copy>(v: &[T]) -> Vec<T> {
 /// Total bytes of rotated input copies in [`CudaBackend::time_device`]: more than twice the
 /// 50 MB L2 of an H100/H200, so no timed launch finds its logits in L2.
 const ROTATION_BYTES: usize = 160 << 20;
+/// Logit bytes a timing sample of [`CudaBackend::time_device`] reads at least (≤ 64 launches).
+const SAMPLE_BYTES: usize = 256 << 20;
 
 impl CudaBackend {
     /// Times the fused launch on device-resident data, the way a trainer runs it: the logits are
-    /// uploaded once (in enough copies to exceed L2, rotated), then each timed iteration is one
-    /// batch restart (a memset) plus one launch, bracketed by CUDA events. Returns the sorted
-    /// per-iteration times in seconds.
+    /// uploaded once (in enough copies to exceed L2, rotated), then each batch is one restart (a
+    /// memset) plus one launch; CUDA events bracket each sample of back-to-back batches. Returns
+    /// the sorted per-batch times in seconds, one per sample.
     pub fn time_device(&self, batch: &Batch<'_>, params: &Params, warmup: u32, iters: u32) -> Result<Vec<f64>> {
         let layout = validate::batch(batch)?;
         match (batch.real.data(), batch.masked.data()) {
@@ -632,24 +634,25 @@ impl CudaBackend {
         let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let (start, end) = (ctx.new_event(timing).map_err(cuda_err)?, ctx.new_event(timing).map_err(cuda_err)?);
         let n = rows * vocab;
+        // Each sample is `per_sample` back-to-back batches between two events, so the host's
+        // submission of one launch overlaps the GPU's work on the previous one (as in a
+        // trainer) instead of showing up as idle GPU time for small batches.
+        let per_sample = (SAMPLE_BYTES / batch.logit_bytes().max(1)).clamp(1, 64);
         let mut times = Vec::with_capacity(iters as usize);
-        for i in 0..(warmup + iters) as usize {
-            let (x, y) = &inputs[i % copies];
+        let mut launch = 0;
+        for sample in 0..warmup + iters {
             start.record(s).map_err(cuda_err)?;
-            state.restart()?;
-            self.score_into(
-                &mut state,
-                &x.slice(..n),
-                &y.slice(..n),
-                &targets.slice(..rows),
-                vocab,
-                true,
-                &mut row_out,
-            )?;
+            for _ in 0..per_sample {
+                let (x, y) = &inputs[launch % copies];
+                launch += 1;
+                state.restart()?;
+                let (x, y, t) = (x.slice(..n), y.slice(..n), targets.slice(..rows));
+                self.score_into(&mut state, &x, &y, &t, vocab, true, &mut row_out)?;
+            }
             end.record(s).map_err(cuda_err)?;
             let ms = start.elapsed_ms(&end).map_err(cuda_err)?;
-            if i >= warmup as usize {
-                times.push(ms as f64 * 1e-3);
+            if sample >= warmup {
+                times.push(ms as f64 * 1e-3 / per_sample as f64);
             }
         }
         state.check()?;
