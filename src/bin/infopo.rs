@@ -429,7 +429,9 @@ fn median(sorted: &[f64]) -> f64 {
     }
 }
 
-/// Times `iters` calls after `warmup` untimed ones; returns the sorted times in seconds.
+/// Times `iters` runs of the full pipeline after `warmup` untimed ones; returns the sorted times
+/// in seconds. On CUDA the logits stay on the device and launches are timed with CUDA events
+/// (`CudaBackend::time_device`); elsewhere a `compute` call is timed with the wall clock.
 fn time_compute(
     backend: &dyn Backend,
     batch: &Batch<'_>,
@@ -437,6 +439,11 @@ fn time_compute(
     warmup: u32,
     iters: u32,
 ) -> Result<Vec<f64>, Failure> {
+    #[cfg(feature = "cuda")]
+    if backend.name() == "cuda" {
+        let gpu = infopo_kernels::cuda::CudaBackend::new(0)?;
+        return Ok(gpu.time_device(batch, params, warmup, iters.max(1))?);
+    }
     for _ in 0..warmup {
         backend.compute(batch, params)?;
     }
@@ -487,14 +494,7 @@ fn bench_batch(args: &BenchArgs, batch: &Batch<'_>) -> Outcome {
     let (rows, vocab) = (batch.real.rows(), batch.real.vocab());
     let dtype = batch.real.dtype();
     let params = Params::default();
-    let times = match backend.name() {
-        #[cfg(feature = "cuda")]
-        "cuda" => {
-            let gpu = infopo_kernels::cuda::CudaBackend::new(0)?;
-            gpu.time_device(batch, &params, args.warmup, args.iters.max(1))?
-        }
-        _ => time_compute(backend.as_ref(), batch, &params, args.warmup, args.iters)?,
-    };
+    let times = time_compute(backend.as_ref(), batch, &params, args.warmup, args.iters)?;
     let med = median(&times);
     let min = times[0];
     let bytes = batch.logit_bytes();
