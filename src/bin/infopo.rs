@@ -119,6 +119,9 @@ struct BenchArgs {
     /// --rows, --vocab and --dtype).
     #[arg(long, value_name = "IN.safetensors")]
     input: Option<std::path::PathBuf>,
+    /// Time the per-row pass alone (no turns, no trajectories, no epilogue).
+    #[arg(long)]
+    rows_only: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -490,6 +493,8 @@ fn bench_typed<T: LogitElement>(args: &BenchArgs) -> Outcome {
 /// Times the full pipeline on `batch`; on CUDA the logits stay on the device (uploaded once,
 /// rotated beyond L2) and each launch is timed with CUDA events.
 fn bench_batch(args: &BenchArgs, batch: &Batch<'_>) -> Outcome {
+    let rows_only = Batch::rows(batch.real, batch.masked, batch.targets);
+    let batch = if args.rows_only { &rows_only } else { batch };
     let backend = open(args.backend)?;
     let (rows, vocab) = (batch.real.rows(), batch.real.vocab());
     let dtype = batch.real.dtype();
@@ -503,13 +508,14 @@ fn bench_batch(args: &BenchArgs, batch: &Batch<'_>) -> Outcome {
     if args.json {
         emit(&format!(
             "{{\"backend\":\"{}\",\"dtype\":\"{}\",\"rows\":{rows},\"vocab\":{vocab},\"iters\":{},\
-             \"median_ms\":{},\"min_ms\":{},\"gbps\":{},\"bytes\":{bytes}}}\n",
+             \"median_ms\":{},\"min_ms\":{},\"gbps\":{},\"bytes\":{bytes},\"rows_only\":{}}}\n",
             backend.name(),
             dtype.name(),
             args.iters,
             json_number(med * 1e3),
             json_number(min * 1e3),
             json_number(gbps),
+            args.rows_only,
         ));
     } else {
         emit(&format!(
