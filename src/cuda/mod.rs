@@ -219,7 +219,8 @@ impl CudaBackend {
             return Err(Error::EmptyVocab);
         }
         let rows = targets.len();
-        if real.len() != rows * vocab || masked.len() != rows * vocab {
+        let expected = rows.checked_mul(vocab);
+        if expected != Some(real.len()) || expected != Some(masked.len()) {
             return Err(Error::shape(format!(
                 "device logits hold {} (real) and {} (masked) elements, expected {rows} targets x {vocab} vocab",
                 real.len(),
