@@ -420,6 +420,11 @@ fn layout_errors() {
 // of the CPU are the ones above.
 
 #[test]
+fn kernel_bodies_random_shapes_match_oracle() {
+    kernel::random_shapes_match_oracle(&cpu::Cpu, 64);
+}
+
+#[test]
 fn kernel_bodies_micro_batches_match_one_batch() {
     kernel::micro_batches_match_one_batch(&cpu::Cpu);
 }

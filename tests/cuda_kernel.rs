@@ -55,6 +55,12 @@ fn no_driver_is_a_typed_error() {
 
 #[test]
 #[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn random_shapes_match_oracle() {
+    kernel::random_shapes_match_oracle(&gpu(), 256);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
 fn small_vocabularies_every_dtype() {
     kernel::small_vocabularies_every_dtype(&gpu());
 }

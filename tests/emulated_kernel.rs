@@ -14,6 +14,11 @@ fn small_vocabularies_every_dtype() {
 }
 
 #[test]
+fn random_shapes_match_oracle() {
+    kernel::random_shapes_match_oracle(&Emulated::new(), 32);
+}
+
+#[test]
 fn vocab_1000() {
     kernel::vocab_1000(&Emulated::new());
 }

@@ -131,6 +131,27 @@ pub fn check_rows<T: LogitElement>(b: &dyn Backend, s: &Spec, seed: u64) -> Outp
     out
 }
 
+/// Property: rows of random shapes (1–5 rows, V up to 9000 so that few rows split over blocks),
+/// dtypes, spreads, temperatures and −∞ densities match the oracle; proptest shrinks a failure.
+pub fn random_shapes_match_oracle(b: &dyn Backend, cases: u32) {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
+    let shapes = (1usize..6, 1usize..9000, 0u8..3, any::<u64>());
+    let values = (0.1f32..20.0, prop_oneof![Just(0.0), 0.0f64..0.3], prop_oneof![Just(1.0), 0.25f64..4.0]);
+    runner
+        .run(&(shapes, values), |((n, v, dtype, seed), (spread, neg_inf, temperature))| {
+            let s = Spec { n, v, spread, shift: 0.0, neg_inf, temperature };
+            match dtype {
+                0 => check_rows::<f32>(b, &s, seed),
+                1 => check_rows::<f16>(b, &s, seed),
+                _ => check_rows::<bf16>(b, &s, seed),
+            };
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{}: {e}", b.name()));
+}
+
 fn all_dtypes(b: &dyn Backend, s: &Spec, seed: u64) {
     check_rows::<f32>(b, s, seed);
     check_rows::<f16>(b, s, seed + 1);
