@@ -2,22 +2,6 @@
 
 use std::path::PathBuf;
 
-/// Which logit tensor an error is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tensor {
-    Real,
-    Masked,
-}
-
-impl std::fmt::Display for Tensor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Tensor::Real => "real",
-            Tensor::Masked => "masked",
-        })
-    }
-}
-
 /// A per-row data error, in the priority order of `docs/contract.md` §2 ("Row errors").
 /// The numeric codes are shared with the kernels (`kernels/state.cuh`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -52,6 +52,6 @@ pub struct ReadmeDoctests;
 
 pub use backend::{open, Backend, BackendKind};
 pub use batch::{Advantages, Batch, Output, RowOutputs, Trajectories, Turns};
-pub use error::{Error, Result, RowErrorKind, Tensor};
+pub use error::{Error, Result, RowErrorKind};
 pub use logits::{Dtype, LogitData, LogitElement, Logits};
 pub use params::{Estimator, Params};
