@@ -52,15 +52,10 @@ def parse_args():
 
 
 def crate_bench(exe, path, rows, vocab, a, rep):
-    """The crate's timing on the file (falls back to its synthetic data of the same shape when
-    this build of the CLI has no `bench --input`)."""
+    """The crate's timing on the same file (`infopo bench --input`)."""
     base = [exe, "bench", "--backend", "cpu", "--json", "--iters", a.iters, "--warmup", a.warmup]
     rc, out, err = C.run_cli(base + ["--input", path], rep.log)
     data = "input file"
-    if rc != 0 and "--input" in err:
-        rep.log("  ! this infopo has no `bench --input`: timing its synthetic data of the same shape")
-        rc, out, err = C.run_cli(base + ["--rows", rows, "--vocab", vocab, "--dtype", "f32"], rep.log)
-        data = "crate synthetic (same shape and distribution, not the same numbers)"
     if rc != 0:
         return {"status": f"failed (exit {rc}): {err.strip()[-300:]}"}
     j = C.last_json(out)

@@ -169,11 +169,6 @@ def crate_bench(exe, a, rows, vocab, path, rep):
     cmd = [exe, "bench", "--backend", a.crate_backend, "--json", "--iters", a.iters, "--warmup", a.warmup]
     cmd += ["--input", path] if path else ["--rows", rows, "--vocab", vocab, "--dtype", "bf16"]
     rc, out, err = C.run_cli(cmd, rep.log)
-    if rc != 0 and path and "--input" in err:
-        rep.log("  ! this infopo has no `bench --input`: timing its synthetic data of the same shape")
-        path = None
-        cmd = cmd[: cmd.index("--input")] + ["--rows", rows, "--vocab", vocab, "--dtype", "bf16"]
-        rc, out, err = C.run_cli(cmd, rep.log)
     if rc != 0:
         return {"status": f"failed (exit {rc}): {err.strip()[-300:]}"}
     j = C.last_json(out)
