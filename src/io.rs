@@ -17,6 +17,11 @@
 //! `[N]`; `turn_info` `[T]` with turns; with trajectories also [`TURN_OUTPUTS`] `[T]`,
 //! [`TRAJECTORY_OUTPUTS`] `[B]` and [`SCALAR_OUTPUTS`] of shape `[1]`.
 //!
+//! Input files are memory-mapped, not read: a tensor whose bytes in the file are aligned for its
+//! element type (safetensors' own writers align every tensor) is viewed in place, and only a
+//! misaligned one, an integer tensor of another width, or any tensor on a big-endian host is
+//! copied (see [`Elements`]). A multi-GB logit file therefore costs no copy and no private memory.
+//!
 //! Files are written to a temporary file in the destination's folder and renamed into place,
 //! so a failed write leaves neither the destination nor the temporary file behind.
 
@@ -24,10 +29,12 @@ use crate::batch::{Batch, Output, Trajectories, Turns};
 use crate::error::{Error, Result};
 use crate::logits::{Dtype, LogitData, Logits};
 use half::{bf16, f16};
+use memmap2::Mmap;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype as StDtype, SafeTensorError, SafeTensors};
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The three turn tensors (all or none).
 pub const TURN_TENSORS: [&str; 3] = ["turn_offsets", "turn_trajectory", "turn_credit_tokens"];
@@ -42,12 +49,106 @@ pub const TRAJECTORY_OUTPUTS: [&str; 2] = ["trajectory_advantage", "trajectory_g
 /// Batch scalars, each of shape `[1]`.
 pub const SCALAR_OUTPUTS: [&str; 3] = ["outcome_std", "intrinsic_std", "magnitude_ratio"];
 
-/// An owned logit tensor's elements.
+/// The elements of one tensor of an input file: viewed in place in the memory-mapped file when
+/// its bytes there are aligned for `T` (and the host is little-endian), else an owned copy.
+/// Dereferences to `&[T]`; cloning a mapped one shares the mapping.
+#[derive(Clone)]
+pub struct Elements<T: bytemuck::Pod> {
+    storage: Storage<T>,
+}
+
+#[derive(Clone)]
+enum Storage<T> {
+    /// `len` elements of type `T` at byte `start` of `map`; `start` is a multiple of
+    /// `align_of::<T>()` (checked when made, and the mapping itself is page-aligned).
+    Mapped {
+        map: Arc<Mmap>,
+        start: usize,
+        len: usize,
+    },
+    Owned(Vec<T>),
+}
+
+impl<T: bytemuck::Pod> Elements<T> {
+    /// Views `bytes` (a sub-slice of `map`) in place if they are aligned for `T`; `None` if not
+    /// (or if the host is big-endian: the file's little-endian bytes must then be decoded).
+    fn mapped(map: &Arc<Mmap>, bytes: &[u8]) -> Option<Self> {
+        if cfg!(target_endian = "big") {
+            return None;
+        }
+        let elements: &[T] = bytemuck::try_cast_slice(bytes).ok()?;
+        let start = (bytes.as_ptr() as usize).checked_sub(map.as_ptr() as usize)?;
+        (start + bytes.len() <= map.len())
+            .then(|| Elements { storage: Storage::Mapped { map: Arc::clone(map), start, len: elements.len() } })
+    }
+
+    /// The elements as a slice.
+    pub fn as_slice(&self) -> &[T] {
+        match &self.storage {
+            Storage::Mapped { map, start, len } => {
+                let bytes = &map[*start..*start + len * std::mem::size_of::<T>()];
+                bytemuck::try_cast_slice(bytes).expect("alignment and length checked when mapped")
+            }
+            Storage::Owned(v) => v,
+        }
+    }
+
+    /// Whether the elements are viewed in place in the mapped file (no copy was made).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.storage, Storage::Mapped { .. })
+    }
+}
+
+impl<T: bytemuck::Pod> From<Vec<T>> for Elements<T> {
+    fn from(v: Vec<T>) -> Self {
+        Elements { storage: Storage::Owned(v) }
+    }
+}
+
+impl<T: bytemuck::Pod> std::ops::Deref for Elements<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        self.as_slice()
+    }
+}
+
+impl<T: bytemuck::Pod + PartialEq> PartialEq for Elements<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl<T: bytemuck::Pod + PartialEq, const N: usize> PartialEq<[T; N]> for Elements<T> {
+    fn eq(&self, other: &[T; N]) -> bool {
+        self.as_slice() == other
+    }
+}
+
+impl<T: bytemuck::Pod + PartialEq> PartialEq<[T]> for Elements<T> {
+    fn eq(&self, other: &[T]) -> bool {
+        self.as_slice() == other
+    }
+}
+
+impl<T: bytemuck::Pod + std::fmt::Debug> std::fmt::Debug for Elements<T> {
+    /// Small tensors print their elements; large ones (logits) their length and storage.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const SHOWN: usize = 64;
+        if self.len() <= SHOWN {
+            f.debug_list().entries(self.as_slice()).finish()
+        } else {
+            let storage = if self.is_mapped() { "mapped" } else { "owned" };
+            write!(f, "[{} elements, {storage}]", self.len())
+        }
+    }
+}
+
+/// A logit tensor's elements (see [`Elements`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum LogitBuf {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    BF16(Vec<bf16>),
+    F32(Elements<f32>),
+    F16(Elements<f16>),
+    BF16(Elements<bf16>),
 }
 
 impl LogitBuf {
@@ -61,6 +162,15 @@ impl LogitBuf {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether the tensor is viewed in place in the mapped file (no copy was made).
+    pub fn is_mapped(&self) -> bool {
+        match self {
+            LogitBuf::F32(v) => v.is_mapped(),
+            LogitBuf::F16(v) => v.is_mapped(),
+            LogitBuf::BF16(v) => v.is_mapped(),
+        }
     }
 
     pub fn as_data(&self) -> LogitData<'_> {
@@ -88,14 +198,16 @@ pub struct TrajectoryBuf {
     pub tokens: Vec<u32>,
 }
 
-/// A batch read from a file, in owned buffers; [`InputBatch::as_batch`] views it.
+/// A batch read from a file: the logits and targets viewed in place in the mapped file where
+/// aligned (see [`Elements`]), the small turn and trajectory tensors converted into owned
+/// buffers. It keeps the file mapped while it lives; [`InputBatch::as_batch`] views it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InputBatch {
     pub rows: usize,
     pub vocab: usize,
     pub real: LogitBuf,
     pub masked: LogitBuf,
-    pub targets: Vec<i64>,
+    pub targets: Elements<i64>,
     pub turns: Option<TurnBuf>,
     pub trajectories: Option<TrajectoryBuf>,
 }
@@ -106,7 +218,7 @@ impl InputBatch {
     pub fn as_batch(&self) -> Result<Batch<'_>> {
         let real = Logits::from_data(self.real.as_data(), self.rows, self.vocab)?;
         let masked = Logits::from_data(self.masked.as_data(), self.rows, self.vocab)?;
-        let mut batch = Batch::rows(real, masked, &self.targets);
+        let mut batch = Batch::rows(real, masked, self.targets.as_slice());
         if let Some(t) = &self.turns {
             batch = batch.with_turns(Turns {
                 offsets: &t.offsets,
@@ -126,15 +238,37 @@ impl InputBatch {
     }
 }
 
-/// Reads an input file (see the module docs) into memory.
+/// Reads an input file (see the module docs) by memory-mapping it: the logits and targets are
+/// viewed in place where they are aligned in the file ([`LogitBuf::is_mapped`]), so nothing of
+/// their size is read into or copied in private memory, and the returned batch keeps the file
+/// mapped while it lives.
+///
+/// As with any memory-mapped file (safetensors' own `safe_open` included), the file must not be
+/// modified or truncated while the batch lives: a truncated file's lost pages fault on access
+/// (SIGBUS). To be independent of the file, read its bytes and call [`parse_input`] (it copies).
 pub fn read_input(path: impl AsRef<Path>) -> Result<InputBatch> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|e| file_error(path, e.to_string()))?;
-    parse_input(&bytes, path)
+    let file = std::fs::File::open(path).map_err(|e| file_error(path, e.to_string()))?;
+    let meta = file.metadata().map_err(|e| file_error(path, e.to_string()))?;
+    if meta.is_dir() {
+        return Err(file_error(path, "is a directory".to_string()));
+    }
+    // SAFETY: a read-only mapping, never written through; the aliasing hazard of a file changed
+    // by another process while mapped is the caller's contract, documented above.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| file_error(path, format!("cannot map it: {e}")))?;
+    let map = Arc::new(map);
+    parse(&map, Some(&map), path)
 }
 
-/// Parses the bytes of an input file; `path` only names the file in errors.
+/// Parses the bytes of an input file into owned buffers (every tensor is copied); `path` only
+/// names the file in errors. [`read_input`] maps the file instead.
 pub fn parse_input(bytes: &[u8], path: &Path) -> Result<InputBatch> {
+    parse(bytes, None, path)
+}
+
+/// Parses `bytes`, which are all of `map` when one is given: aligned tensors are then viewed in
+/// place in it.
+fn parse(bytes: &[u8], map: Option<&Arc<Mmap>>, path: &Path) -> Result<InputBatch> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| file_error(path, describe(&e)))?;
     let file = File { st: &st, path };
 
@@ -155,12 +289,15 @@ pub fn parse_input(bytes: &[u8], path: &Path) -> Result<InputBatch> {
     if targets.shape() != [rows] {
         return Err(Error::shape(format!("`targets` has shape {:?}, expected [N] = [{rows}]", targets.shape())));
     }
-    let real_buf = logits("real_logits", &real)?;
-    let masked_buf = logits("masked_logits", &masked)?;
+    let real_buf = logits("real_logits", &real, map)?;
+    let masked_buf = logits("masked_logits", &masked, map)?;
     if real_buf.dtype() != masked_buf.dtype() {
         return Err(Error::DtypeMismatch { real: real_buf.dtype().name(), masked: masked_buf.dtype().name() });
     }
-    let targets = integers("targets", &targets)?;
+    let targets = match targets.dtype() {
+        StDtype::I64 => elements(targets.data(), map, |d| decode(d, i64::from_le_bytes)),
+        _ => integers("targets", &targets)?.into(),
+    };
 
     let turns = match file.set(&TURN_TENSORS)? {
         None => None,
@@ -250,12 +387,21 @@ fn decode<const N: usize, T>(data: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
     data.chunks_exact(N).map(|c| f(c.try_into().expect("chunks_exact yields N bytes"))).collect()
 }
 
-fn logits(name: &str, view: &TensorView<'_>) -> Result<LogitBuf> {
+/// `data` viewed in place in `map` when aligned for `T`, else decoded into an owned buffer.
+fn elements<T: bytemuck::Pod>(
+    data: &[u8],
+    map: Option<&Arc<Mmap>>,
+    decode: impl FnOnce(&[u8]) -> Vec<T>,
+) -> Elements<T> {
+    map.and_then(|m| Elements::mapped(m, data)).unwrap_or_else(|| decode(data).into())
+}
+
+fn logits(name: &str, view: &TensorView<'_>, map: Option<&Arc<Mmap>>) -> Result<LogitBuf> {
     let data = view.data();
     Ok(match view.dtype() {
-        StDtype::F32 => LogitBuf::F32(decode(data, f32::from_le_bytes)),
-        StDtype::F16 => LogitBuf::F16(decode(data, |b| f16::from_bits(u16::from_le_bytes(b)))),
-        StDtype::BF16 => LogitBuf::BF16(decode(data, |b| bf16::from_bits(u16::from_le_bytes(b)))),
+        StDtype::F32 => LogitBuf::F32(elements(data, map, |d| decode(d, f32::from_le_bytes))),
+        StDtype::F16 => LogitBuf::F16(elements(data, map, |d| decode(d, |b| f16::from_bits(u16::from_le_bytes(b))))),
+        StDtype::BF16 => LogitBuf::BF16(elements(data, map, |d| decode(d, |b| bf16::from_bits(u16::from_le_bytes(b))))),
         other => {
             return Err(format_error(name, format!("dtype {other:?} is not supported (expected F32, F16 or BF16)")))
         }
@@ -482,7 +628,8 @@ mod tests {
         write_input(&path, &batch).unwrap();
         let read = read_input(&path).unwrap();
         assert_eq!((read.rows, read.vocab), (2, 3));
-        assert_eq!(read.real, LogitBuf::BF16(real));
+        assert_eq!(read.real, LogitBuf::BF16(real.into()));
+        assert!(read.real.is_mapped() && read.masked.is_mapped() && read.targets.is_mapped());
         assert_eq!(read.targets, targets);
         assert_eq!(read.turns.as_ref().unwrap().credit_tokens, [3, 4]);
         assert_eq!(read.trajectories.as_ref().unwrap().group, [7, 7]);
@@ -490,6 +637,98 @@ mod tests {
         read.as_batch().unwrap();
         // Only the destination is left in the folder.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    /// A safetensors file whose data starts with a `pad` tensor of `pad` bytes, so the tensors
+    /// after it sit at offsets of every alignment: real and masked logits of `dtype` ([2, 3],
+    /// elements 0..6 and 10..16 as `f32`) and I64 targets. Returns the byte offsets (from the
+    /// start of the file) of the three tensors.
+    fn file_with_padding(path: &Path, pad: usize, dtype: Dtype) -> [usize; 3] {
+        let size = dtype.size_bytes();
+        let encode = |v: f32| -> Vec<u8> {
+            match dtype {
+                Dtype::F32 => v.to_le_bytes().to_vec(),
+                Dtype::F16 => f16::from_f32(v).to_bits().to_le_bytes().to_vec(),
+                Dtype::BF16 => bf16::from_f32(v).to_bits().to_le_bytes().to_vec(),
+            }
+        };
+        let name = match dtype {
+            Dtype::F32 => "F32",
+            Dtype::F16 => "F16",
+            Dtype::BF16 => "BF16",
+        };
+        let logits = 6 * size;
+        let (real_at, masked_at, targets_at) = (pad, pad + logits, pad + 2 * logits);
+        let header = format!(
+            "{{\"pad\":{{\"dtype\":\"U8\",\"shape\":[{pad}],\"data_offsets\":[0,{pad}]}},\
+             \"real_logits\":{{\"dtype\":\"{name}\",\"shape\":[2,3],\"data_offsets\":[{real_at},{masked_at}]}},\
+             \"masked_logits\":{{\"dtype\":\"{name}\",\"shape\":[2,3],\"data_offsets\":[{masked_at},{targets_at}]}},\
+             \"targets\":{{\"dtype\":\"I64\",\"shape\":[2],\"data_offsets\":[{targets_at},{}]}}}}",
+            targets_at + 16
+        );
+        // Pad the header to a multiple of 8 as safetensors' writers do, so only `pad` misaligns.
+        let header = format!("{header:<width$}", width = header.len().div_ceil(8) * 8);
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        let data_start = bytes.len();
+        bytes.extend(std::iter::repeat_n(0xAB, pad));
+        bytes.extend((0..6).flat_map(|i| encode(i as f32)));
+        bytes.extend((10..16).flat_map(|i| encode(i as f32)));
+        bytes.extend([2i64, 0].iter().flat_map(|t| t.to_le_bytes()));
+        std::fs::write(path, bytes).unwrap();
+        [data_start + real_at, data_start + masked_at, data_start + targets_at]
+    }
+
+    #[test]
+    fn aligned_tensors_are_viewed_in_place_and_misaligned_ones_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.safetensors");
+        let aligned = |offset: usize, align: usize| cfg!(target_endian = "little") && offset % align == 0;
+        let mut seen = [[false; 2]; 3];
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            for pad in 0..=8 {
+                let [real_at, masked_at, targets_at] = file_with_padding(&path, pad, dtype);
+                let read = read_input(&path).unwrap_or_else(|e| panic!("{dtype} pad {pad}: {e}"));
+                let size = dtype.size_bytes();
+                assert_eq!(read.real.is_mapped(), aligned(real_at, size), "{dtype} pad {pad}");
+                assert_eq!(read.masked.is_mapped(), aligned(masked_at, size), "{dtype} pad {pad}");
+                assert_eq!(read.targets.is_mapped(), aligned(targets_at, 8), "pad {pad}");
+                seen[0][read.real.is_mapped() as usize] = true;
+                seen[1][read.masked.is_mapped() as usize] = true;
+                seen[2][read.targets.is_mapped() as usize] = true;
+                // Mapped or copied, the values are the file's, and the same as parse_input's copy.
+                let batch = read.as_batch().unwrap();
+                let values = |logits: &Logits<'_>| -> Vec<f32> {
+                    match logits.data() {
+                        LogitData::F32(d) => d.to_vec(),
+                        LogitData::F16(d) => d.iter().map(|v| v.to_f32()).collect(),
+                        LogitData::BF16(d) => d.iter().map(|v| v.to_f32()).collect(),
+                    }
+                };
+                assert_eq!(values(&batch.real), [0.0, 1.0, 2.0, 3.0, 4.0, 5.0], "{dtype} pad {pad}");
+                assert_eq!(values(&batch.masked), [10.0, 11.0, 12.0, 13.0, 14.0, 15.0], "{dtype} pad {pad}");
+                assert_eq!(batch.targets, [2, 0]);
+                let copied = parse_input(&std::fs::read(&path).unwrap(), &path).unwrap();
+                assert!(!copied.real.is_mapped() && !copied.targets.is_mapped());
+                assert_eq!(copied, read);
+            }
+        }
+        if cfg!(target_endian = "little") {
+            assert_eq!(seen, [[true; 2]; 3], "both the mapped and the copied path of every tensor");
+        }
+    }
+
+    #[test]
+    fn unreadable_inputs_are_file_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = read_input(dir.path()).unwrap_err();
+        assert!(matches!(err, Error::File { .. }) && err.to_string().contains("directory"), "{err}");
+        let empty = dir.path().join("empty.safetensors");
+        std::fs::write(&empty, b"").unwrap();
+        let err = read_input(&empty).unwrap_err();
+        assert!(matches!(err, Error::File { .. }) && err.to_string().contains("header"), "{err}");
+        let err = read_input(dir.path().join("missing.safetensors")).unwrap_err();
+        assert!(matches!(err, Error::File { .. }), "{err}");
     }
 
     #[test]

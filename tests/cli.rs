@@ -476,7 +476,7 @@ fn write_input_round_trips_views() {
     io::write_input(&path, &batch).unwrap();
     let back = io::read_input(&path).unwrap();
     assert_eq!(back.targets, [1, 0]);
-    assert_eq!(back.real, io::LogitBuf::F32(real.to_vec()));
+    assert_eq!(back.real, io::LogitBuf::F32(real.to_vec().into()));
     let a = Cpu.compute(&batch, &Params::default()).unwrap();
     let b = Cpu.compute(&back.as_batch().unwrap(), &Params::default()).unwrap();
     assert_eq!(a, b);
