@@ -31,6 +31,7 @@ pub mod epilogue;
 pub mod error;
 pub mod io;
 pub mod logits;
+mod open;
 pub mod params;
 pub mod state;
 pub mod synth;
@@ -50,7 +51,8 @@ pub mod cuda;
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
-pub use backend::{open, Backend, BackendKind};
+pub use backend::Backend;
+pub use open::{open, BackendKind};
 pub use batch::{Advantages, Batch, Output, RowOutputs, Trajectories, Turns};
 pub use error::{Error, Result, RowErrorKind};
 pub use logits::{Dtype, LogitData, LogitElement, Logits};
