@@ -1,0 +1,109 @@
+//! Options shared by the subcommands, and their mapping to the library's types.
+
+use clap::{Args, ValueEnum};
+use infopo_kernels::{BackendKind, Estimator, Params};
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Backend to run.
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    pub backend: BackendArg,
+    /// Per-row value a turn's information gain averages.
+    #[arg(long, value_enum, default_value_t = EstimatorArg::LogRatio)]
+    pub estimator: EstimatorArg,
+    /// τs: logits are divided by it (> 0).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub temperature: f64,
+    /// β: weight of the intrinsic bonus.
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
+    pub beta: f64,
+    /// τ of the variance gate sigmoid(−σ_g/τ) (> 0).
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
+    pub gate_temperature: f64,
+    /// ε added to standard deviations (≥ 0).
+    #[arg(long, default_value_t = 1e-6, allow_negative_numbers = true)]
+    pub eps: f64,
+    /// Do not normalise intrinsic values within each group.
+    #[arg(long)]
+    pub no_normalize: bool,
+}
+
+impl RunArgs {
+    pub fn params(&self) -> Params {
+        Params {
+            temperature: self.temperature,
+            estimator: match self.estimator {
+                EstimatorArg::LogRatio => Estimator::LogRatio,
+                EstimatorArg::Kl => Estimator::Kl,
+            },
+            beta: self.beta,
+            gate_temperature: self.gate_temperature,
+            eps: self.eps,
+            normalize: !self.no_normalize,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Backend to time.
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    pub backend: BackendArg,
+    /// Rows N of the synthetic batch.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rows: u32,
+    /// Vocabulary size V.
+    #[arg(long, default_value_t = 151_936, value_parser = clap::value_parser!(u32).range(1..))]
+    pub vocab: u32,
+    /// Logit dtype.
+    #[arg(long, value_enum, default_value_t = DtypeArg::Bf16)]
+    pub dtype: DtypeArg,
+    /// Timed iterations.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub iters: u32,
+    /// Untimed iterations before timing.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u32,
+    /// Time this input file instead of synthetic data (its shape and dtype win over
+    /// --rows, --vocab and --dtype).
+    #[arg(long, value_name = "IN.safetensors")]
+    pub input: Option<std::path::PathBuf>,
+    /// Time the per-row pass alone (no turns, no trajectories, no epilogue).
+    #[arg(long)]
+    pub rows_only: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendArg {
+    Auto,
+    Cpu,
+    Emulated,
+    Cuda,
+}
+
+impl BackendArg {
+    pub fn kind(self) -> BackendKind {
+        match self {
+            BackendArg::Auto => BackendKind::Auto,
+            BackendArg::Cpu => BackendKind::Cpu,
+            BackendArg::Emulated => BackendKind::Emulated,
+            BackendArg::Cuda => BackendKind::Cuda,
+        }
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EstimatorArg {
+    LogRatio,
+    Kl,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DtypeArg {
+    Bf16,
+    F16,
+    F32,
+}
