@@ -25,6 +25,15 @@ pub trait Backend: Send + Sync {
     /// rounding of the f64 per-turn sums.
     fn compute_micro_batched(&self, batch: &Batch<'_>, params: &Params, cuts: &[usize]) -> Result<Output>;
 
+    /// Whether the per-turn means and advantages are computed from the rows' float64 values
+    /// (the CPU reference: rows are rounded to f32 only on output) rather than from the f32 row
+    /// outputs in [`Output::rows`] (the kernels, which keep rows in f32). The two differ by the
+    /// f32 rounding of each row value; tests feed their float64 oracle the same values as the
+    /// backend's epilogue.
+    fn epilogue_reads_f64_rows(&self) -> bool {
+        false
+    }
+
     /// Per-row outputs only (stage one of the two-stage form).
     fn score_rows(&self, real: Logits<'_>, masked: Logits<'_>, targets: &[i64], params: &Params) -> Result<RowOutputs> {
         Ok(self.compute(&Batch::rows(real, masked, targets), params)?.rows)

@@ -21,6 +21,11 @@ impl Backend for Cpu {
         "cpu"
     }
 
+    /// The row values stay f64 until written out, and the epilogue reads them so.
+    fn epilogue_reads_f64_rows(&self) -> bool {
+        true
+    }
+
     fn compute_micro_batched(&self, batch: &Batch<'_>, params: &Params, cuts: &[usize]) -> Result<Output> {
         params.validate()?;
         let layout = validate::batch(batch)?;

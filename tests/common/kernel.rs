@@ -158,10 +158,10 @@ fn all_dtypes(b: &dyn Backend, s: &Spec, seed: u64) {
     check_rows::<bf16>(b, s, seed + 2);
 }
 
-/// The per-row estimator values a backend's epilogue is fed. The kernels feed their own f32 row
-/// outputs, so the oracle is fed the same values. The CPU reference feeds its f64 row values
-/// (rounded to f32 only on output), so the oracle is fed its own f64 rows of the same logits
-/// (`real`, `masked`: [n, v] as f64).
+/// The per-row estimator values a backend's epilogue is fed ([`Backend::epilogue_reads_f64_rows`]).
+/// The kernels feed their own f32 row outputs, so the oracle is fed the same values. The CPU
+/// reference feeds its f64 row values (rounded to f32 only on output), so the oracle is fed its
+/// own f64 rows of the same logits (`real`, `masked`: [n, v] as f64).
 pub fn epilogue_feed(
     b: &dyn Backend,
     out: &Output,
@@ -175,7 +175,7 @@ pub fn epilogue_feed(
         Estimator::LogRatio => lr,
         Estimator::Kl => kl,
     };
-    if b.name() == "cpu" {
+    if b.epilogue_reads_f64_rows() {
         let v = real.len() / targets.len().max(1);
         (0..targets.len())
             .map(|r| {
