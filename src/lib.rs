@@ -52,8 +52,8 @@ pub mod cuda;
 pub struct ReadmeDoctests;
 
 pub use backend::Backend;
-pub use open::{open, BackendKind};
 pub use batch::{Advantages, Batch, Output, RowOutputs, Trajectories, Turns};
 pub use error::{Error, Result, RowErrorKind};
 pub use logits::{Dtype, LogitData, LogitElement, Logits};
+pub use open::{open, BackendKind};
 pub use params::{Estimator, Params};
