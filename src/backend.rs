@@ -1,7 +1,7 @@
 //! The backend abstraction: every backend takes the same inputs and returns the same outputs.
 //!
 //! The backends implement [`Backend`] and depend on this module; choosing one by name is
-//! [`crate::open`]'s job (`src/open.rs`), so no arrow runs back from here to the backends.
+//! [`crate::open()`]'s job (`src/open.rs`), so no arrow runs back from here to the backends.
 
 use crate::batch::{Batch, Output, RowOutputs};
 use crate::error::Result;
