@@ -246,12 +246,20 @@ impl InputBatch {
 /// As with any memory-mapped file (safetensors' own `safe_open` included), the file must not be
 /// modified or truncated while the batch lives: a truncated file's lost pages fault on access
 /// (SIGBUS). To be independent of the file, read its bytes and call [`parse_input`] (it copies).
+/// A path that is not a regular file (a pipe, `/dev/stdin`) is read and copied, since it cannot
+/// be mapped.
 pub fn read_input(path: impl AsRef<Path>) -> Result<InputBatch> {
     let path = path.as_ref();
     let file = std::fs::File::open(path).map_err(|e| file_error(path, e.to_string()))?;
     let meta = file.metadata().map_err(|e| file_error(path, e.to_string()))?;
     if meta.is_dir() {
         return Err(file_error(path, "is a directory".to_string()));
+    }
+    if !meta.is_file() {
+        // A pipe or a device (`/dev/stdin`, `<(...)`) cannot be mapped: read it and copy.
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut &file, &mut bytes).map_err(|e| file_error(path, e.to_string()))?;
+        return parse(&bytes, None, path);
     }
     // SAFETY: a read-only mapping, never written through; the aliasing hazard of a file changed
     // by another process while mapped is the caller's contract, documented above.
@@ -729,6 +737,26 @@ mod tests {
         assert!(matches!(err, Error::File { .. }) && err.to_string().contains("header"), "{err}");
         let err = read_input(dir.path().join("missing.safetensors")).unwrap_err();
         assert!(matches!(err, Error::File { .. }), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_pipe_is_read_and_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("in.safetensors");
+        file_with_padding(&file, 0, Dtype::BF16);
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("run mkfifo");
+        assert!(made.success());
+        let bytes = std::fs::read(&file).unwrap();
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::write(fifo, bytes).unwrap())
+        };
+        let read = read_input(&fifo).unwrap();
+        writer.join().unwrap();
+        assert!(!read.real.is_mapped() && !read.targets.is_mapped());
+        assert_eq!(read, read_input(&file).unwrap());
     }
 
     #[test]
