@@ -516,16 +516,16 @@ pub struct DeviceBatch<'l> {
     params: Params,
     /// [turn_sum (T f64) | turn_count (T f64) | error word (u64)], zeroed per batch.
     carried: CudaSlice<u64>,
-    /// [T] mean estimator per turn over the rows seen so far.
+    /// `[T]` mean estimator per turn over the rows seen so far.
     pub turn_info: CudaSlice<f64>,
-    /// [T] after finalisation.
+    /// `[T]` after finalisation.
     pub turn_intrinsic: CudaSlice<f64>,
     pub turn_norm: CudaSlice<f64>,
     pub turn_bonus: CudaSlice<f64>,
-    /// [B] after finalisation.
+    /// `[B]` after finalisation.
     pub traj_advantage: CudaSlice<f64>,
     pub traj_gate: CudaSlice<f64>,
-    /// [3] outcome_std, intrinsic_std, magnitude_ratio after finalisation.
+    /// `[3]` outcome_std, intrinsic_std, magnitude_ratio after finalisation.
     pub scalars: CudaSlice<f64>,
     rows_seen: usize,
     finalized: bool,
