@@ -26,7 +26,7 @@
 //! - every launch of a backend goes on its one stream ([`CudaBackend::stream`]), which orders
 //!   them; the backend never launches on another stream, and a host mutex orders the enqueues
 //!   of threads that share it. Do not capture its launches into a CUDA graph that is replayed
-//!   concurrently with itself, and do not use one backend from two contexts;
+//!   concurrently with itself or on another stream;
 //! - a [`DeviceBatch`] is scored only by the backend (stream) that began it (checked);
 //! - if a launch is aborted (the trainer gave up on the stream, a kernel was killed, a graph
 //!   replay was cancelled), the tickets may be left drawn: call [`CudaBackend::reset_scratch`]
