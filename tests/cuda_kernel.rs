@@ -8,7 +8,7 @@
 //! NVCC=$(scripts/install-nvcc | tail -1) cargo test --features cuda --test cuda_kernel -- --include-ignored
 //! ```
 //!
-//! `no_driver_is_a_typed_error` runs everywhere.
+//! `no_driver_is_a_typed_error` and the raw-pointer validation tests run everywhere.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -16,6 +16,7 @@ mod common;
 use common::kernel::{self, check_row, generate, Spec};
 use common::{to_dtype, to_f64};
 use half::{bf16, f16};
+use infopo_kernels::cuda::raw::RawRows;
 use infopo_kernels::cuda::{self, CudaBackend};
 use infopo_kernels::{open, BackendKind, Error, LogitElement, Params};
 use rayon::prelude::*;
@@ -239,4 +240,154 @@ fn more_than_2_pow_31_elements() {
         let (x, y) = (to_f64(&real[range.clone()]), to_f64(&masked[range]));
         check_row(&rows, r, &x, &y, targets[r] as usize, 1.0, "cuda bf16 N=16384 V=151936");
     }
+}
+
+// ---- Raw pointers (cuda::raw) and the launch discipline ------------------------------------
+
+fn raw_rows(rows: usize, vocab: usize, dtype: infopo_kernels::Dtype) -> RawRows {
+    // Well-formed addresses that are never dereferenced: validation needs no GPU.
+    RawRows { real: 0x1000, masked: 0x2000, targets: 0x3000, row_out: 0x4000, rows, vocab, row_stride: vocab, dtype }
+}
+
+fn shape_error(rows: RawRows, needle: &str) {
+    match rows.validate() {
+        Err(Error::Shape { what }) => assert!(what.contains(needle), "`{what}` should mention `{needle}`"),
+        other => panic!("{rows:?}: expected a shape error mentioning `{needle}`, got {other:?}"),
+    }
+}
+
+#[test]
+fn raw_rows_are_validated_without_a_gpu() {
+    use infopo_kernels::Dtype::{BF16, F16, F32};
+    for dtype in [F32, F16, BF16] {
+        raw_rows(8, 151_936, dtype).validate().unwrap();
+    }
+    // No rows: nothing is read, so null pointers are fine (an epilogue-only launch).
+    RawRows { real: 0, masked: 0, targets: 0, row_out: 0, ..raw_rows(0, 10, F32) }.validate().unwrap();
+    assert!(matches!(raw_rows(4, 0, F32).validate(), Err(Error::EmptyVocab)));
+    // Row indices are 32-bit, as on the host path.
+    shape_error(raw_rows(u32::MAX as usize + 1, 1, BF16), "2^32");
+    raw_rows(u32::MAX as usize, 1, BF16).validate().unwrap();
+    shape_error(RawRows { row_stride: 99, ..raw_rows(4, 100, F32) }, "rows would overlap");
+    // A padded stride is refused until the kernel takes one (README, "Raw pointers").
+    shape_error(RawRows { row_stride: 128, ..raw_rows(4, 100, F32) }, "does not take a stride");
+    shape_error(raw_rows(usize::MAX / 2, 4, F32), "2^32");
+    for (rows, name) in [
+        (RawRows { real: 0, ..raw_rows(2, 10, F16) }, "`real` is null"),
+        (RawRows { masked: 0, ..raw_rows(2, 10, F16) }, "`masked` is null"),
+        (RawRows { targets: 0, ..raw_rows(2, 10, F16) }, "`targets` is null"),
+        (RawRows { row_out: 0, ..raw_rows(2, 10, F16) }, "`row_out` is null"),
+        (RawRows { real: 0x1001, ..raw_rows(2, 10, BF16) }, "`real` = 0x1001 is not aligned to its 2-byte"),
+        (RawRows { masked: 0x2002, ..raw_rows(2, 10, F32) }, "`masked` = 0x2002 is not aligned to its 4-byte"),
+        (RawRows { targets: 0x3004, ..raw_rows(2, 10, F32) }, "`targets` = 0x3004 is not aligned to its 8-byte"),
+        (RawRows { row_out: 0x4002, ..raw_rows(2, 10, F32) }, "`row_out` = 0x4002 is not aligned to its 4-byte"),
+    ] {
+        shape_error(rows, name);
+    }
+    // Odd element offsets are fine for 2-byte types (a row slice of a bigger tensor).
+    RawRows { real: 0x1002, masked: 0x2006, ..raw_rows(2, 10, BF16) }.validate().unwrap();
+}
+
+#[test]
+fn raw_stream_without_driver_is_a_typed_error() {
+    // SAFETY: the null stream is the primary context's legacy default stream, valid whenever
+    // a context opens; it lives as long as the context.
+    let opened = unsafe { CudaBackend::from_raw_stream(0, std::ptr::null_mut()) };
+    match opened {
+        Ok(b) => assert!(cuda::driver_present() && b.sm_count() > 0),
+        Err(Error::BackendUnavailable { backend: "cuda", .. }) => {}
+        Err(e) => panic!("from_raw_stream failed with an error other than BackendUnavailable: {e:?}"),
+    }
+}
+
+/// The raw entry on a second backend that borrows the first one's stream, against the safe
+/// device API on the same device buffers: bit for bit, at element offsets that misalign rows.
+fn raw_matches_safe<T: LogitElement + cudarc::driver::DeviceRepr>(n: usize, v: usize, pad: usize) {
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    let safe = gpu();
+    let s = safe.stream().clone();
+    // SAFETY: `s` outlives `raw` (declared before it, dropped after it).
+    let raw = unsafe { CudaBackend::from_raw_stream(0, s.cu_stream()) }.unwrap();
+    let (r, m, targets) = generate(&Spec::new(n, v), 7 + v as u64);
+    let padded = |x: &[f32]| {
+        let mut buf = vec![T::from_f32(0.0); pad];
+        buf.extend(to_dtype::<T>(x));
+        buf
+    };
+    let (real_d, masked_d) = (s.clone_htod(&padded(&r)).unwrap(), s.clone_htod(&padded(&m)).unwrap());
+    let targets_d = s.clone_htod(&targets).unwrap();
+    let (real_v, masked_v) = (real_d.slice(pad..), masked_d.slice(pad..));
+
+    let mut batch = safe.begin(None, &Params::default()).unwrap();
+    let want = safe.score(&mut batch, &real_v, &masked_v, &targets_d.slice(..), v, true).unwrap();
+    batch.check().unwrap();
+
+    let mut out = s.alloc_zeros::<f32>(5 * n).unwrap();
+    let mut batch = raw.begin(None, &Params::default()).unwrap();
+    {
+        let (real_p, _g0) = real_v.device_ptr(&s);
+        let (masked_p, _g1) = masked_v.device_ptr(&s);
+        let (targets_p, _g2) = targets_d.device_ptr(&s);
+        let (out_p, _g3) = out.device_ptr_mut(&s);
+        let rows = RawRows {
+            real: real_p,
+            masked: masked_p,
+            targets: targets_p,
+            row_out: out_p,
+            rows: n,
+            vocab: v,
+            row_stride: v,
+            dtype: T::DTYPE,
+        };
+        // SAFETY: the buffers are live cudarc allocations on `s`, the raw backend's stream,
+        // of the sizes stated, and are not dropped before `batch.check()` waits for it.
+        unsafe { raw.score_raw(&mut batch, &rows, true) }.unwrap();
+    }
+    batch.check().unwrap();
+    raw.check_scratch().unwrap();
+    let (want, got) = (s.clone_dtoh(&want).unwrap(), s.clone_dtoh(&out).unwrap());
+    assert_eq!(
+        want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        "{} n={n} V={v} pad={pad}",
+        T::DTYPE
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn raw_pointers_match_the_device_api() {
+    raw_matches_safe::<bf16>(5, 50_257, 3);
+    raw_matches_safe::<f16>(7, 1000, 1);
+    raw_matches_safe::<f32>(3, 151_936, 0);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn launch_discipline_is_checked() {
+    let a = gpu();
+    let s = a.stream();
+    let (n, v) = (4, 300);
+    let (r, m, targets) = generate(&Spec::new(n, v), 5);
+    let (real, masked) = (s.clone_htod(&r).unwrap(), s.clone_htod(&m).unwrap());
+    let targets = s.clone_htod(&targets).unwrap();
+    let (real, masked, targets) = (real.slice(..), masked.slice(..), targets.slice(..));
+    // A batch belongs to the stream that began it.
+    let other = CudaBackend::with_stream(s.context().new_stream().unwrap()).unwrap();
+    let mut batch = a.begin(None, &Params::default()).unwrap();
+    match other.score(&mut batch, &real, &masked, &targets, v, true) {
+        Err(Error::Cuda(what)) => assert!(what.contains("another backend's stream"), "{what}"),
+        other => panic!("expected the stream check, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(batch.rows_seen(), 0, "a refused launch books no rows");
+    a.score(&mut batch, &real, &masked, &targets, v, true).unwrap();
+    batch.check().unwrap();
+    // Completed launches leave the tickets clean; a reset keeps them so and launches still work.
+    a.check_scratch().unwrap();
+    a.reset_scratch().unwrap();
+    a.check_scratch().unwrap();
+    batch.restart().unwrap();
+    a.score(&mut batch, &real, &masked, &targets, v, true).unwrap();
+    batch.check().unwrap();
+    a.check_scratch().unwrap();
 }

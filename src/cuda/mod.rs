@@ -8,9 +8,30 @@
 //!   each; the last with `finalize = true`, or [`CudaBackend::finish`] after them), then
 //!   [`DeviceBatch::check`] / [`DeviceBatch::to_host`] when the caller is ready to wait.
 //!
+//! Other runtimes (tch-rs, burn, custom ones) hand over raw device pointers and their own
+//! `CUstream` through [`raw`]; that path shares every check and the launch with this one.
+//!
 //! The fatbin is embedded at build time ([`crate::launch::FATBIN`]) and loaded once per CUDA
 //! context. A binary built with `cuda` starts on a machine without a driver: [`CudaBackend::new`]
-//! returns [`Error::BackendUnavailable`] instead of panicking.
+//! returns [`Error::BackendUnavailable`] instead of panicking, whichever linking mode cudarc
+//! was built with (the crate probes for the driver library itself, see [`driver_present`]).
+//!
+//! # Launches are strictly serial on the backend's stream
+//!
+//! The kernel's cross-block protocols use scratch memory owned by the [`CudaBackend`]: a
+//! ticket per row (split rows) and one grid ticket (which block runs the epilogue). Each launch
+//! returns every ticket it drew to zero before it ends, so the next launch finds them clean.
+//! That holds only if launches that use one backend's scratch never overlap on the GPU and
+//! none is cut short:
+//! - every launch of a backend goes on its one stream ([`CudaBackend::stream`]), which orders
+//!   them; the backend never launches on another stream, and a host mutex orders the enqueues
+//!   of threads that share it. Do not capture its launches into a CUDA graph that is replayed
+//!   concurrently with itself or on another stream;
+//! - a [`DeviceBatch`] is scored only by the backend (stream) that began it (checked);
+//! - if a launch is aborted (the trainer gave up on the stream, a kernel was killed, a graph
+//!   replay was cancelled), the tickets may be left drawn: call [`CudaBackend::reset_scratch`]
+//!   before the next launch. [`CudaBackend::check_scratch`] reads the tickets back (it waits
+//!   for the stream) and reports tickets left non-zero; the host path runs it after every batch.
 
 use crate::backend::Backend;
 use crate::batch::{Advantages, Batch, Output, RowOutputs};
@@ -23,9 +44,15 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, DriverError,
     LaunchConfig, PushKernelArg,
 };
+use raw::RowShape;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock};
+
+pub mod raw;
+
+/// The cudarc this crate is built against (its `CudaView`s and streams appear in the API).
+pub use cudarc;
 
 // SAFETY: KernelArgs is #[repr(C)], plain data (device pointers and numbers), and matches
 // `InfopoArgs` of kernels/args.h field for field (checked by a test of `launch`).
@@ -67,7 +94,8 @@ fn kernels(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>> {
 }
 
 /// Tickets and the split workspace: allocated zeroed, grown on demand, reused by every launch
-/// on this backend's stream (the kernel returns the tickets to zero itself).
+/// on this backend's stream (the kernel returns the tickets to zero itself; see the module
+/// docs for what that assumes).
 struct Scratch {
     row_tickets: CudaSlice<u32>,
     grid_ticket: CudaSlice<u32>,
@@ -88,26 +116,43 @@ impl std::fmt::Debug for CudaBackend {
     }
 }
 
-/// Whether a CUDA driver library can be loaded (without it cudarc panics on first use).
+/// File names of the CUDA driver library, most specific first (`libcuda.so.1` is what the
+/// driver installs; `libcuda.so` often exists only with the development package).
+const DRIVER_LIBRARIES: &[&str] = if cfg!(windows) { &["nvcuda.dll"] } else { &["libcuda.so.1", "libcuda.so"] };
+
+/// Whether the CUDA driver library can be loaded. Probed by the crate itself rather than with
+/// cudarc's `is_culib_present`, which exists only when cudarc loads the driver at run time:
+/// with cudarc's `dynamic-linking` (what candle-core picks) the probe still answers, and
+/// without a driver cudarc would panic on its first call instead of returning an error.
 pub fn driver_present() -> bool {
-    // SAFETY: only tries to dlopen the driver library.
-    unsafe { cudarc::driver::sys::is_culib_present() }
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    *PRESENT.get_or_init(|| {
+        DRIVER_LIBRARIES.iter().any(|name| {
+            // SAFETY: loads the driver library, whose initialisers are the ones any CUDA program
+            // runs; the handle is dropped at once (cudarc loads or links it for itself).
+            unsafe { libloading::Library::new(*name) }.is_ok()
+        })
+    })
+}
+
+/// Opens device `ordinal`'s primary context, or says why not without panicking.
+fn open_context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    if !driver_present() {
+        return Err(Error::BackendUnavailable {
+            backend: "cuda",
+            why: format!("no CUDA driver library ({}) on this machine", DRIVER_LIBRARIES.join(" or ")),
+        });
+    }
+    CudaContext::new(ordinal).map_err(|e| Error::BackendUnavailable {
+        backend: "cuda",
+        why: format!("cannot open CUDA device {ordinal}: {e:?}"),
+    })
 }
 
 impl CudaBackend {
     /// The backend on device `ordinal`'s default stream.
     pub fn new(ordinal: usize) -> Result<Self> {
-        if !driver_present() {
-            return Err(Error::BackendUnavailable {
-                backend: "cuda",
-                why: "no CUDA driver library (libcuda) on this machine".into(),
-            });
-        }
-        let ctx = CudaContext::new(ordinal).map_err(|e| Error::BackendUnavailable {
-            backend: "cuda",
-            why: format!("cannot open CUDA device {ordinal}: {e:?}"),
-        })?;
-        Self::with_stream(ctx.default_stream())
+        Self::with_stream(open_context(ordinal)?.default_stream())
     }
 
     /// The backend on the trainer's own stream: every launch and copy goes on it.
@@ -125,8 +170,41 @@ impl CudaBackend {
         Ok(CudaBackend { stream, kernels, sm_count, scratch: Mutex::new(scratch) })
     }
 
+    /// The stream every launch and copy of this backend goes on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// Zeroes the ticket scratch (on the stream, ordered after everything enqueued before),
+    /// for a trainer that aborted a launch: a kernel that did not run to its end may leave
+    /// tickets drawn, and the next launch would then elect the wrong blocks. Not needed after
+    /// launches that completed, which clean up after themselves.
+    pub fn reset_scratch(&self) -> Result<()> {
+        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let scratch = &mut *guard;
+        self.stream.memset_zeros(&mut scratch.row_tickets).map_err(cuda_err)?;
+        self.stream.memset_zeros(&mut scratch.grid_ticket).map_err(cuda_err)?;
+        Ok(())
+    }
+
+    /// Waits for the stream and checks that every launch so far returned its tickets to zero,
+    /// as completed, non-overlapping launches do. Tickets left drawn mean an aborted launch or
+    /// launches that overlapped (see the module docs); the error says to call
+    /// [`CudaBackend::reset_scratch`]. Costs one synchronisation and a copy of one u32 per row of
+    /// the largest launch so far.
+    pub fn check_scratch(&self) -> Result<()> {
+        let guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let grid = self.stream.clone_dtoh(&guard.grid_ticket).map_err(cuda_err)?;
+        let rows = self.stream.clone_dtoh(&guard.row_tickets).map_err(cuda_err)?;
+        let drawn = rows.iter().filter(|&&t| t != 0).count();
+        if grid[0] != 0 || drawn != 0 {
+            return Err(Error::Cuda(format!(
+                "kernel tickets left drawn (grid ticket {}, {drawn} row tickets): a launch was aborted \
+                 or two launches overlapped; call CudaBackend::reset_scratch before the next launch",
+                grid[0]
+            )));
+        }
+        Ok(())
     }
 
     /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
@@ -227,6 +305,45 @@ impl CudaBackend {
                 masked.len()
             )));
         }
+        if row_out.len() < 5 * rows {
+            return Err(Error::shape(format!("row_out holds {} f32, needs 5 x {rows}", row_out.len())));
+        }
+        let shape = RowShape { rows, vocab, row_stride: vocab, dtype: T::DTYPE };
+        // The guards keep cudarc's stream ordering (events) around the launch.
+        let (real_ptr, _g0) = real.device_ptr(&self.stream);
+        let (masked_ptr, _g1) = masked.device_ptr(&self.stream);
+        let (targets_ptr, _g2) = targets.device_ptr(&self.stream);
+        let (row_out_ptr, _g3) = row_out.device_ptr_mut(&self.stream);
+        let pointers = RowPointers { real: real_ptr, masked: masked_ptr, targets: targets_ptr, row_out: row_out_ptr };
+        self.launch_rows(batch, &shape, pointers, finalize)
+    }
+
+    /// The one path from checked rows to a launch, shared by [`CudaBackend::score_into`] and
+    /// [`CudaBackend::score_raw`]: checks the shape and the batch, launches, books the rows.
+    fn launch_rows(
+        &self,
+        batch: &mut DeviceBatch<'_>,
+        shape: &RowShape,
+        pointers: RowPointers,
+        finalize: bool,
+    ) -> Result<()> {
+        shape.validate()?;
+        self.check_batch(batch, shape.rows, finalize)?;
+        self.launch(batch, shape.dtype, shape.rows, shape.vocab, finalize, pointers)?;
+        batch.rows_seen += shape.rows;
+        batch.finalized |= finalize;
+        Ok(())
+    }
+
+    /// Checks that `rows` more rows (and a finalisation, if asked) fit `batch`.
+    fn check_batch(&self, batch: &DeviceBatch<'_>, rows: usize, finalize: bool) -> Result<()> {
+        // The batch's accumulators and this backend's tickets are ordered by one stream only
+        // if the batch was begun on it (see the module docs).
+        if **batch.carried.stream() != *self.stream {
+            return Err(Error::Cuda(
+                "this DeviceBatch was begun on another backend's stream; score it with that backend".into(),
+            ));
+        }
         if batch.finalized {
             return Err(Error::turns("this batch was already finalised"));
         }
@@ -246,17 +363,6 @@ impl CudaBackend {
                 )));
             }
         }
-        if row_out.len() < 5 * rows {
-            return Err(Error::shape(format!("row_out holds {} f32, needs 5 x {rows}", row_out.len())));
-        }
-        let real_ptr = real.device_ptr(&self.stream);
-        let masked_ptr = masked.device_ptr(&self.stream);
-        let targets_ptr = targets.device_ptr(&self.stream);
-        let row_out_ptr = row_out.device_ptr_mut(&self.stream);
-        self.launch(batch, T::DTYPE, rows, vocab, finalize, real_ptr.0, masked_ptr.0, targets_ptr.0, row_out_ptr.0)?;
-        drop((real_ptr, masked_ptr, targets_ptr, row_out_ptr));
-        batch.rows_seen += rows;
-        batch.finalized |= finalize;
         Ok(())
     }
 
@@ -266,18 +372,12 @@ impl CudaBackend {
         if batch.finalized {
             return Ok(());
         }
-        if let Some(l) = batch.layout {
-            let total = *l.layout.turn_offsets.last().unwrap_or(&0) as usize;
-            if batch.rows_seen != total {
-                return Err(Error::turns(format!("finalising after {} of the layout's {total} rows", batch.rows_seen)));
-            }
-        }
-        self.launch(batch, Dtype::F32, 0, 1, true, 0, 0, 0, 0)?;
+        self.check_batch(batch, 0, true)?;
+        self.launch(batch, Dtype::F32, 0, 1, true, RowPointers::default())?;
         batch.finalized = true;
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn launch(
         &self,
         batch: &mut DeviceBatch<'_>,
@@ -285,10 +385,7 @@ impl CudaBackend {
         rows: usize,
         vocab: usize,
         finalize: bool,
-        real: u64,
-        masked: u64,
-        targets: u64,
-        row_out: u64,
+        pointers: RowPointers,
     ) -> Result<()> {
         let shape = launch_shape(rows, vocab, dtype, self.sm_count);
         let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
@@ -302,10 +399,10 @@ impl CudaBackend {
             scratch.partials = s.alloc_zeros::<f32>(partials).map_err(cuda_err)?;
         }
         let mut args = KernelArgs {
-            real: real as *const c_void,
-            masked: masked as *const c_void,
-            targets: targets as *const i64,
-            row_out: row_out as *mut f32,
+            real: pointers.real as *const c_void,
+            masked: pointers.masked as *const c_void,
+            targets: pointers.targets as *const i64,
+            row_out: pointers.row_out as *mut f32,
             ..KernelArgs::new(&batch.params, &shape, rows, vocab, batch.rows_seen, finalize)
         };
         // Pointers of every buffer; the guards keep cudarc's stream ordering until launch.
@@ -372,11 +469,21 @@ impl CudaBackend {
         let cfg = LaunchConfig { grid_dim: (shape.grid, 1, 1), block_dim: (shape.threads, 1, 1), shared_mem_bytes: 0 };
         let func = self.kernels.get(dtype);
         // SAFETY: every pointer in `args` is a live device buffer of the documented length on
-        // this stream (lengths checked in `score`/`begin`), the scratch is exclusively ours
-        // (mutex), and the struct matches the kernel's parameter.
+        // this stream (lengths checked in `score_into`/`begin`, or promised by the caller of
+        // `score_raw`), the scratch is exclusively ours (mutex) and serial (one stream), and
+        // the struct matches the kernel's parameter.
         unsafe { s.launch_builder(func).arg(&args).launch(cfg) }.map_err(cuda_err)?;
         Ok(())
     }
+}
+
+/// Device addresses of one launch's rows (0 for a launch without rows).
+#[derive(Clone, Copy, Default)]
+struct RowPointers {
+    real: u64,
+    masked: u64,
+    targets: u64,
+    row_out: u64,
 }
 
 struct DeviceGroups {
@@ -409,16 +516,16 @@ pub struct DeviceBatch<'l> {
     params: Params,
     /// [turn_sum (T f64) | turn_count (T f64) | error word (u64)], zeroed per batch.
     carried: CudaSlice<u64>,
-    /// [T] mean estimator per turn over the rows seen so far.
+    /// `[T]` mean estimator per turn over the rows seen so far.
     pub turn_info: CudaSlice<f64>,
-    /// [T] after finalisation.
+    /// `[T]` after finalisation.
     pub turn_intrinsic: CudaSlice<f64>,
     pub turn_norm: CudaSlice<f64>,
     pub turn_bonus: CudaSlice<f64>,
-    /// [B] after finalisation.
+    /// `[B]` after finalisation.
     pub traj_advantage: CudaSlice<f64>,
     pub traj_gate: CudaSlice<f64>,
-    /// [3] outcome_std, intrinsic_std, magnitude_ratio after finalisation.
+    /// `[3]` outcome_std, intrinsic_std, magnitude_ratio after finalisation.
     pub scalars: CudaSlice<f64>,
     rows_seen: usize,
     finalized: bool,
@@ -566,6 +673,8 @@ impl CudaBackend {
             other => other,
         };
         let (turn_info, advantages) = state.to_host().map_err(fill_target)?;
+        // The stream is idle now: a cheap check that the launches left the tickets clean.
+        self.check_scratch()?;
         let rows = rows_to_host(s, &row_out, n)?;
         Ok(Output { rows, turn_info, advantages })
     }
