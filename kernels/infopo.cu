@@ -322,7 +322,7 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
     for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
         const int64_t row = item / S, split = item - row * S;
         RowState s = row_chunk<T>(a, row, split);
-        s = state_block_merge(s, red); // valid in warp 0
+        s = state_block_merge(s, red, a.scale); // valid in warp 0
 
         bool row_done = true;
         if (S > 1) {
@@ -346,9 +346,9 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
                     RowState q;
                     q.max_real = __ldcg(p + 0); q.sum_real = __ldcg(p + 1); q.max_masked = __ldcg(p + 2);
                     q.sum_masked = __ldcg(p + 3); q.sum_diff = __ldcg(p + 4); q.sum_centered = __ldcg(p + 5);
-                    m = state_merge(m, q);
+                    m = state_merge(m, q, a.scale);
                 }
-                s = state_warp_merge(m);
+                s = state_warp_merge(m, a.scale);
                 if (lane == 0) a.row_tickets[row] = 0u; // self-cleaning for the next launch
             }
         }
@@ -365,6 +365,11 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
                 const float xa = Elem<T>::load(static_cast<const T *>(a.real) + row * V + target);
                 const float ya = Elem<T>::load(static_cast<const T *>(a.masked) + row * V + target);
                 code = state_finalize(s, xa, ya, a.scale, v);
+                // With trajectories, a non-finite estimator (kl = +inf) would make the turn's
+                // info, and every bonus of the batch, NaN: report it (after any row error).
+                const float est = a.estimator ? v.kl : v.log_ratio;
+                if (code == 0u && a.n_turns > 0 && a.n_traj > 0 && !(fabsf(est) < INFINITY))
+                    code = INFOPO_ERR_ESTIMATOR_NOT_FINITE;
             }
             const int64_t n = a.n_rows;
             a.row_out[0 * n + row] = v.lse_real;
@@ -372,7 +377,7 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
             a.row_out[2 * n + row] = v.log_ratio;
             a.row_out[3 * n + row] = v.kl;
             a.row_out[4 * n + row] = v.entropy_real;
-            if (code) atomicMax(a.error_word, ~((unsigned long long)(a.first_row + row) * 8ull + code));
+            if (code) atomicMax(a.error_word, ~infopo_error_key(a.first_row + row, code));
         }
 
         if (a.n_turns > 0) {

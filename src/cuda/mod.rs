@@ -440,13 +440,9 @@ impl DeviceBatch<'_> {
         let stream = self.carried.stream().clone();
         let n = self.carried.len();
         let word = stream.clone_dtoh(&self.carried.slice(n - 1..)).map_err(cuda_err)?[0];
-        match launch::decode_error_word(word) {
+        match launch::decode_error_word(word)? {
             None => Ok(()),
-            Some((row, code)) => Err(Error::Row {
-                row: row as usize,
-                kind: RowErrorKind::from_code(code).ok_or_else(|| Error::Cuda(format!("bad error code {code}")))?,
-                target: None,
-            }),
+            Some(fault) => Err(fault.into_error(None, self.layout.map(|l| &l.layout.turn_offsets[..]))),
         }
     }
 
