@@ -117,17 +117,17 @@ __device__ __forceinline__ RowState state_merge(const RowState &a, const RowStat
 template <int K>
 __device__ __forceinline__ void state_update(RowState &s, const float (&x)[K], const float (&y)[K],
                                              float scale) {
-    float vx = x[0], vy = y[0];
+    float vx = x[0], vy = y[0], ny = y[0];
 #pragma unroll
     for (int i = 1; i < K; ++i) {
         vx = fmaxf(vx, x[i]);
         vy = fmaxf(vy, y[i]);
+        ny = fminf(ny, y[i]);
     }
     // fmaxf ignores NaN; a max of -inf stays below -FLT_MAX so the maxima stay finite or +inf.
     const float mr = fmaxf(s.max_real, vx);
     const float mm = fmaxf(s.max_masked, vy);
     if (mr > s.max_real || mm > s.max_masked) s = state_rescaled(s, mr, mm, scale);
-    bool gap = false;
 #pragma unroll
     for (int i = 0; i < K; ++i) {
         // Centre, then scale: x̂ is exactly 0 at the maximum (see the top of this file).
@@ -141,10 +141,16 @@ __device__ __forceinline__ void state_update(RowState &s, const float (&x)[K], c
         const bool live = w > 0.0f;
         s.sum_diff = fmaf(w, live ? xh - yh : 0.0f, s.sum_diff);
         s.sum_centered = fmaf(w, live ? xh : 0.0f, s.sum_centered);
-        // On the raw values, so flushing w to 0 cannot hide it (NaN compares false: code 2).
-        gap |= (x[i] > INFOPO_NEG_LIMIT) & (y[i] <= INFOPO_NEG_LIMIT);
     }
-    if (gap) s.sum_diff = INFINITY;
+    // Gaps, on the raw values so that flushing w to 0 cannot hide them (NaN compares false and
+    // is code 2 anyway). Only K elements with a masked −inf or fill pay for the per-element
+    // test: one FMNMX per pair above instead of two compares and an OR.
+    if (ny <= INFOPO_NEG_LIMIT) {
+        bool gap = false;
+#pragma unroll
+        for (int i = 0; i < K; ++i) gap |= (x[i] > INFOPO_NEG_LIMIT) & (y[i] <= INFOPO_NEG_LIMIT);
+        if (gap) s.sum_diff = INFINITY;
+    }
 }
 
 // One lane exchange of a whole state. On the GPU: six 32-bit shuffles. The emulator exchanges

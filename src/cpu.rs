@@ -47,7 +47,8 @@ impl Backend for Cpu {
                 if l.groups.is_some() && non_finite.is_none() {
                     if let Some(i) = est.iter().position(|v| !v.is_finite()) {
                         let row = r0 + i;
-                        non_finite = Some(Error::NonFiniteTurn { turn: turn_of_row(&l.turn_offsets, row), row: Some(row) });
+                        non_finite =
+                            Some(Error::NonFiniteTurn { turn: turn_of_row(&l.turn_offsets, row), row: Some(row) });
                     }
                 }
                 acc.add_rows(&l.turn_offsets, r0, &est)?;

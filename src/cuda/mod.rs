@@ -14,7 +14,7 @@
 
 use crate::backend::Backend;
 use crate::batch::{Advantages, Batch, Output, RowOutputs};
-use crate::error::{Error, Result, RowErrorKind};
+use crate::error::{Error, Result};
 use crate::launch::{self, launch_shape, KernelArgs};
 use crate::logits::{Dtype, LogitData, LogitElement};
 use crate::params::Params;

@@ -83,7 +83,12 @@ pub fn generate(s: &Spec, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<i64>) {
 #[track_caller]
 pub fn check_row(got: &RowOutputs, row: usize, x: &[f64], y: &[f64], target: usize, temperature: f64, what: &str) {
     let o = oracle_row(x, y, target, temperature);
-    let l = x.iter().chain(y).map(|&v| super::contract_logit(v)).filter(|v| v.is_finite()).fold(0.0f64, |a, v| a.max(v.abs()))
+    let l = x
+        .iter()
+        .chain(y)
+        .map(|&v| super::contract_logit(v))
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, |a, v| a.max(v.abs()))
         / temperature;
     let values = [
         ("lse_real", got.lse_real[row], o.lse_real),
@@ -766,8 +771,8 @@ pub fn non_finite_turn_info_is_an_error(b: &dyn Backend) {
     }
     let kl = Params { estimator: Estimator::Kl, ..Params::default() };
     let run = |m: &[f32], targets: &[i64], p: &Params, cuts: Option<&[usize]>, trajectories: bool| {
-        let batch = Batch::rows(Logits::new(&r, 64, v).unwrap(), Logits::new(m, 64, v).unwrap(), targets)
-            .with_turns(l.turns());
+        let batch =
+            Batch::rows(Logits::new(&r, 64, v).unwrap(), Logits::new(m, 64, v).unwrap(), targets).with_turns(l.turns());
         let batch = if trajectories { batch.with_trajectories(l.trajectories()) } else { batch };
         match cuts {
             Some(c) => b.compute_micro_batched(&batch, p, c),
