@@ -292,7 +292,8 @@ fn misaligned<T: LogitElement>(b: &dyn Backend, n: usize, v: usize, real_pad: us
     compare_rows(&out.rows, &rf, &mf, targets, v, 1.0, &what);
 }
 
-/// Real and masked rows at different 16-byte offsets (the kernel's scalar path): the values
+/// Real and masked rows at different 16-byte offsets (the kernel's 8-byte, 4-byte or scalar
+/// path, by the alignment they share): the values
 /// must not change. On a host-data backend the offsets are those of the host slices (the CUDA
 /// backend copies them into fresh device buffers; tests/cuda_kernel.rs offsets device views).
 pub fn real_and_masked_with_different_alignment(b: &dyn Backend) {
@@ -302,6 +303,16 @@ pub fn real_and_masked_with_different_alignment(b: &dyn Backend) {
     // Both offset differently, through slice_rows of a larger tensor (odd V).
     misaligned::<bf16>(b, 4, 333, 0, 3, true);
     misaligned::<f32>(b, 3, 1001, 2, 1, true);
+    // Offsets that agree mod 8 or mod 4 but not mod 16 (the kernels' 8- and 4-byte vectors):
+    // 8 bytes apart, whole and split rows; 4 bytes apart (f16/bf16); sliced rows of odd V whose
+    // offsets then vary from row to row.
+    misaligned::<bf16>(b, 3, 1000, 0, 4, false);
+    misaligned::<f16>(b, 2, 50257, 4, 0, false);
+    misaligned::<f32>(b, 3, 999, 0, 2, false);
+    misaligned::<f16>(b, 3, 1000, 0, 2, false);
+    misaligned::<bf16>(b, 2, 50257, 2, 0, false);
+    misaligned::<bf16>(b, 5, 333, 0, 2, true);
+    misaligned::<f16>(b, 4, 1001, 4, 0, true);
 }
 
 /// Two runs of the same batch are equal bit for bit: the split path (row tickets, partials)
