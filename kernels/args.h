@@ -27,7 +27,7 @@ typedef struct InfopoArgs {
     const void *masked;          /* [n_rows * vocab] same dtype; its alignment may differ from real's */
     const int64_t *targets;      /* [n_rows] realised token ids */
     float *row_out;              /* [5 * n_rows] out: row_out[k*n_rows + r], k = 0 lse_real, 1 lse_masked, 2 log_ratio, 3 kl, 4 entropy_real */
-    unsigned long long *error_word; /* [1] in/out: atomicMax of ~(global_row*8 + code); 0 = no error; host decodes ~word. Zero per batch. */
+    unsigned long long *error_word; /* [1] in/out: atomicMax of ~infopo_error_key(global_row, code) (kernels/state.cuh); 0 = no error; host decodes ~word. Zero per batch. */
     float *partials;             /* [n_rows * splits * 6] workspace when splits > 1 (may be NULL when splits == 1) */
     uint32_t *row_tickets;       /* [n_rows] zeroed once, self-cleaning; needed when splits > 1 */
     uint32_t *grid_ticket;       /* [1] zeroed once, self-cleaning; needed when n_turns > 0 */

@@ -23,23 +23,22 @@
 #include "state.cuh"
 
 #define INFOPO_MAX_THREADS 256
-// 3 resident blocks of 256 threads per SM: ptxas gets 85 registers (f16/bf16 use 80), no spills;
+// 3 resident blocks of 256 threads per SM: a budget of 85 registers (65536 / 768); ptxas uses 76
+// (bf16), 77 (f16) and 70 (f32) on sm_90, at most 79 on sm_80..89 (scripts/kernel-report), no
+// spills;
 // 768 threads x 4 x 16-byte loads keep ~48 KiB in flight per SM.
 #define INFOPO_MIN_BLOCKS 3
 
 // ---------------------------------------------------------------------------------------------
-// Element types: how a 16-byte vector unpacks into f32, and the scalar conversion.
+// Element types: how 32-bit words of a vector unpack into f32, and the scalar conversion.
 
 template <typename T> struct Elem;
 
 template <> struct Elem<float> {
-    static constexpr int PER_VEC = 4;
     static __device__ __forceinline__ float load(const float *p) { return *p; }
-    static __device__ __forceinline__ void unpack(const uint4 &v, float *o) {
-        o[0] = __uint_as_float(v.x);
-        o[1] = __uint_as_float(v.y);
-        o[2] = __uint_as_float(v.z);
-        o[3] = __uint_as_float(v.w);
+    template <int N> static __device__ __forceinline__ void unpack(const unsigned (&w)[N], float *o) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) o[i] = __uint_as_float(w[i]);
     }
 };
 
@@ -47,27 +46,55 @@ __device__ __forceinline__ float half_lo(unsigned w) { return __half2float(__ush
 __device__ __forceinline__ float half_hi(unsigned w) { return __half2float(__ushort_as_half((unsigned short)(w >> 16))); }
 
 template <> struct Elem<__half> {
-    static constexpr int PER_VEC = 8;
     static __device__ __forceinline__ float load(const __half *p) { return __half2float(*p); }
-    static __device__ __forceinline__ void unpack(const uint4 &v, float *o) {
-        o[0] = half_lo(v.x); o[1] = half_hi(v.x);
-        o[2] = half_lo(v.y); o[3] = half_hi(v.y);
-        o[4] = half_lo(v.z); o[5] = half_hi(v.z);
-        o[6] = half_lo(v.w); o[7] = half_hi(v.w);
+    template <int N> static __device__ __forceinline__ void unpack(const unsigned (&w)[N], float *o) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            o[2 * i] = half_lo(w[i]);
+            o[2 * i + 1] = half_hi(w[i]);
+        }
     }
 };
 
 // bf16 -> f32 is a 16-bit shift: no conversion instruction needed.
 template <> struct Elem<__nv_bfloat16> {
-    static constexpr int PER_VEC = 8;
     static __device__ __forceinline__ float load(const __nv_bfloat16 *p) { return __bfloat162float(*p); }
-    static __device__ __forceinline__ void unpack(const uint4 &v, float *o) {
-        o[0] = __uint_as_float(v.x << 16); o[1] = __uint_as_float(v.x & 0xffff0000u);
-        o[2] = __uint_as_float(v.y << 16); o[3] = __uint_as_float(v.y & 0xffff0000u);
-        o[4] = __uint_as_float(v.z << 16); o[5] = __uint_as_float(v.z & 0xffff0000u);
-        o[6] = __uint_as_float(v.w << 16); o[7] = __uint_as_float(v.w & 0xffff0000u);
+    template <int N> static __device__ __forceinline__ void unpack(const unsigned (&w)[N], float *o) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            o[2 * i] = __uint_as_float(w[i] << 16);
+            o[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        }
     }
 };
+
+// Vector loads: 16 bytes when real and masked rows share their offset mod 16, else 8 or 4 bytes
+// when they share it mod 8 or mod 4 (e.g. the two halves of one [2N, V] tensor with N·V odd
+// rows apart), as 32-bit words.
+struct alignas(8) Vec8 {
+    unsigned x, y;
+};
+
+template <typename V> struct Words;
+template <> struct Words<uint4> {
+    static constexpr int N = 4;
+    static __device__ __forceinline__ void get(const uint4 &v, unsigned (&w)[4]) { w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w; }
+};
+template <> struct Words<Vec8> {
+    static constexpr int N = 2;
+    static __device__ __forceinline__ void get(const Vec8 &v, unsigned (&w)[2]) { w[0] = v.x; w[1] = v.y; }
+};
+template <> struct Words<unsigned> {
+    static constexpr int N = 1;
+    static __device__ __forceinline__ void get(const unsigned &v, unsigned (&w)[1]) { w[0] = v; }
+};
+
+template <typename T, typename V>
+__device__ __forceinline__ void unpack_vec(const V &v, float *o) {
+    unsigned w[Words<V>::N];
+    Words<V>::get(v, w);
+    Elem<T>::unpack(w, o);
+}
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -79,52 +106,65 @@ __device__ __forceinline__ void update_scalar(RowState &s, const T *xr, const T 
     state_update<1>(s, x, y, scale);
 }
 
-// This thread's state over its part of chunk `split` of row `row`.
-//
-// Aligned path (real and masked rows have the same offset mod 16 bytes): a scalar head up to
-// the 16-byte boundary (split 0), 128-bit vectors split into `splits` contiguous ranges, a
-// scalar tail (last split). Threads stride the vectors (coalesced) two at a time, so four
-// 128-bit loads are in flight per thread. Otherwise (offsets differ, e.g. a sliced tensor):
-// scalar loads over contiguous element ranges, still coalesced.
+// This thread's part of chunk `split` of row pair (xr, yr) by vectors of type V, given that both
+// rows have the same offset modulo sizeof(V): a scalar head up to the vector boundary
+// (split 0), the vectors split into `splits` contiguous ranges, a scalar tail (last split).
+// Threads stride the vectors (coalesced) two at a time, so four vector loads are in flight
+// per thread.
+template <typename T, typename V>
+__device__ __forceinline__ void row_vectors(RowState &s, const T *__restrict__ xr, const T *__restrict__ yr,
+                                            int64_t V_, int64_t S, int64_t split, float scale) {
+    constexpr int E = (int)(sizeof(V) / sizeof(T)); // elements per vector
+    const int64_t tid = threadIdx.x, nt = blockDim.x;
+    const unsigned o = (unsigned)((uintptr_t)xr % sizeof(V));
+    const int64_t head = min64(V_, o ? (int64_t)((sizeof(V) - o) / sizeof(T)) : 0);
+    const int64_t nvec = (V_ - head) / E;
+    const int64_t tail0 = head + nvec * E;
+    const int64_t per = (nvec + S - 1) / S;
+    const int64_t v0 = min64(split * per, nvec), v1 = min64(v0 + per, nvec);
+    if (split == 0 && tid < head) update_scalar<T>(s, xr, yr, tid, scale);
+    const V *__restrict__ xv = reinterpret_cast<const V *>(xr + head);
+    const V *__restrict__ yv = reinterpret_cast<const V *>(yr + head);
+    int64_t i = v0 + tid;
+    for (; i + nt < v1; i += 2 * nt) {
+        const V x0 = xv[i], x1 = xv[i + nt], y0 = yv[i], y1 = yv[i + nt];
+        float x[2 * E], y[2 * E];
+        unpack_vec<T>(x0, x);
+        unpack_vec<T>(x1, x + E);
+        unpack_vec<T>(y0, y);
+        unpack_vec<T>(y1, y + E);
+        state_update<2 * E>(s, x, y, scale);
+    }
+    if (i < v1) {
+        const V x0 = xv[i], y0 = yv[i];
+        float x[E], y[E];
+        unpack_vec<T>(x0, x);
+        unpack_vec<T>(y0, y);
+        state_update<E>(s, x, y, scale);
+    }
+    if (split == S - 1 && tid < V_ - tail0) update_scalar<T>(s, xr, yr, tail0 + tid, scale);
+}
+
+// This thread's state over its part of chunk `split` of row `row`: 16-, 8- or 4-byte vectors
+// (row_vectors) by the largest alignment the real and masked rows share; 2-byte scalar loads
+// over contiguous element ranges (still coalesced) only when f16/bf16 rows differ mod 4.
 template <typename T>
 __device__ __forceinline__ RowState row_chunk(const InfopoArgs &a, int64_t row, int64_t split) {
-    constexpr int E = Elem<T>::PER_VEC;
     const int64_t V = a.vocab, S = a.splits;
     const float scale = a.scale;
     const T *__restrict__ xr = static_cast<const T *>(a.real) + row * V;
     const T *__restrict__ yr = static_cast<const T *>(a.masked) + row * V;
-    const int64_t tid = threadIdx.x, nt = blockDim.x;
     RowState s = state_empty();
 
-    const unsigned ox = (unsigned)((uintptr_t)xr & 15u), oy = (unsigned)((uintptr_t)yr & 15u);
-    if (ox == oy) {
-        const int64_t head = min64(V, ox ? (int64_t)((16u - ox) / sizeof(T)) : 0);
-        const int64_t nvec = (V - head) / E;
-        const int64_t tail0 = head + nvec * E;
-        const int64_t per = (nvec + S - 1) / S;
-        const int64_t v0 = min64(split * per, nvec), v1 = min64(v0 + per, nvec);
-        if (split == 0 && tid < head) update_scalar<T>(s, xr, yr, tid, scale);
-        const uint4 *__restrict__ xv = reinterpret_cast<const uint4 *>(xr + head);
-        const uint4 *__restrict__ yv = reinterpret_cast<const uint4 *>(yr + head);
-        int64_t i = v0 + tid;
-        for (; i + nt < v1; i += 2 * nt) {
-            const uint4 x0 = xv[i], x1 = xv[i + nt], y0 = yv[i], y1 = yv[i + nt];
-            float x[2 * E], y[2 * E];
-            Elem<T>::unpack(x0, x);
-            Elem<T>::unpack(x1, x + E);
-            Elem<T>::unpack(y0, y);
-            Elem<T>::unpack(y1, y + E);
-            state_update<2 * E>(s, x, y, scale);
-        }
-        if (i < v1) {
-            const uint4 x0 = xv[i], y0 = yv[i];
-            float x[E], y[E];
-            Elem<T>::unpack(x0, x);
-            Elem<T>::unpack(y0, y);
-            state_update<E>(s, x, y, scale);
-        }
-        if (split == S - 1 && tid < V - tail0) update_scalar<T>(s, xr, yr, tail0 + tid, scale);
+    const unsigned d = (unsigned)(((uintptr_t)xr ^ (uintptr_t)yr) & 15u);
+    if (d == 0u) {
+        row_vectors<T, uint4>(s, xr, yr, V, S, split, scale);
+    } else if ((d & 7u) == 0u) {
+        row_vectors<T, Vec8>(s, xr, yr, V, S, split, scale);
+    } else if (sizeof(T) < 4 && (d & 3u) == 0u) {
+        row_vectors<T, unsigned>(s, xr, yr, V, S, split, scale);
     } else {
+        const int64_t tid = threadIdx.x, nt = blockDim.x;
         const int64_t per = (V + S - 1) / S;
         const int64_t e0 = min64(split * per, V), e1 = min64(e0 + per, V);
         for (int64_t j = e0 + tid; j < e1; j += nt) update_scalar<T>(s, xr, yr, j, scale);
@@ -322,7 +362,7 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
     for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
         const int64_t row = item / S, split = item - row * S;
         RowState s = row_chunk<T>(a, row, split);
-        s = state_block_merge(s, red); // valid in warp 0
+        s = state_block_merge(s, red, a.scale); // valid in warp 0
 
         bool row_done = true;
         if (S > 1) {
@@ -346,9 +386,9 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
                     RowState q;
                     q.max_real = __ldcg(p + 0); q.sum_real = __ldcg(p + 1); q.max_masked = __ldcg(p + 2);
                     q.sum_masked = __ldcg(p + 3); q.sum_diff = __ldcg(p + 4); q.sum_centered = __ldcg(p + 5);
-                    m = state_merge(m, q);
+                    m = state_merge(m, q, a.scale);
                 }
-                s = state_warp_merge(m);
+                s = state_warp_merge(m, a.scale);
                 if (lane == 0) a.row_tickets[row] = 0u; // self-cleaning for the next launch
             }
         }
@@ -365,6 +405,11 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
                 const float xa = Elem<T>::load(static_cast<const T *>(a.real) + row * V + target);
                 const float ya = Elem<T>::load(static_cast<const T *>(a.masked) + row * V + target);
                 code = state_finalize(s, xa, ya, a.scale, v);
+                // With trajectories, a non-finite estimator (kl = +inf) would make the turn's
+                // info, and every bonus of the batch, NaN: report it (after any row error).
+                const float est = a.estimator ? v.kl : v.log_ratio;
+                if (code == 0u && a.n_turns > 0 && a.n_traj > 0 && !(fabsf(est) < INFINITY))
+                    code = INFOPO_ERR_ESTIMATOR_NOT_FINITE;
             }
             const int64_t n = a.n_rows;
             a.row_out[0 * n + row] = v.lse_real;
@@ -372,7 +417,7 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
             a.row_out[2 * n + row] = v.log_ratio;
             a.row_out[3 * n + row] = v.kl;
             a.row_out[4 * n + row] = v.entropy_real;
-            if (code) atomicMax(a.error_word, ~((unsigned long long)(a.first_row + row) * 8ull + code));
+            if (code) atomicMax(a.error_word, ~infopo_error_key(a.first_row + row, code));
         }
 
         if (a.n_turns > 0) {

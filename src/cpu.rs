@@ -4,11 +4,11 @@
 
 use crate::backend::Backend;
 use crate::batch::{Batch, Output, RowOutputs};
-use crate::epilogue::{advantages, TurnAccumulator};
+use crate::epilogue::{advantages, turn_of_row, TurnAccumulator};
 use crate::error::{Error, Result, RowErrorKind};
 use crate::logits::{Dtype, LogitData, LogitElement, Logits};
 use crate::params::{Estimator, Params};
-use crate::state::{RowState, RowValues};
+use crate::state::{gap, scaled_logit, RowState, RowValues};
 use crate::validate;
 use rayon::prelude::*;
 
@@ -32,6 +32,9 @@ impl Backend for Cpu {
         let bounds = validate::micro_batches(cuts, batch.real.rows())?;
         let mut values = Vec::with_capacity(batch.real.rows());
         let mut acc = TurnAccumulator::new(layout.as_ref().map_or(0, |l| l.turns()));
+        // The first row whose estimator is not finite, in a batch with trajectories: reported
+        // only once every micro-batch is known free of row errors (those come first).
+        let mut non_finite: Option<Error> = None;
         for w in bounds.windows(2) {
             let (r0, n) = (w[0], w[1] - w[0]);
             let part = score(
@@ -45,9 +48,20 @@ impl Backend for Cpu {
                 other => other,
             })?;
             if let Some(l) = &layout {
-                acc.add_rows(&l.turn_offsets, r0, &estimator_values(&part, params.estimator))?;
+                let est = estimator_values(&part, params.estimator);
+                if l.groups.is_some() && non_finite.is_none() {
+                    if let Some(i) = est.iter().position(|v| !v.is_finite()) {
+                        let row = r0 + i;
+                        non_finite =
+                            Some(Error::NonFiniteTurn { turn: turn_of_row(&l.turn_offsets, row), row: Some(row) });
+                    }
+                }
+                acc.add_rows(&l.turn_offsets, r0, &est)?;
             }
             values.extend(part);
+        }
+        if let Some(e) = non_finite {
+            return Err(e);
         }
         let rows = to_outputs(&values);
         let Some(layout) = layout else {
@@ -139,7 +153,7 @@ pub fn score_row<T: LogitElement>(
     }
     let state = row_state(real, masked, inv_t);
     let a = target as usize;
-    let (xa, ya) = (real[a].to_f32() as f64 * inv_t, masked[a].to_f32() as f64 * inv_t);
+    let (xa, ya) = (scaled_logit(real[a].to_f32(), inv_t), scaled_logit(masked[a].to_f32(), inv_t));
     if !state.sum_real.is_finite() {
         return Err(RowErrorKind::RealNotFinite);
     }
@@ -236,7 +250,8 @@ fn row_state_generic<T: LogitElement, F: MulAdd>(real: &[T], masked: &[T], inv_t
             T::widen(cy, &mut yw[..n]);
             (&xw[..n], &yw[..n])
         };
-        // Pass 1, from memory: scale into f64 and take the chunk's maxima. NaN fails the
+        // Pass 1, from memory: scale into f64 (mask fills beyond ±2^100 become ±∞) and take
+        // the chunk's maxima. NaN fails the
         // comparison and stays out of the max; it (and +∞, through ∞ − ∞) poisons the sums of
         // pass 2 instead, which is how the row errors find it.
         let mut mx = [f64::MIN; LANES];
@@ -248,7 +263,7 @@ fn row_state_generic<T: LogitElement, F: MulAdd>(real: &[T], masked: &[T], inv_t
             .zip(xs.chunks_exact_mut(LANES).zip(ys.chunks_exact_mut(LANES)))
         {
             for j in 0..LANES {
-                let (x, y) = (bx[j] as f64 * inv_t, by[j] as f64 * inv_t);
+                let (x, y) = (scaled_logit(bx[j], inv_t), scaled_logit(by[j], inv_t));
                 ox[j] = x;
                 oy[j] = y;
                 mx[j] = if x > mx[j] { x } else { mx[j] };
@@ -258,7 +273,7 @@ fn row_state_generic<T: LogitElement, F: MulAdd>(real: &[T], masked: &[T], inv_t
         // The tail, padded with −∞ (which contributes nothing).
         for i in whole..padded {
             let (x, y) = if i < n {
-                (fx[i] as f64 * inv_t, fy[i] as f64 * inv_t)
+                (scaled_logit(fx[i], inv_t), scaled_logit(fy[i], inv_t))
             } else {
                 (f64::NEG_INFINITY, f64::NEG_INFINITY)
             };
@@ -290,7 +305,14 @@ fn chunk_sums<F: MulAdd>(xs: &[f64], ys: &[f64], max_real: f64, max_masked: f64)
             let w = exp_nonpositive_with::<F>(xh);
             sr[j] += w;
             sm[j] += exp_nonpositive_with::<F>(yh);
-            sd[j] += if w > 0.0 { w * (xh - yh) } else { 0.0 };
+            // A gap gives +∞ even where w underflows to 0 (see `crate::state`).
+            sd[j] += if gap(xh, yh) {
+                f64::INFINITY
+            } else if w > 0.0 {
+                w * (xh - yh)
+            } else {
+                0.0
+            };
             sc[j] += if w > 0.0 { w * xh } else { 0.0 };
         }
     }

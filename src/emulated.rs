@@ -8,7 +8,7 @@
 
 use crate::backend::Backend;
 use crate::batch::{Advantages, Batch, Output, RowOutputs};
-use crate::error::{Error, Result, RowErrorKind};
+use crate::error::Result;
 use crate::launch::{self, launch_shape, KernelArgs, LaunchShape};
 use crate::logits::Dtype;
 use crate::params::Params;
@@ -149,11 +149,8 @@ impl Emulated {
                 }
             }
             debug_assert!(tickets.grid == 0 && tickets.rows.iter().all(|&x| x == 0), "tickets not self-cleaned");
-            if let Some((row, code)) = launch::decode_error_word(error_word) {
-                let row = row as usize;
-                let kind = RowErrorKind::from_code(code)
-                    .ok_or_else(|| Error::Cuda(format!("emulated kernel reported unknown row error code {code}")))?;
-                return Err(Error::Row { row, kind, target: Some(batch.targets[row]) });
+            if let Some(fault @ launch::KernelFault::Row { .. }) = launch::decode_error_word(error_word)? {
+                return Err(fault.into_error(Some(batch.targets), None));
             }
             for (i, dst) in
                 [&mut rows.lse_real, &mut rows.lse_masked, &mut rows.log_ratio, &mut rows.kl, &mut rows.entropy_real]
@@ -164,6 +161,10 @@ impl Emulated {
             }
         }
 
+        // A non-finite estimator loses to every row error of the batch: reported after them all.
+        if let Some(fault) = launch::decode_error_word(error_word)? {
+            return Err(fault.into_error(Some(batch.targets), layout.as_ref().map(|l| &l.turn_offsets[..])));
+        }
         let advantages = groups.map(|_| Advantages {
             turn_intrinsic,
             turn_intrinsic_norm: turn_norm,

@@ -111,6 +111,12 @@ impl TurnAccumulator {
     }
 }
 
+/// The turn that holds global row `row` (`offsets`: a validated turn CSR with `row` < its last
+/// entry): the last turn starting at or before it, skipping empty turns.
+pub fn turn_of_row(offsets: &[u32], row: usize) -> usize {
+    offsets.partition_point(|&o| o as usize <= row).saturating_sub(1)
+}
+
 /// Outcome moments of one group and the rule for a singleton group (μ = 0, σ = 1).
 fn outcome_mean_std(m: &Moments) -> (f64, f64) {
     if m.count <= 1.0 {
@@ -150,6 +156,10 @@ pub fn advantages(info: &[f64], layout: &Layout, params: &Params) -> Result<Adva
     let eps = params.eps;
 
     let turn_intrinsic: Vec<f64> = info.iter().zip(&layout.turn_credit).map(|(&i, &c)| i / c as f64).collect();
+    // A non-finite value would turn the group pools, the batch std and so every bonus into NaN.
+    if let Some(turn) = turn_intrinsic.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFiniteTurn { turn, row: None });
+    }
 
     let mut outcome = vec![(0.0, 1.0); n_groups];
     let mut pool = vec![(0.0, 1.0); n_groups];

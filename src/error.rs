@@ -68,6 +68,19 @@ pub enum Error {
     #[error("row {row}: {kind}{}", target.map(|t| format!(" (target {t})")).unwrap_or_default())]
     Row { row: usize, kind: RowErrorKind, target: Option<i64> },
 
+    /// With trajectories, a turn whose information gain is not finite (a row's `kl` is +∞: a
+    /// masked −∞ where the real policy has mass, e.g. a padded-vocabulary mismatch) would make
+    /// every `turn_bonus` of the batch NaN. `row` is the first row of the turn whose estimator is
+    /// not finite; `None` from the two-stage API ([`crate::epilogue::advantages`]), which sees
+    /// only per-turn values.
+    #[error(
+        "turn {turn}: its information gain is not finite{}, which would make every turn_bonus NaN \
+         (a masked -inf logit where the real policy has mass gives kl = +inf: check that both \
+         vocabularies match, or use the log-ratio estimator)",
+        row.map(|r| format!(" (row {r}'s estimator is not finite)")).unwrap_or_default()
+    )]
+    NonFiniteTurn { turn: usize, row: Option<usize> },
+
     #[error("invalid turn layout: {what}")]
     Turns { what: String },
 

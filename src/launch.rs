@@ -12,8 +12,8 @@
 //! - `row_out`: `5 * n_rows` f32, written (`row_out[k * n_rows + r]`, k = lse_real, lse_masked,
 //!   log_ratio, kl, entropy_real);
 //! - `error_word`: 1 u64, **zeroed before the first launch of a batch**; after a launch, a
-//!   non-zero word `w` means the lowest row error is `row = !w >> 3` (global), `code = !w & 7`
-//!   ([`decode_error_word`]);
+//!   non-zero word is the batch's first error so far: the lowest row error, else the lowest row
+//!   whose estimator is not finite when the batch has trajectories ([`decode_error_word`]);
 //! - `partials`: [`partials_len`] f32 of scratch (only read when `splits > 1`);
 //! - `row_tickets`: ≥ `n_rows` u32 and `grid_ticket`: 1 u32, **zeroed once when allocated**;
 //!   the kernel returns them to zero itself, so keep them across launches (never memset);
@@ -25,6 +25,8 @@
 //!
 //! A launch with `n_rows = 0` (grid 1) only runs the epilogue (a final micro-batch with no rows).
 
+use crate::epilogue::turn_of_row;
+use crate::error::{Error, Result, RowErrorKind};
 use crate::logits::Dtype;
 use crate::params::{Estimator, Params};
 use std::ffi::c_void;
@@ -203,12 +205,57 @@ pub fn partials_len(rows: usize, splits: u32) -> usize {
     rows * splits as usize * STATE_FLOATS
 }
 
-/// Decodes a non-zero error word into (global row, code).
-pub fn decode_error_word(word: u64) -> Option<(u64, u8)> {
-    (word != 0).then(|| {
-        let v = !word;
-        (v >> 3, (v & 7) as u8)
-    })
+/// Kernel code of [`KernelFault::NonFiniteEstimator`] (`INFOPO_ERR_ESTIMATOR_NOT_FINITE`).
+const CODE_ESTIMATOR_NOT_FINITE: u64 = 8;
+/// Bits of the code in an error key (`infopo_error_key` in `kernels/state.cuh`).
+const CODE_BITS: u32 = 4;
+/// The class bit of an error key: set for code 8, so every row error (class 0) wins over it.
+const CLASS_BIT: u32 = 40;
+
+/// What a non-zero error word reports (global rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFault {
+    /// The batch's first row error (lowest row, then the contract's order).
+    Row { row: usize, kind: RowErrorKind },
+    /// No row error; `row` is the lowest row whose estimator is not finite in a batch with
+    /// trajectories ([`Error::NonFiniteTurn`]).
+    NonFiniteEstimator { row: usize },
+}
+
+impl KernelFault {
+    /// The crate error: `targets` are the batch's host targets (`None` on the device path),
+    /// `turn_offsets` the batch's turn CSR (present whenever the kernel can report code 8).
+    pub fn into_error(self, targets: Option<&[i64]>, turn_offsets: Option<&[u32]>) -> Error {
+        match self {
+            KernelFault::Row { row, kind } => {
+                Error::Row { row, kind, target: targets.and_then(|t| t.get(row).copied()) }
+            }
+            KernelFault::NonFiniteEstimator { row } => match turn_offsets {
+                Some(offsets) => Error::NonFiniteTurn { turn: turn_of_row(offsets, row), row: Some(row) },
+                None => Error::Cuda(format!("kernel reported a non-finite estimator at row {row} without turns")),
+            },
+        }
+    }
+}
+
+/// Decodes the error word (`kernels/state.cuh`: atomicMax of `!key`, key = class·2⁴⁰ + row·16 +
+/// code): `Ok(None)` for 0, an error for a code the kernel cannot write.
+pub fn decode_error_word(word: u64) -> Result<Option<KernelFault>> {
+    if word == 0 {
+        return Ok(None);
+    }
+    let key = !word;
+    let code = key & ((1 << CODE_BITS) - 1);
+    let row = ((key & ((1u64 << CLASS_BIT) - 1)) >> CODE_BITS) as usize;
+    let class = key >> CLASS_BIT;
+    match (class, code) {
+        (1, CODE_ESTIMATOR_NOT_FINITE) => Ok(Some(KernelFault::NonFiniteEstimator { row })),
+        (0, c) => match RowErrorKind::from_code(c as u8) {
+            Some(kind) => Ok(Some(KernelFault::Row { row, kind })),
+            None => Err(Error::Cuda(format!("kernel error word {word:#x}: unknown code {c}"))),
+        },
+        _ => Err(Error::Cuda(format!("kernel error word {word:#x}: unknown class {class}, code {code}"))),
+    }
 }
 
 /// Launch geometry of one call.
@@ -267,8 +314,22 @@ mod tests {
 
     #[test]
     fn error_word_decodes() {
-        assert_eq!(decode_error_word(0), None);
-        assert_eq!(decode_error_word(!(5u64 * 8 + 3)), Some((5, 3)));
+        assert_eq!(decode_error_word(0).unwrap(), None);
+        let row = |row, kind| Some(KernelFault::Row { row, kind });
+        assert_eq!(decode_error_word(!(5u64 * 16 + 3)).unwrap(), row(5, RowErrorKind::MaskedNotFinite));
+        // Rows beyond 2^32 (global rows of many micro-batches) still decode.
+        let big = (1u64 << 33) + 7;
+        assert_eq!(decode_error_word(!(big * 16 + 7)).unwrap(), row(big as usize, RowErrorKind::MaskedTargetNegInf));
+        let est = !((1u64 << 40) + 9 * 16 + 8);
+        assert_eq!(decode_error_word(est).unwrap(), Some(KernelFault::NonFiniteEstimator { row: 9 }));
+        // The class bit makes any row error (larger !key) win the kernel's atomicMax.
+        assert!(!((1u64 << 32) * 16 + 7) > est);
+        assert!(decode_error_word(!(3 * 16 + 9)).is_err());
+        assert!(decode_error_word(!(3 * 16)).is_err());
+        assert!(decode_error_word(!((1u64 << 40) + 3 * 16 + 2)).is_err());
+        let offsets = [0u32, 4, 4, 10];
+        let e = KernelFault::NonFiniteEstimator { row: 4 }.into_error(None, Some(&offsets));
+        assert!(matches!(e, Error::NonFiniteTurn { turn: 2, row: Some(4) }), "{e:?}");
     }
 
     #[cfg(feature = "emulator")]

@@ -32,6 +32,11 @@ impl std::str::FromStr for Estimator {
     }
 }
 
+/// Smallest sampling temperature τs accepted (contract §5).
+pub const MIN_TEMPERATURE: f64 = 1e-3;
+/// Largest sampling temperature τs accepted (contract §5).
+pub const MAX_TEMPERATURE: f64 = 1e3;
+
 /// Parameters of `docs/contract.md`; `Params::default()` is the paper's setting.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Params {
@@ -72,6 +77,11 @@ impl Params {
             }
         };
         positive("temperature", self.temperature)?;
+        // The kernels scale by log2(e)/τs in f32: a tiny τs overflows the scale, a huge one
+        // flushes it (and −∞ logits with it) to NaN on legitimate rows.
+        if !(MIN_TEMPERATURE..=MAX_TEMPERATURE).contains(&self.temperature) {
+            return Err(Error::Param { name: "temperature", value: self.temperature, why: "must be in [1e-3, 1e3]" });
+        }
         positive("gate_temperature", self.gate_temperature)?;
         // ε > 0: a tied group (σ = 0) gets advantage 0/ε = 0, not 0/0.
         positive("eps", self.eps)?;

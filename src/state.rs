@@ -1,5 +1,28 @@
 //! The online row state of `docs/contract.md` §2, in float64 and natural-log units.
 //! `kernels/state.cuh` holds the same state, with the same field names, in f32 and base 2.
+//!
+//! A position whose x is finite but y = −∞ (the masked policy gives zero mass to a token the real
+//! one can emit) makes `sum_diff` +∞, whatever its weight e^x̂ (which may underflow to 0), and
+//! +∞ is sticky through every merge: `kl` = +∞ however the row is split.
+
+/// Raw logits at or below this count as −∞ (mask fills such as `finfo(bf16/f32).min`), contract §2.
+pub const NEG_LIMIT: f64 = -1_267_650_600_228_229_401_496_703_205_376.0; // −2^100
+/// Raw logits at or above this count as +∞ (a row error), contract §2.
+pub const POS_LIMIT: f64 = 1_267_650_600_228_229_401_496_703_205_376.0; // 2^100
+
+/// A raw logit as the contract reads it, divided by the temperature (`inv_t` = 1/τs): ±∞ at or
+/// beyond ±2^100, NaN unchanged.
+#[inline(always)]
+pub fn scaled_logit(raw: f32, inv_t: f64) -> f64 {
+    let x = raw as f64;
+    if x <= NEG_LIMIT {
+        f64::NEG_INFINITY
+    } else if x >= POS_LIMIT {
+        f64::INFINITY
+    } else {
+        x * inv_t
+    }
+}
 
 /// Six numbers that summarise any set of positions of one row pair.
 /// With x̂ = x − max_real, ŷ = y − max_masked and w = e^x̂ over the positions seen:
@@ -13,7 +36,7 @@ pub struct RowState {
     pub max_masked: f64,
     /// Σ e^ŷ
     pub sum_masked: f64,
-    /// Σ w (x̂ − ŷ)
+    /// Σ w (x̂ − ŷ); +∞ once a position has x finite and y = −∞
     pub sum_diff: f64,
     /// Σ w x̂
     pub sum_centered: f64,
@@ -27,6 +50,12 @@ pub struct RowValues {
     pub log_ratio: f64,
     pub kl: f64,
     pub entropy_real: f64,
+}
+
+/// x finite (or +∞) and y = −∞: the position makes `kl` +∞ (NaN x compares false).
+#[inline(always)]
+pub fn gap(x: f64, y: f64) -> bool {
+    x > f64::NEG_INFINITY && y == f64::NEG_INFINITY
 }
 
 impl Default for RowState {
@@ -54,7 +83,8 @@ impl RowState {
         s
     }
 
-    /// Adds one position (the element update of the contract).
+    /// Adds one position (the element update of the contract) with scaled logits x, y (see
+    /// [`scaled_logit`]).
     pub fn push(&mut self, x: f64, y: f64) {
         let mut one = RowState::EMPTY;
         one.max_real = x.max(f64::MIN);
@@ -64,7 +94,13 @@ impl RowState {
         let w = xh.exp();
         one.sum_real = w;
         one.sum_masked = yh.exp();
-        one.sum_diff = if w > 0.0 { w * (xh - yh) } else { 0.0 };
+        one.sum_diff = if gap(x, y) {
+            f64::INFINITY
+        } else if w > 0.0 {
+            w * (xh - yh)
+        } else {
+            0.0
+        };
         one.sum_centered = if w > 0.0 { w * xh } else { 0.0 };
         // NaN and +inf must poison the sums (that is how they are detected).
         if x.is_nan() || x == f64::INFINITY {
@@ -86,8 +122,14 @@ impl RowState {
             let delta = max_real - k.max_real;
             let eta = max_masked - k.max_masked;
             r.sum_real += alpha * k.sum_real;
-            r.sum_centered += alpha * (k.sum_centered - delta * k.sum_real);
-            r.sum_diff += alpha * (k.sum_diff - (delta - eta) * k.sum_real);
+            // A state with no weight, or one whose weight underflows against the new maximum,
+            // adds no centred terms (never 0·∞), but keeps its sticky +∞ (a gap).
+            if alpha > 0.0 && k.sum_real != 0.0 {
+                r.sum_centered += alpha * (k.sum_centered - delta * k.sum_real);
+                r.sum_diff += alpha * (k.sum_diff - (delta - eta) * k.sum_real);
+            } else if k.sum_diff == f64::INFINITY {
+                r.sum_diff = f64::INFINITY;
+            }
             r.sum_masked += (k.max_masked - max_masked).exp() * k.sum_masked;
         }
         r

@@ -481,3 +481,30 @@ fn write_input_round_trips_views() {
     let b = Cpu.compute(&back.as_batch().unwrap(), &Params::default()).unwrap();
     assert_eq!(a, b);
 }
+
+#[test]
+fn temperature_out_of_range_and_non_finite_turn_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    let output = dir.path().join("out.safetensors");
+    raw_file(&input, &raw_batch());
+    for backend in ["cpu", "emulated"] {
+        for temperature in ["1e-9", "2000"] {
+            let run = infopo(&["compute", s(&input), s(&output), "--backend", backend, "--temperature", temperature]);
+            assert_eq!(run.status.code(), Some(2), "{backend} {temperature}: {}", stderr(&run));
+            assert!(stderr(&run).contains("temperature"), "{}", stderr(&run));
+        }
+    }
+    // A masked −inf on a token of row 2 (turn 1: rows 2..4) that the real policy can emit:
+    // kl = +inf, so with the KL estimator turn 1's bonus would be NaN.
+    let mut masked: Vec<f32> = (0..30).map(|i| (i as f32 * 0.53).cos() * 2.0).collect();
+    masked[2 * 5] = f32::NEG_INFINITY;
+    raw_file(&input, &with(raw_batch(), "masked_logits", Some((Dtype::F32, vec![6, 5], f32_bytes(&masked)))));
+    for backend in ["cpu", "emulated"] {
+        let run = infopo(&["compute", s(&input), s(&output), "--backend", backend, "--estimator", "kl"]);
+        let err = stderr(&run);
+        assert_eq!(run.status.code(), Some(2), "{backend}: {err}");
+        assert!(err.contains("turn 1") && err.contains("row 2"), "{backend}: {err}");
+    }
+    assert!(!output.exists());
+}

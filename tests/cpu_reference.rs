@@ -456,3 +456,28 @@ fn kernel_bodies_turns_and_validation() {
     kernel::turns_without_trajectories_and_empty_turns(&cpu::Cpu);
     kernel::validation_errors_are_typed(&cpu::Cpu);
 }
+
+#[test]
+fn kernel_bodies_exact_zeros_gaps_fills_turns_and_temperature() {
+    kernel::peaked_rows_give_exact_zero_log_ratio(&cpu::Cpu);
+    kernel::tiny_probability_gap_gives_infinite_kl(&cpu::Cpu);
+    kernel::mask_fills_count_as_infinities(&cpu::Cpu);
+    kernel::non_finite_turn_info_is_an_error(&cpu::Cpu);
+    kernel::temperature_outside_its_range_is_a_parameter_error(&cpu::Cpu);
+}
+
+/// The two-stage API sees only per-turn values: a non-finite one names the turn.
+#[test]
+fn stage_two_rejects_a_non_finite_turn() {
+    let turns = Turns { offsets: &[0, 2, 3, 5], trajectory: &[0, 0, 1], credit_tokens: &[1, 2, 1] };
+    let traj = Trajectories { group: &[0, 0], outcome: &[1.0, 0.0], tokens: &[4, 3] };
+    let layout = validate::layout(5, &turns, Some(&traj)).unwrap();
+    let p = Params::default();
+    assert!(advantages(&[0.5, -0.25, 1.0], &layout, &p).is_ok());
+    for bad in [f64::INFINITY, f64::NAN, f64::NEG_INFINITY] {
+        match advantages(&[0.5, bad, 1.0], &layout, &p) {
+            Err(Error::NonFiniteTurn { turn: 1, row: None }) => {}
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
+}

@@ -391,3 +391,35 @@ fn launch_discipline_is_checked() {
     batch.check().unwrap();
     a.check_scratch().unwrap();
 }
+
+// ---- Numerics independent of the launch shape (shared bodies) -------------------------------
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn peaked_rows_give_exact_zero_log_ratio() {
+    kernel::peaked_rows_give_exact_zero_log_ratio(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn tiny_probability_gap_gives_infinite_kl() {
+    kernel::tiny_probability_gap_gives_infinite_kl(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn mask_fills_count_as_infinities() {
+    kernel::mask_fills_count_as_infinities(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn non_finite_turn_info_is_an_error() {
+    kernel::non_finite_turn_info_is_an_error(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn temperature_outside_its_range_is_a_parameter_error() {
+    kernel::temperature_outside_its_range_is_a_parameter_error(&gpu());
+}

@@ -35,7 +35,7 @@
 
 use crate::backend::Backend;
 use crate::batch::{Advantages, Batch, Output, RowOutputs};
-use crate::error::{Error, Result, RowErrorKind};
+use crate::error::{Error, Result};
 use crate::launch::{self, launch_shape, KernelArgs};
 use crate::logits::{Dtype, LogitData, LogitElement};
 use crate::params::Params;
@@ -547,13 +547,9 @@ impl DeviceBatch<'_> {
         let stream = self.carried.stream().clone();
         let n = self.carried.len();
         let word = stream.clone_dtoh(&self.carried.slice(n - 1..)).map_err(cuda_err)?[0];
-        match launch::decode_error_word(word) {
+        match launch::decode_error_word(word)? {
             None => Ok(()),
-            Some((row, code)) => Err(Error::Row {
-                row: row as usize,
-                kind: RowErrorKind::from_code(code).ok_or_else(|| Error::Cuda(format!("bad error code {code}")))?,
-                target: None,
-            }),
+            Some(fault) => Err(fault.into_error(None, self.layout.map(|l| &l.layout.turn_offsets[..]))),
         }
     }
 

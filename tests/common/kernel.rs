@@ -83,7 +83,13 @@ pub fn generate(s: &Spec, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<i64>) {
 #[track_caller]
 pub fn check_row(got: &RowOutputs, row: usize, x: &[f64], y: &[f64], target: usize, temperature: f64, what: &str) {
     let o = oracle_row(x, y, target, temperature);
-    let l = x.iter().chain(y).filter(|v| v.is_finite()).fold(0.0f64, |a, v| a.max(v.abs())) / temperature;
+    let l = x
+        .iter()
+        .chain(y)
+        .map(|&v| super::contract_logit(v))
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, |a, v| a.max(v.abs()))
+        / temperature;
     let values = [
         ("lse_real", got.lse_real[row], o.lse_real),
         ("lse_masked", got.lse_masked[row], o.lse_masked),
@@ -286,7 +292,8 @@ fn misaligned<T: LogitElement>(b: &dyn Backend, n: usize, v: usize, real_pad: us
     compare_rows(&out.rows, &rf, &mf, targets, v, 1.0, &what);
 }
 
-/// Real and masked rows at different 16-byte offsets (the kernel's scalar path): the values
+/// Real and masked rows at different 16-byte offsets (the kernel's 8-byte, 4-byte or scalar
+/// path, by the alignment they share): the values
 /// must not change. On a host-data backend the offsets are those of the host slices (the CUDA
 /// backend copies them into fresh device buffers; tests/cuda_kernel.rs offsets device views).
 pub fn real_and_masked_with_different_alignment(b: &dyn Backend) {
@@ -296,6 +303,16 @@ pub fn real_and_masked_with_different_alignment(b: &dyn Backend) {
     // Both offset differently, through slice_rows of a larger tensor (odd V).
     misaligned::<bf16>(b, 4, 333, 0, 3, true);
     misaligned::<f32>(b, 3, 1001, 2, 1, true);
+    // Offsets that agree mod 8 or mod 4 but not mod 16 (the kernels' 8- and 4-byte vectors):
+    // 8 bytes apart, whole and split rows; 4 bytes apart (f16/bf16); sliced rows of odd V whose
+    // offsets then vary from row to row.
+    misaligned::<bf16>(b, 3, 1000, 0, 4, false);
+    misaligned::<f16>(b, 2, 50257, 4, 0, false);
+    misaligned::<f32>(b, 3, 999, 0, 2, false);
+    misaligned::<f16>(b, 3, 1000, 0, 2, false);
+    misaligned::<bf16>(b, 2, 50257, 2, 0, false);
+    misaligned::<bf16>(b, 5, 333, 0, 2, true);
+    misaligned::<f16>(b, 4, 1001, 4, 0, true);
 }
 
 /// Two runs of the same batch are equal bit for bit: the split path (row tickets, partials)
@@ -563,4 +580,253 @@ pub fn validation_errors_are_typed(b: &dyn Backend) {
     let traj = Trajectories { group: &[0], outcome: &[1.0], tokens: &[1] };
     let e = b.compute(&batch.with_turns(turns).with_trajectories(traj), &Params::default());
     assert!(matches!(e, Err(Error::Trajectories { .. })), "{e:?}");
+}
+
+// ------------------------------------------------------------------------------------------
+// Numerics that must not depend on the backend or the launch shape.
+
+/// [n, v] logits given as f32, rounded to T, through `b` with `params`: the result and the
+/// logits as f64 exactly as the backend read them.
+fn run_rows<T: LogitElement>(
+    b: &dyn Backend,
+    (r, m, targets): (&[f32], &[f32], &[i64]),
+    v: usize,
+    params: &Params,
+) -> (Result<Output, Error>, Vec<f64>, Vec<f64>) {
+    let n = targets.len();
+    let (real, masked) = (to_dtype::<T>(r), to_dtype::<T>(m));
+    let batch = Batch::rows(Logits::new(&real, n, v).unwrap(), Logits::new(&masked, n, v).unwrap(), targets);
+    (b.compute(&batch, params), to_f64(&real), to_f64(&masked))
+}
+
+/// `run_rows` in dtype 0 = f32, 1 = f16, 2 = bf16.
+fn run_rows_in(
+    dtype: usize,
+    b: &dyn Backend,
+    data: (&[f32], &[f32], &[i64]),
+    v: usize,
+    params: &Params,
+) -> (Result<Output, Error>, Vec<f64>, Vec<f64>) {
+    match dtype {
+        0 => run_rows::<f32>(b, data, v, params),
+        1 => run_rows::<f16>(b, data, v, params),
+        _ => run_rows::<bf16>(b, data, v, params),
+    }
+}
+
+const DTYPE_NAMES: [&str; 3] = ["f32", "f16", "bf16"];
+
+/// Confident rows: the target is the maximum of both rows and every other token lies at least
+/// 60 nats (after the temperature) below it, so both log-sum-exps equal the maximum in f64 and in
+/// f32 (the other terms vanish next to 1) and log_ratio is exactly 0. Some other tokens are −∞.
+pub fn peaked(n: usize, v: usize, temperature: f64, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<i64>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let gap = (60.0 * temperature) as f32;
+    let (mut real, mut masked, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..n {
+        let a = rng.gen_range(0..v);
+        targets.push(a as i64);
+        let (top_r, top_m) = (rng.gen_range(-8.0f32..25.0), rng.gen_range(-8.0f32..25.0));
+        for i in 0..v {
+            let below = |top: f32, rng: &mut StdRng| {
+                if rng.gen_bool(0.05) {
+                    f32::NEG_INFINITY
+                } else {
+                    top - gap - rng.gen::<f32>() * 20.0
+                }
+            };
+            real.push(if i == a { top_r } else { below(top_r, &mut rng) });
+            masked.push(if i == a { top_m } else { below(top_m, &mut rng) });
+        }
+    }
+    (real, masked, targets)
+}
+
+/// A row whose target is the argmax of both policies, the other tokens far below, has
+/// log_ratio exactly 0 (as PyTorch's x − max gives), in every dtype, shape (split rows included)
+/// and temperature; so such turns have intrinsic exactly 0 and stay out of the group pools.
+pub fn peaked_rows_give_exact_zero_log_ratio(b: &dyn Backend) {
+    for &(n, v) in &[(1usize, 1usize), (3, 7), (64, 31), (5, 1000), (2, 50257), (1, 151936)] {
+        for (k, &temperature) in [1.0, 0.7, 2.5].iter().enumerate() {
+            let (r, m, targets) = peaked(n, v, temperature, (n * 7919 + v + k) as u64);
+            let params = Params { temperature, ..Params::default() };
+            for (dtype, name) in DTYPE_NAMES.iter().enumerate() {
+                let (got, rf, mf) = run_rows_in(dtype, b, (&r, &m, &targets), v, &params);
+                let out = got.unwrap();
+                let what = format!("{} {name} N={n} V={v} τs={temperature}", b.name());
+                compare_rows(&out.rows, &rf, &mf, &targets, v, temperature, &what);
+                for (row, &a) in targets.iter().enumerate() {
+                    let range = row * v..(row + 1) * v;
+                    let o = oracle_row(&rf[range.clone()], &mf[range], a as usize, temperature);
+                    assert_eq!(o.log_ratio, 0.0, "{what} row {row}: the data should be peaked");
+                    let got = out.rows.log_ratio[row];
+                    assert!(got == 0.0, "{what} row {row}: log_ratio {got:e} is not exactly 0");
+                }
+            }
+        }
+    }
+    // Through the epilogue: every turn's intrinsic value is exactly 0, so none enters a pool.
+    let l = layout();
+    let (r, m, targets) = peaked(64, 31, 1.3, 97);
+    let (real, masked) = (to_dtype::<bf16>(&r), to_dtype::<bf16>(&m));
+    let batch = Batch::rows(Logits::new(&real, 64, 31).unwrap(), Logits::new(&masked, 64, 31).unwrap(), &targets)
+        .with_turns(l.turns())
+        .with_trajectories(l.trajectories());
+    let out = b.compute(&batch, &Params { temperature: 1.3, ..Params::default() }).unwrap();
+    let adv = out.advantages.unwrap();
+    assert!(adv.turn_intrinsic.iter().all(|&v| v == 0.0), "{}: {:?}", b.name(), adv.turn_intrinsic);
+    assert!(adv.turn_intrinsic_norm.iter().all(|&v| v == 0.0), "{}: {:?}", b.name(), adv.turn_intrinsic_norm);
+    assert!(adv.turn_bonus.iter().all(|&v| v == 0.0), "{}: {:?}", b.name(), adv.turn_bonus);
+}
+
+/// A masked −∞ on a token whose real probability is tiny makes kl +∞ wherever it sits: before
+/// or after the row maximum, in another split of the row, in a scalar head or tail. Depths (nats
+/// below the maximum, after the temperature): 95 puts the probability between 2⁻¹⁴⁹ and 2⁻¹²⁶
+/// (flushed to 0 only with flush-to-zero, as on the GPU), 1000 below every f32 and f64 weight.
+pub fn tiny_probability_gap_gives_infinite_kl(b: &dyn Backend) {
+    for &(n, v) in &[(4usize, 7usize), (6, 1000), (3, 4099), (2, 50257), (1, 151936)] {
+        for &depth in &[95.0f64, 1000.0] {
+            for (k, &temperature) in [1.0, 2.0].iter().enumerate() {
+                let seed = (v * 31 + n + k) as u64 + depth as u64;
+                let (mut r, mut m, targets) = generate(&Spec::new(n, v), seed);
+                let mut rng = StdRng::seed_from_u64(seed);
+                for row in 0..n {
+                    let a = targets[row] as usize;
+                    // Maximum and gap: first/last, last/first, then two random placements.
+                    let (top, gap) = match row % 4 {
+                        0 => (0, v - 1),
+                        1 => (v - 1, 0),
+                        _ => (rng.gen_range(0..v), rng.gen_range(0..v)),
+                    };
+                    let mut g = gap;
+                    while g == a || g == top {
+                        g = (g + 1) % v;
+                    }
+                    r[row * v + top] = 30.0;
+                    r[row * v + g] = 30.0 - (depth * temperature) as f32;
+                    m[row * v + g] = f32::NEG_INFINITY;
+                }
+                let params = Params { temperature, ..Params::default() };
+                for (dtype, name) in DTYPE_NAMES.iter().enumerate() {
+                    let (got, rf, mf) = run_rows_in(dtype, b, (&r, &m, &targets), v, &params);
+                    let out = got.unwrap();
+                    let what = format!("{} {name} N={n} V={v} depth {depth} τs={temperature}", b.name());
+                    assert!(out.rows.kl.iter().all(|k| *k == f32::INFINITY), "{what}: kl {:?}", out.rows.kl);
+                    compare_rows(&out.rows, &rf, &mf, &targets, v, temperature, &what);
+                }
+            }
+        }
+    }
+}
+
+/// Logit processors mask with `finfo(dtype).min` (−3.39e38 in bf16 and f32): a raw logit at or
+/// below −2¹⁰⁰ counts as −∞ (so a masked fill where the real token has mass gives kl = +∞, as
+/// −∞ does), one at or above +2¹⁰⁰ as +∞ (a row error); whole rows or targets of fills are
+/// the −∞ row errors.
+pub fn mask_fills_count_as_infinities(b: &dyn Backend) {
+    let fills = [f32::MIN, bf16::MIN.to_f32(), -(2f32.powi(100))];
+    for &(n, v) in &[(8usize, 37usize), (3, 5000), (2, 50257)] {
+        for (k, &temperature) in [1.0, 0.5, 3.0].iter().enumerate() {
+            let seed = (v + 13 * n + k) as u64;
+            let (mut r, mut m, targets) = generate(&Spec::new(n, v), seed);
+            let mut rng = StdRng::seed_from_u64(seed);
+            for row in 0..n {
+                for i in (0..v).filter(|&i| i != targets[row] as usize) {
+                    let fill = fills[rng.gen_range(0..fills.len())];
+                    match rng.gen_range(0..12) {
+                        0 => r[row * v + i] = fill,
+                        1 => m[row * v + i] = fill,
+                        2 => (r[row * v + i], m[row * v + i]) = (fill, fill),
+                        _ => {}
+                    }
+                }
+                // At least one masked fill where the real token has mass: kl = +∞.
+                let o = row * v + if targets[row] == 0 { 1 } else { 0 };
+                (r[o], m[o]) = (1.0, fills[row % fills.len()]);
+            }
+            let params = Params { temperature, ..Params::default() };
+            for dtype in [0, 2] {
+                let (got, rf, mf) = run_rows_in(dtype, b, (&r, &m, &targets), v, &params);
+                let out = got.unwrap();
+                let what = format!("{} {} N={n} V={v} fills τs={temperature}", b.name(), DTYPE_NAMES[dtype]);
+                assert!(out.rows.kl.iter().all(|k| *k == f32::INFINITY), "{what}: kl {:?}", out.rows.kl);
+                compare_rows(&out.rows, &rf, &mf, &targets, v, temperature, &what);
+            }
+        }
+    }
+    let pos_limit = 2f32.powi(100);
+    for &v in &[37usize, 50257] {
+        let row = |r: usize| r * v;
+        let other = |t: &[i64], r: usize| row(r) + if t[r] == 0 { 1 } else { 0 };
+        expect_error::<f32>(b, 5, v, |_, y, _| y[row(2)..row(3)].fill(f32::MIN));
+        expect_error::<bf16>(b, 5, v, |x, _, _| x[row(1)..row(2)].fill(bf16::MIN.to_f32()));
+        expect_error::<f32>(b, 5, v, |x, _, t| x[row(3) + t[3] as usize] = -pos_limit);
+        expect_error::<bf16>(b, 5, v, |_, y, t| y[row(0) + t[0] as usize] = bf16::MIN.to_f32());
+        expect_error::<f32>(b, 5, v, |x, _, t| x[other(t, 2)] = pos_limit);
+        expect_error::<bf16>(b, 5, v, |_, y, t| y[other(t, 4)] = bf16::MAX.to_f32());
+    }
+}
+
+/// With trajectories, a turn whose info is not finite (a row with kl = +∞ under the KL
+/// estimator) is a typed error naming the turn and the row, after any row error of the batch
+/// (in any micro-batch); the +∞ row itself stays a valid output without trajectories, and the
+/// log-ratio estimator is unaffected.
+pub fn non_finite_turn_info_is_an_error(b: &dyn Backend) {
+    let l = layout();
+    let v = 31;
+    let (r, mut m, mut targets) = generate(&Spec::new(64, v), 81);
+    // Rows 33 (turn 6: rows 31..40) and 45 (turn 8): a masked −∞ where the real token has mass.
+    for row in [33usize, 45] {
+        let o = if targets[row] == 0 { 1 } else { 0 };
+        m[row * v + o] = f32::NEG_INFINITY;
+    }
+    let kl = Params { estimator: Estimator::Kl, ..Params::default() };
+    let run = |m: &[f32], targets: &[i64], p: &Params, cuts: Option<&[usize]>, trajectories: bool| {
+        let batch =
+            Batch::rows(Logits::new(&r, 64, v).unwrap(), Logits::new(m, 64, v).unwrap(), targets).with_turns(l.turns());
+        let batch = if trajectories { batch.with_trajectories(l.trajectories()) } else { batch };
+        match cuts {
+            Some(c) => b.compute_micro_batched(&batch, p, c),
+            None => b.compute(&batch, p),
+        }
+    };
+    for cuts in [None, Some(&[20usize, 40][..]), Some(&[33, 34, 64][..])] {
+        match run(&m, &targets, &kl, cuts, true) {
+            Err(Error::NonFiniteTurn { turn: 6, row: Some(33) }) => {}
+            other => panic!("{} cuts {cuts:?}: {other:?}", b.name()),
+        }
+    }
+    let e = run(&m, &targets, &kl, None, true).unwrap_err().to_string();
+    assert!(e.contains("turn 6") && e.contains("row 33"), "{e}");
+    // Turns only: no advantages, turn_info +∞ is the true mean; rows keep kl = +∞.
+    let out = run(&m, &targets, &kl, None, false).unwrap();
+    assert_eq!(out.turn_info.as_ref().unwrap()[6], f64::INFINITY);
+    assert_eq!(out.rows.kl[33], f32::INFINITY);
+    // The log-ratio estimator never sees the +∞.
+    let out = run(&m, &targets, &Params::default(), None, true).unwrap();
+    assert!(out.advantages.unwrap().turn_bonus.iter().all(|x| x.is_finite()));
+    // A row error anywhere in the batch wins, even in a later micro-batch.
+    targets[50] = -1;
+    for cuts in [None, Some(&[40usize][..])] {
+        match run(&m, &targets, &kl, cuts, true) {
+            Err(Error::Row { row: 50, kind: infopo_kernels::RowErrorKind::TargetOutOfRange, .. }) => {}
+            other => panic!("{} cuts {cuts:?}: {other:?}", b.name()),
+        }
+    }
+}
+
+/// τs outside [1e-3, 1e3] is a parameter error on every backend; the bounds themselves work
+/// (with −∞ entries) and match the oracle.
+pub fn temperature_outside_its_range_is_a_parameter_error(b: &dyn Backend) {
+    let s = Spec { neg_inf: 0.1, ..Spec::new(4, 300) };
+    let (r, m, targets) = generate(&s, 91);
+    let batch = Batch::rows(Logits::new(&r, 4, 300).unwrap(), Logits::new(&m, 4, 300).unwrap(), &targets);
+    for t in [1e-9, 9.9e-4, 1000.5, 1e9] {
+        let got = b.compute(&batch, &Params { temperature: t, ..Params::default() });
+        assert!(matches!(got, Err(Error::Param { name: "temperature", .. })), "{} τs={t}: {got:?}", b.name());
+    }
+    for t in [1e-3, 1e3] {
+        check_rows::<f32>(b, &Spec { temperature: t, ..s }, 92);
+        check_rows::<bf16>(b, &Spec { temperature: t, ..s }, 93);
+    }
 }

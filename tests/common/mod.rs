@@ -19,9 +19,22 @@ pub struct OracleRow {
     pub entropy_real: f64,
 }
 
+/// A raw logit as the contract reads it: at or below −2¹⁰⁰ it is −∞ (a mask fill such as
+/// `finfo.min`), at or above +2¹⁰⁰ it is +∞.
+pub fn contract_logit(v: f64) -> f64 {
+    let limit = 2f64.powi(100);
+    if v <= -limit {
+        f64::NEG_INFINITY
+    } else if v >= limit {
+        f64::INFINITY
+    } else {
+        v
+    }
+}
+
 pub fn oracle_row(real: &[f64], masked: &[f64], target: usize, temperature: f64) -> OracleRow {
-    let x: Vec<f64> = real.iter().map(|v| v / temperature).collect();
-    let y: Vec<f64> = masked.iter().map(|v| v / temperature).collect();
+    let x: Vec<f64> = real.iter().map(|&v| contract_logit(v) / temperature).collect();
+    let y: Vec<f64> = masked.iter().map(|&v| contract_logit(v) / temperature).collect();
     let lse = |v: &[f64]| {
         let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         m + v.iter().map(|&e| (e - m).exp()).sum::<f64>().ln()
@@ -35,6 +48,11 @@ pub fn oracle_row(real: &[f64], masked: &[f64], target: usize, temperature: f64)
             kl += p * ((x[i] - lx) - (y[i] - ly));
             px += p * x[i];
         }
+    }
+    // A token the real policy can emit (x finite: p > 0 in exact arithmetic, however small its
+    // f64 value) that the masked policy cannot: KL = +∞.
+    if x.iter().zip(&y).any(|(&a, &b)| a.is_finite() && b == f64::NEG_INFINITY) {
+        kl = f64::INFINITY;
     }
     OracleRow {
         lse_real: lx,
@@ -53,6 +71,8 @@ pub fn oracle_code(real: &[f64], masked: &[f64], target: i64) -> Option<RowError
         return Some(TargetOutOfRange);
     }
     let a = target as usize;
+    let real: &[f64] = &real.iter().map(|&v| contract_logit(v)).collect::<Vec<_>>();
+    let masked: &[f64] = &masked.iter().map(|&v| contract_logit(v)).collect::<Vec<_>>();
     let bad = |s: &[f64]| s.iter().any(|x| x.is_nan() || *x == f64::INFINITY);
     let all_neg = |s: &[f64]| s.iter().all(|x| *x == f64::NEG_INFINITY);
     if bad(real) {
