@@ -11,7 +11,7 @@ pub struct RunArgs {
     /// Per-row value a turn's information gain averages.
     #[arg(long, value_enum, default_value_t = EstimatorArg::LogRatio)]
     pub estimator: EstimatorArg,
-    /// τs: logits are divided by it (> 0).
+    /// τs: logits are divided by it (in [1e-3, 1e3]).
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub temperature: f64,
     /// β: weight of the intrinsic bonus.
@@ -20,7 +20,7 @@ pub struct RunArgs {
     /// τ of the variance gate sigmoid(−σ_g/τ) (> 0).
     #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
     pub gate_temperature: f64,
-    /// ε added to standard deviations (≥ 0).
+    /// ε added to standard deviations (> 0).
     #[arg(long, default_value_t = 1e-6, allow_negative_numbers = true)]
     pub eps: f64,
     /// Do not normalise intrinsic values within each group.
