@@ -394,7 +394,7 @@ mod on_cuda {
 
     /// A candle tensor of shape `[len]` owning `slice` (which may hold more elements: the
     /// device API pads empty buffers to one element).
-    fn wrap<T: CudaDType + WithDType>(slice: CudaSlice<T>, len: usize, device: &CudaDevice) -> Result<Tensor> {
+    fn wrap<T: CudaDType>(slice: CudaSlice<T>, len: usize, device: &CudaDevice) -> Result<Tensor> {
         let held = slice.len();
         let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, device.clone()));
         let tensor = Tensor::from_storage(storage, held, BackpropOp::none(), false);
@@ -452,7 +452,9 @@ mod on_cuda {
     fn rows_tensor(row_out: Option<CudaSlice<f32>>, n: usize, device: &CudaDevice) -> Result<Tensor> {
         match row_out {
             Some(row_out) => Ok(wrap(row_out, 5 * n, device)?.reshape((5, n))?),
-            None => Ok(Tensor::zeros((5, 0), DType::F32, &Device::Cuda(device.clone()))?),
+            // No rows: an empty tensor over a one-element buffer (cudarc allocates no 0-length
+            // buffers, as `crate::cuda` pads its own).
+            None => Ok(wrap(device.alloc_zeros::<f32>(1)?, 0, device)?.reshape((5, 0))?),
         }
     }
 
