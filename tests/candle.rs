@@ -104,17 +104,30 @@ fn row_outputs_match_candle_f64_ops_whole_and_row_sliced() {
 
 #[test]
 fn output_rows_are_in_the_documented_order() {
-    // Identical real and masked logits: log_ratio = kl = 0 and lse_real = lse_masked; a
-    // uniform row over V tokens has lse = ln V and entropy ln V.
-    let (rows, vocab) = (3, 50);
+    // Real logits uniform over V; masked ones the same but with the target's logit raised by
+    // a. Closed forms: lse_real = entropy = ln V, lse_masked = ln(V − 1 + e^a),
+    // log_ratio = −ln V − (a − lse_masked), kl = −ln V + lse_masked − a/V: five distinct values.
+    let (rows, vocab, a) = (3usize, 50usize, 2.0f64);
+    let targets = [0u32, 7, 49];
     let real = Tensor::zeros((rows, vocab), DType::F32, &Device::Cpu).unwrap();
-    let targets = Tensor::new(&[0u32, 7, 49], &Device::Cpu).unwrap();
-    let out = score_rows(&real, &real, &targets, &Params::default()).unwrap();
-    let row = |k: usize| out.i(k).unwrap().to_vec1::<f32>().unwrap();
-    let ln_v = (vocab as f32).ln();
-    for (k, want) in [(LSE_REAL, ln_v), (LSE_MASKED, ln_v), (LOG_RATIO, 0.0), (KL, 0.0), (ENTROPY_REAL, ln_v)] {
-        for got in row(k) {
-            assert!((got - want).abs() < 1e-5, "{}: {got} vs {want}", ROW_OUTPUTS[k]);
+    let mut masked = vec![vec![0f32; vocab]; rows];
+    for (row, &t) in masked.iter_mut().zip(&targets) {
+        row[t as usize] = a as f32;
+    }
+    let masked = Tensor::new(masked, &Device::Cpu).unwrap();
+    let out = score_rows(&real, &masked, &Tensor::new(&targets, &Device::Cpu).unwrap(), &Params::default()).unwrap();
+    let v = vocab as f64;
+    let lse_masked = (v - 1.0 + a.exp()).ln();
+    let want = [
+        (LSE_REAL, v.ln()),
+        (LSE_MASKED, lse_masked),
+        (LOG_RATIO, -v.ln() - (a - lse_masked)),
+        (KL, -v.ln() + lse_masked - a / v),
+        (ENTROPY_REAL, v.ln()),
+    ];
+    for (k, want) in want {
+        for got in out.i(k).unwrap().to_vec1::<f32>().unwrap() {
+            assert!((got as f64 - want).abs() < 1e-5, "{}: {got} vs {want}", ROW_OUTPUTS[k]);
         }
     }
 }
