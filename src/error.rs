@@ -107,6 +107,27 @@ pub enum Error {
 
     #[error("CUDA error: {0}")]
     Cuda(String),
+
+    // Tensor interop (feature `candle`): the variants are always present so a match on
+    // `Error` does not depend on the features.
+    /// Two input tensors live on different devices.
+    #[error("device mismatch: `{first}` is on {first_device}, `{second}` is on {second_device}")]
+    DeviceMismatch { first: &'static str, first_device: String, second: &'static str, second_device: String },
+
+    /// An input tensor has a dtype this entry point does not take.
+    #[error("tensor `{tensor}` has dtype {dtype}, expected {expected}")]
+    UnsupportedDtype { tensor: &'static str, dtype: String, expected: &'static str },
+
+    /// An input tensor's rows are not contiguous in memory (strided or transposed): call
+    /// `.contiguous()` on it first (which copies).
+    #[error(
+        "tensor `{tensor}` is not row-contiguous (shape {shape}, stride {stride}): call .contiguous() on it first"
+    )]
+    NotContiguous { tensor: &'static str, shape: String, stride: String },
+
+    /// An error reported by candle itself (e.g. while reading a tensor's storage).
+    #[error("candle: {0}")]
+    Candle(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

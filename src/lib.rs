@@ -11,6 +11,9 @@
 //! - `emulated::Emulated` (feature `emulator`): the CUDA kernel source compiled as host C++;
 //! - `cuda::CudaBackend` (feature `cuda`): the kernels on a GPU through cudarc.
 //!
+//! With feature `candle`, `candle::score_rows` and `candle::compute` take and return candle
+//! tensors (CPU tensors on the CPU backend, CUDA tensors zero-copy on candle's stream).
+//!
 //! ```
 //! use infopo_kernels::{Backend, Batch, Logits, Params, cpu::Cpu};
 //! let (n, v) = (2, 4);
@@ -45,6 +48,9 @@ pub mod emulated;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+
+#[cfg(feature = "candle")]
+pub mod candle;
 
 /// The README's examples, compiled and run by `cargo test` so they cannot rot.
 #[cfg(doctest)]

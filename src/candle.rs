@@ -1,0 +1,512 @@
+//! candle tensors in, candle tensors out (feature `candle`).
+//!
+//! - [`score_rows`]: the per-row outputs of two `[N, V]` logit tensors as one `[5, N]` F32
+//!   tensor (rows in the order of [`ROW_OUTPUTS`]);
+//! - [`compute`]: a whole batch (rows, turns, trajectories) as a [`BatchOutput`] of tensors.
+//!
+//! Tensors on the CPU run on the float64 reference backend ([`crate::cpu::Cpu`]), reading the
+//! logits in place. CUDA tensors (this crate built with `cuda` as well, which turns on
+//! candle-core's `cuda`) run the kernels on candle's own stream, reading candle's device
+//! buffers in place and returning outputs that are candle device buffers: nothing of size N·V
+//! is copied. Other devices (Metal) are an [`Error::BackendUnavailable`].
+//!
+//! # Inputs
+//! - `real`, `masked`: `[N, V]`, both F32, F16 or BF16, on the same device. Their rows must be
+//!   contiguous and adjacent in memory (candle's `is_contiguous`), at any start offset: a row
+//!   slice of a bigger tensor (`logits.narrow(0, start, len)`) is read in place. A tensor that
+//!   is not (a transpose, a column slice `narrow(1, …)`, a broadcast) is an
+//!   [`Error::NotContiguous`] rather than a silent copy of N·V elements; call `.contiguous()`
+//!   on it if the copy is what you want.
+//! - `targets`: `[N]`, U32 or I64, contiguous, on the logits' device. I64 is read in place;
+//!   U32 is widened to I64 first (an N-element copy; the kernels read i64 ids).
+//!
+//! Every bad input is an [`Error`]: a dtype, shape or device mismatch names both tensors
+//! ([`Error::DtypeMismatch`], [`Error::Shape`], [`Error::DeviceMismatch`]), a dtype the entry
+//! point does not take is [`Error::UnsupportedDtype`]. Row data errors (a NaN logit, a target
+//! outside `0..V`, …) are [`Error::Row`] as on every backend: on CUDA that means each call
+//! waits for candle's stream once, to read the batch's error word (8 bytes).
+//!
+//! # Example
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use infopo_kernels::{candle::score_rows, Params};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let device = Device::Cpu; // or Device::new_cuda(0)? with the `cuda` feature
+//! // Logits of 6 rows over a vocabulary of 11 tokens, with and without the user's feedback;
+//! // the last 4 rows are a row slice, read in place.
+//! let real = Tensor::randn(0f32, 1.0, (6, 11), &device)?.to_dtype(DType::BF16)?;
+//! let masked = Tensor::randn(0f32, 1.0, (6, 11), &device)?.to_dtype(DType::BF16)?;
+//! let targets = Tensor::new(&[3u32, 1, 4, 1, 5, 9], &device)?;
+//! let rows = score_rows(&real.narrow(0, 2, 4)?, &masked.narrow(0, 2, 4)?, &targets.narrow(0, 2, 4)?, &Params::default())?;
+//! assert_eq!(rows.dims(), &[5, 4]);
+//! let kl = rows.get(infopo_kernels::candle::KL)?; // [4] F32 on `device`
+//! assert!(kl.to_vec1::<f32>()?.iter().all(|&x| x >= 0.0));
+//! # Ok(())
+//! # }
+//! ```
+
+use crate::backend::Backend;
+use crate::batch::{Advantages, Batch, Output, RowOutputs, Trajectories, Turns};
+use crate::cpu::Cpu;
+use crate::error::{Error, Result};
+use crate::logits::{Dtype, Logits};
+use crate::params::Params;
+use candle_core::{DType, Device, DeviceLocation, Layout, Storage, Tensor, WithDType};
+use std::borrow::Cow;
+
+/// The rows of [`score_rows`]'s `[5, N]` output, in order.
+pub const ROW_OUTPUTS: [&str; 5] = ["lse_real", "lse_masked", "log_ratio", "kl", "entropy_real"];
+/// Row of `lse_real` in [`score_rows`]'s output.
+pub const LSE_REAL: usize = 0;
+/// Row of `lse_masked` in [`score_rows`]'s output.
+pub const LSE_MASKED: usize = 1;
+/// Row of `log_ratio` in [`score_rows`]'s output.
+pub const LOG_RATIO: usize = 2;
+/// Row of `kl` in [`score_rows`]'s output.
+pub const KL: usize = 3;
+/// Row of `entropy_real` in [`score_rows`]'s output.
+pub const ENTROPY_REAL: usize = 4;
+
+const LOGIT_DTYPES: &str = "f32, f16 or bf16";
+const TARGET_DTYPES: &str = "u32 or i64";
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e.to_string())
+    }
+}
+
+/// Per-row outputs of paired logits (contract §2): a `[5, N]` F32 tensor on the inputs'
+/// device, rows `lse_real, lse_masked, log_ratio, kl, entropy_real` ([`ROW_OUTPUTS`]).
+/// See the [module docs](self) for what the inputs may be.
+pub fn score_rows(real: &Tensor, masked: &Tensor, targets: &Tensor, params: &Params) -> Result<Tensor> {
+    params.validate()?;
+    let shape = check_inputs(real, masked, targets)?;
+    match real.device() {
+        Device::Cpu => {
+            let rows = with_cpu_inputs(real, masked, targets, &shape, |real, masked, targets| {
+                Cpu.score_rows(real, masked, targets, params)
+            })?;
+            rows_tensor(&rows, &Device::Cpu)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(device) => on_cuda::score_rows(device, real, masked, targets, &shape, params),
+        other => Err(no_backend(other)),
+    }
+}
+
+/// Everything [`compute`] returns, as tensors on the inputs' device.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct BatchOutput {
+    /// `[5, N]` F32, as [`score_rows`] returns.
+    pub rows: Tensor,
+    /// `[T]` F64: the mean estimator of each turn.
+    pub turn_info: Tensor,
+    /// Present when the batch has trajectories.
+    pub advantages: Option<AdvantageTensors>,
+}
+
+/// The turn- and trajectory-level outputs (contract §4), F64 like [`Advantages`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct AdvantageTensors {
+    /// `[T]` info_t / credit_t.
+    pub turn_intrinsic: Tensor,
+    /// `[T]` norm_t.
+    pub turn_intrinsic_norm: Tensor,
+    /// `[T]` bonus_t, added to each credited token of turn t.
+    pub turn_bonus: Tensor,
+    /// `[B]` outcome advantage, added to every token of trajectory i.
+    pub trajectory_advantage: Tensor,
+    /// `[B]` sigmoid(−σ_g/τ) of the trajectory's group.
+    pub trajectory_gate: Tensor,
+    /// `[3]`: outcome_std, intrinsic_std, magnitude_ratio.
+    pub batch_stats: Tensor,
+    // Token-level advantages (issue 7 §4: `token_advantage` [M], trajectory-major) belong here,
+    // next to the values they are built from; the struct is non_exhaustive so adding them is
+    // not a breaking change.
+}
+
+impl BatchOutput {
+    /// The same outputs as host data, in the crate's [`Output`] (a copy; waits for the device).
+    pub fn to_output(&self) -> Result<Output> {
+        let f64s = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_vec1::<f64>()?) };
+        let rows: Vec<Vec<f32>> = self.rows.to_vec2::<f32>()?;
+        let [lse_real, lse_masked, log_ratio, kl, entropy_real]: [Vec<f32>; 5] =
+            rows.try_into().map_err(|_| Error::shape("BatchOutput::rows is not [5, N]"))?;
+        let advantages = match &self.advantages {
+            None => None,
+            Some(a) => {
+                let stats = f64s(&a.batch_stats)?;
+                Some(Advantages {
+                    turn_intrinsic: f64s(&a.turn_intrinsic)?,
+                    turn_intrinsic_norm: f64s(&a.turn_intrinsic_norm)?,
+                    turn_bonus: f64s(&a.turn_bonus)?,
+                    trajectory_advantage: f64s(&a.trajectory_advantage)?,
+                    trajectory_gate: f64s(&a.trajectory_gate)?,
+                    outcome_std: stats[0],
+                    intrinsic_std: stats[1],
+                    magnitude_ratio: stats[2],
+                })
+            }
+        };
+        Ok(Output {
+            rows: RowOutputs { lse_real, lse_masked, log_ratio, kl, entropy_real },
+            turn_info: Some(f64s(&self.turn_info)?),
+            advantages,
+        })
+    }
+}
+
+/// A whole batch (contract §1–§4): the logits and targets as for [`score_rows`], the turn
+/// layout over their rows and, optionally, the trajectories and their GRPO groups.
+///
+/// The layout and trajectories are host slices ([`Turns`], [`Trajectories`]), not tensors:
+/// they are a trainer's bookkeeping (which rows form which turn, which rollout is in which
+/// group, its reward), they are validated and rearranged into per-group lists on the host on
+/// every backend, and on CUDA they are a few hundred bytes uploaded on candle's stream.
+pub fn compute(
+    real: &Tensor,
+    masked: &Tensor,
+    targets: &Tensor,
+    turns: Turns<'_>,
+    trajectories: Option<Trajectories<'_>>,
+    params: &Params,
+) -> Result<BatchOutput> {
+    params.validate()?;
+    let shape = check_inputs(real, masked, targets)?;
+    match real.device() {
+        Device::Cpu => {
+            let out = with_cpu_inputs(real, masked, targets, &shape, |real, masked, targets| {
+                let mut batch = Batch::rows(real, masked, targets).with_turns(turns);
+                batch.trajectories = trajectories;
+                Cpu.compute(&batch, params)
+            })?;
+            output_tensors(&out, &Device::Cpu)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(device) => on_cuda::compute(device, real, masked, targets, &shape, turns, trajectories, params),
+        other => Err(no_backend(other)),
+    }
+}
+
+/// The checked geometry of a call.
+struct InputShape {
+    rows: usize,
+    vocab: usize,
+    dtype: Dtype,
+}
+
+fn device_name(device: &Device) -> String {
+    match device.location() {
+        DeviceLocation::Cpu => "cpu".into(),
+        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+fn no_backend(device: &Device) -> Error {
+    match device {
+        Device::Cuda(_) => Error::BackendUnavailable {
+            backend: "cuda",
+            why: "the tensors are on a CUDA device but this build of infopo-kernels has no CUDA kernels \
+                  (enable its `cuda` feature, or move the tensors to the CPU)"
+                .into(),
+        },
+        other => Error::BackendUnavailable {
+            backend: "candle",
+            why: format!("infopo-kernels has no kernels for {} tensors (move them to the CPU)", device_name(other)),
+        },
+    }
+}
+
+fn logit_dtype(name: &'static str, t: &Tensor) -> Result<Dtype> {
+    match t.dtype() {
+        DType::F32 => Ok(Dtype::F32),
+        DType::F16 => Ok(Dtype::F16),
+        DType::BF16 => Ok(Dtype::BF16),
+        other => Err(Error::UnsupportedDtype { tensor: name, dtype: other.as_str().into(), expected: LOGIT_DTYPES }),
+    }
+}
+
+fn same_device(a: (&'static str, &Tensor), b: (&'static str, &Tensor)) -> Result<()> {
+    if a.1.device().same_device(b.1.device()) {
+        Ok(())
+    } else {
+        Err(Error::DeviceMismatch {
+            first: a.0,
+            first_device: device_name(a.1.device()),
+            second: b.0,
+            second_device: device_name(b.1.device()),
+        })
+    }
+}
+
+/// The start..end element range of a tensor whose elements are contiguous in its storage.
+fn contiguous_range(name: &'static str, layout: &Layout) -> Result<(usize, usize)> {
+    layout.contiguous_offsets().ok_or_else(|| Error::NotContiguous {
+        tensor: name,
+        shape: format!("{:?}", layout.dims()),
+        stride: format!("{:?}", layout.stride()),
+    })
+}
+
+/// Checks dtypes, devices, shapes and memory layout of the three inputs, in that order.
+fn check_inputs(real: &Tensor, masked: &Tensor, targets: &Tensor) -> Result<InputShape> {
+    let dtype = logit_dtype("real", real)?;
+    let masked_dtype = logit_dtype("masked", masked)?;
+    if dtype != masked_dtype {
+        return Err(Error::DtypeMismatch { real: dtype.name(), masked: masked_dtype.name() });
+    }
+    if !matches!(targets.dtype(), DType::U32 | DType::I64) {
+        return Err(Error::UnsupportedDtype {
+            tensor: "targets",
+            dtype: targets.dtype().as_str().into(),
+            expected: TARGET_DTYPES,
+        });
+    }
+    same_device(("real", real), ("masked", masked))?;
+    same_device(("real", real), ("targets", targets))?;
+    let &[rows, vocab] = real.dims() else {
+        return Err(Error::shape(format!("`real` must be [N, V], got {:?}", real.dims())));
+    };
+    if masked.dims() != real.dims() {
+        return Err(Error::shape(format!("`real` is {:?} but `masked` is {:?}", real.dims(), masked.dims())));
+    }
+    if targets.dims() != [rows] {
+        return Err(Error::shape(format!(
+            "`targets` is {:?} but `real` is {:?}: expected targets [{rows}]",
+            targets.dims(),
+            real.dims()
+        )));
+    }
+    if vocab == 0 {
+        return Err(Error::EmptyVocab);
+    }
+    if rows > u32::MAX as usize {
+        return Err(Error::shape(format!("{rows} rows exceed the 2^32 - 1 supported")));
+    }
+    contiguous_range("real", real.layout())?;
+    contiguous_range("masked", masked.layout())?;
+    contiguous_range("targets", targets.layout())?;
+    Ok(InputShape { rows, vocab, dtype })
+}
+
+/// The elements of a CPU tensor, borrowed from its storage at the layout's offset.
+fn cpu_elements<'s, T: WithDType>(name: &'static str, storage: &'s Storage, layout: &Layout) -> Result<&'s [T]> {
+    let Storage::Cpu(cpu) = storage else {
+        return Err(Error::Candle(format!("`{name}` reports the CPU device but its storage is not on the CPU")));
+    };
+    let (start, end) = contiguous_range(name, layout)?;
+    cpu.as_slice::<T>()?
+        .get(start..end)
+        .ok_or_else(|| Error::Candle(format!("`{name}`'s layout {start}..{end} exceeds its storage")))
+}
+
+fn cpu_logits<'s>(name: &'static str, storage: &'s Storage, layout: &Layout, shape: &InputShape) -> Result<Logits<'s>> {
+    match shape.dtype {
+        Dtype::F32 => Logits::new(cpu_elements::<f32>(name, storage, layout)?, shape.rows, shape.vocab),
+        Dtype::F16 => Logits::new(cpu_elements::<half::f16>(name, storage, layout)?, shape.rows, shape.vocab),
+        Dtype::BF16 => Logits::new(cpu_elements::<half::bf16>(name, storage, layout)?, shape.rows, shape.vocab),
+    }
+}
+
+/// Runs `f` on borrowed views of three checked CPU tensors (targets widened to i64 if U32).
+fn with_cpu_inputs<R>(
+    real: &Tensor,
+    masked: &Tensor,
+    targets: &Tensor,
+    shape: &InputShape,
+    f: impl FnOnce(Logits<'_>, Logits<'_>, &[i64]) -> Result<R>,
+) -> Result<R> {
+    let (real_storage, real_layout) = real.storage_and_layout();
+    let (masked_storage, masked_layout) = masked.storage_and_layout();
+    let (targets_storage, targets_layout) = targets.storage_and_layout();
+    let real = cpu_logits("real", &real_storage, real_layout, shape)?;
+    let masked = cpu_logits("masked", &masked_storage, masked_layout, shape)?;
+    let ids: Cow<'_, [i64]> = match targets.dtype() {
+        DType::I64 => Cow::Borrowed(cpu_elements::<i64>("targets", &targets_storage, targets_layout)?),
+        _ => cpu_elements::<u32>("targets", &targets_storage, targets_layout)?.iter().map(|&t| t as i64).collect(),
+    };
+    f(real, masked, &ids)
+}
+
+/// `[5, N]` F32 from host row outputs.
+fn rows_tensor(rows: &RowOutputs, device: &Device) -> Result<Tensor> {
+    let n = rows.len();
+    let mut all = Vec::with_capacity(5 * n);
+    for part in [&rows.lse_real, &rows.lse_masked, &rows.log_ratio, &rows.kl, &rows.entropy_real] {
+        all.extend_from_slice(part);
+    }
+    Ok(Tensor::from_vec(all, (5, n), device)?)
+}
+
+fn output_tensors(out: &Output, device: &Device) -> Result<BatchOutput> {
+    let f64s = |v: &[f64]| -> Result<Tensor> { Ok(Tensor::from_slice(v, v.len(), device)?) };
+    let advantages = match &out.advantages {
+        None => None,
+        Some(a) => Some(AdvantageTensors {
+            turn_intrinsic: f64s(&a.turn_intrinsic)?,
+            turn_intrinsic_norm: f64s(&a.turn_intrinsic_norm)?,
+            turn_bonus: f64s(&a.turn_bonus)?,
+            trajectory_advantage: f64s(&a.trajectory_advantage)?,
+            trajectory_gate: f64s(&a.trajectory_gate)?,
+            batch_stats: f64s(&[a.outcome_std, a.intrinsic_std, a.magnitude_ratio])?,
+        }),
+    };
+    Ok(BatchOutput {
+        rows: rows_tensor(&out.rows, device)?,
+        turn_info: f64s(out.turn_info.as_deref().unwrap_or_default())?,
+        advantages,
+    })
+}
+
+/// The CUDA path: candle's stream, candle's buffers, the device API of [`crate::cuda`].
+#[cfg(feature = "cuda")]
+mod on_cuda {
+    use super::*;
+    use crate::cuda::{CudaBackend, DeviceBatch};
+    use crate::logits::LogitElement;
+    use crate::validate;
+    use candle_core::cuda_backend::CudaDType;
+    use candle_core::op::BackpropOp;
+    use candle_core::{CudaDevice, CudaStorage};
+    use cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
+
+    /// A view of a CUDA tensor's elements at its layout's offset (no copy).
+    fn view<'s, T: CudaDType + DeviceRepr>(
+        name: &'static str,
+        storage: &'s Storage,
+        layout: &Layout,
+    ) -> Result<CudaView<'s, T>> {
+        let Storage::Cuda(cuda) = storage else {
+            return Err(Error::Candle(format!("`{name}` reports a CUDA device but its storage is not on CUDA")));
+        };
+        let (start, end) = contiguous_range(name, layout)?;
+        let slice = cuda.as_cuda_slice::<T>()?;
+        if end > slice.len() {
+            return Err(Error::Candle(format!("`{name}`'s layout {start}..{end} exceeds its storage")));
+        }
+        Ok(slice.slice(start..end))
+    }
+
+    /// A candle tensor of shape `[len]` owning `slice` (which may hold more elements: the
+    /// device API pads empty buffers to one element).
+    fn wrap<T: CudaDType>(slice: CudaSlice<T>, len: usize, device: &CudaDevice) -> Result<Tensor> {
+        let held = slice.len();
+        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, device.clone()));
+        let tensor = Tensor::from_storage(storage, held, BackpropOp::none(), false);
+        Ok(if held == len { tensor } else { tensor.narrow(0, 0, len)? })
+    }
+
+    /// One launch over every row of the inputs, on `backend`'s stream (candle's), then a wait
+    /// for the error word. Returns the `[5 × N]` row outputs.
+    fn launch(
+        backend: &CudaBackend,
+        batch: &mut DeviceBatch<'_>,
+        real: &Tensor,
+        masked: &Tensor,
+        targets: &Tensor,
+        shape: &InputShape,
+    ) -> Result<Option<CudaSlice<f32>>> {
+        if shape.rows == 0 {
+            backend.finish(batch)?;
+            return Ok(None);
+        }
+        // The kernels read i64 ids: U32 targets are widened by candle on its stream.
+        let widened;
+        let targets = if targets.dtype() == DType::I64 {
+            targets
+        } else {
+            widened = targets.to_dtype(DType::I64)?;
+            &widened
+        };
+        let (targets_storage, targets_layout) = targets.storage_and_layout();
+        let ids = view::<i64>("targets", &targets_storage, targets_layout)?;
+        let row_out = match shape.dtype {
+            Dtype::F32 => launch_typed::<f32>(backend, batch, real, masked, &ids, shape)?,
+            Dtype::F16 => launch_typed::<half::f16>(backend, batch, real, masked, &ids, shape)?,
+            Dtype::BF16 => launch_typed::<half::bf16>(backend, batch, real, masked, &ids, shape)?,
+        };
+        Ok(Some(row_out))
+    }
+
+    fn launch_typed<T: LogitElement + DeviceRepr + CudaDType>(
+        backend: &CudaBackend,
+        batch: &mut DeviceBatch<'_>,
+        real: &Tensor,
+        masked: &Tensor,
+        ids: &CudaView<'_, i64>,
+        shape: &InputShape,
+    ) -> Result<CudaSlice<f32>> {
+        let (real_storage, real_layout) = real.storage_and_layout();
+        let (masked_storage, masked_layout) = masked.storage_and_layout();
+        let real = view::<T>("real", &real_storage, real_layout)?;
+        let masked = view::<T>("masked", &masked_storage, masked_layout)?;
+        // One launch for the whole batch, finalising it (as `CudaBackend::compute` does).
+        backend.score(batch, &real, &masked, ids, shape.vocab, true)
+    }
+
+    fn rows_tensor(row_out: Option<CudaSlice<f32>>, n: usize, device: &CudaDevice) -> Result<Tensor> {
+        match row_out {
+            Some(row_out) => Ok(wrap(row_out, 5 * n, device)?.reshape((5, n))?),
+            // No rows: an empty tensor over a one-element buffer (cudarc allocates no 0-length
+            // buffers, as `crate::cuda` pads its own).
+            None => Ok(wrap(device.alloc_zeros::<f32>(1)?, 0, device)?.reshape((5, 0))?),
+        }
+    }
+
+    pub(super) fn score_rows(
+        device: &CudaDevice,
+        real: &Tensor,
+        masked: &Tensor,
+        targets: &Tensor,
+        shape: &InputShape,
+        params: &Params,
+    ) -> Result<Tensor> {
+        let backend = CudaBackend::with_stream(device.cuda_stream())?;
+        let mut batch = backend.begin(None, params)?;
+        let row_out = launch(&backend, &mut batch, real, masked, targets, shape)?;
+        batch.check()?;
+        rows_tensor(row_out, shape.rows, device)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn compute(
+        device: &CudaDevice,
+        real: &Tensor,
+        masked: &Tensor,
+        targets: &Tensor,
+        shape: &InputShape,
+        turns: Turns<'_>,
+        trajectories: Option<Trajectories<'_>>,
+        params: &Params,
+    ) -> Result<BatchOutput> {
+        let layout = validate::layout(shape.rows, &turns, trajectories.as_ref())?;
+        let backend = CudaBackend::with_stream(device.cuda_stream())?;
+        let device_layout = backend.upload_layout(&layout)?;
+        let mut batch = backend.begin(Some(&device_layout), params)?;
+        let row_out = launch(&backend, &mut batch, real, masked, targets, shape)?;
+        batch.check()?;
+        let (t, b) = (layout.turns(), layout.groups.as_ref().map_or(0, |g| g.trajectory_group.len()));
+        // The device batch's output buffers become the tensors (no copy).
+        let advantages = match layout.groups {
+            None => None,
+            Some(_) => Some(AdvantageTensors {
+                turn_intrinsic: wrap(batch.turn_intrinsic, t, device)?,
+                turn_intrinsic_norm: wrap(batch.turn_norm, t, device)?,
+                turn_bonus: wrap(batch.turn_bonus, t, device)?,
+                trajectory_advantage: wrap(batch.traj_advantage, b, device)?,
+                trajectory_gate: wrap(batch.traj_gate, b, device)?,
+                batch_stats: wrap(batch.scalars, 3, device)?,
+            }),
+        };
+        Ok(BatchOutput {
+            rows: rows_tensor(row_out, shape.rows, device)?,
+            turn_info: wrap(batch.turn_info, t, device)?,
+            advantages,
+        })
+    }
+}

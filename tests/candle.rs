@@ -1,0 +1,438 @@
+//! `infopo_kernels::candle` (feature `candle`): candle tensors in and out.
+//!
+//! Row outputs are checked against candle's own float64 ops (log-softmax by max-shifted
+//! log-sum-exp, `gather`, a KL sum), the batch against the CPU backend, and every bad input
+//! against its typed error. Inputs are fresh random logits; the seed is printed (run with
+//! `INFOPO_SEED=…` to replay one).
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use infopo_kernels::candle::{compute, score_rows, ENTROPY_REAL, KL, LOG_RATIO, LSE_MASKED, LSE_REAL, ROW_OUTPUTS};
+use infopo_kernels::synth::{self, Rng, SynthSpec};
+use infopo_kernels::{Backend, Error, Estimator, Params, Trajectories, Turns};
+
+fn fresh_seed() -> u64 {
+    let seed = std::env::var("INFOPO_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (INFOPO_SEED={seed} replays it)");
+    seed
+}
+
+/// `[rows, vocab]` F32 logits shaped like a language model's (see `synth::logits_pair`), and
+/// targets of the given dtype (some of them off the distribution's peak).
+fn random_inputs(rng: &mut Rng, rows: usize, vocab: usize, target_dtype: DType) -> (Tensor, Tensor, Tensor) {
+    let (real, masked, targets) = synth::logits_pair::<f32>(rng, rows, vocab);
+    let real = Tensor::from_vec(real, (rows, vocab), &Device::Cpu).unwrap();
+    let masked = Tensor::from_vec(masked, (rows, vocab), &Device::Cpu).unwrap();
+    let targets = Tensor::from_vec(targets, rows, &Device::Cpu).unwrap().to_dtype(target_dtype).unwrap();
+    (real, masked, targets)
+}
+
+/// The five row outputs by candle's own ops in float64, `[5][N]`.
+fn candle_f64_reference(real: &Tensor, masked: &Tensor, targets: &Tensor, temperature: f64) -> Vec<Vec<f64>> {
+    let run = || -> candle_core::Result<Vec<Vec<f64>>> {
+        let x = (real.to_dtype(DType::F64)? / temperature)?;
+        let y = (masked.to_dtype(DType::F64)? / temperature)?;
+        let lse = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let max = t.max_keepdim(1)?;
+            t.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + max
+        };
+        let (lse_x, lse_y) = (lse(&x)?, lse(&y)?);
+        let (log_px, log_py) = (x.broadcast_sub(&lse_x)?, y.broadcast_sub(&lse_y)?);
+        let ids = targets.contiguous()?.unsqueeze(1)?;
+        let log_ratio = (log_px.gather(&ids, 1)? - log_py.gather(&ids, 1)?)?.squeeze(1)?;
+        let px = log_px.exp()?;
+        let kl = (&px * (&log_px - &log_py)?)?.sum(1)?;
+        let entropy = (&px * &log_px)?.sum(1)?.neg()?;
+        Ok(vec![
+            lse_x.squeeze(1)?.to_vec1()?,
+            lse_y.squeeze(1)?.to_vec1()?,
+            log_ratio.to_vec1()?,
+            kl.to_vec1()?,
+            entropy.to_vec1()?,
+        ])
+    };
+    run().expect("candle reference")
+}
+
+fn assert_rows_match(got: &Tensor, want: &[Vec<f64>], what: &str) {
+    assert_eq!(got.dtype(), DType::F32, "{what}");
+    let got: Vec<Vec<f32>> = got.to_vec2().unwrap();
+    assert_eq!(got.len(), 5, "{what}");
+    for (k, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.len(), w.len(), "{what}: {}", ROW_OUTPUTS[k]);
+        for (r, (&g, &w)) in g.iter().zip(w).enumerate() {
+            // The CPU backend computes in f64 and rounds once to f32.
+            let tol = 1e-6 + 1e-5 * w.abs();
+            assert!((g as f64 - w).abs() <= tol, "{what}: {} row {r}: got {g}, candle f64 says {w}", ROW_OUTPUTS[k]);
+        }
+    }
+}
+
+#[test]
+fn row_outputs_match_candle_f64_ops_whole_and_row_sliced() {
+    let mut rng = Rng::new(fresh_seed());
+    let shapes = [(1, 1), (3, 7), (17, 129), (40, 1001), (6, 4099)];
+    for (case, &(rows, vocab)) in shapes.iter().enumerate() {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let target_dtype = if case % 2 == 0 { DType::U32 } else { DType::I64 };
+            // `before` and `after` extra rows around the batch so the slice starts mid-storage.
+            let (before, after) = (1 + rng.below(5) as usize, rng.below(3) as usize);
+            let (real, masked, targets) = random_inputs(&mut rng, before + rows + after, vocab, target_dtype);
+            let (real, masked) = (real.to_dtype(dtype).unwrap(), masked.to_dtype(dtype).unwrap());
+            let temperature = [1.0, 0.7, 1.3][case % 3];
+            let params = Params { temperature, ..Params::default() };
+            let what = format!("{dtype:?} [{rows}, {vocab}] targets {target_dtype:?} temperature {temperature}");
+
+            let whole = score_rows(&real, &masked, &targets, &params).unwrap();
+            assert_eq!(whole.dims(), &[5, before + rows + after]);
+            assert_rows_match(&whole, &candle_f64_reference(&real, &masked, &targets, temperature), &what);
+
+            let slice = |t: &Tensor| t.narrow(0, before, rows).unwrap();
+            let (real_rows, masked_rows, target_rows) = (slice(&real), slice(&masked), slice(&targets));
+            assert_eq!(real_rows.layout().start_offset(), before * vocab, "the slice starts mid-storage");
+            let sliced = score_rows(&real_rows, &masked_rows, &target_rows, &params).unwrap();
+            assert_rows_match(
+                &sliced,
+                &candle_f64_reference(&real_rows, &masked_rows, &target_rows, temperature),
+                &format!("{what}, rows {before}..{}", before + rows),
+            );
+            // The slice is read in place: the same rows give the same bits as in the whole call.
+            let whole_rows = whole.narrow(1, before, rows).unwrap();
+            assert_eq!(sliced.to_vec2::<f32>().unwrap(), whole_rows.to_vec2::<f32>().unwrap(), "{what}");
+        }
+    }
+}
+
+#[test]
+fn output_rows_are_in_the_documented_order() {
+    // Real logits uniform over V; masked ones the same but with the target's logit raised by
+    // a. Closed forms: lse_real = entropy = ln V, lse_masked = ln(V − 1 + e^a),
+    // log_ratio = −ln V − (a − lse_masked), kl = −ln V + lse_masked − a/V: five distinct values.
+    let (rows, vocab, a) = (3usize, 50usize, 2.0f64);
+    let targets = [0u32, 7, 49];
+    let real = Tensor::zeros((rows, vocab), DType::F32, &Device::Cpu).unwrap();
+    let mut masked = vec![vec![0f32; vocab]; rows];
+    for (row, &t) in masked.iter_mut().zip(&targets) {
+        row[t as usize] = a as f32;
+    }
+    let masked = Tensor::new(masked, &Device::Cpu).unwrap();
+    let out = score_rows(&real, &masked, &Tensor::new(&targets, &Device::Cpu).unwrap(), &Params::default()).unwrap();
+    let v = vocab as f64;
+    let lse_masked = (v - 1.0 + a.exp()).ln();
+    let want = [
+        (LSE_REAL, v.ln()),
+        (LSE_MASKED, lse_masked),
+        (LOG_RATIO, -v.ln() - (a - lse_masked)),
+        (KL, -v.ln() + lse_masked - a / v),
+        (ENTROPY_REAL, v.ln()),
+    ];
+    for (k, want) in want {
+        for got in out.i(k).unwrap().to_vec1::<f32>().unwrap() {
+            assert!((got as f64 - want).abs() < 1e-5, "{}: {got} vs {want}", ROW_OUTPUTS[k]);
+        }
+    }
+}
+
+#[test]
+fn empty_batch_gives_an_empty_output() {
+    let real = Tensor::zeros((0, 9), DType::BF16, &Device::Cpu).unwrap();
+    let targets = Tensor::zeros(0, DType::I64, &Device::Cpu).unwrap();
+    let out = score_rows(&real, &real, &targets, &Params::default()).unwrap();
+    assert_eq!(out.dims(), &[5, 0]);
+}
+
+fn expect_err(result: infopo_kernels::Result<Tensor>) -> Error {
+    match result {
+        Ok(t) => panic!("expected an error, got a tensor of shape {:?}", t.dims()),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn bad_dtypes_are_typed_errors_naming_the_tensors() {
+    let mut rng = Rng::new(fresh_seed());
+    let (real, masked, targets) = random_inputs(&mut rng, 4, 13, DType::I64);
+    let p = Params::default();
+    let bf16 = masked.to_dtype(DType::BF16).unwrap();
+    let e = expect_err(score_rows(&real, &bf16, &targets, &p));
+    assert!(matches!(e, Error::DtypeMismatch { real: "f32", masked: "bf16" }), "{e}");
+    let e = expect_err(score_rows(&real.to_dtype(DType::F64).unwrap(), &masked, &targets, &p));
+    assert!(matches!(e, Error::UnsupportedDtype { tensor: "real", .. }), "{e}");
+    assert!(e.to_string().contains("f64"), "{e}");
+    let e = expect_err(score_rows(&real, &masked.to_dtype(DType::U8).unwrap(), &targets, &p));
+    assert!(matches!(e, Error::UnsupportedDtype { tensor: "masked", .. }), "{e}");
+    for bad in [DType::F32, DType::U8, DType::F64] {
+        let e = expect_err(score_rows(&real, &masked, &targets.to_dtype(bad).unwrap(), &p));
+        assert!(matches!(e, Error::UnsupportedDtype { tensor: "targets", expected: "u32 or i64", .. }), "{e}");
+    }
+}
+
+#[test]
+fn bad_shapes_are_typed_errors_naming_both_tensors() {
+    let mut rng = Rng::new(fresh_seed());
+    let (real, masked, targets) = random_inputs(&mut rng, 6, 11, DType::U32);
+    let p = Params::default();
+    let shape_err = |e: Error, needles: &[&str]| {
+        assert!(matches!(e, Error::Shape { .. }), "{e}");
+        for n in needles {
+            assert!(e.to_string().contains(n), "`{e}` should mention {n}");
+        }
+    };
+    let wider = random_inputs(&mut rng, 6, 12, DType::U32).1;
+    shape_err(expect_err(score_rows(&real, &wider, &targets, &p)), &["`real` is [6, 11]", "`masked` is [6, 12]"]);
+    let taller = random_inputs(&mut rng, 7, 11, DType::U32).1;
+    shape_err(expect_err(score_rows(&real, &taller, &targets, &p)), &["`real`", "`masked` is [7, 11]"]);
+    shape_err(
+        expect_err(score_rows(&real, &masked, &targets.narrow(0, 0, 5).unwrap(), &p)),
+        &["`targets` is [5]", "`real` is [6, 11]"],
+    );
+    shape_err(expect_err(score_rows(&real, &masked, &targets.reshape((2, 3)).unwrap(), &p)), &["`targets` is [2, 3]"]);
+    let cube = real.reshape((2, 3, 11)).unwrap();
+    shape_err(expect_err(score_rows(&cube, &cube, &targets, &p)), &["[N, V]", "[2, 3, 11]"]);
+    let empty_vocab = Tensor::zeros((6, 0), DType::F32, &Device::Cpu).unwrap();
+    let e = expect_err(score_rows(&empty_vocab, &empty_vocab, &targets, &p));
+    assert!(matches!(e, Error::EmptyVocab), "{e}");
+}
+
+#[test]
+fn non_row_contiguous_inputs_are_typed_errors() {
+    let mut rng = Rng::new(fresh_seed());
+    let (real, masked, targets) = random_inputs(&mut rng, 8, 8, DType::I64);
+    let p = Params::default();
+    // A transpose: same shape, columns in memory.
+    let e = expect_err(score_rows(&real.t().unwrap(), &masked, &targets, &p));
+    assert!(matches!(e, Error::NotContiguous { tensor: "real", .. }), "{e}");
+    // A column slice: each row is contiguous but rows are not adjacent.
+    let (wide, wide_masked, _) = random_inputs(&mut rng, 8, 10, DType::I64);
+    let cols = |t: &Tensor| t.narrow(1, 1, 8).unwrap();
+    let e = expect_err(score_rows(&cols(&wide), &cols(&wide_masked), &targets, &p));
+    assert!(matches!(e, Error::NotContiguous { tensor: "real", .. }), "{e}");
+    assert!(e.to_string().contains("contiguous()"), "{e}");
+    let e = expect_err(score_rows(&real, &cols(&wide_masked), &targets, &p));
+    assert!(matches!(e, Error::NotContiguous { tensor: "masked", .. }), "{e}");
+    // A broadcast row (stride 0).
+    let one_row = real.narrow(0, 0, 1).unwrap().broadcast_as((8, 8)).unwrap();
+    let e = expect_err(score_rows(&one_row, &masked, &targets, &p));
+    assert!(matches!(e, Error::NotContiguous { tensor: "real", .. }), "{e}");
+    // Targets taken as a column of a [N, 2] tensor.
+    let pairs = Tensor::stack(&[&targets, &targets], 1).unwrap();
+    let e = expect_err(score_rows(&real, &masked, &pairs.i((.., 0)).unwrap(), &p));
+    assert!(matches!(e, Error::NotContiguous { tensor: "targets", .. }), "{e}");
+    // `.contiguous()` is the documented way out, and gives the same numbers as the copy.
+    let fixed = score_rows(&cols(&wide).contiguous().unwrap(), &cols(&wide_masked).contiguous().unwrap(), &targets, &p);
+    let want = candle_f64_reference(&cols(&wide), &cols(&wide_masked), &targets, 1.0);
+    assert_rows_match(&fixed.unwrap(), &want, "contiguous copy of a column slice");
+}
+
+#[test]
+fn row_data_errors_and_bad_params_are_the_crate_errors() {
+    let mut rng = Rng::new(fresh_seed());
+    let (real, masked, targets) = random_inputs(&mut rng, 5, 9, DType::I64);
+    let out_of_range = Tensor::new(&[0i64, 1, 9, 2, 3], &Device::Cpu).unwrap();
+    let e = expect_err(score_rows(&real, &masked, &out_of_range, &Params::default()));
+    assert!(
+        matches!(e, Error::Row { row: 2, kind: infopo_kernels::RowErrorKind::TargetOutOfRange, target: Some(9) }),
+        "{e}"
+    );
+    let mut values = real.to_vec2::<f32>().unwrap();
+    values[3][4] = f32::NAN;
+    let nan = Tensor::new(values, &Device::Cpu).unwrap();
+    let e = expect_err(score_rows(&nan, &masked, &targets, &Params::default()));
+    assert!(matches!(e, Error::Row { row: 3, kind: infopo_kernels::RowErrorKind::RealNotFinite, .. }), "{e}");
+    let e = expect_err(score_rows(&real, &masked, &targets, &Params { temperature: 0.0, ..Params::default() }));
+    assert!(matches!(e, Error::Param { name: "temperature", .. }), "{e}");
+}
+
+/// A synthetic batch as candle tensors: `[before + rows + after, V]` logits of `dtype` and the
+/// row slice `before..before + rows` that the batch's layout covers.
+fn synth_tensors(spec: SynthSpec, dtype: DType, before: usize) -> (synth::SynthBatch<f32>, Tensor, Tensor, Tensor) {
+    let b = synth::batch::<f32>(spec);
+    let pad = |v: &[f32]| {
+        let mut all = vec![0.5f32; before * b.vocab];
+        all.extend_from_slice(v);
+        all.extend(std::iter::repeat_n(-0.5f32, 2 * b.vocab));
+        let t = Tensor::from_vec(all, (before + b.rows + 2, b.vocab), &Device::Cpu).unwrap();
+        t.to_dtype(dtype).unwrap().narrow(0, before, b.rows).unwrap()
+    };
+    let (real, masked) = (pad(&b.real), pad(&b.masked));
+    let targets = Tensor::from_slice(&b.targets, b.rows, &Device::Cpu).unwrap();
+    (b, real, masked, targets)
+}
+
+#[test]
+fn batch_matches_the_cpu_backend() {
+    let seed = fresh_seed();
+    for (k, (dtype, estimator, with_trajectories)) in [
+        (DType::BF16, Estimator::LogRatio, true),
+        (DType::F32, Estimator::Kl, true),
+        (DType::F16, Estimator::LogRatio, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let spec =
+            SynthSpec { rows: 50 + 7 * k, vocab: 257 + k, groups: 2, trajectories_per_group: 3, seed: seed + k as u64 };
+        let (b, real, masked, targets) = synth_tensors(spec, dtype, 3);
+        let params = Params { estimator, ..Params::default() };
+        let turns =
+            Turns { offsets: &b.turn_offsets, trajectory: &b.turn_trajectory, credit_tokens: &b.turn_credit_tokens };
+        let trajectories =
+            Trajectories { group: &b.trajectory_group, outcome: &b.trajectory_outcome, tokens: &b.trajectory_tokens };
+        let out = compute(&real, &masked, &targets, turns, with_trajectories.then_some(trajectories), &params).unwrap();
+
+        // The CPU backend on the same logits (as host slices of the candle tensors' values).
+        let host = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (real_host, masked_host) = (host(&real), host(&masked));
+        let rows = b.rows;
+        let want = cpu_reference(
+            dtype,
+            &real_host,
+            &masked_host,
+            &b,
+            turns,
+            with_trajectories.then_some(trajectories),
+            &params,
+        );
+
+        assert_eq!(out.rows.dims(), &[5, rows]);
+        assert_eq!(out.turn_info.dims(), &[b.turn_trajectory.len()]);
+        assert_eq!(out.turn_info.dtype(), DType::F64);
+        let got = out.to_output().unwrap();
+        assert_eq!(got, want, "{dtype:?} {estimator:?} trajectories {with_trajectories}");
+        assert_eq!(out.advantages.is_some(), with_trajectories);
+        if let Some(a) = &out.advantages {
+            assert_eq!(a.trajectory_advantage.dims(), &[b.trajectory_group.len()]);
+            assert_eq!(a.batch_stats.dims(), &[3]);
+        }
+    }
+}
+
+/// The CPU backend on host logits of `dtype` (values exactly those of the candle tensors).
+fn cpu_reference(
+    dtype: DType,
+    real: &[f32],
+    masked: &[f32],
+    b: &synth::SynthBatch<f32>,
+    turns: Turns<'_>,
+    trajectories: Option<Trajectories<'_>>,
+    params: &Params,
+) -> infopo_kernels::Output {
+    fn run<T: infopo_kernels::LogitElement>(
+        real: &[f32],
+        masked: &[f32],
+        b: &synth::SynthBatch<f32>,
+        turns: Turns<'_>,
+        trajectories: Option<Trajectories<'_>>,
+        params: &Params,
+    ) -> infopo_kernels::Output {
+        let narrow = |v: &[f32]| v.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>();
+        let (real, masked) = (narrow(real), narrow(masked));
+        let logits = |v| infopo_kernels::Logits::new(v, b.rows, b.vocab).unwrap();
+        let mut batch = infopo_kernels::Batch::rows(logits(&real), logits(&masked), &b.targets).with_turns(turns);
+        batch.trajectories = trajectories;
+        infopo_kernels::cpu::Cpu.compute(&batch, params).unwrap()
+    }
+    match dtype {
+        DType::F32 => run::<f32>(real, masked, b, turns, trajectories, params),
+        DType::F16 => run::<half::f16>(real, masked, b, turns, trajectories, params),
+        DType::BF16 => run::<half::bf16>(real, masked, b, turns, trajectories, params),
+        other => panic!("no logits of {other:?}"),
+    }
+}
+
+#[test]
+fn batch_layout_errors_are_the_crate_errors() {
+    let spec = SynthSpec { rows: 20, vocab: 31, groups: 1, trajectories_per_group: 2, seed: fresh_seed() };
+    let (b, real, masked, targets) = synth_tensors(spec, DType::F32, 0);
+    let p = Params::default();
+    let mut offsets = b.turn_offsets.clone();
+    *offsets.last_mut().unwrap() += 1;
+    let turns = Turns { offsets: &offsets, trajectory: &b.turn_trajectory, credit_tokens: &b.turn_credit_tokens };
+    let e = compute(&real, &masked, &targets, turns, None, &p).unwrap_err();
+    assert!(matches!(e, Error::Turns { .. }), "{e}");
+    let turns =
+        Turns { offsets: &b.turn_offsets, trajectory: &b.turn_trajectory, credit_tokens: &b.turn_credit_tokens };
+    let outcome = vec![f64::NAN; b.trajectory_group.len()];
+    let trajectories = Trajectories { group: &b.trajectory_group, outcome: &outcome, tokens: &b.trajectory_tokens };
+    let e = compute(&real, &masked, &targets, turns, Some(trajectories), &p).unwrap_err();
+    assert!(matches!(e, Error::Trajectories { .. }), "{e}");
+    // The tensors are checked as in `score_rows`.
+    let e = compute(&real, &masked.to_dtype(DType::BF16).unwrap(), &targets, turns, None, &p).unwrap_err();
+    assert!(matches!(e, Error::DtypeMismatch { .. }), "{e}");
+}
+
+/// CUDA tensors, with this crate built with `--features candle,cuda`: the same numbers as the
+/// CPU tensors (within the kernels' f32 tolerance), the outputs on the inputs' device.
+#[cfg(feature = "cuda")]
+mod on_cuda {
+    use super::*;
+
+    fn gpu() -> Device {
+        Device::new_cuda(0).expect("a CUDA device")
+    }
+
+    fn close(got: &[f32], want: &[f32], what: &str) {
+        for (r, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= 2e-4 + 2e-4 * w.abs(), "{what} {r}: cuda {g}, cpu {w}");
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn score_rows_on_cuda_matches_the_cpu_tensors() {
+        let mut rng = Rng::new(fresh_seed());
+        for (rows, vocab) in [(1, 1), (17, 129), (33, 4099)] {
+            for (dtype, target_dtype) in [(DType::BF16, DType::U32), (DType::F32, DType::I64), (DType::F16, DType::I64)]
+            {
+                let (real, masked, targets) = random_inputs(&mut rng, rows + 3, vocab, target_dtype);
+                let (real, masked) = (real.to_dtype(dtype).unwrap(), masked.to_dtype(dtype).unwrap());
+                let slice = |t: &Tensor| t.narrow(0, 2, rows).unwrap();
+                let p = Params::default();
+                let want = score_rows(&slice(&real), &slice(&masked), &slice(&targets), &p).unwrap();
+                let on_gpu = |t: &Tensor| slice(&t.to_device(&gpu()).unwrap());
+                let got = score_rows(&on_gpu(&real), &on_gpu(&masked), &on_gpu(&targets), &p).unwrap();
+                assert!(got.device().is_cuda());
+                assert_eq!(got.dims(), &[5, rows]);
+                let (got, want) = (got.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
+                for k in 0..5 {
+                    close(&got[k], &want[k], &format!("{dtype:?} [{rows}, {vocab}] {}", ROW_OUTPUTS[k]));
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn batch_on_cuda_matches_the_cpu_tensors() {
+        let spec = SynthSpec { rows: 300, vocab: 5003, groups: 2, trajectories_per_group: 4, seed: fresh_seed() };
+        let (b, real, masked, targets) = synth_tensors(spec, DType::BF16, 5);
+        let turns =
+            Turns { offsets: &b.turn_offsets, trajectory: &b.turn_trajectory, credit_tokens: &b.turn_credit_tokens };
+        let traj =
+            Trajectories { group: &b.trajectory_group, outcome: &b.trajectory_outcome, tokens: &b.trajectory_tokens };
+        let p = Params::default();
+        let want = compute(&real, &masked, &targets, turns, Some(traj), &p).unwrap().to_output().unwrap();
+        let g = |t: &Tensor| t.to_device(&gpu()).unwrap();
+        let out = compute(&g(&real), &g(&masked), &g(&targets), turns, Some(traj), &p).unwrap();
+        assert!(out.rows.device().is_cuda() && out.turn_info.device().is_cuda());
+        let got = out.to_output().unwrap();
+        close(&got.rows.kl, &want.rows.kl, "kl");
+        let (ga, wa) = (got.advantages.unwrap(), want.advantages.unwrap());
+        for (g, w) in
+            ga.turn_bonus.iter().zip(&wa.turn_bonus).chain(ga.trajectory_advantage.iter().zip(&wa.trajectory_advantage))
+        {
+            assert!((g - w).abs() <= 2e-4 + 2e-4 * w.abs(), "cuda {g}, cpu {w}");
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn mixed_devices_are_a_typed_error_naming_both() {
+        let mut rng = Rng::new(fresh_seed());
+        let (real, masked, targets) = random_inputs(&mut rng, 4, 9, DType::U32);
+        let e = score_rows(&real, &masked.to_device(&gpu()).unwrap(), &targets, &Params::default()).unwrap_err();
+        assert!(matches!(e, Error::DeviceMismatch { first: "real", second: "masked", .. }), "{e}");
+        let e = score_rows(&real, &masked, &targets.to_device(&gpu()).unwrap(), &Params::default()).unwrap_err();
+        assert!(matches!(e, Error::DeviceMismatch { second: "targets", .. }), "{e}");
+        assert!(e.to_string().contains("cpu") && e.to_string().contains("cuda:0"), "{e}");
+    }
+}
