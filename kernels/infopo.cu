@@ -330,14 +330,16 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
                 float *p = a.partials + item * INFOPO_STATE_FLOATS;
                 p[0] = s.max_real; p[1] = s.sum_real; p[2] = s.max_masked;
                 p[3] = s.sum_masked; p[4] = s.sum_diff; p[5] = s.sum_centered;
-                __threadfence();
+                __threadfence(); // release: this split's partial before its ticket
                 const unsigned ticket = atomicAdd(a.row_tickets + row, 1u);
                 row_flag = ticket == (unsigned)(S - 1);
+                // Acquire, in the thread that drew the last ticket, before the barrier that
+                // hands the row to warp 0: every split's partial is visible to the block.
+                if (row_flag) __threadfence();
             }
             __syncthreads();
             row_done = row_flag != 0u;
             if (row_done && warp == 0) {
-                __threadfence();
                 // Lane l folds splits l, l+32, ... then an ordered butterfly: fixed split order.
                 const float *base = a.partials + row * S * INFOPO_STATE_FLOATS;
                 RowState m = state_empty();
@@ -379,10 +381,15 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
             if (threadIdx.x == 0) {
                 unsigned last = 0u;
                 if (row_done) {
-                    __threadfence();
+                    __threadfence(); // release: this row's outputs before its ticket
                     const unsigned ticket = atomicAdd(a.grid_ticket, 1u);
                     last = ticket == (unsigned)(a.n_rows - 1);
-                    if (last) a.grid_ticket[0] = 0u; // every row is done: self-cleaning
+                    if (last) {
+                        // Acquire (every row's outputs, for the epilogue after the barrier),
+                        // then self-cleaning: every row is done.
+                        __threadfence();
+                        a.grid_ticket[0] = 0u;
+                    }
                 }
                 grid_flag = last;
             }
@@ -390,10 +397,7 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
             if (grid_flag) run_epilogue = true;
         }
     }
-    if (run_epilogue) {
-        __threadfence();
-        epilogue(a, mscratch);
-    }
+    if (run_epilogue) epilogue(a, mscratch); // ordered by the grid ticket's acquire fence
 }
 
 extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_f32(const InfopoArgs a) { infopo_body<float>(a); }
