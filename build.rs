@@ -2,9 +2,9 @@
 //! - `emulator`: kernels/emulator.cpp (which includes kernels/infopo.cu against
 //!   kernels/emulator.h) as host C++20 with `cc`, linked into the crate. With
 //!   `INFOPO_EMULATOR_TSAN=1` (scripts/tsan) it is built with `-fsanitize=thread` and the
-//!   fault switches of its positive controls (`INFOPO_EMULATOR_FAULTS`), and this package's
-//!   own binaries and tests are linked with `-fsanitize=thread` (the ThreadSanitizer runtime;
-//!   the Rust code itself is not instrumented). Never set for a normal build;
+//!   fault switches of its positive controls (`INFOPO_EMULATOR_FAULTS`), and linked with the
+//!   ThreadSanitizer runtime (libtsan; the Rust code itself is not instrumented). Never set
+//!   for a normal build;
 //! - `cuda`: kernels/infopo.cu with nvcc into one fatbin (SASS for each arch of
 //!   `INFOPO_CUDA_ARCHS`, default 80,86,89,90, plus PTX for the last), embedded by
 //!   `src/launch.rs` through `include_bytes!(concat!(env!("OUT_DIR"), "/infopo.fatbin"))`.
@@ -46,8 +46,9 @@ fn build_emulator() {
         .warnings(true);
     if tsan {
         build.flag("-fsanitize=thread").flag("-g").define("INFOPO_EMULATOR_FAULTS", "1");
-        // The runtime, for every binary of this package (tests included), not for dependents.
-        println!("cargo:rustc-link-arg=-fsanitize=thread");
+        // The runtime (rustc links with -nodefaultlibs, so `-fsanitize=thread` at link time
+        // would not add it). Only ever with INFOPO_EMULATOR_TSAN=1.
+        println!("cargo:rustc-link-lib=dylib=tsan");
     }
     build.compile("infopo_emulator");
     println!("cargo:rustc-link-lib=pthread");

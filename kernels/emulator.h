@@ -17,7 +17,8 @@
 //  * concurrent mode (blocks_at_once > 1) yields at random (seeded per launch and thread) at
 //    barriers, atomics and fences: std::this_thread::yield() often, a sleep of up to 50 µs
 //    rarely, so the blocks' interleaving changes from run to run;
-//  * __syncthreads / __syncwarp are blocking std::barrier waits (no spinning);
+//  * __syncthreads / __syncwarp are blocking waits on a team's own barrier (a mutex and a
+//    condition variable; no spinning, and no state shared with other teams);
 //  * __shfl_xor_sync(mask, v, m): each lane writes v to its slot of a per-warp exchange buffer,
 //    one warp barrier, reads lane ^ m's slot. Two buffers alternate, so one barrier per shuffle
 //    suffices (a lane can only overwrite a buffer after every lane passed the next barrier).
@@ -25,7 +26,7 @@
 //    trivially copyable value up to 64 bytes can be exchanged at once: the kernels use that
 //    (under INFOPO_EMULATOR) to move a whole reduction state with one barrier instead of one
 //    per 32-bit word, the only emulator-specific code in the kernel source;
-//  * memory model. GPU atomics are relaxed, so atomicAdd / atomicMax are relaxed
+//  * memory model. GPU atomics are relaxed, so atomicAdd / atomicInc / atomicMax are relaxed
 //    std::atomic_ref operations, and __ldcg is a plain load. __threadfence is a seq_cst
 //    std::atomic_thread_fence (which, with the relaxed ticket atomics, is what orders the
 //    blocks in the C++ model) AND an acq_rel read-modify-write of one global sync object,
@@ -55,14 +56,14 @@
 // INFOPO_EMULATOR_FAULTS defined (build.rs defines it with INFOPO_EMULATOR_TSAN=1), the
 // environment variable INFOPO_EMULATOR_FAULT, read at each launch, breaks the protocol:
 //   no_fence      __threadfence does nothing (no fence, no annotation);
-//   early_ticket  atomicAdd returns old + 1, so the second-to-last block to draw a ticket
+//   early_ticket  atomicAdd / atomicInc return old + 1, so the second-to-last block to draw a ticket
 //                 believes it is the last: a row merge / epilogue that reads too early.
 #ifndef INFOPO_EMULATOR_H
 #define INFOPO_EMULATOR_H
 #define INFOPO_EMULATOR 1
 
 #include <atomic>
-#include <barrier>
+#include <condition_variable>
 #include <cfloat>
 #include <chrono>
 #include <cmath>
@@ -111,16 +112,42 @@ struct InfopoEmulation {
 
 namespace infopo_emu {
 
+// A reusable barrier of n threads on one mutex and condition variable of its own. Not
+// std::barrier: libstdc++ parks its waiters in a process-wide table of mutexes and atomic
+// counters shared by every barrier, which gives ThreadSanitizer happens-before edges between
+// unrelated blocks and hid a removed __threadfence (the no_fence control) in a first version.
+class Barrier {
+public:
+    explicit Barrier(unsigned n) : n_(n) {}
+    void arrive_and_wait() {
+        std::unique_lock<std::mutex> lock(m_);
+        const unsigned phase = phase_;
+        if (++arrived_ == n_) {
+            arrived_ = 0;
+            ++phase_;
+            cv_.notify_all();
+            return;
+        }
+        cv_.wait(lock, [&] { return phase_ != phase; });
+    }
+
+private:
+    std::mutex m_;
+    std::condition_variable cv_;
+    const unsigned n_;
+    unsigned arrived_ = 0, phase_ = 0;
+};
+
 // The threads of one running block: barriers, shuffle buffers, the drawn block index.
 struct Team {
     explicit Team(unsigned threads)
         : block(threads), warps(threads / 32) {
-        for (unsigned w = 0; w < warps; ++w) warp.emplace_back(std::make_unique<std::barrier<>>(32));
+        for (unsigned w = 0; w < warps; ++w) warp.emplace_back(std::make_unique<Barrier>(32));
         for (auto &b : shfl) b.assign(threads, Slot{});
     }
-    std::barrier<> block;
+    Barrier block;
     unsigned warps;
-    std::vector<std::unique_ptr<std::barrier<>>> warp;
+    std::vector<std::unique_ptr<Barrier>> warp;
     struct Slot {
         alignas(16) unsigned char bytes[64];
     };
@@ -253,6 +280,17 @@ inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int = 32) {
 inline unsigned atomicAdd(unsigned *p, unsigned v) {
     infopo_emu::maybe_yield();
     unsigned old = std::atomic_ref<unsigned>(*p).fetch_add(v, std::memory_order_relaxed);
+    if (infopo_emu::fault == infopo_emu::FAULT_EARLY_TICKET) old += 1u;
+    infopo_emu::maybe_yield();
+    return old;
+}
+// ((old >= limit) ? 0 : old + 1), as CUDA's atomicInc.
+inline unsigned atomicInc(unsigned *p, unsigned limit) {
+    infopo_emu::maybe_yield();
+    std::atomic_ref<unsigned> a(*p);
+    unsigned old = a.load(std::memory_order_relaxed);
+    while (!a.compare_exchange_weak(old, old >= limit ? 0u : old + 1u, std::memory_order_relaxed)) {
+    }
     if (infopo_emu::fault == infopo_emu::FAULT_EARLY_TICKET) old += 1u;
     infopo_emu::maybe_yield();
     return old;

@@ -331,7 +331,9 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
                 p[0] = s.max_real; p[1] = s.sum_real; p[2] = s.max_masked;
                 p[3] = s.sum_masked; p[4] = s.sum_diff; p[5] = s.sum_centered;
                 __threadfence(); // release: this split's partial before its ticket
-                const unsigned ticket = atomicAdd(a.row_tickets + row, 1u);
+                // Wraps to 0 on the last ticket: self-cleaning inside the atomic, so no plain
+                // store ever touches a ticket another block may still be incrementing.
+                const unsigned ticket = atomicInc(a.row_tickets + row, (unsigned)(S - 1));
                 row_flag = ticket == (unsigned)(S - 1);
                 // Acquire, in the thread that drew the last ticket, before the barrier that
                 // hands the row to warp 0: every split's partial is visible to the block.
@@ -351,7 +353,6 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
                     m = state_merge(m, q);
                 }
                 s = state_warp_merge(m);
-                if (lane == 0) a.row_tickets[row] = 0u; // self-cleaning for the next launch
             }
         }
 
@@ -382,14 +383,10 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
                 unsigned last = 0u;
                 if (row_done) {
                     __threadfence(); // release: this row's outputs before its ticket
-                    const unsigned ticket = atomicAdd(a.grid_ticket, 1u);
+                    const unsigned ticket = atomicInc(a.grid_ticket, (unsigned)(a.n_rows - 1)); // self-cleaning
                     last = ticket == (unsigned)(a.n_rows - 1);
-                    if (last) {
-                        // Acquire (every row's outputs, for the epilogue after the barrier),
-                        // then self-cleaning: every row is done.
-                        __threadfence();
-                        a.grid_ticket[0] = 0u;
-                    }
+                    // Acquire: every row's outputs, for the epilogue after the barrier.
+                    if (last) __threadfence();
                 }
                 grid_flag = last;
             }
