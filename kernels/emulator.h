@@ -17,8 +17,8 @@
 //  * concurrent mode (blocks_at_once > 1) yields at random (seeded per launch and thread) at
 //    barriers, atomics and fences: std::this_thread::yield() often, a sleep of up to 50 µs
 //    rarely, so the blocks' interleaving changes from run to run;
-//  * __syncthreads / __syncwarp are blocking waits on a team's own barrier (a mutex and a
-//    condition variable; no spinning, and no state shared with other teams);
+//  * __syncthreads / __syncwarp are blocking waits on a team's own barrier (futex or condition
+//    variable; no spinning, and no state shared with other teams);
 //  * __shfl_xor_sync(mask, v, m): each lane writes v to its slot of a per-warp exchange buffer,
 //    one warp barrier, reads lane ^ m's slot. Two buffers alternate, so one barrier per shuffle
 //    suffices (a lane can only overwrite a buffer after every lane passed the next barrier).
@@ -78,6 +78,12 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
 #endif
+#ifdef __linux__
+#include <climits>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #define __global__
 #define __device__
@@ -112,13 +118,33 @@ struct InfopoEmulation {
 
 namespace infopo_emu {
 
-// A reusable barrier of n threads on one mutex and condition variable of its own. Not
-// std::barrier: libstdc++ parks its waiters in a process-wide table of mutexes and atomic
-// counters shared by every barrier, which gives ThreadSanitizer happens-before edges between
-// unrelated blocks and hid a removed __threadfence (the no_fence control) in a first version.
+// A reusable barrier of n threads whose only shared state is its own. Not std::barrier:
+// libstdc++ parks its waiters in a process-wide table of mutexes and atomic counters shared by
+// every barrier, which gives ThreadSanitizer happens-before edges between unrelated blocks and
+// hid a removed __threadfence (the no_fence control) in a first version. On Linux: a counter
+// (acq_rel arrivals) and a phase word the waiters sleep on with a raw futex (not intercepted
+// by ThreadSanitizer, so it adds no edge of its own); elsewhere a mutex and condition variable.
 class Barrier {
 public:
     explicit Barrier(unsigned n) : n_(n) {}
+#ifdef __linux__
+    void arrive_and_wait() {
+        const unsigned phase = phase_.load(std::memory_order_acquire);
+        if (arrived_.fetch_add(1u, std::memory_order_acq_rel) + 1u == n_) {
+            arrived_.store(0u, std::memory_order_relaxed); // before anyone sees the new phase
+            phase_.store(phase + 1u, std::memory_order_release);
+            syscall(SYS_futex, reinterpret_cast<unsigned *>(&phase_), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+            return;
+        }
+        while (phase_.load(std::memory_order_acquire) == phase)
+            syscall(SYS_futex, reinterpret_cast<unsigned *>(&phase_), FUTEX_WAIT_PRIVATE, phase, nullptr, nullptr, 0);
+    }
+
+private:
+    const unsigned n_;
+    std::atomic<unsigned> arrived_{0}, phase_{0};
+    static_assert(sizeof(std::atomic<unsigned>) == sizeof(unsigned) && std::atomic<unsigned>::is_always_lock_free);
+#else
     void arrive_and_wait() {
         std::unique_lock<std::mutex> lock(m_);
         const unsigned phase = phase_;
@@ -136,6 +162,7 @@ private:
     std::condition_variable cv_;
     const unsigned n_;
     unsigned arrived_ = 0, phase_ = 0;
+#endif
 };
 
 // The threads of one running block: barriers, shuffle buffers, the drawn block index.
