@@ -80,6 +80,23 @@ void infopo_emulate_bf16(const InfopoArgs *a, unsigned grid, unsigned block, con
     run(KERNELS_BF16, a, grid, block, opt);
 }
 
+// 1 when the threads of an emulated launch flush a subnormal f32 result to zero (FTZ) and read
+// a subnormal f32 input as zero (DAZ), as the kernel built with nvcc -ftz=true does; for the
+// test in src/emulated.rs. The calling thread's floating-point mode is left alone.
+int infopo_emulate_flushes_subnormals(void) {
+    volatile float min_normal = FLT_MIN, two_pow_23 = 8388608.0f;
+    const unsigned smallest_subnormal_bits = 1u;
+    float half_min = 1.0f, scaled_subnormal = 1.0f;
+    const InfopoEmulation serial{1u, 0u, 0u};
+    infopo_emu::launch(1u, 32u, serial, [&](unsigned) {
+        if (threadIdx.x != 0) return;
+        half_min = min_normal * 0.5f; // 2^-127: subnormal, 0 under FTZ
+        volatile float subnormal = __uint_as_float(smallest_subnormal_bits);
+        scaled_subnormal = subnormal * two_pow_23; // 2^-126 exactly, 0 under DAZ
+    });
+    return half_min == 0.0f && scaled_subnormal == 0.0f;
+}
+
 // Most blocks a launch runs at once (src/emulated.rs checks its mirror against it).
 unsigned infopo_emulate_max_blocks_at_once(void) { return INFOPO_EMU_MAX_BLOCKS_AT_ONCE; }
 

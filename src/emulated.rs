@@ -40,7 +40,10 @@ extern "C" {
     fn infopo_emulate_f32(args: *const KernelArgs, grid: u32, block: u32, opt: *const Emulation);
     fn infopo_emulate_f16(args: *const KernelArgs, grid: u32, block: u32, opt: *const Emulation);
     fn infopo_emulate_bf16(args: *const KernelArgs, grid: u32, block: u32, opt: *const Emulation);
+    #[cfg(test)]
     fn infopo_emulate_max_blocks_at_once() -> u32;
+    #[cfg(test)]
+    fn infopo_emulate_flushes_subnormals() -> i32;
 }
 
 /// SMs of the emulated device (an H100 SXM).
@@ -257,13 +260,6 @@ impl Emulated {
     }
 }
 
-/// The C side's bound, for the test that keeps [`MAX_BLOCKS_AT_ONCE`] in step.
-#[doc(hidden)]
-pub fn c_max_blocks_at_once() -> u32 {
-    // SAFETY: a pure function of a compile-time constant.
-    unsafe { infopo_emulate_max_blocks_at_once() }
-}
-
 impl Backend for Emulated {
     fn name(&self) -> &'static str {
         "emulated"
@@ -271,5 +267,27 @@ impl Backend for Emulated {
 
     fn compute_micro_batched(&self, batch: &Batch<'_>, params: &Params, cuts: &[usize]) -> Result<Output> {
         self.micro_batched(batch, params, cuts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The emulator's threads flush f32 subnormals like the kernel built with `-ftz=true`
+    /// (x86: MXCSR FTZ|DAZ; aarch64: FPCR.FZ; elsewhere not modelled), and leave the calling
+    /// thread's mode alone.
+    #[test]
+    fn emulator_threads_flush_subnormals() {
+        // SAFETY: runs a one-block launch of its own; no arguments.
+        let flushes = unsafe { infopo_emulate_flushes_subnormals() } != 0;
+        assert_eq!(flushes, cfg!(any(target_arch = "x86_64", target_arch = "x86", target_arch = "aarch64")));
+        assert!(std::hint::black_box(f32::MIN_POSITIVE) * 0.5 != 0.0, "the caller's thread must not flush");
+    }
+
+    #[test]
+    fn max_blocks_at_once_matches_the_emulator() {
+        // SAFETY: a pure function of a compile-time constant.
+        assert_eq!(unsafe { infopo_emulate_max_blocks_at_once() }, MAX_BLOCKS_AT_ONCE);
     }
 }

@@ -15,7 +15,7 @@ mod common;
 use common::kernel::{check_epilogue, compare_rows, epilogue_feed, generate, layout, Layout, Spec};
 use common::{assert_close, to_dtype, to_f64};
 use half::bf16;
-use infopo_kernels::emulated::{self, Emulated, MAX_BLOCKS_AT_ONCE};
+use infopo_kernels::emulated::{Emulated, MAX_BLOCKS_AT_ONCE};
 use infopo_kernels::{Backend, Batch, Dtype, Error, Estimator, Logits, Output, Params};
 
 /// Every output of a call as bits: the five row values, turn info and every advantage output.
@@ -53,6 +53,9 @@ fn data(n: usize, v: usize, seed: u64) -> (Vec<bf16>, Vec<bf16>, Vec<i64>) {
     (to_dtype(&r), to_dtype(&m), t)
 }
 
+/// (what, batch, params, micro-batch cuts, repetitions per configuration)
+type Case<'a> = (&'a str, &'a Batch<'a>, &'a Params, Option<&'a [usize]>, u32);
+
 /// One call (micro-batched at `cuts` when given).
 fn run(b: &dyn Backend, batch: &Batch<'_>, params: &Params, cuts: Option<&[usize]>) -> Output {
     match cuts {
@@ -64,7 +67,6 @@ fn run(b: &dyn Backend, batch: &Batch<'_>, params: &Params, cuts: Option<&[usize
 
 #[test]
 fn concurrency_is_validated() {
-    assert_eq!(emulated::c_max_blocks_at_once(), MAX_BLOCKS_AT_ONCE);
     for bad in [0, MAX_BLOCKS_AT_ONCE + 1] {
         assert!(matches!(Emulated::concurrent(bad, 1), Err(Error::Param { name: "blocks_at_once", .. })));
     }
@@ -90,8 +92,7 @@ fn concurrent_runs_equal_serial_bitwise() {
         .with_turns(small.turns())
         .with_trajectories(small.trajectories());
     let kl = Params { estimator: Estimator::Kl, ..Params::default() };
-    // (what, batch, params, micro-batch cuts, repetitions per configuration)
-    let cases: [(&str, &Batch<'_>, &Params, Option<&[usize]>, u32); 4] = [
+    let cases: [Case<'_>; 4] = [
         ("3 x 50257 split rows", &split, &kl, None, 1),
         ("3 x 50257 micro-batched", &split, &Params::default(), Some(&[1, 3, 3]), 1),
         ("64 x 31 turns and groups", &many, &Params::default(), None, 3),
@@ -100,11 +101,16 @@ fn concurrent_runs_equal_serial_bitwise() {
     for (what, batch, params, cuts, reps) in cases {
         let want = output_bits(&run(&serial, batch, params, cuts));
         for (k, seed) in [(2u32, 11u64), (3, 12), (4, 13)] {
-            let backends = [Emulated::concurrent(k, seed).unwrap(), Emulated::concurrent(k, seed).unwrap().with_grid_cap(5)];
+            let backends =
+                [Emulated::concurrent(k, seed).unwrap(), Emulated::concurrent(k, seed).unwrap().with_grid_cap(5)];
             for (i, b) in backends.iter().enumerate() {
                 for rep in 0..reps {
                     let got = output_bits(&run(b, batch, params, cuts));
-                    assert!(got == want, "{what}: {k} blocks at once, seed {seed}, capped {}, repetition {rep}", i == 1);
+                    assert!(
+                        got == want,
+                        "{what}: {k} blocks at once, seed {seed}, capped {}, repetition {rep}",
+                        i == 1
+                    );
                 }
             }
         }
@@ -177,8 +183,10 @@ fn split_rows_with_turns_groups_and_epilogue() {
             let est = epilogue_feed(&b, out, params.estimator, &rf, &mf, &t, 1.0);
             check_epilogue(out, &est, &l.turns(), &l.trajectories(), &params);
         }
-        assert!(output_bits(&Output { turn_info: None, advantages: None, ..one.clone() })
-            == output_bits(&Output { turn_info: None, advantages: None, ..micro.clone() }));
+        assert!(
+            output_bits(&Output { turn_info: None, advantages: None, ..one.clone() })
+                == output_bits(&Output { turn_info: None, advantages: None, ..micro.clone() })
+        );
         let (x, y) = (one.advantages.as_ref().unwrap(), micro.advantages.as_ref().unwrap());
         assert_close("turn_bonus", &y.turn_bonus, &x.turn_bonus, 1e-12, 1e-12);
     }
