@@ -56,8 +56,9 @@
 // INFOPO_EMULATOR_FAULTS defined (build.rs defines it with INFOPO_EMULATOR_TSAN=1), the
 // environment variable INFOPO_EMULATOR_FAULT, read at each launch, breaks the protocol:
 //   no_fence      __threadfence does nothing (no fence, no annotation);
-//   early_ticket  atomicAdd / atomicInc return old + 1, so the second-to-last block to draw a ticket
-//                 believes it is the last: a row merge / epilogue that reads too early.
+//   early_ticket  atomicAdd / atomicInc return old + 1, so the second-to-last block to draw
+//                 a ticket believes it is the last: a row merge / epilogue that reads too early.
+// Under ThreadSanitizer only this C++ is instrumented; the Rust caller is not (scripts/tsan).
 #ifndef INFOPO_EMULATOR_H
 #define INFOPO_EMULATOR_H
 #define INFOPO_EMULATOR 1
