@@ -1,6 +1,10 @@
 //! Builds the kernels in kernels/ for the enabled features:
 //! - `emulator`: kernels/emulator.cpp (which includes kernels/infopo.cu against
-//!   kernels/emulator.h) as host C++20 with `cc`, linked into the crate;
+//!   kernels/emulator.h) as host C++20 with `cc`, linked into the crate. With
+//!   `INFOPO_EMULATOR_TSAN=1` (scripts/tsan) it is built with `-fsanitize=thread` and the
+//!   fault switches of its positive controls (`INFOPO_EMULATOR_FAULTS`), and linked with the
+//!   ThreadSanitizer runtime (libtsan; the Rust code itself is not instrumented). Never set
+//!   for a normal build;
 //! - `cuda`: kernels/infopo.cu with nvcc into one fatbin (SASS for each arch of
 //!   `INFOPO_CUDA_ARCHS`, default 80,86,89,90, plus PTX for the last), embedded by
 //!   `src/launch.rs` through `include_bytes!(concat!(env!("OUT_DIR"), "/infopo.fatbin"))`.
@@ -16,7 +20,7 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels");
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "INFOPO_CUDA_ARCHS", "INFOPO_CUDA_LINEINFO"] {
+    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "INFOPO_CUDA_ARCHS", "INFOPO_CUDA_LINEINFO", "INFOPO_EMULATOR_TSAN"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     if env::var_os("CARGO_FEATURE_EMULATOR").is_some() {
@@ -28,7 +32,9 @@ fn main() {
 }
 
 fn build_emulator() {
-    cc::Build::new()
+    let tsan = env::var("INFOPO_EMULATOR_TSAN").is_ok_and(|v| v == "1");
+    let mut build = cc::Build::new();
+    build
         .cpp(true)
         .file("kernels/emulator.cpp")
         .include("kernels")
@@ -37,8 +43,14 @@ fn build_emulator() {
         .opt_level(2)
         .flag("-fno-strict-aliasing")
         .flag_if_supported("-Wno-unknown-pragmas")
-        .warnings(true)
-        .compile("infopo_emulator");
+        .warnings(true);
+    if tsan {
+        build.flag("-fsanitize=thread").flag("-g").define("INFOPO_EMULATOR_FAULTS", "1");
+        // The runtime (rustc links with -nodefaultlibs, so `-fsanitize=thread` at link time
+        // would not add it). Only ever with INFOPO_EMULATOR_TSAN=1.
+        println!("cargo:rustc-link-lib=dylib=tsan");
+    }
+    build.compile("infopo_emulator");
     println!("cargo:rustc-link-lib=pthread");
 }
 

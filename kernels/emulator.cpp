@@ -1,25 +1,104 @@
 // Host entry points of the emulated kernel (feature `emulator`): kernels/infopo.cu compiled as
 // C++ against emulator.h, launched on CPU threads. Called from src/emulated.rs.
-#include "infopo.cu"
+//
+// The kernel is compiled INFOPO_EMU_MAX_BLOCKS_AT_ONCE times, copy k in namespace
+// infopo_copy<k> with its entry points renamed infopo_<dtype>_<k>: `__shared__` is a
+// function-local static, so each copy has its own shared storage, and team k of a concurrent
+// launch (emulator.h) runs every block it draws with copy k. The headers the kernel includes
+// are included here first, at global scope; their include guards keep them out of the copies.
+#include "emulator.h"
+#include "args.h"
+#include "state.cuh"
 
 #include <cstddef>
+
+#define infopo_f32 infopo_f32_0
+#define infopo_f16 infopo_f16_0
+#define infopo_bf16 infopo_bf16_0
+namespace infopo_copy0 {
+#include "infopo.cu"
+}
+#undef infopo_f32
+#undef infopo_f16
+#undef infopo_bf16
+#define infopo_f32 infopo_f32_1
+#define infopo_f16 infopo_f16_1
+#define infopo_bf16 infopo_bf16_1
+namespace infopo_copy1 {
+#include "infopo.cu"
+}
+#undef infopo_f32
+#undef infopo_f16
+#undef infopo_bf16
+#define infopo_f32 infopo_f32_2
+#define infopo_f16 infopo_f16_2
+#define infopo_bf16 infopo_bf16_2
+namespace infopo_copy2 {
+#include "infopo.cu"
+}
+#undef infopo_f32
+#undef infopo_f16
+#undef infopo_bf16
+#define infopo_f32 infopo_f32_3
+#define infopo_f16 infopo_f16_3
+#define infopo_bf16 infopo_bf16_3
+namespace infopo_copy3 {
+#include "infopo.cu"
+}
+#undef infopo_f32
+#undef infopo_f16
+#undef infopo_bf16
+static_assert(INFOPO_EMU_MAX_BLOCKS_AT_ONCE == 4, "one kernel copy per team above");
+
+namespace {
+using Kernel = void (*)(const InfopoArgs);
+constexpr Kernel KERNELS_F32[] = {infopo_copy0::infopo_f32_0, infopo_copy1::infopo_f32_1, infopo_copy2::infopo_f32_2,
+                                  infopo_copy3::infopo_f32_3};
+constexpr Kernel KERNELS_F16[] = {infopo_copy0::infopo_f16_0, infopo_copy1::infopo_f16_1, infopo_copy2::infopo_f16_2,
+                                  infopo_copy3::infopo_f16_3};
+constexpr Kernel KERNELS_BF16[] = {infopo_copy0::infopo_bf16_0, infopo_copy1::infopo_bf16_1,
+                                   infopo_copy2::infopo_bf16_2, infopo_copy3::infopo_bf16_3};
+
+void run(const Kernel (&kernels)[INFOPO_EMU_MAX_BLOCKS_AT_ONCE], const InfopoArgs *a, unsigned grid, unsigned block,
+         const InfopoEmulation *opt) {
+    const InfopoArgs args = *a;
+    infopo_emu::launch(grid, block, *opt, [&args, &kernels](unsigned team) { kernels[team](args); });
+}
+} // namespace
 
 extern "C" {
 
 // Runs one launch of infopo_<dtype> with `grid` blocks of `block` threads (a multiple of 32,
-// at most 256). Launches are serialised process-wide.
-void infopo_emulate_f32(const InfopoArgs *a, unsigned grid, unsigned block) {
-    const InfopoArgs args = *a;
-    infopo_emu::launch(grid, block, [&args] { infopo_f32(args); });
+// at most 256), `opt->blocks_at_once` blocks at a time. Launches are serialised process-wide.
+void infopo_emulate_f32(const InfopoArgs *a, unsigned grid, unsigned block, const InfopoEmulation *opt) {
+    run(KERNELS_F32, a, grid, block, opt);
 }
-void infopo_emulate_f16(const InfopoArgs *a, unsigned grid, unsigned block) {
-    const InfopoArgs args = *a;
-    infopo_emu::launch(grid, block, [&args] { infopo_f16(args); });
+void infopo_emulate_f16(const InfopoArgs *a, unsigned grid, unsigned block, const InfopoEmulation *opt) {
+    run(KERNELS_F16, a, grid, block, opt);
 }
-void infopo_emulate_bf16(const InfopoArgs *a, unsigned grid, unsigned block) {
-    const InfopoArgs args = *a;
-    infopo_emu::launch(grid, block, [&args] { infopo_bf16(args); });
+void infopo_emulate_bf16(const InfopoArgs *a, unsigned grid, unsigned block, const InfopoEmulation *opt) {
+    run(KERNELS_BF16, a, grid, block, opt);
 }
+
+// 1 when the threads of an emulated launch flush a subnormal f32 result to zero (FTZ) and read
+// a subnormal f32 input as zero (DAZ), as the kernel built with nvcc -ftz=true does; for the
+// test in src/emulated.rs. The calling thread's floating-point mode is left alone.
+int infopo_emulate_flushes_subnormals(void) {
+    volatile float min_normal = FLT_MIN, two_pow_23 = 8388608.0f;
+    const unsigned smallest_subnormal_bits = 1u;
+    float half_min = 1.0f, scaled_subnormal = 1.0f;
+    const InfopoEmulation serial{1u, 0u, 0u};
+    infopo_emu::launch(1u, 32u, serial, [&](unsigned) {
+        if (threadIdx.x != 0) return;
+        half_min = min_normal * 0.5f; // 2^-127: subnormal, 0 under FTZ
+        volatile float subnormal = __uint_as_float(smallest_subnormal_bits);
+        scaled_subnormal = subnormal * two_pow_23; // 2^-126 exactly, 0 under DAZ
+    });
+    return half_min == 0.0f && scaled_subnormal == 0.0f;
+}
+
+// Most blocks a launch runs at once (src/emulated.rs checks its mirror against it).
+unsigned infopo_emulate_max_blocks_at_once(void) { return INFOPO_EMU_MAX_BLOCKS_AT_ONCE; }
 
 // The C layout of InfopoArgs for the Rust mirror's test: out[0] = sizeof, out[1] = alignof,
 // then offsetof of every field in declaration order. Returns the number of entries written.

@@ -2,11 +2,23 @@
 // so the kernel source itself is tested without a GPU (cargo feature `emulator`).
 //
 // Model:
-//  * one OS thread per CUDA thread; a launch creates blockDim.x threads which run the blocks
-//    0..gridDim.x-1 in turn (a block barrier after each block), so one block runs at a time;
-//  * __shared__ is `static`: one copy per kernel instantiation, valid because one block runs at
-//    a time and launches are serialised by a global mutex (cargo runs tests in parallel);
-//  * __syncthreads / __syncwarp are blocking std::barrier waits (no spinning);
+//  * one OS thread per CUDA thread. A launch runs `blocks_at_once` blocks at a time (1 = the
+//    serial mode, the default: blocks 0, 1, 2, ... in turn). Each running block is a team of
+//    blockDim.x threads with its own barriers and shuffle buffers; the team's thread 0 draws
+//    the next block index from a relaxed counter when the team's previous block is done, as a
+//    GPU hands blocks to SMs that free up. The draw is relaxed on purpose: the scheduler must
+//    add no happens-before edge between blocks, so only the kernel's own fences and atomics
+//    order them (what ThreadSanitizer then checks, see below);
+//  * __shared__ is `static`, and kernels/emulator.cpp compiles kernels/infopo.cu once per
+//    team (INFOPO_EMU_MAX_BLOCKS_AT_ONCE copies, each in its own namespace): a function-local
+//    static of copy k is the shared memory of whatever block team k runs, so blocks running at
+//    once never share `__shared__` storage, and the kernel source stays unchanged. Launches
+//    are serialised by a global mutex (cargo runs tests in parallel);
+//  * concurrent mode (blocks_at_once > 1) yields at random (seeded per launch and thread) at
+//    barriers, atomics and fences: std::this_thread::yield() often, a sleep of up to 50 µs
+//    rarely, so the blocks' interleaving changes from run to run;
+//  * __syncthreads / __syncwarp are blocking waits on a team's own barrier (futex or condition
+//    variable; no spinning, and no state shared with other teams);
 //  * __shfl_xor_sync(mask, v, m): each lane writes v to its slot of a per-warp exchange buffer,
 //    one warp barrier, reads lane ^ m's slot. Two buffers alternate, so one barrier per shuffle
 //    suffices (a lane can only overwrite a buffer after every lane passed the next barrier).
@@ -14,27 +26,65 @@
 //    trivially copyable value up to 64 bytes can be exchanged at once: the kernels use that
 //    (under INFOPO_EMULATOR) to move a whole reduction state with one barrier instead of one
 //    per 32-bit word, the only emulator-specific code in the kernel source;
-//  * atomics are std::atomic_ref, __threadfence is a seq_cst fence, __ldcg a plain load;
+//  * memory model. GPU atomics are relaxed, so atomicAdd / atomicInc / atomicMax are relaxed
+//    std::atomic_ref operations, and __ldcg is a plain load. __threadfence is a seq_cst
+//    std::atomic_thread_fence (which, with the relaxed ticket atomics, is what orders the
+//    blocks in the C++ model) AND an acq_rel read-modify-write of one global sync object,
+//    `fence_sync`: ThreadSanitizer ignores standalone fences, but it does model that RMW, so
+//    a fence acquires everything released by every fence executed before it (in real time).
+//    What ThreadSanitizer can then report: a block reading another block's partials or row
+//    outputs with no fence after its ticket (acquire missing), a writer with no fence before
+//    its ticket whose writes are still unordered when they are read (release missing), a
+//    block that reads before the ticket is complete (wrong or early election: the reads race
+//    with writes still to come), a plain access to a ticket racing with the atomics. What it
+//    cannot: the one sync object over-synchronises (any fence orders everything fenced
+//    before it, in any thread), so a missing fence is hidden when an unrelated fence of the
+//    same thread ran earlier than the reader's; only interleavings that occur are checked
+//    (hence random yields and repetitions); GPU specifics beyond C++: the fence's scope
+//    (__threadfence_block is not mapped), L1 staleness (a plain load where __ldcg is needed
+//    looks the same here), nvcc's own reordering;
+//  * floating point: every emulator thread sets flush-to-zero and denormals-are-zero, as
+//    nvcc -ftz=true does for the kernel's f32 arithmetic (x86: MXCSR FTZ|DAZ via _mm_setcsr;
+//    aarch64: FPCR.FZ; elsewhere nothing, a documented gap). Divergence: on x86 and aarch64
+//    this also flushes f64 subnormals (the epilogue), which the GPU does not;
 //  * __half / __nv_bfloat16 are 16-bit storage types with exact conversions to float;
 //  * math (exp2f, log2f, fmaf, ...) is the host libm: results agree with the GPU to rounding,
-//    not bit for bit; each build is bitwise deterministic on its own.
-// Not emulated: warp divergence semantics beyond the above, memory-model races between blocks
-// (blocks are serial), launch bounds, the read-only cache.
+//    not bit for bit; each build is bitwise deterministic on its own, in either mode.
+// Not emulated: warp divergence semantics beyond the above, launch bounds, the read-only cache.
+//
+// Fault injection (positive controls of scripts/tsan): only in a build with
+// INFOPO_EMULATOR_FAULTS defined (build.rs defines it with INFOPO_EMULATOR_TSAN=1), the
+// environment variable INFOPO_EMULATOR_FAULT, read at each launch, breaks the protocol:
+//   no_fence      __threadfence does nothing (no fence, no annotation);
+//   early_ticket  atomicAdd / atomicInc return old + 1, so the second-to-last block to draw
+//                 a ticket believes it is the last: a row merge / epilogue that reads too early.
+// Under ThreadSanitizer only this C++ is instrumented; the Rust caller is not (scripts/tsan).
 #ifndef INFOPO_EMULATOR_H
 #define INFOPO_EMULATOR_H
 #define INFOPO_EMULATOR 1
 
 #include <atomic>
-#include <barrier>
+#include <condition_variable>
 #include <cfloat>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <thread>
 #include <type_traits>
 #include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
+#ifdef __linux__
+#include <climits>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #define __global__
 #define __device__
@@ -44,6 +94,9 @@
 #define __shared__ static
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
+
+// Most blocks one launch runs at once (copies of the kernel in kernels/emulator.cpp).
+#define INFOPO_EMU_MAX_BLOCKS_AT_ONCE 4
 
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
@@ -57,67 +110,192 @@ inline thread_local dim3 blockIdx;
 inline dim3 blockDim;
 inline dim3 gridDim;
 
+// How a launch runs (mirrored by src/emulated.rs).
+struct InfopoEmulation {
+    uint32_t blocks_at_once; // 1 = serial; at most INFOPO_EMU_MAX_BLOCKS_AT_ONCE
+    uint32_t reserved;
+    uint64_t seed; // of the random yields (concurrent mode)
+};
+
 namespace infopo_emu {
 
-struct Launch {
-    explicit Launch(unsigned threads)
+// A reusable barrier of n threads whose only shared state is its own. Not std::barrier:
+// libstdc++ parks its waiters in a process-wide table of mutexes and atomic counters shared by
+// every barrier, which gives ThreadSanitizer happens-before edges between unrelated blocks and
+// hid a removed __threadfence (the no_fence control) in a first version. On Linux: a counter
+// (acq_rel arrivals) and a phase word the waiters sleep on with a raw futex (not intercepted
+// by ThreadSanitizer, so it adds no edge of its own); elsewhere a mutex and condition variable.
+class Barrier {
+public:
+    explicit Barrier(unsigned n) : n_(n) {}
+#ifdef __linux__
+    void arrive_and_wait() {
+        const unsigned phase = phase_.load(std::memory_order_acquire);
+        if (arrived_.fetch_add(1u, std::memory_order_acq_rel) + 1u == n_) {
+            arrived_.store(0u, std::memory_order_relaxed); // before anyone sees the new phase
+            phase_.store(phase + 1u, std::memory_order_release);
+            syscall(SYS_futex, reinterpret_cast<unsigned *>(&phase_), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+            return;
+        }
+        while (phase_.load(std::memory_order_acquire) == phase)
+            syscall(SYS_futex, reinterpret_cast<unsigned *>(&phase_), FUTEX_WAIT_PRIVATE, phase, nullptr, nullptr, 0);
+    }
+
+private:
+    const unsigned n_;
+    std::atomic<unsigned> arrived_{0}, phase_{0};
+    static_assert(sizeof(std::atomic<unsigned>) == sizeof(unsigned) && std::atomic<unsigned>::is_always_lock_free);
+#else
+    void arrive_and_wait() {
+        std::unique_lock<std::mutex> lock(m_);
+        const unsigned phase = phase_;
+        if (++arrived_ == n_) {
+            arrived_ = 0;
+            ++phase_;
+            cv_.notify_all();
+            return;
+        }
+        cv_.wait(lock, [&] { return phase_ != phase; });
+    }
+
+private:
+    std::mutex m_;
+    std::condition_variable cv_;
+    const unsigned n_;
+    unsigned arrived_ = 0, phase_ = 0;
+#endif
+};
+
+// The threads of one running block: barriers, shuffle buffers, the drawn block index.
+struct Team {
+    explicit Team(unsigned threads)
         : block(threads), warps(threads / 32) {
-        for (unsigned w = 0; w < warps; ++w) warp.emplace_back(std::make_unique<std::barrier<>>(32));
+        for (unsigned w = 0; w < warps; ++w) warp.emplace_back(std::make_unique<Barrier>(32));
         for (auto &b : shfl) b.assign(threads, Slot{});
     }
-    std::barrier<> block;
+    Barrier block;
     unsigned warps;
-    std::vector<std::unique_ptr<std::barrier<>>> warp;
+    std::vector<std::unique_ptr<Barrier>> warp;
     struct Slot {
         alignas(16) unsigned char bytes[64];
     };
     std::vector<Slot> shfl[2];
+    unsigned drawn = 0; // written by thread 0, read by all after a block barrier
 };
 
-inline Launch *current = nullptr;
+inline thread_local Team *current = nullptr;
 inline thread_local unsigned shfl_phase = 0;
+inline thread_local bool yields = false;
+inline thread_local uint64_t rng = 0;
+
+// The sync object of __threadfence's ThreadSanitizer annotation (see the header comment).
+inline std::atomic<unsigned> fence_sync{0};
+
+enum Fault { NO_FAULT, FAULT_NO_FENCE, FAULT_EARLY_TICKET };
+inline Fault fault = NO_FAULT; // written under the launch mutex before the threads start
 
 inline std::mutex &launch_mutex() {
     static std::mutex m;
     return m;
 }
 
-// Runs body() as a grid of `grid` blocks of `threads` threads (a multiple of 32).
+inline uint64_t splitmix(uint64_t &s) {
+    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// Concurrent mode: yield one time in 8, sleep up to 50 µs one time in 256.
+inline void maybe_yield() {
+    if (!yields) return;
+    const uint64_t r = splitmix(rng);
+    if ((r & 255u) == 0u) {
+        std::this_thread::sleep_for(std::chrono::microseconds((r >> 8) % 50u));
+    } else if ((r & 7u) == 0u) {
+        std::this_thread::yield();
+    }
+}
+
+// Flush f32 subnormal results to zero and read subnormal inputs as zero, like nvcc -ftz=true.
+inline void flush_subnormals() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_setcsr(_mm_getcsr() | 0x8040u); // FTZ (bit 15) | DAZ (bit 6)
+#elif defined(__aarch64__)
+    uint64_t fpcr;
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
+    fpcr |= (uint64_t)1 << 24; // FZ: flush inputs and outputs (single and double)
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(fpcr));
+#endif
+}
+
+inline Fault fault_from_env() {
+#ifdef INFOPO_EMULATOR_FAULTS
+    const char *f = std::getenv("INFOPO_EMULATOR_FAULT");
+    if (f && std::strcmp(f, "no_fence") == 0) return FAULT_NO_FENCE;
+    if (f && std::strcmp(f, "early_ticket") == 0) return FAULT_EARLY_TICKET;
+#endif
+    return NO_FAULT;
+}
+
+// Runs a grid of `grid` blocks of `threads` threads (a multiple of 32). Team k runs its blocks
+// with body(k, ...): the k-th copy of the kernel, whose __shared__ storage is team k's own.
 template <class F>
-void launch(unsigned grid, unsigned threads, F &&body) {
+void launch(unsigned grid, unsigned threads, const InfopoEmulation &opt, F &&body) {
     std::lock_guard<std::mutex> lock(launch_mutex());
-    Launch l(threads);
-    current = &l;
+    fault = fault_from_env();
     gridDim = dim3{grid, 1, 1};
     blockDim = dim3{threads, 1, 1};
+    unsigned teams = opt.blocks_at_once < 1u ? 1u : opt.blocks_at_once;
+    if (teams > INFOPO_EMU_MAX_BLOCKS_AT_ONCE) teams = INFOPO_EMU_MAX_BLOCKS_AT_ONCE;
+    if (teams > grid) teams = grid;
+    const bool concurrent = teams > 1;
+    std::atomic<unsigned> next_block{0};
+    std::vector<std::unique_ptr<Team>> team;
+    for (unsigned k = 0; k < teams; ++k) team.emplace_back(std::make_unique<Team>(threads));
     std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (unsigned t = 0; t < threads; ++t) {
-        pool.emplace_back([&l, &body, t, grid] {
-            threadIdx = dim3{t, 0, 0};
-            shfl_phase = 0;
-            for (unsigned b = 0; b < grid; ++b) {
-                blockIdx = dim3{b, 0, 0};
-                body();
-                l.block.arrive_and_wait(); // the next block starts when this one has finished
-            }
-        });
+    pool.reserve((size_t)teams * threads);
+    for (unsigned k = 0; k < teams; ++k) {
+        for (unsigned t = 0; t < threads; ++t) {
+            pool.emplace_back([&, k, t] {
+                flush_subnormals();
+                Team &me = *team[k];
+                current = &me;
+                threadIdx = dim3{t, 0, 0};
+                shfl_phase = 0;
+                yields = concurrent;
+                rng = opt.seed ^ ((uint64_t)k << 40) ^ ((uint64_t)t << 16);
+                for (;;) {
+                    // Relaxed: the draw must not order blocks (see the header comment).
+                    if (t == 0) me.drawn = next_block.fetch_add(1u, std::memory_order_relaxed);
+                    me.block.arrive_and_wait();
+                    const unsigned b = me.drawn;
+                    if (b >= grid) break;
+                    blockIdx = dim3{b, 0, 0};
+                    maybe_yield();
+                    body(k);
+                    me.block.arrive_and_wait(); // the block is done; `drawn` may be overwritten
+                }
+            });
+        }
     }
     for (auto &th : pool) th.join();
-    current = nullptr;
 }
 
 } // namespace infopo_emu
 
-inline void __syncthreads() { infopo_emu::current->block.arrive_and_wait(); }
+inline void __syncthreads() {
+    infopo_emu::maybe_yield();
+    infopo_emu::current->block.arrive_and_wait();
+}
 inline void __syncwarp(unsigned = 0xffffffffu) { infopo_emu::current->warp[threadIdx.x >> 5]->arrive_and_wait(); }
 
 template <class T>
 inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int = 32) {
     static_assert(sizeof(T) <= 64 && std::is_trivially_copyable_v<T>, "shuffle of a trivially copyable value of at most 64 bytes");
-    infopo_emu::Launch &l = *infopo_emu::current;
+    infopo_emu::Team &l = *infopo_emu::current;
     const unsigned tid = threadIdx.x, base = tid & ~31u, lane = tid & 31u;
-    std::vector<infopo_emu::Launch::Slot> &buf = l.shfl[infopo_emu::shfl_phase];
+    std::vector<infopo_emu::Team::Slot> &buf = l.shfl[infopo_emu::shfl_phase];
     std::memcpy(buf[tid].bytes, &v, sizeof(T));
     l.warp[tid >> 5]->arrive_and_wait();
     T r;
@@ -126,18 +304,44 @@ inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int = 32) {
     return r;
 }
 
-inline unsigned atomicAdd(unsigned *p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
+// Relaxed, like the GPU's atomics: ordering comes only from __threadfence.
+inline unsigned atomicAdd(unsigned *p, unsigned v) {
+    infopo_emu::maybe_yield();
+    unsigned old = std::atomic_ref<unsigned>(*p).fetch_add(v, std::memory_order_relaxed);
+    if (infopo_emu::fault == infopo_emu::FAULT_EARLY_TICKET) old += 1u;
+    infopo_emu::maybe_yield();
+    return old;
+}
+// ((old >= limit) ? 0 : old + 1), as CUDA's atomicInc.
+inline unsigned atomicInc(unsigned *p, unsigned limit) {
+    infopo_emu::maybe_yield();
+    std::atomic_ref<unsigned> a(*p);
+    unsigned old = a.load(std::memory_order_relaxed);
+    while (!a.compare_exchange_weak(old, old >= limit ? 0u : old + 1u, std::memory_order_relaxed)) {
+    }
+    if (infopo_emu::fault == infopo_emu::FAULT_EARLY_TICKET) old += 1u;
+    infopo_emu::maybe_yield();
+    return old;
+}
 inline unsigned long long atomicMax(unsigned long long *p, unsigned long long v) {
+    infopo_emu::maybe_yield();
     std::atomic_ref<unsigned long long> a(*p);
-    unsigned long long old = a.load();
-    while (old < v && !a.compare_exchange_weak(old, v)) {
+    unsigned long long old = a.load(std::memory_order_relaxed);
+    while (old < v && !a.compare_exchange_weak(old, v, std::memory_order_relaxed)) {
     }
     return old;
 }
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __threadfence() {
+    infopo_emu::maybe_yield();
+    if (infopo_emu::fault == infopo_emu::FAULT_NO_FENCE) return;
+#ifndef __SANITIZE_THREAD__ // ThreadSanitizer does not support standalone fences (-Wtsan)
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+#endif
+    infopo_emu::fence_sync.fetch_add(1u, std::memory_order_acq_rel);
+    infopo_emu::maybe_yield();
+}
 template <class T>
 inline T __ldcg(const T *p) { return *p; }
-
 inline float __uint_as_float(unsigned u) {
     float f;
     std::memcpy(&f, &u, 4);

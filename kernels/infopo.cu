@@ -370,14 +370,18 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
                 float *p = a.partials + item * INFOPO_STATE_FLOATS;
                 p[0] = s.max_real; p[1] = s.sum_real; p[2] = s.max_masked;
                 p[3] = s.sum_masked; p[4] = s.sum_diff; p[5] = s.sum_centered;
-                __threadfence();
-                const unsigned ticket = atomicAdd(a.row_tickets + row, 1u);
+                __threadfence(); // release: this split's partial before its ticket
+                // Wraps to 0 on the last ticket: self-cleaning inside the atomic, so no plain
+                // store ever touches a ticket another block may still be incrementing.
+                const unsigned ticket = atomicInc(a.row_tickets + row, (unsigned)(S - 1));
                 row_flag = ticket == (unsigned)(S - 1);
+                // Acquire, in the thread that drew the last ticket, before the barrier that
+                // hands the row to warp 0: every split's partial is visible to the block.
+                if (row_flag) __threadfence();
             }
             __syncthreads();
             row_done = row_flag != 0u;
             if (row_done && warp == 0) {
-                __threadfence();
                 // Lane l folds splits l, l+32, ... then an ordered butterfly: fixed split order.
                 const float *base = a.partials + row * S * INFOPO_STATE_FLOATS;
                 RowState m = state_empty();
@@ -389,7 +393,6 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
                     m = state_merge(m, q, a.scale);
                 }
                 s = state_warp_merge(m, a.scale);
-                if (lane == 0) a.row_tickets[row] = 0u; // self-cleaning for the next launch
             }
         }
 
@@ -424,10 +427,11 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
             if (threadIdx.x == 0) {
                 unsigned last = 0u;
                 if (row_done) {
-                    __threadfence();
-                    const unsigned ticket = atomicAdd(a.grid_ticket, 1u);
+                    __threadfence(); // release: this row's outputs before its ticket
+                    const unsigned ticket = atomicInc(a.grid_ticket, (unsigned)(a.n_rows - 1)); // self-cleaning
                     last = ticket == (unsigned)(a.n_rows - 1);
-                    if (last) a.grid_ticket[0] = 0u; // every row is done: self-cleaning
+                    // Acquire: every row's outputs, for the epilogue after the barrier.
+                    if (last) __threadfence();
                 }
                 grid_flag = last;
             }
@@ -435,10 +439,7 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
             if (grid_flag) run_epilogue = true;
         }
     }
-    if (run_epilogue) {
-        __threadfence();
-        epilogue(a, mscratch);
-    }
+    if (run_epilogue) epilogue(a, mscratch); // ordered by the grid ticket's acquire fence
 }
 
 extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_f32(const InfopoArgs a) { infopo_body<float>(a); }

@@ -5,6 +5,17 @@
 //! It validates exactly like the CPU backend, fills the same [`KernelArgs`] a CUDA backend
 //! fills, and decodes the kernel's error word the same way. Slow (it is a test vehicle), but
 //! bitwise deterministic run to run.
+//!
+//! Two test knobs reach protocol paths a default launch does not:
+//! - [`Emulated::concurrent`] runs several blocks at once (each with its own `__shared__`
+//!   storage) with seeded random yields at barriers, atomics and fences, so the cross-block
+//!   protocols (split-row tickets, the grid ticket electing the epilogue block, self-cleaning
+//!   tickets) run in changing interleavings; `scripts/tsan` runs it under ThreadSanitizer.
+//!   The default is the serial mode: blocks 0, 1, 2, ... one at a time.
+//! - [`Emulated::with_grid_cap`] launches fewer blocks than work items
+//!   ([`LaunchShape::with_grid_cap`]), so the kernel's grid-stride loop runs.
+//!
+//! See `kernels/emulator.h` for the model (and what it cannot show).
 
 use crate::backend::Backend;
 use crate::batch::{Advantages, Batch, Output, RowOutputs};
@@ -13,21 +24,46 @@ use crate::launch::{self, launch_shape, KernelArgs, LaunchShape};
 use crate::logits::Dtype;
 use crate::params::Params;
 use crate::validate;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+/// How the emulator runs one launch: `InfopoEmulation` of `kernels/emulator.h`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct Emulation {
+    blocks_at_once: u32,
+    reserved: u32,
+    seed: u64,
+}
+
 extern "C" {
-    fn infopo_emulate_f32(args: *const KernelArgs, grid: u32, block: u32);
-    fn infopo_emulate_f16(args: *const KernelArgs, grid: u32, block: u32);
-    fn infopo_emulate_bf16(args: *const KernelArgs, grid: u32, block: u32);
+    fn infopo_emulate_f32(args: *const KernelArgs, grid: u32, block: u32, opt: *const Emulation);
+    fn infopo_emulate_f16(args: *const KernelArgs, grid: u32, block: u32, opt: *const Emulation);
+    fn infopo_emulate_bf16(args: *const KernelArgs, grid: u32, block: u32, opt: *const Emulation);
+    #[cfg(test)]
+    fn infopo_emulate_max_blocks_at_once() -> u32;
+    #[cfg(test)]
+    fn infopo_emulate_flushes_subnormals() -> i32;
 }
 
 /// SMs of the emulated device (an H100 SXM).
 pub const EMULATED_SM_COUNT: u32 = 132;
 
+/// Most blocks [`Emulated::concurrent`] runs at once (`INFOPO_EMU_MAX_BLOCKS_AT_ONCE`: the
+/// emulator compiles one copy of the kernel, hence of its `__shared__` storage, per block).
+pub const MAX_BLOCKS_AT_ONCE: u32 = 4;
+
 /// The emulated-kernel backend.
 #[derive(Debug)]
 pub struct Emulated {
     sm_count: u32,
+    /// 1 = serial; more = that many blocks at once with random yields.
+    blocks_at_once: u32,
+    /// Seed of the yields; launch `k` of this backend uses `seed + k`.
+    seed: u64,
+    launches: AtomicU64,
+    /// At most this many blocks per launch (the grid-stride loop covers the rest).
+    grid_cap: Option<u32>,
     /// Tickets allocated zeroed once and reused, as on the GPU (the kernel cleans them).
     tickets: Mutex<Tickets>,
 }
@@ -51,12 +87,53 @@ impl Emulated {
 
     /// An emulated device with `sm_count` SMs (changes only the launch shape).
     pub fn with_sm_count(sm_count: u32) -> Self {
-        Emulated { sm_count, tickets: Mutex::new(Tickets::default()) }
+        Emulated {
+            sm_count,
+            blocks_at_once: 1,
+            seed: 0,
+            launches: AtomicU64::new(0),
+            grid_cap: None,
+            tickets: Mutex::new(Tickets::default()),
+        }
+    }
+
+    /// The emulated H100 running `blocks_at_once` blocks at a time (2..=[`MAX_BLOCKS_AT_ONCE`];
+    /// 1 is the serial mode), each block's threads yielding at random (seeded by `seed`, a
+    /// different stream per launch) at barriers, atomics and fences. The outputs must not
+    /// change: the kernel's reductions have a fixed shape whatever order blocks run in.
+    pub fn concurrent(blocks_at_once: u32, seed: u64) -> Result<Self> {
+        Self::new().with_concurrency(blocks_at_once, seed)
+    }
+
+    /// This backend with `blocks_at_once` blocks at a time (see [`Emulated::concurrent`]).
+    pub fn with_concurrency(mut self, blocks_at_once: u32, seed: u64) -> Result<Self> {
+        if !(1..=MAX_BLOCKS_AT_ONCE).contains(&blocks_at_once) {
+            return Err(Error::Param {
+                name: "blocks_at_once",
+                value: blocks_at_once as f64,
+                why: "the emulator runs 1 to 4 blocks at once",
+            });
+        }
+        self.blocks_at_once = blocks_at_once;
+        self.seed = seed;
+        Ok(self)
+    }
+
+    /// This backend launching at most `cap` blocks (at least 1): rows × splits work items
+    /// above the cap make the kernel's grid-stride loop run (the GPU launch never caps below
+    /// 2^31 − 1 blocks, so only this reaches that loop).
+    pub fn with_grid_cap(mut self, cap: u32) -> Self {
+        self.grid_cap = Some(cap);
+        self
     }
 
     /// The shape this backend launches for `rows` rows.
     pub fn shape(&self, rows: usize, vocab: usize, dtype: Dtype) -> LaunchShape {
-        launch_shape(rows, vocab, dtype, self.sm_count)
+        let shape = launch_shape(rows, vocab, dtype, self.sm_count);
+        match self.grid_cap {
+            Some(cap) => shape.with_grid_cap(cap),
+            None => shape,
+        }
     }
 
     /// See [`Backend::compute_micro_batched`].
@@ -139,13 +216,18 @@ impl Emulated {
                 a.scalars = scalars.as_mut_ptr();
                 a.total_tokens = g.total_tokens as f64;
             }
+            let opt = Emulation {
+                blocks_at_once: self.blocks_at_once,
+                reserved: 0,
+                seed: self.seed.wrapping_add(self.launches.fetch_add(1, Ordering::Relaxed)),
+            };
             // SAFETY: every pointer is valid for the sizes documented in kernels/args.h for
             // this launch; the call returns after the emulated grid has finished.
             unsafe {
                 match dtype {
-                    Dtype::F32 => infopo_emulate_f32(&a, shape.grid, shape.threads),
-                    Dtype::F16 => infopo_emulate_f16(&a, shape.grid, shape.threads),
-                    Dtype::BF16 => infopo_emulate_bf16(&a, shape.grid, shape.threads),
+                    Dtype::F32 => infopo_emulate_f32(&a, shape.grid, shape.threads, &opt),
+                    Dtype::F16 => infopo_emulate_f16(&a, shape.grid, shape.threads, &opt),
+                    Dtype::BF16 => infopo_emulate_bf16(&a, shape.grid, shape.threads, &opt),
                 }
             }
             debug_assert!(tickets.grid == 0 && tickets.rows.iter().all(|&x| x == 0), "tickets not self-cleaned");
@@ -186,5 +268,27 @@ impl Backend for Emulated {
 
     fn compute_micro_batched(&self, batch: &Batch<'_>, params: &Params, cuts: &[usize]) -> Result<Output> {
         self.micro_batched(batch, params, cuts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The emulator's threads flush f32 subnormals like the kernel built with `-ftz=true`
+    /// (x86: MXCSR FTZ|DAZ; aarch64: FPCR.FZ; elsewhere not modelled), and leave the calling
+    /// thread's mode alone.
+    #[test]
+    fn emulator_threads_flush_subnormals() {
+        // SAFETY: runs a one-block launch of its own; no arguments.
+        let flushes = unsafe { infopo_emulate_flushes_subnormals() } != 0;
+        assert_eq!(flushes, cfg!(any(target_arch = "x86_64", target_arch = "x86", target_arch = "aarch64")));
+        assert!(std::hint::black_box(f32::MIN_POSITIVE) * 0.5 != 0.0, "the caller's thread must not flush");
+    }
+
+    #[test]
+    fn max_blocks_at_once_matches_the_emulator() {
+        // SAFETY: a pure function of a compile-time constant.
+        assert_eq!(unsafe { infopo_emulate_max_blocks_at_once() }, MAX_BLOCKS_AT_ONCE);
     }
 }

@@ -270,6 +270,15 @@ pub struct LaunchShape {
     pub grid: u32,
 }
 
+impl LaunchShape {
+    /// The same work items (threads, splits) on at most `cap` blocks (at least 1): each block
+    /// then takes several items through the kernel's grid-stride loop. The emulator uses it to
+    /// reach that loop (`Emulated::with_grid_cap`); results must not change.
+    pub fn with_grid_cap(self, cap: u32) -> Self {
+        LaunchShape { grid: self.grid.min(cap.max(1)), ..self }
+    }
+}
+
 /// The launch shape for `rows` rows of `vocab` logits on a device with `sm_count` SMs (the
 /// emulator passes 132, an H100, so it takes the same paths as the GPU).
 ///
