@@ -19,7 +19,7 @@
 
 use crate::backend::Backend;
 use crate::batch::{Advantages, Batch, Output, RowOutputs};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::launch::{self, launch_shape, KernelArgs, LaunchShape};
 use crate::logits::Dtype;
 use crate::params::Params;
