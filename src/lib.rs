@@ -52,8 +52,14 @@ pub mod cuda;
 pub struct ReadmeDoctests;
 
 pub use backend::Backend;
-pub use batch::{Advantages, Batch, Output, RowOutputs, Trajectories, Turns};
+pub use batch::{
+    Advantages, Batch, BatchLayout, LayoutBuilder, Output, OwnedBatch, RowOutputs, Trajectories, TrajectoryBuf,
+    TurnBuf, Turns,
+};
 pub use error::{Error, Result, RowErrorKind};
+/// The `f16`/`bf16` element types of [`LogitData`] and [`OwnedBatch`], re-exported so that a
+/// trainer uses the same `half` version as this crate.
+pub use half;
 pub use logits::{Dtype, LogitData, LogitElement, Logits};
 pub use open::{open, BackendKind};
 pub use params::{Estimator, Params};
