@@ -69,7 +69,8 @@ impl Trajectories<'_> {
 pub struct Batch<'a> {
     pub real: Logits<'a>,
     pub masked: Logits<'a>,
-    /// `[N]` realised token ids.
+    /// `[N]` realised token ids, `i64` as PyTorch and candle hold them (layout indices are
+    /// `u32`: see [`Turns`] for why the two differ).
     pub targets: &'a [i64],
     pub turns: Option<Turns<'a>>,
     /// Needs `turns`.

@@ -11,6 +11,12 @@
 //! - `emulated::Emulated` (feature `emulator`): the CUDA kernel source compiled as host C++;
 //! - `cuda::CudaBackend` (feature `cuda`): the kernels on a GPU through cudarc.
 //!
+//! A trainer builds its layout with [`LayoutBuilder`] (trajectories with their turns), holds a
+//! step's data in an [`OwnedBatch`] (or borrows its own buffers as a [`Batch`]) and calls
+//! [`Backend::compute`]; for rows that arrive in micro-batches, [`Backend::score_rows`] per
+//! micro-batch, [`epilogue::TurnAccumulator`] and [`epilogue::advantages`] (the README's
+//! "Library" section shows both).
+//!
 //! ```
 //! use infopo_kernels::{Backend, Batch, Logits, Params, cpu::Cpu};
 //! let (n, v) = (2, 4);
