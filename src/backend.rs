@@ -4,7 +4,7 @@
 //! [`crate::open()`]'s job (`src/open.rs`), so no arrow runs back from here to the backends.
 
 use crate::batch::{Batch, Output, RowOutputs};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::logits::Logits;
 use crate::params::Params;
 
@@ -23,6 +23,12 @@ pub trait Backend: Send + Sync {
     /// micro-batch starts. Per-turn sums are carried across micro-batches (a turn may span a
     /// cut) and the last one computes the advantages, so the result equals one batch up to the
     /// rounding of the f64 per-turn sums.
+    ///
+    /// The cuts bound what one launch (and its temporaries) covers, not the memory: the whole
+    /// batch is in host memory (and, on the CUDA backend, uploaded to the device whole) for the
+    /// call. When the logits of a batch do not fit at once, score the micro-batches as they are
+    /// produced with [`Backend::score_rows`] (or the device API) and a
+    /// [`crate::epilogue::TurnAccumulator`], then run [`crate::epilogue::advantages`] once.
     fn compute_micro_batched(&self, batch: &Batch<'_>, params: &Params, cuts: &[usize]) -> Result<Output>;
 
     /// Whether the per-turn means and advantages are computed from the rows' float64 values
@@ -34,8 +40,22 @@ pub trait Backend: Send + Sync {
         false
     }
 
-    /// Per-row outputs only (stage one of the two-stage form).
-    fn score_rows(&self, real: Logits<'_>, masked: Logits<'_>, targets: &[i64], params: &Params) -> Result<RowOutputs> {
-        Ok(self.compute(&Batch::rows(real, masked, targets), params)?.rows)
+    /// Per-row outputs only (stage one of the two-stage form) of one micro-batch whose row 0 is
+    /// row `first_row` of the whole batch: row errors name global rows (`first_row + i`), as
+    /// [`Backend::compute_micro_batched`] does. Feed [`RowOutputs::estimator`] to
+    /// [`crate::epilogue::TurnAccumulator::add_rows`] with the same `first_row`.
+    fn score_rows(
+        &self,
+        first_row: usize,
+        real: Logits<'_>,
+        masked: Logits<'_>,
+        targets: &[i64],
+        params: &Params,
+    ) -> Result<RowOutputs> {
+        let out = self.compute(&Batch::rows(real, masked, targets), params).map_err(|e| match e {
+            Error::Row { row, kind, target } => Error::Row { row: first_row + row, kind, target },
+            other => other,
+        })?;
+        Ok(out.rows)
     }
 }

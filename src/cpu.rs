@@ -38,15 +38,12 @@ impl Backend for Cpu {
         for w in bounds.windows(2) {
             let (r0, n) = (w[0], w[1] - w[0]);
             let part = score(
+                r0,
                 batch.real.slice_rows(r0, n)?,
                 batch.masked.slice_rows(r0, n)?,
                 &batch.targets[r0..r0 + n],
-                params.temperature,
-            )
-            .map_err(|e| match e {
-                Error::Row { row, kind, target } => Error::Row { row: row + r0, kind, target },
-                other => other,
-            })?;
+                params,
+            )?;
             if let Some(l) = &layout {
                 let est = estimator_values(&part, params.estimator);
                 if l.groups.is_some() && non_finite.is_none() {
@@ -56,7 +53,7 @@ impl Backend for Cpu {
                             Some(Error::NonFiniteTurn { turn: turn_of_row(&l.turn_offsets, row), row: Some(row) });
                     }
                 }
-                acc.add_rows(&l.turn_offsets, r0, &est)?;
+                acc.add_rows(l, r0, &est)?;
             }
             values.extend(part);
         }
@@ -76,7 +73,8 @@ impl Backend for Cpu {
     }
 }
 
-/// The chosen estimator of each row.
+/// The chosen estimator of each row, in f64 (the f32 outputs of any backend give theirs with
+/// [`RowOutputs::estimator`]).
 pub fn estimator_values(values: &[RowValues], estimator: Estimator) -> Vec<f64> {
     values
         .iter()
@@ -100,9 +98,21 @@ pub fn to_outputs(values: &[RowValues]) -> RowOutputs {
     out
 }
 
-/// Per-row values in f64 for rows with matching shapes (checked here), or the row error of the
-/// lowest failing row (contract §2).
-pub fn score(real: Logits<'_>, masked: Logits<'_>, targets: &[i64], temperature: f64) -> Result<Vec<RowValues>> {
+/// Stage one of the two-stage form on the CPU: the per-row values in f64 of rows with matching
+/// shapes (checked here), or the row error of the lowest failing row (contract §2).
+///
+/// `first_row` is the global index of `real`'s row 0 in the whole batch (0 for a batch scored in
+/// one piece): row errors name global rows, `first_row + i`, as
+/// [`Backend::compute_micro_batched`] does, so a trainer scoring micro-batch `130..` learns that
+/// row 150 failed, not row 20. Reads `params.temperature`; `params` is validated here.
+pub fn score(
+    first_row: usize,
+    real: Logits<'_>,
+    masked: Logits<'_>,
+    targets: &[i64],
+    params: &Params,
+) -> Result<Vec<RowValues>> {
+    params.validate()?;
     if real.rows() != masked.rows() || real.vocab() != masked.vocab() || targets.len() != real.rows() {
         return Err(Error::shape(format!(
             "real [{}, {}], masked [{}, {}] and {} targets do not match",
@@ -113,7 +123,7 @@ pub fn score(real: Logits<'_>, masked: Logits<'_>, targets: &[i64], temperature:
             targets.len()
         )));
     }
-    let inv_t = 1.0 / temperature;
+    let inv_t = 1.0 / params.temperature;
     let results: Vec<Result<RowValues, RowErrorKind>> = match (real.data(), masked.data()) {
         (LogitData::F32(x), LogitData::F32(y)) => score_rows(x, y, targets, real.vocab(), inv_t),
         (LogitData::F16(x), LogitData::F16(y)) => score_rows(x, y, targets, real.vocab(), inv_t),
@@ -123,7 +133,7 @@ pub fn score(real: Logits<'_>, masked: Logits<'_>, targets: &[i64], temperature:
     results
         .into_iter()
         .enumerate()
-        .map(|(row, r)| r.map_err(|kind| Error::Row { row, kind, target: Some(targets[row]) }))
+        .map(|(i, r)| r.map_err(|kind| Error::Row { row: first_row + i, kind, target: Some(targets[i]) }))
         .collect()
 }
 

@@ -44,6 +44,13 @@ impl Moments {
 
 /// Per-turn accumulators of the estimator: Σ and row count. Feed rows in any micro-batches and
 /// merge; [`TurnAccumulator::info`] equals that of one batch.
+///
+/// The values are those of the chosen estimator: [`RowOutputs::estimator`] of any backend's
+/// [`Backend::score_rows`] (f32), or [`crate::cpu::estimator_values`] of [`crate::cpu::score`]
+/// (f64).
+///
+/// [`RowOutputs::estimator`]: crate::RowOutputs::estimator
+/// [`Backend::score_rows`]: crate::Backend::score_rows
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct TurnAccumulator {
     pub sum: Vec<f64>,
@@ -51,20 +58,27 @@ pub struct TurnAccumulator {
 }
 
 impl TurnAccumulator {
+    /// Zeroed sums for `turns` turns.
     pub fn new(turns: usize) -> Self {
         TurnAccumulator { sum: vec![0.0; turns], count: vec![0; turns] }
+    }
+
+    /// Zeroed sums for the turns of `layout`.
+    pub fn for_layout(layout: &Layout) -> Self {
+        Self::new(layout.turns())
     }
 
     pub fn turns(&self) -> usize {
         self.sum.len()
     }
 
-    /// Adds the estimator values of global rows `first_row..first_row + values.len()`;
-    /// `offsets` is the whole batch's validated turn CSR ([T+1]).
-    pub fn add_rows(&mut self, offsets: &[u32], first_row: usize, values: &[f64]) -> Result<()> {
+    /// Adds the estimator values of global rows `first_row..first_row + values.len()` of the
+    /// batch whose validated layout is `layout` (the one given to [`advantages`] later).
+    pub fn add_rows<V: Copy + Into<f64>>(&mut self, layout: &Layout, first_row: usize, values: &[V]) -> Result<()> {
+        let offsets = &layout.turn_offsets;
         if offsets.len() != self.turns() + 1 {
             return Err(Error::turns(format!(
-                "accumulator has {} turns but the offsets describe {}",
+                "accumulator has {} turns but the layout has {}",
                 self.turns(),
                 offsets.len().saturating_sub(1)
             )));
@@ -82,7 +96,7 @@ impl TurnAccumulator {
             let lo = (offsets[t] as usize).max(first_row);
             let hi = (offsets[t + 1] as usize).min(end);
             if hi > lo {
-                self.sum[t] += values[lo - first_row..hi - first_row].iter().sum::<f64>();
+                self.sum[t] += values[lo - first_row..hi - first_row].iter().map(|&v| v.into()).sum::<f64>();
                 self.count[t] += (hi - lo) as u64;
             }
             t += 1;

@@ -7,12 +7,19 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u8)]
 pub enum RowErrorKind {
+    /// The target id is negative or ≥ V.
     TargetOutOfRange = 1,
+    /// A real logit is NaN or +∞.
     RealNotFinite = 2,
+    /// A masked logit is NaN or +∞.
     MaskedNotFinite = 3,
+    /// Every real logit is −∞.
     RealAllNegInf = 4,
+    /// Every masked logit is −∞.
     MaskedAllNegInf = 5,
+    /// The real logit of the target is −∞ (log-probability −∞).
     RealTargetNegInf = 6,
+    /// The masked logit of the target is −∞.
     MaskedTargetNegInf = 7,
 }
 
@@ -52,17 +59,27 @@ impl std::fmt::Display for RowErrorKind {
     }
 }
 
+/// Everything that can go wrong, each variant naming what and where. Messages name a layout
+/// field both as the Rust field and as the input file's tensor (`Turns::credit_tokens /
+/// turn_credit_tokens`), so they read right from the library and from the CLI.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Tensor shapes or lengths that do not fit together (logits vs targets, micro-batch cuts,
+    /// more than 2^32 − 1 rows, a slice outside its tensor).
     #[error("shape mismatch: {what}")]
     Shape { what: String },
 
+    /// The real and masked logits have different element types.
     #[error("dtype mismatch: real logits are {real}, masked logits are {masked}")]
     DtypeMismatch { real: &'static str, masked: &'static str },
 
+    /// Logits with a vocabulary of 0 entries.
     #[error("vocabulary size is 0: a logit row needs at least one entry")]
     EmptyVocab,
 
+    /// A row whose logits or target break contract §2 ("Row errors"): the lowest failing row,
+    /// its index global in the batch (also from the two-stage [`crate::Backend::score_rows`]
+    /// and [`crate::cpu::score`], given the micro-batch's first row).
     /// `target` is the row's target id when the backend knows it (host data); the device API
     /// reports the row only, its targets being on the GPU.
     #[error("row {row}: {kind}{}", target.map(|t| format!(" (target {t})")).unwrap_or_default())]
@@ -81,30 +98,42 @@ pub enum Error {
     )]
     NonFiniteTurn { turn: usize, row: Option<usize> },
 
+    /// A turn layout ([`crate::Turns`]) that is not a valid CSR over the rows, or that does not
+    /// match the [`crate::epilogue::TurnAccumulator`] or info values given with it.
     #[error("invalid turn layout: {what}")]
     Turns { what: String },
 
+    /// Trajectories ([`crate::Trajectories`]) of mismatched lengths, non-finite outcomes,
+    /// turns crediting more tokens than their trajectory has, or fewer than 2 tokens in all.
     #[error("invalid trajectories: {what}")]
     Trajectories { what: String },
 
+    /// A [`crate::Params`] value outside its range ([`crate::Params::validate`]).
     #[error("invalid parameter {name} = {value}: {why}")]
     Param { name: &'static str, value: f64, why: &'static str },
 
+    /// An input file lacks a required tensor (or one of a set that must come together).
     #[error("missing tensor `{name}` in {path}")]
     MissingTensor { name: String, path: PathBuf },
 
+    /// An input file's tensor has the wrong dtype or shape, or a value its type cannot hold.
     #[error("tensor `{name}`: {what}")]
     TensorFormat { name: String, what: String },
 
+    /// An input file cannot be opened, mapped or parsed as safetensors.
     #[error("cannot read {path}: {what}")]
     File { path: PathBuf, what: String },
 
+    /// An output file cannot be written (nothing is left behind).
     #[error("cannot write {path}: {what}")]
     Write { path: PathBuf, what: String },
 
+    /// The backend asked for is not compiled in or cannot run here (no GPU, no driver).
     #[error("backend `{backend}` is not available: {why}")]
     BackendUnavailable { backend: &'static str, why: String },
 
+    /// A CUDA driver or launch error from the CUDA backend (also a stream mismatch or
+    /// scratch tickets left drawn by an aborted launch).
     #[error("CUDA error: {0}")]
     Cuda(String),
 

@@ -25,7 +25,7 @@
 //! Files are written to a temporary file in the destination's folder and renamed into place,
 //! so a failed write leaves neither the destination nor the temporary file behind.
 
-use crate::batch::{Batch, Output, Trajectories, Turns};
+use crate::batch::{Batch, Output, OwnedBatch};
 use crate::error::{Error, Result};
 use crate::logits::{Dtype, LogitData, Logits};
 use half::{bf16, f16};
@@ -182,61 +182,30 @@ impl LogitBuf {
     }
 }
 
-/// Owned turn layout (see [`Turns`]).
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct TurnBuf {
-    pub offsets: Vec<u32>,
-    pub trajectory: Vec<u32>,
-    pub credit_tokens: Vec<u32>,
-}
-
-/// Owned trajectories (see [`Trajectories`]).
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct TrajectoryBuf {
-    pub group: Vec<u32>,
-    pub outcome: Vec<f64>,
-    pub tokens: Vec<u32>,
-}
-
-/// A batch read from a file: the logits and targets viewed in place in the mapped file where
-/// aligned (see [`Elements`]), the small turn and trajectory tensors converted into owned
-/// buffers. It keeps the file mapped while it lives; [`InputBatch::as_batch`] views it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct InputBatch {
-    pub rows: usize,
-    pub vocab: usize,
-    pub real: LogitBuf,
-    pub masked: LogitBuf,
-    pub targets: Elements<i64>,
-    pub turns: Option<TurnBuf>,
-    pub trajectories: Option<TrajectoryBuf>,
-}
-
-impl InputBatch {
-    /// Borrowed views for [`crate::Backend::compute`]. Shapes of the logits are checked here;
-    /// layouts and values are checked by the backends (`validate::batch`).
-    pub fn as_batch(&self) -> Result<Batch<'_>> {
-        let real = Logits::from_data(self.real.as_data(), self.rows, self.vocab)?;
-        let masked = Logits::from_data(self.masked.as_data(), self.rows, self.vocab)?;
-        let mut batch = Batch::rows(real, masked, self.targets.as_slice());
-        if let Some(t) = &self.turns {
-            batch = batch.with_turns(Turns {
-                offsets: &t.offsets,
-                trajectory: &t.trajectory,
-                credit_tokens: &t.credit_tokens,
-            });
-        }
-        if let Some(t) = &self.trajectories {
-            batch = batch.with_trajectories(Trajectories { group: &t.group, outcome: &t.outcome, tokens: &t.tokens });
-        }
-        Ok(batch)
-    }
-
-    /// Bytes of logits the batch holds (both tensors).
-    pub fn logit_bytes(&self) -> usize {
-        (self.real.len() + self.masked.len()) * self.real.dtype().size_bytes()
+impl From<Vec<f32>> for LogitBuf {
+    fn from(v: Vec<f32>) -> Self {
+        LogitBuf::F32(v.into())
     }
 }
+
+impl From<Vec<f16>> for LogitBuf {
+    fn from(v: Vec<f16>) -> Self {
+        LogitBuf::F16(v.into())
+    }
+}
+
+impl From<Vec<bf16>> for LogitBuf {
+    fn from(v: Vec<bf16>) -> Self {
+        LogitBuf::BF16(v.into())
+    }
+}
+
+/// The owned turn and trajectory buffers, defined with [`OwnedBatch`] at the crate root.
+pub use crate::batch::{TrajectoryBuf, TurnBuf};
+
+/// A batch read from a file is an [`OwnedBatch`]: its logits and targets are viewed in place in
+/// the mapped file where aligned (see [`Elements`]), and it keeps the file mapped while it lives.
+pub type InputBatch = OwnedBatch;
 
 /// Reads an input file (see the module docs) by memory-mapping it: the logits and targets are
 /// viewed in place where they are aligned in the file ([`LogitBuf::is_mapped`]), so nothing of
@@ -622,6 +591,7 @@ impl Drop for TempFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Trajectories, Turns};
 
     #[test]
     fn round_trip_with_turns_and_trajectories() {

@@ -11,6 +11,12 @@
 //! - `emulated::Emulated` (feature `emulator`): the CUDA kernel source compiled as host C++;
 //! - `cuda::CudaBackend` (feature `cuda`): the kernels on a GPU through cudarc.
 //!
+//! A trainer builds its layout with [`LayoutBuilder`] (trajectories with their turns), holds a
+//! step's data in an [`OwnedBatch`] (or borrows its own buffers as a [`Batch`]) and calls
+//! [`Backend::compute`]; for rows that arrive in micro-batches, [`Backend::score_rows`] per
+//! micro-batch, [`epilogue::TurnAccumulator`] and [`epilogue::advantages`] (the README's
+//! "Library" section shows both).
+//!
 //! With feature `candle`, `candle::score_rows` and `candle::compute` take and return candle
 //! tensors (CPU tensors on the CPU backend, CUDA tensors zero-copy on candle's stream).
 //!
@@ -58,8 +64,14 @@ pub mod candle;
 pub struct ReadmeDoctests;
 
 pub use backend::Backend;
-pub use batch::{Advantages, Batch, Output, RowOutputs, Trajectories, Turns};
+pub use batch::{
+    Advantages, Batch, BatchLayout, LayoutBuilder, Output, OwnedBatch, RowOutputs, Trajectories, TrajectoryBuf,
+    TurnBuf, Turns,
+};
 pub use error::{Error, Result, RowErrorKind};
+/// The `f16`/`bf16` element types of [`LogitData`] and [`OwnedBatch`], re-exported so that a
+/// trainer uses the same `half` version as this crate.
+pub use half;
 pub use logits::{Dtype, LogitData, LogitElement, Logits};
 pub use open::{open, BackendKind};
 pub use params::{Estimator, Params};

@@ -58,7 +58,7 @@ pub fn batch(batch: &Batch<'_>) -> Result<Option<Layout>> {
     }
     if real.rows() != masked.rows() || real.vocab() != masked.vocab() {
         return Err(Error::shape(format!(
-            "real logits are [{}, {}] but masked logits are [{}, {}]",
+            "Batch::real / real_logits are [{}, {}] but Batch::masked / masked_logits are [{}, {}]",
             real.rows(),
             real.vocab(),
             masked.rows(),
@@ -66,13 +66,17 @@ pub fn batch(batch: &Batch<'_>) -> Result<Option<Layout>> {
         )));
     }
     if batch.targets.len() != real.rows() {
-        return Err(Error::shape(format!("targets hold {} ids for {} rows", batch.targets.len(), real.rows())));
+        return Err(Error::shape(format!(
+            "Batch::targets / targets hold {} ids for {} rows",
+            batch.targets.len(),
+            real.rows()
+        )));
     }
     if real.rows() > u32::MAX as usize {
         return Err(Error::shape(format!("{} rows exceed the 2^32 - 1 supported", real.rows())));
     }
     match (batch.turns, batch.trajectories) {
-        (None, Some(_)) => Err(Error::trajectories("trajectories need a turn layout")),
+        (None, Some(_)) => Err(Error::trajectories("Batch::trajectories need a turn layout (Batch::turns)")),
         (None, None) => Ok(None),
         (Some(turns), trajectories) => layout(real.rows(), &turns, trajectories.as_ref()).map(Some),
     }
@@ -97,33 +101,36 @@ pub fn layout(rows: usize, turns: &Turns<'_>, trajectories: Option<&Trajectories
     let t = turns.trajectory.len();
     if turns.offsets.len() != t + 1 {
         return Err(Error::turns(format!(
-            "turn_offsets has {} entries, expected turns + 1 = {}",
+            "Turns::offsets / turn_offsets has {} entries, expected turns + 1 = {}",
             turns.offsets.len(),
             t + 1
         )));
     }
     if turns.credit_tokens.len() != t {
         return Err(Error::turns(format!(
-            "turn_credit_tokens has {} entries for {t} turns",
+            "Turns::credit_tokens / turn_credit_tokens has {} entries for {t} turns",
             turns.credit_tokens.len()
         )));
     }
     if turns.offsets[0] != 0 {
-        return Err(Error::turns(format!("turn_offsets[0] = {}, must be 0", turns.offsets[0])));
+        return Err(Error::turns(format!("Turns::offsets / turn_offsets[0] = {}, must be 0", turns.offsets[0])));
     }
     for (i, w) in turns.offsets.windows(2).enumerate() {
         if w[1] < w[0] {
-            return Err(Error::turns(format!("turn_offsets decrease at turn {i}: {} then {}", w[0], w[1])));
+            return Err(Error::turns(format!(
+                "Turns::offsets / turn_offsets decrease at turn {i}: {} then {}",
+                w[0], w[1]
+            )));
         }
     }
     if turns.offsets[t] as usize != rows {
         return Err(Error::turns(format!(
-            "turn_offsets[{t}] = {}, must equal the number of rows {rows}",
+            "Turns::offsets / turn_offsets[{t}] = {}, must equal the number of rows {rows}",
             turns.offsets[t]
         )));
     }
     if let Some(i) = turns.credit_tokens.iter().position(|&c| c < 1) {
-        return Err(Error::turns(format!("turn {i} has credit_tokens = 0, must be >= 1")));
+        return Err(Error::turns(format!("turn {i} has Turns::credit_tokens / turn_credit_tokens = 0, must be >= 1")));
     }
     let mut out = Layout {
         turn_offsets: turns.offsets.to_vec(),
@@ -141,33 +148,39 @@ fn group_layout(turns: &Turns<'_>, traj: &Trajectories<'_>) -> Result<GroupLayou
     let b = traj.group.len();
     if traj.outcome.len() != b || traj.tokens.len() != b {
         return Err(Error::trajectories(format!(
-            "trajectory_group, trajectory_outcome and trajectory_tokens have {}, {} and {} entries",
+            "Trajectories::group / trajectory_group, Trajectories::outcome / trajectory_outcome and \
+             Trajectories::tokens / trajectory_tokens have {}, {} and {} entries",
             b,
             traj.outcome.len(),
             traj.tokens.len()
         )));
     }
     if let Some(i) = traj.outcome.iter().position(|r| !r.is_finite()) {
-        return Err(Error::trajectories(format!("trajectory {i} has a non-finite outcome {}", traj.outcome[i])));
+        return Err(Error::trajectories(format!(
+            "trajectory {i} has a non-finite Trajectories::outcome / trajectory_outcome {}",
+            traj.outcome[i]
+        )));
     }
     let mut credited = vec![0u64; b];
     for (t, (&i, &c)) in turns.trajectory.iter().zip(turns.credit_tokens).enumerate() {
         let slot = credited.get_mut(i as usize).ok_or_else(|| {
-            Error::turns(format!("turn {t} belongs to trajectory {i}, but there are {b} trajectories"))
+            Error::turns(format!("turn {t} belongs to trajectory {i} (Turns::trajectory / turn_trajectory), but there are {b} trajectories"))
         })?;
         *slot += c as u64;
     }
     for (i, (&c, &tokens)) in credited.iter().zip(traj.tokens).enumerate() {
         if c > tokens as u64 {
             return Err(Error::trajectories(format!(
-                "trajectory {i} credits {c} tokens to its turns but has only {tokens} response tokens"
+                "trajectory {i} credits {c} tokens to its turns (Turns::credit_tokens / turn_credit_tokens) but has \
+                 only {tokens} response tokens (Trajectories::tokens / trajectory_tokens)"
             )));
         }
     }
     let total_tokens: u64 = traj.tokens.iter().map(|&x| x as u64).sum();
     if total_tokens < 2 {
         return Err(Error::trajectories(format!(
-            "the batch has {total_tokens} response tokens; its standard deviations need at least 2"
+            "the batch has {total_tokens} response tokens (Trajectories::tokens / trajectory_tokens); its standard \
+             deviations need at least 2"
         )));
     }
     // Dense group ids in order of first appearance.

@@ -180,11 +180,11 @@ fn tied_group_has_zero_advantage_and_open_gate() {
 fn zero_info_turns_are_excluded_and_empty_turns_have_zero_info() {
     // Turn 1 is empty (no rows), turn 2 has info exactly 0: neither enters the pool.
     let offsets = [0u32, 2, 2, 3, 5];
-    let mut acc = TurnAccumulator::new(4);
-    acc.add_rows(&offsets, 0, &[1.0, 3.0, 0.0, 2.0, -1.0]).unwrap();
+    let l = layout(&offsets, &[0, 0, 1, 1], &[2, 1, 1, 1], &[0, 0], &[1.0, 0.0], &[5, 5]);
+    let mut acc = TurnAccumulator::for_layout(&l);
+    acc.add_rows(&l, 0, &[1.0, 3.0, 0.0, 2.0, -1.0]).unwrap();
     let info = acc.info();
     assert_eq!(info, vec![2.0, 0.0, 0.0, 0.5]);
-    let l = layout(&offsets, &[0, 0, 1, 1], &[2, 1, 1, 1], &[0, 0], &[1.0, 0.0], &[5, 5]);
     let adv = advantages(&info, &l, &Params::default()).unwrap();
     // Pool: 1.0 twice (turn 0: info 2 / credit 2) and 0.5 once.
     let pool = [1.0, 1.0, 0.5];
@@ -261,15 +261,16 @@ proptest! {
         let rows = 60;
         let l = random_layout(&mut rng, rows, 9, 5, 2);
         let values: Vec<f64> = (0..rows).map(|_| rng.normal()).collect();
+        let l = validate::layout(rows, &Turns { offsets: &l.offsets, trajectory: &l.turn_traj, credit_tokens: &l.credit }, None).unwrap();
         let mut whole = TurnAccumulator::new(9);
-        whole.add_rows(&l.offsets, 0, &values).unwrap();
+        whole.add_rows(&l, 0, &values).unwrap();
         let mut bounds = cuts.clone();
         bounds.extend([0, rows]);
         bounds.sort_unstable();
         let mut merged = TurnAccumulator::new(9);
         for w in bounds.windows(2) {
             let mut part = TurnAccumulator::new(9);
-            part.add_rows(&l.offsets, w[0], &values[w[0]..w[1]]).unwrap();
+            part.add_rows(&l, w[0], &values[w[0]..w[1]]).unwrap();
             merged.merge(&part).unwrap();
         }
         prop_assert_eq!(&merged.count, &whole.count);
