@@ -56,4 +56,4 @@ pub use batch::{Advantages, Batch, Output, RowOutputs, Trajectories, Turns};
 pub use error::{Error, Result, RowErrorKind};
 pub use logits::{Dtype, LogitData, LogitElement, Logits};
 pub use open::{open, BackendKind};
-pub use params::{Estimator, Params};
+pub use params::{Estimator, GateSource, Params};

@@ -411,6 +411,7 @@ fn layout_errors() {
         targets: &[0],
         turns: None,
         trajectories: Some(Trajectories { group: &[0], outcome: &[0.0], tokens: &[2] }),
+        credit_start: None,
     };
     assert!(matches!(cpu::Cpu.compute(&b, &Params::default()), Err(Error::Trajectories { .. })));
 }
@@ -480,4 +481,11 @@ fn stage_two_rejects_a_non_finite_turn() {
             other => panic!("{bad}: {other:?}"),
         }
     }
+}
+
+#[test]
+fn kernel_bodies_token_advantages_and_intrinsic_gate() {
+    kernel::token_advantages_match_oracle(&cpu::Cpu, 40);
+    kernel::intrinsic_gate_matches_oracle(&cpu::Cpu);
+    kernel::bad_credit_spans_are_typed(&cpu::Cpu);
 }
