@@ -102,32 +102,79 @@ fn credit_start_needs_trajectories() -> Error {
 /// Errors name the turn ([`Error::CreditSpan`]).
 pub fn credit_spans(layout: &mut Layout, starts: &[u32]) -> Result<()> {
     let t_count = layout.turns();
-    let groups = layout.groups.as_mut().ok_or_else(credit_start_needs_trajectories)?;
+    let groups = layout.groups.as_ref().ok_or_else(credit_start_needs_trajectories)?;
     if starts.len() != t_count {
         return Err(Error::turns(format!(
             "credit_start (turn_credit_start) has {} entries for {t_count} turns",
             starts.len()
         )));
     }
-    let span = |t: usize| (starts[t] as u64, starts[t] as u64 + layout.turn_credit[t] as u64);
+    check_spans(&layout.turn_trajectory, &layout.turn_credit, &groups.trajectory_tokens, starts)?;
+    if let Some(g) = layout.groups.as_mut() {
+        g.turn_credit_start = Some(starts.to_vec());
+    }
+    Ok(())
+}
+
+/// Re-checks the credited spans a [`Layout`] carries (its fields are public, so one built by
+/// hand reaches the epilogues unvalidated): the kernels write `token_advantage` through them.
+pub fn layout_spans(layout: &Layout) -> Result<()> {
+    match layout.groups.as_ref() {
+        Some(GroupLayout { turn_credit_start: Some(starts), trajectory_tokens, trajectory_token_offsets, .. }) => {
+            let mut sum = 0u64;
+            let prefix = std::iter::once(0).chain(trajectory_tokens.iter().map(|&n| {
+                sum += n as u64;
+                sum
+            }));
+            if !prefix.eq(trajectory_token_offsets.iter().copied()) {
+                return Err(Error::trajectories(
+                    "trajectory_token_offsets are not the prefix sums of trajectory_tokens",
+                ));
+            }
+            if starts.len() != layout.turns() || layout.turn_credit.len() != layout.turns() {
+                return Err(Error::turns(format!(
+                    "the layout has {} credit starts and {} credits for {} turns",
+                    starts.len(),
+                    layout.turn_credit.len(),
+                    layout.turns()
+                )));
+            }
+            if let Some(t) = layout.turn_trajectory.iter().position(|&i| i as usize >= trajectory_tokens.len()) {
+                return Err(Error::turns(format!(
+                    "turn {t} belongs to trajectory {}, but there are {} trajectories",
+                    layout.turn_trajectory[t],
+                    trajectory_tokens.len()
+                )));
+            }
+            check_spans(&layout.turn_trajectory, &layout.turn_credit, trajectory_tokens, starts)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Each span `starts[t] .. starts[t] + credit[t]` within its trajectory's tokens, and disjoint
+/// from the other spans of that trajectory.
+fn check_spans(turn_trajectory: &[u32], credit: &[u32], tokens: &[u32], starts: &[u32]) -> Result<()> {
+    let t_count = starts.len();
+    let span = |t: usize| (starts[t] as u64, starts[t] as u64 + credit[t] as u64);
     for t in 0..t_count {
-        let i = layout.turn_trajectory[t] as usize;
+        let i = turn_trajectory[t] as usize;
         let (lo, hi) = span(t);
-        let tokens = groups.trajectory_tokens[i];
-        if hi > tokens as u64 {
+        let n = tokens[i];
+        if hi > n as u64 {
             return Err(Error::CreditSpan {
                 turn: t,
-                what: format!("{lo}..{hi} extends past trajectory {i}'s {tokens} response tokens"),
+                what: format!("{lo}..{hi} extends past trajectory {i}'s {n} response tokens"),
             });
         }
     }
     // Spans in (trajectory, start) order: each must start at or after the previous one's end.
     let mut order: Vec<usize> = (0..t_count).collect();
-    order.sort_by_key(|&t| (layout.turn_trajectory[t], starts[t], t));
+    order.sort_by_key(|&t| (turn_trajectory[t], starts[t], t));
     for w in order.windows(2) {
         let (p, t) = (w[0], w[1]);
-        let i = layout.turn_trajectory[t];
-        if layout.turn_trajectory[p] == i && span(p).1 > span(t).0 {
+        let i = turn_trajectory[t];
+        if turn_trajectory[p] == i && span(p).1 > span(t).0 {
             // Named by the later turn of the two.
             let (late, early) = (t.max(p), t.min(p));
             let ((lo, hi), (elo, ehi)) = (span(late), span(early));
@@ -137,7 +184,6 @@ pub fn credit_spans(layout: &mut Layout, starts: &[u32]) -> Result<()> {
             });
         }
     }
-    groups.turn_credit_start = Some(starts.to_vec());
     Ok(())
 }
 

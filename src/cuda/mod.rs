@@ -216,8 +216,11 @@ impl CudaBackend {
         self.sm_count
     }
 
-    /// Uploads a validated layout (see [`validate::layout`]) for the batches that use it.
+    /// Uploads a validated layout (see [`validate::layout`], and [`validate::credit_spans`] for
+    /// `token_advantage`) for the batches that use it.
     pub fn upload_layout(&self, layout: &Layout) -> Result<DeviceLayout> {
+        // The kernel writes token_advantage through the credited spans: re-check them.
+        validate::layout_spans(layout)?;
         let s = &self.stream;
         let up32 = |v: &[u32]| s.clone_htod(&nonempty(v)).map_err(cuda_err);
         let groups = match &layout.groups {
