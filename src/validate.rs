@@ -157,8 +157,8 @@ pub fn layout_spans(layout: &Layout) -> Result<()> {
 fn check_spans(turn_trajectory: &[u32], credit: &[u32], tokens: &[u32], starts: &[u32]) -> Result<()> {
     let t_count = starts.len();
     let span = |t: usize| (starts[t] as u64, starts[t] as u64 + credit[t] as u64);
-    for t in 0..t_count {
-        let i = turn_trajectory[t] as usize;
+    for (t, &i) in turn_trajectory.iter().enumerate().take(t_count) {
+        let i = i as usize;
         let (lo, hi) = span(t);
         let n = tokens[i];
         if hi > n as u64 {
