@@ -64,13 +64,18 @@ typedef struct InfopoArgs {
     double gate_temperature;     /* tau of the gate */
     double eps;
 
+    /* ---------------- token advantages (finalize && n_traj > 0 && token_advantage) ---------------- */
+    const uint32_t *turn_credit_start;   /* [T] first credited token of turn t in its trajectory's response (validated: spans fit and are disjoint), or NULL */
+    const uint64_t *trajectory_token_offsets; /* [B+1] prefix sums of trajectory_tokens (u64: M may exceed 2^32) */
+    double *token_advantage;     /* [M] out, or NULL for none: traj_advantage[i] on trajectory i's tokens, + turn_bonus[t] on turn t's span */
+
     /* ---------------- 4-byte fields ---------------- */
     float scale;                 /* log2(e) / temperature */
     uint32_t splits;             /* blocks per row (>= 1); grid covers n_rows * splits work items */
     uint32_t estimator;          /* 0 = log_ratio, 1 = kl */
     uint32_t finalize;           /* 1 = last launch of the batch: run the group/trajectory epilogue */
     uint32_t normalize;          /* 1 = normalise intrinsic values within each group */
-    uint32_t reserved;           /* 0; keeps sizeof a multiple of 8 */
+    uint32_t gate_source;        /* 0 = outcome std of the group, 1 = std of its intrinsic pool (0 below 2 tokens); an even count of 4-byte fields keeps sizeof a multiple of 8 */
 } InfopoArgs;
 
 #endif

@@ -114,7 +114,8 @@ size_t infopo_args_layout(size_t *out, size_t cap) {
         F(group_trajectories), F(group_turn_offsets), F(group_turns), F(turn_intrinsic), F(turn_norm),
         F(turn_bonus), F(traj_advantage), F(traj_gate), F(scalars), F(total_tokens), F(beta),
         F(gate_temperature), F(eps),
-        F(scale), F(splits), F(estimator), F(finalize), F(normalize), F(reserved),
+        F(turn_credit_start), F(trajectory_token_offsets), F(token_advantage),
+        F(scale), F(splits), F(estimator), F(finalize), F(normalize), F(gate_source),
     };
 #undef F
     const size_t n = sizeof(v) / sizeof(v[0]);

@@ -24,7 +24,7 @@
 
 #define INFOPO_MAX_THREADS 256
 // 3 resident blocks of 256 threads per SM: a budget of 85 registers (65536 / 768); ptxas uses 76
-// (bf16), 77 (f16) and 70 (f32) on sm_90, at most 79 on sm_80..89 (scripts/kernel-report), no
+// (bf16), 76 (f16) and 70 (f32) on sm_90, at most 79 on sm_80..89 (scripts/kernel-report), no
 // spills;
 // 768 threads x 4 x 16-byte loads keep ~48 KiB in flight per SM.
 #define INFOPO_MIN_BLOCKS 3
@@ -295,12 +295,6 @@ __device__ __forceinline__ void epilogue(const InfopoArgs &a, Moments *scratch) 
         const bool single = m.n == 1.0;
         const double mu = single ? 0.0 : m.mean;
         const double sigma = single ? 1.0 : sqrt(m.m2 / (m.n - 1.0));
-        const double gate = 1.0 / (1.0 + exp(sigma / a.gate_temperature));
-        for (int64_t j = b0 + lane; j < b1; j += 32) {
-            const uint32_t i = a.group_trajectories[j];
-            a.traj_advantage[i] = (a.trajectory_outcome[i] - mu) / (sigma + a.eps);
-            a.traj_gate[i] = gate;
-        }
 
         const int64_t t0 = a.group_turn_offsets[g], t1 = a.group_turn_offsets[g + 1];
         Moments p = moments_empty();
@@ -317,6 +311,15 @@ __device__ __forceinline__ void epilogue(const InfopoArgs &a, Moments *scratch) 
             const uint32_t t = a.group_turns[j];
             const double v = a.turn_intrinsic[t];
             a.turn_norm[t] = a.normalize ? (v != 0.0 ? (v - pmu) / (psigma + a.eps) : 0.0) : v;
+        }
+
+        // The gate's σ_g: the outcomes' std, or the intrinsic pool's (0 below 2 tokens).
+        const double gate_sigma = a.gate_source ? (p.n < 2.0 ? 0.0 : sqrt(fmax(p.m2 / (p.n - 1.0), 0.0))) : sigma;
+        const double gate = 1.0 / (1.0 + exp(gate_sigma / a.gate_temperature));
+        for (int64_t j = b0 + lane; j < b1; j += 32) {
+            const uint32_t i = a.group_trajectories[j];
+            a.traj_advantage[i] = (a.trajectory_outcome[i] - mu) / (sigma + a.eps);
+            a.traj_gate[i] = gate;
         }
     }
     __syncthreads();
@@ -341,6 +344,27 @@ __device__ __forceinline__ void epilogue(const InfopoArgs &a, Moments *scratch) 
     }
     for (int64_t t = threadIdx.x; t < T; t += blockDim.x)
         a.turn_bonus[t] = a.beta * a.traj_gate[a.turn_trajectory[t]] * ratio * a.turn_norm[t];
+    if (a.token_advantage == nullptr) return;
+    __syncthreads();
+
+    // (d) Per-token advantages, on the device for the loss: every token of trajectory i gets
+    // advantage_i (the block strides each trajectory's tokens: coalesced), then each credited
+    // span (disjoint, validated on the host) is overwritten by advantage_i + bonus_t, a warp per
+    // turn. Both are the f64 values the CPU writes.
+    for (int64_t i = 0; i < a.n_traj; ++i) {
+        const int64_t k1 = (int64_t)a.trajectory_token_offsets[i + 1];
+        const double adv = a.traj_advantage[i];
+        for (int64_t k = (int64_t)a.trajectory_token_offsets[i] + threadIdx.x; k < k1; k += blockDim.x)
+            a.token_advantage[k] = adv;
+    }
+    __syncthreads();
+    for (int64_t t = warp; t < T; t += warps) {
+        const uint32_t i = a.turn_trajectory[t];
+        const int64_t k0 = (int64_t)a.trajectory_token_offsets[i] + (int64_t)a.turn_credit_start[t];
+        const int64_t n = a.turn_credit[t];
+        const double v = a.traj_advantage[i] + a.turn_bonus[t];
+        for (int64_t k = lane; k < n; k += 32) a.token_advantage[k0 + k] = v;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

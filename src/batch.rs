@@ -75,12 +75,17 @@ pub struct Batch<'a> {
     pub turns: Option<Turns<'a>>,
     /// Needs `turns`.
     pub trajectories: Option<Trajectories<'a>>,
+    /// `[T]`, needs `trajectories`: turn t's credited tokens are positions
+    /// `credit_start[t] .. credit_start[t] + credit_tokens[t]` of trajectory `trajectory[t]`'s
+    /// response tokens (0-based, within `0 .. tokens[i]`; the spans of one trajectory must not
+    /// overlap). With it, [`Advantages::token_advantage`] is computed (contract §4).
+    pub credit_start: Option<&'a [u32]>,
 }
 
 impl<'a> Batch<'a> {
     /// A batch of rows only (no turns, no trajectories).
     pub fn rows(real: Logits<'a>, masked: Logits<'a>, targets: &'a [i64]) -> Self {
-        Batch { real, masked, targets, turns: None, trajectories: None }
+        Batch { real, masked, targets, turns: None, trajectories: None, credit_start: None }
     }
 
     pub fn with_turns(mut self, turns: Turns<'a>) -> Self {
@@ -90,6 +95,13 @@ impl<'a> Batch<'a> {
 
     pub fn with_trajectories(mut self, trajectories: Trajectories<'a>) -> Self {
         self.trajectories = Some(trajectories);
+        self
+    }
+
+    /// Where each turn's credited tokens sit in its trajectory's response (see
+    /// [`Batch::credit_start`]).
+    pub fn with_credit_start(mut self, credit_start: &'a [u32]) -> Self {
+        self.credit_start = Some(credit_start);
         self
     }
 
@@ -154,6 +166,11 @@ pub struct Advantages {
     pub outcome_std: f64,
     pub intrinsic_std: f64,
     pub magnitude_ratio: f64,
+    /// `[M]`, M = Σ trajectory tokens, trajectory-major (trajectory i's tokens start at
+    /// Σ_{j<i} tokens_j), with [`Batch::credit_start`]: `advantage_i` on every token of
+    /// trajectory i plus `bonus_t` on turn t's credited span (the per-token advantage of the
+    /// policy loss). `None` without credit starts.
+    pub token_advantage: Option<Vec<f64>>,
 }
 
 /// Everything a backend returns for a [`Batch`].
@@ -215,6 +232,9 @@ pub struct OwnedBatch {
     pub turns: Option<TurnBuf>,
     /// Needs `turns`.
     pub trajectories: Option<TrajectoryBuf>,
+    /// `[T]` first credited token of each turn (see [`Batch::credit_start`]); needs
+    /// `trajectories`.
+    pub credit_start: Option<Vec<u32>>,
 }
 
 impl OwnedBatch {
@@ -235,6 +255,7 @@ impl OwnedBatch {
             targets: targets.into(),
             turns: None,
             trajectories: None,
+            credit_start: None,
         };
         let batch = OwnedBatch { rows: batch.targets.len(), ..batch };
         batch.as_batch()?;
@@ -262,6 +283,9 @@ impl OwnedBatch {
         }
         if let Some(t) = &self.trajectories {
             batch = batch.with_trajectories(t.as_trajectories());
+        }
+        if let Some(s) = &self.credit_start {
+            batch = batch.with_credit_start(s);
         }
         Ok(batch)
     }

@@ -160,6 +160,8 @@ impl Emulated {
         let mut traj_advantage = vec![0f64; b];
         let mut traj_gate = vec![0f64; b];
         let mut scalars = [0f64; 3];
+        let credit_start = groups.and_then(|g| g.turn_credit_start.as_ref());
+        let mut token_advantage = vec![0f64; credit_start.map_or(0, |_| groups.map_or(0, |g| g.total_tokens as usize))];
 
         let mut tickets = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
         let launches = bounds.len() - 1;
@@ -215,6 +217,11 @@ impl Emulated {
                 a.traj_gate = traj_gate.as_mut_ptr();
                 a.scalars = scalars.as_mut_ptr();
                 a.total_tokens = g.total_tokens as f64;
+                if let Some(starts) = credit_start {
+                    a.turn_credit_start = starts.as_ptr();
+                    a.trajectory_token_offsets = g.trajectory_token_offsets.as_ptr();
+                    a.token_advantage = token_advantage.as_mut_ptr();
+                }
             }
             let opt = Emulation {
                 blocks_at_once: self.blocks_at_once,
@@ -256,6 +263,7 @@ impl Emulated {
             outcome_std: scalars[0],
             intrinsic_std: scalars[1],
             magnitude_ratio: scalars[2],
+            token_advantage: credit_start.map(|_| token_advantage),
         });
         Ok(Output { rows, turn_info: layout.map(|_| turn_info), advantages })
     }

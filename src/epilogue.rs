@@ -3,7 +3,7 @@
 
 use crate::batch::Advantages;
 use crate::error::{Error, Result};
-use crate::params::Params;
+use crate::params::{GateSource, Params};
 use crate::validate::{GroupLayout, Layout};
 
 /// Weighted Welford/Chan moments: count n (a sum of weights), mean μ and M2 = Σ w (v − μ)².
@@ -153,6 +153,7 @@ fn pool_mean_std(m: &Moments) -> (f64, f64) {
 pub fn advantages(info: &[f64], layout: &Layout, params: &Params) -> Result<Advantages> {
     params.validate()?;
     let groups = layout.groups.as_ref().ok_or_else(|| Error::trajectories("advantages need trajectories"))?;
+    crate::validate::layout_spans(layout)?;
     if info.len() != layout.turns() {
         return Err(Error::turns(format!("{} info values for {} turns", info.len(), layout.turns())));
     }
@@ -165,6 +166,8 @@ pub fn advantages(info: &[f64], layout: &Layout, params: &Params) -> Result<Adva
         group_turn_offsets,
         group_turns,
         total_tokens,
+        trajectory_token_offsets,
+        turn_credit_start,
     } = groups;
     let n_groups = group_trajectory_offsets.len() - 1;
     let eps = params.eps;
@@ -177,6 +180,8 @@ pub fn advantages(info: &[f64], layout: &Layout, params: &Params) -> Result<Adva
 
     let mut outcome = vec![(0.0, 1.0); n_groups];
     let mut pool = vec![(0.0, 1.0); n_groups];
+    // σ_g of each group's gate (contract §4, `gate_source`).
+    let mut gate_sigma = vec![0.0; n_groups];
     for g in 0..n_groups {
         let mut m = Moments::default();
         let members = group_trajectory_offsets[g] as usize..group_trajectory_offsets[g + 1] as usize;
@@ -193,6 +198,12 @@ pub fn advantages(info: &[f64], layout: &Layout, params: &Params) -> Result<Adva
             }
         }
         pool[g] = pool_mean_std(&p);
+        gate_sigma[g] = match params.gate_source {
+            GateSource::Outcome => outcome[g].1,
+            // A pool of fewer than 2 tokens has no spread: σ_g = 0.
+            GateSource::Intrinsic if p.count < 2.0 => 0.0,
+            GateSource::Intrinsic => p.unbiased_std(),
+        };
     }
 
     let trajectory_advantage: Vec<f64> = trajectory_outcome
@@ -204,7 +215,7 @@ pub fn advantages(info: &[f64], layout: &Layout, params: &Params) -> Result<Adva
         })
         .collect();
     let trajectory_gate: Vec<f64> =
-        trajectory_group.iter().map(|&g| sigmoid(-outcome[g as usize].1 / params.gate_temperature)).collect();
+        trajectory_group.iter().map(|&g| sigmoid(-gate_sigma[g as usize] / params.gate_temperature)).collect();
 
     let turn_intrinsic_norm: Vec<f64> = (0..layout.turns())
         .map(|t| {
@@ -242,6 +253,24 @@ pub fn advantages(info: &[f64], layout: &Layout, params: &Params) -> Result<Adva
         .map(|(&v, &i)| params.beta * trajectory_gate[i as usize] * magnitude_ratio * v)
         .collect();
 
+    // Per-token advantages: advantage_i everywhere, plus bonus_t on turn t's (validated,
+    // disjoint) span.
+    let token_advantage = turn_credit_start.as_ref().map(|starts| {
+        let mut out = vec![0.0; *total_tokens as usize];
+        for (i, &a) in trajectory_advantage.iter().enumerate() {
+            out[trajectory_token_offsets[i] as usize..trajectory_token_offsets[i + 1] as usize].fill(a);
+        }
+        for t in 0..layout.turns() {
+            let i = layout.turn_trajectory[t] as usize;
+            let lo = trajectory_token_offsets[i] as usize + starts[t] as usize;
+            let hi = lo + layout.turn_credit[t] as usize;
+            for x in &mut out[lo..hi] {
+                *x = trajectory_advantage[i] + turn_bonus[t];
+            }
+        }
+        out
+    });
+
     Ok(Advantages {
         turn_intrinsic,
         turn_intrinsic_norm,
@@ -251,6 +280,7 @@ pub fn advantages(info: &[f64], layout: &Layout, params: &Params) -> Result<Adva
         outcome_std,
         intrinsic_std,
         magnitude_ratio,
+        token_advantage,
     })
 }
 

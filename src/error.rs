@@ -108,6 +108,11 @@ pub enum Error {
     #[error("invalid trajectories: {what}")]
     Trajectories { what: String },
 
+    /// A turn's credited token span (`Batch::credit_start` / file tensor `turn_credit_start`)
+    /// does not fit its trajectory's response tokens or overlaps another turn's span.
+    #[error("turn {turn}: credited token span {what}")]
+    CreditSpan { turn: usize, what: String },
+
     /// A [`crate::Params`] value outside its range ([`crate::Params::validate`]).
     #[error("invalid parameter {name} = {value}: {why}")]
     Param { name: &'static str, value: f64, why: &'static str },

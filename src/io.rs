@@ -12,10 +12,12 @@
 //! | `trajectory_group` | I32 or I64 | `[B]` | optional, all three or none; needs the turns |
 //! | `trajectory_tokens` | I32 or I64 | `[B]` | |
 //! | `trajectory_outcome` | F32 or F64 | `[B]` | |
+//! | [`CREDIT_START_TENSOR`] | I32 or I64 | `[T]` | optional, needs the trajectories: turn t's credited tokens are positions `start_t .. start_t + turn_credit_tokens_t` of its trajectory's response |
 //!
 //! Integer tensors may also be U32 or U64. Output tensors are all F32: [`ROW_OUTPUTS`] of shape
 //! `[N]`; `turn_info` `[T]` with turns; with trajectories also [`TURN_OUTPUTS`] `[T]`,
-//! [`TRAJECTORY_OUTPUTS`] `[B]` and [`SCALAR_OUTPUTS`] of shape `[1]`.
+//! [`TRAJECTORY_OUTPUTS`] `[B]` and [`SCALAR_OUTPUTS`] of shape `[1]`; with
+//! `turn_credit_start` also [`TOKEN_OUTPUT`] `[M]` (M = Σ trajectory_tokens, trajectory-major).
 //!
 //! Input files are memory-mapped, not read: a tensor whose bytes in the file are aligned for its
 //! element type (safetensors' own writers align every tensor) is viewed in place, and only a
@@ -40,6 +42,10 @@ use std::sync::Arc;
 pub const TURN_TENSORS: [&str; 3] = ["turn_offsets", "turn_trajectory", "turn_credit_tokens"];
 /// The three trajectory tensors (all or none; they need the turn tensors).
 pub const TRAJECTORY_TENSORS: [&str; 3] = ["trajectory_group", "trajectory_tokens", "trajectory_outcome"];
+/// Optional input `[T]`: where each turn's credited tokens start in its trajectory's response.
+pub const CREDIT_START_TENSOR: &str = "turn_credit_start";
+/// Per-token output `[M]`, written with [`CREDIT_START_TENSOR`].
+pub const TOKEN_OUTPUT: &str = "token_advantage";
 /// Per-row outputs, `[N]`.
 pub const ROW_OUTPUTS: [&str; 5] = ["row_lse_real", "row_lse_masked", "row_log_ratio", "row_kl", "row_entropy_real"];
 /// Per-turn outputs written with trajectories, `[T]` (`turn_info` is written with turns alone).
@@ -299,7 +305,9 @@ fn parse(bytes: &[u8], map: Option<&Arc<Mmap>>, path: &Path) -> Result<InputBatc
             outcome: floats(TRAJECTORY_TENSORS[2], &v[2])?,
         }),
     };
-    Ok(InputBatch { rows, vocab, real: real_buf, masked: masked_buf, targets, turns, trajectories })
+    // Checked against the turns and trajectories by the backends (`validate::batch`).
+    let credit_start = file.get(CREDIT_START_TENSOR).map(|v| indices(CREDIT_START_TENSOR, &v)).transpose()?;
+    Ok(InputBatch { rows, vocab, real: real_buf, masked: masked_buf, targets, turns, trajectories, credit_start })
 }
 
 struct File<'a, 'd> {
@@ -494,6 +502,9 @@ pub fn write_output(path: impl AsRef<Path>, output: &Output) -> Result<()> {
             f64_as_f32(SCALAR_OUTPUTS[1], &[a.intrinsic_std]),
             f64_as_f32(SCALAR_OUTPUTS[2], &[a.magnitude_ratio]),
         ]);
+        if let Some(tokens) = &a.token_advantage {
+            tensors.push(f64_as_f32(TOKEN_OUTPUT, tokens));
+        }
     }
     write_tensors(path.as_ref(), tensors)
 }
@@ -527,6 +538,9 @@ pub fn write_input(path: impl AsRef<Path>, batch: &Batch<'_>) -> Result<()> {
                 bytes: Cow::Owned(outcome),
             },
         ]);
+    }
+    if let Some(starts) = batch.credit_start {
+        tensors.push(u32s(CREDIT_START_TENSOR, starts));
     }
     write_tensors(path.as_ref(), tensors)
 }

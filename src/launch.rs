@@ -21,14 +21,16 @@
 //!   carried across the micro-batches of a batch (`first_row` = global index of row 0);
 //! - outputs `turn_info` [T] (every launch with turns), and on the launch with `finalize = 1`:
 //!   `turn_intrinsic`, `turn_norm`, `turn_bonus` [T], `traj_advantage`, `traj_gate` [B],
-//!   `scalars` [3] (outcome_std, intrinsic_std, magnitude_ratio).
+//!   `scalars` [3] (outcome_std, intrinsic_std, magnitude_ratio), and `token_advantage` [M] f64
+//!   when it is not null (then `turn_credit_start` [T] and `trajectory_token_offsets` [B+1] u64
+//!   are read).
 //!
 //! A launch with `n_rows = 0` (grid 1) only runs the epilogue (a final micro-batch with no rows).
 
 use crate::epilogue::turn_of_row;
 use crate::error::{Error, Result, RowErrorKind};
 use crate::logits::Dtype;
-use crate::params::{Estimator, Params};
+use crate::params::{Estimator, GateSource, Params};
 use std::ffi::c_void;
 use std::ptr;
 
@@ -76,12 +78,16 @@ pub struct KernelArgs {
     pub gate_temperature: f64,
     pub eps: f64,
 
+    pub turn_credit_start: *const u32,
+    pub trajectory_token_offsets: *const u64,
+    pub token_advantage: *mut f64,
+
     pub scale: f32,
     pub splits: u32,
     pub estimator: u32,
     pub finalize: u32,
     pub normalize: u32,
-    pub reserved: u32,
+    pub gate_source: u32,
 }
 
 impl Default for KernelArgs {
@@ -124,12 +130,15 @@ impl Default for KernelArgs {
             beta: 0.0,
             gate_temperature: 0.0,
             eps: 0.0,
+            turn_credit_start: ptr::null(),
+            trajectory_token_offsets: ptr::null(),
+            token_advantage: ptr::null_mut(),
             scale: 0.0,
             splits: 1,
             estimator: 0,
             finalize: 0,
             normalize: 0,
-            reserved: 0,
+            gate_source: 0,
         }
     }
 }
@@ -157,6 +166,10 @@ impl KernelArgs {
             },
             finalize: finalize as u32,
             normalize: params.normalize as u32,
+            gate_source: match params.gate_source {
+                GateSource::Outcome => 0,
+                GateSource::Intrinsic => 1,
+            },
             beta: params.beta,
             gate_temperature: params.gate_temperature,
             eps: params.eps,
@@ -389,12 +402,15 @@ mod tests {
             offset_of!(KernelArgs, beta),
             offset_of!(KernelArgs, gate_temperature),
             offset_of!(KernelArgs, eps),
+            offset_of!(KernelArgs, turn_credit_start),
+            offset_of!(KernelArgs, trajectory_token_offsets),
+            offset_of!(KernelArgs, token_advantage),
             offset_of!(KernelArgs, scale),
             offset_of!(KernelArgs, splits),
             offset_of!(KernelArgs, estimator),
             offset_of!(KernelArgs, finalize),
             offset_of!(KernelArgs, normalize),
-            offset_of!(KernelArgs, reserved),
+            offset_of!(KernelArgs, gate_source),
         ];
         assert_eq!(&c[..n], &rust[..]);
     }

@@ -74,4 +74,4 @@ pub use error::{Error, Result, RowErrorKind};
 pub use half;
 pub use logits::{Dtype, LogitData, LogitElement, Logits};
 pub use open::{open, BackendKind};
-pub use params::{Estimator, Params};
+pub use params::{Estimator, GateSource, Params};

@@ -32,6 +32,37 @@ impl std::str::FromStr for Estimator {
     }
 }
 
+/// What the variance gate sigmoid(−σ_g/τ) measures the spread of (contract §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GateSource {
+    /// σ_g = the unbiased std of the group's outcomes (the paper's code).
+    #[default]
+    Outcome,
+    /// σ_g = the credit-weighted unbiased std of the group's non-zero per-token intrinsic values
+    /// (the pool of the normalisation); 0 for a pool of fewer than 2 tokens (InfoPO's text).
+    Intrinsic,
+}
+
+impl GateSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            GateSource::Outcome => "outcome",
+            GateSource::Intrinsic => "intrinsic",
+        }
+    }
+}
+
+impl std::str::FromStr for GateSource {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "outcome" => Ok(GateSource::Outcome),
+            "intrinsic" => Ok(GateSource::Intrinsic),
+            _ => Err(format!("unknown gate source `{s}` (expected outcome or intrinsic)")),
+        }
+    }
+}
+
 /// Smallest sampling temperature τs accepted (contract §5).
 pub const MIN_TEMPERATURE: f64 = 1e-3;
 /// Largest sampling temperature τs accepted (contract §5).
@@ -51,6 +82,8 @@ pub struct Params {
     pub eps: f64,
     /// Normalise intrinsic values within each group. Default on.
     pub normalize: bool,
+    /// What the gate's σ_g measures. Default [`GateSource::Outcome`].
+    pub gate_source: GateSource,
 }
 
 impl Default for Params {
@@ -62,6 +95,7 @@ impl Default for Params {
             gate_temperature: 0.05,
             eps: 1e-6,
             normalize: true,
+            gate_source: GateSource::Outcome,
         }
     }
 }

@@ -37,6 +37,13 @@ pub struct GroupLayout {
     pub group_turns: Vec<u32>,
     /// M = Σ trajectory_tokens.
     pub total_tokens: u64,
+    /// `[B+1]` prefix sums of trajectory_tokens: trajectory i's tokens are
+    /// `trajectory_token_offsets[i]..trajectory_token_offsets[i+1]` of the `[M]` token outputs
+    /// (u64: M may exceed 2^32).
+    pub trajectory_token_offsets: Vec<u64>,
+    /// `[T]` first credited token of each turn within its trajectory's response, when the batch
+    /// has credit starts (validated by [`credit_spans`]); enables `token_advantage`.
+    pub turn_credit_start: Option<Vec<u32>>,
 }
 
 impl Layout {
@@ -77,9 +84,111 @@ pub fn batch(batch: &Batch<'_>) -> Result<Option<Layout>> {
     }
     match (batch.turns, batch.trajectories) {
         (None, Some(_)) => Err(Error::trajectories("Batch::trajectories need a turn layout (Batch::turns)")),
+        (None, None) if batch.credit_start.is_some() => Err(credit_start_needs_trajectories()),
         (None, None) => Ok(None),
-        (Some(turns), trajectories) => layout(real.rows(), &turns, trajectories.as_ref()).map(Some),
+        (Some(turns), trajectories) => {
+            let mut out = layout(real.rows(), &turns, trajectories.as_ref())?;
+            if let Some(starts) = batch.credit_start {
+                credit_spans(&mut out, starts)?;
+            }
+            Ok(Some(out))
+        }
     }
+}
+
+fn credit_start_needs_trajectories() -> Error {
+    Error::trajectories("credit_start (file tensor turn_credit_start) needs trajectories")
+}
+
+/// Validates the credited token spans of a layout with trajectories and records them in it
+/// (`GroupLayout::turn_credit_start`): turn t's span `starts[t] .. starts[t] + turn_credit[t]`
+/// must lie within its trajectory's `0 .. tokens` and overlap no other span of that trajectory.
+/// Errors name the turn ([`Error::CreditSpan`]).
+pub fn credit_spans(layout: &mut Layout, starts: &[u32]) -> Result<()> {
+    let t_count = layout.turns();
+    let groups = layout.groups.as_ref().ok_or_else(credit_start_needs_trajectories)?;
+    if starts.len() != t_count {
+        return Err(Error::turns(format!(
+            "credit_start (turn_credit_start) has {} entries for {t_count} turns",
+            starts.len()
+        )));
+    }
+    check_spans(&layout.turn_trajectory, &layout.turn_credit, &groups.trajectory_tokens, starts)?;
+    if let Some(g) = layout.groups.as_mut() {
+        g.turn_credit_start = Some(starts.to_vec());
+    }
+    Ok(())
+}
+
+/// Re-checks the credited spans a [`Layout`] carries (its fields are public, so one built by
+/// hand reaches the epilogues unvalidated): the kernels write `token_advantage` through them.
+pub fn layout_spans(layout: &Layout) -> Result<()> {
+    match layout.groups.as_ref() {
+        Some(GroupLayout { turn_credit_start: Some(starts), trajectory_tokens, trajectory_token_offsets, .. }) => {
+            let mut sum = 0u64;
+            let prefix = std::iter::once(0).chain(trajectory_tokens.iter().map(|&n| {
+                sum += n as u64;
+                sum
+            }));
+            if !prefix.eq(trajectory_token_offsets.iter().copied()) {
+                return Err(Error::trajectories(
+                    "trajectory_token_offsets are not the prefix sums of trajectory_tokens",
+                ));
+            }
+            if starts.len() != layout.turns() || layout.turn_credit.len() != layout.turns() {
+                return Err(Error::turns(format!(
+                    "the layout has {} credit starts and {} credits for {} turns",
+                    starts.len(),
+                    layout.turn_credit.len(),
+                    layout.turns()
+                )));
+            }
+            if let Some(t) = layout.turn_trajectory.iter().position(|&i| i as usize >= trajectory_tokens.len()) {
+                return Err(Error::turns(format!(
+                    "turn {t} belongs to trajectory {}, but there are {} trajectories",
+                    layout.turn_trajectory[t],
+                    trajectory_tokens.len()
+                )));
+            }
+            check_spans(&layout.turn_trajectory, &layout.turn_credit, trajectory_tokens, starts)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Each span `starts[t] .. starts[t] + credit[t]` within its trajectory's tokens, and disjoint
+/// from the other spans of that trajectory.
+fn check_spans(turn_trajectory: &[u32], credit: &[u32], tokens: &[u32], starts: &[u32]) -> Result<()> {
+    let t_count = starts.len();
+    let span = |t: usize| (starts[t] as u64, starts[t] as u64 + credit[t] as u64);
+    for (t, &i) in turn_trajectory.iter().enumerate().take(t_count) {
+        let i = i as usize;
+        let (lo, hi) = span(t);
+        let n = tokens[i];
+        if hi > n as u64 {
+            return Err(Error::CreditSpan {
+                turn: t,
+                what: format!("{lo}..{hi} extends past trajectory {i}'s {n} response tokens"),
+            });
+        }
+    }
+    // Spans in (trajectory, start) order: each must start at or after the previous one's end.
+    let mut order: Vec<usize> = (0..t_count).collect();
+    order.sort_by_key(|&t| (turn_trajectory[t], starts[t], t));
+    for w in order.windows(2) {
+        let (p, t) = (w[0], w[1]);
+        let i = turn_trajectory[t];
+        if turn_trajectory[p] == i && span(p).1 > span(t).0 {
+            // Named by the later turn of the two.
+            let (late, early) = (t.max(p), t.min(p));
+            let ((lo, hi), (elo, ehi)) = (span(late), span(early));
+            return Err(Error::CreditSpan {
+                turn: late,
+                what: format!("{lo}..{hi} of trajectory {i} overlaps turn {early}'s {elo}..{ehi}"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The micro-batch bounds `[0, cuts…, rows]` of [`crate::Backend::compute_micro_batched`].
@@ -176,7 +285,12 @@ fn group_layout(turns: &Turns<'_>, traj: &Trajectories<'_>) -> Result<GroupLayou
             )));
         }
     }
-    let total_tokens: u64 = traj.tokens.iter().map(|&x| x as u64).sum();
+    let mut trajectory_token_offsets = Vec::with_capacity(b + 1);
+    trajectory_token_offsets.push(0u64);
+    for &n in traj.tokens {
+        trajectory_token_offsets.push(trajectory_token_offsets[trajectory_token_offsets.len() - 1] + n as u64);
+    }
+    let total_tokens: u64 = trajectory_token_offsets[b];
     if total_tokens < 2 {
         return Err(Error::trajectories(format!(
             "the batch has {total_tokens} response tokens (Trajectories::tokens / trajectory_tokens); its standard \
@@ -207,6 +321,8 @@ fn group_layout(turns: &Turns<'_>, traj: &Trajectories<'_>) -> Result<GroupLayou
         group_turn_offsets,
         group_turns,
         total_tokens,
+        trajectory_token_offsets,
+        turn_credit_start: None,
     })
 }
 

@@ -55,6 +55,9 @@ fn check_output(path: &Path, want: &Output) {
             ("intrinsic_std", f(&[a.intrinsic_std])),
             ("magnitude_ratio", f(&[a.magnitude_ratio])),
         ]);
+        if let Some(tokens) = &a.token_advantage {
+            expected.push(("token_advantage", f(tokens)));
+        }
     }
     let mut names: Vec<String> = st.names().into_iter().cloned().collect();
     names.sort();
@@ -109,6 +112,8 @@ fn compute_with_parameters() {
         "--eps",
         "0.001",
         "--no-normalize",
+        "--gate-source",
+        "intrinsic",
     ];
     let mut cmd = vec!["compute", s(&input), s(&output), "--backend", "cpu"];
     cmd.extend(args);
@@ -121,6 +126,7 @@ fn compute_with_parameters() {
         gate_temperature: 0.5,
         eps: 0.001,
         normalize: false,
+        gate_source: infopo_kernels::GateSource::Intrinsic,
     };
     check_output(&output, &Cpu.compute(&data.as_batch(), &params).unwrap());
 }
@@ -372,6 +378,7 @@ fn usage_errors_exit_2() {
         &["frobnicate"],
         &["verify", "a.safetensors", "--backend", "gpu"],
         &["compute", "a", "b", "--estimator", "mean"],
+        &["compute", "a", "b", "--gate-source", "variance"],
         &["bench", "--rows", "0"],
         &["bench", "--dtype", "f64"],
         &["bench", "--iters", "x"],
@@ -472,7 +479,8 @@ fn write_input_round_trips_views() {
     let masked = [0.0f32, 2.0, 1.0, 4.0];
     let batch = Batch::rows(Logits::new(&real, 2, 2).unwrap(), Logits::new(&masked, 2, 2).unwrap(), &[1, 0])
         .with_turns(Turns { offsets: &[0, 2], trajectory: &[0], credit_tokens: &[2] })
-        .with_trajectories(Trajectories { group: &[3], outcome: &[0.5], tokens: &[4] });
+        .with_trajectories(Trajectories { group: &[3], outcome: &[0.5], tokens: &[4] })
+        .with_credit_start(&[1]);
     io::write_input(&path, &batch).unwrap();
     let back = io::read_input(&path).unwrap();
     assert_eq!(back.targets, [1, 0]);
@@ -507,4 +515,50 @@ fn temperature_out_of_range_and_non_finite_turn_exit_2() {
         assert!(err.contains("turn 1") && err.contains("row 2"), "{backend}: {err}");
     }
     assert!(!output.exists());
+}
+
+/// `turn_credit_start` makes `compute` write `token_advantage` [M] (as the library computes it,
+/// on the cpu and the emulated kernel); spans that overflow or overlap, or credit starts
+/// without trajectories, exit 2 naming the turn.
+#[test]
+fn credit_starts_give_token_advantage_and_bad_spans_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    let output = dir.path().join("out.safetensors");
+    let starts = |v: &[i64]| Some((Dtype::I64, vec![3], i64_bytes(v)));
+    let mut good = raw_batch();
+    good.push(("turn_credit_start", Dtype::I32, vec![3], [0i32, 3, 2].iter().flat_map(|x| x.to_le_bytes()).collect()));
+    raw_file(&input, &good);
+    let batch = io::read_input(&input).unwrap();
+    let want = Cpu.compute(&batch.as_batch().unwrap(), &Params::default()).unwrap();
+    assert_eq!(want.advantages.as_ref().unwrap().token_advantage.as_ref().map(Vec::len), Some(22));
+    for backend in ["cpu", "emulated"] {
+        let run = infopo(&["compute", s(&input), s(&output), "--backend", backend]);
+        assert!(run.status.success(), "{backend}: {}", stderr(&run));
+        let got = SafeTensors::deserialize(&std::fs::read(&output).unwrap())
+            .unwrap()
+            .tensor("token_advantage")
+            .map(|t| t.shape().to_vec());
+        assert_eq!(got.unwrap(), [22], "{backend}");
+        if backend == "cpu" {
+            check_output(&output, &want);
+        }
+        std::fs::remove_file(&output).unwrap();
+    }
+    // Turn 1 (3..7 of trajectory 0) overlaps turn 0 (0..3 shifted to 1..4); turn 2 runs past
+    // trajectory 1's 12 tokens.
+    for (bad, needles) in [
+        (starts(&[1, 3, 2]), &["turn 1", "overlaps turn 0"][..]),
+        (starts(&[0, 3, 8]), &["turn 2", "8..13", "12 response tokens"][..]),
+    ] {
+        raw_file(&input, &with(good.clone(), "turn_credit_start", bad));
+        expect_bad_input(dir.path(), &input, needles);
+        let run = infopo(&["compute", s(&input), s(&output), "--backend", "emulated"]);
+        assert_eq!(run.status.code(), Some(2), "{}", stderr(&run));
+        assert!(stderr(&run).contains(needles[0]), "{}", stderr(&run));
+    }
+    let mut no_trajectories = good.clone();
+    no_trajectories.retain(|t| !t.0.starts_with("trajectory_"));
+    raw_file(&input, &no_trajectories);
+    expect_bad_input(dir.path(), &input, &["turn_credit_start", "needs trajectories"]);
 }

@@ -412,6 +412,7 @@ fn layout_errors() {
         targets: &[0],
         turns: None,
         trajectories: Some(Trajectories { group: &[0], outcome: &[0.0], tokens: &[2] }),
+        credit_start: None,
     };
     assert!(matches!(cpu::Cpu.compute(&b, &Params::default()), Err(Error::Trajectories { .. })));
 }
@@ -481,4 +482,39 @@ fn stage_two_rejects_a_non_finite_turn() {
             other => panic!("{bad}: {other:?}"),
         }
     }
+}
+
+#[test]
+fn kernel_bodies_token_advantages_and_intrinsic_gate() {
+    kernel::token_advantages_match_oracle(&cpu::Cpu, 40);
+    kernel::intrinsic_gate_matches_oracle(&cpu::Cpu);
+    kernel::bad_credit_spans_are_typed(&cpu::Cpu);
+}
+
+/// The two-stage API: `validate::credit_spans` enables `token_advantage` in
+/// `epilogue::advantages`, which equals the one-call result; a hand-edited layout whose spans
+/// overflow is still a typed error (no out-of-bounds write).
+#[test]
+fn two_stage_token_advantage_and_hand_built_spans() {
+    let turns = Turns { offsets: &[0, 2, 3, 5], trajectory: &[0, 0, 1], credit_tokens: &[1, 2, 1] };
+    let traj = Trajectories { group: &[0, 0], outcome: &[1.0, 0.0], tokens: &[4, 3] };
+    let starts = [3u32, 0, 1];
+    let real: Vec<f32> = (0..35).map(|i| (i as f32 * 0.41).sin() * 2.0).collect();
+    let masked: Vec<f32> = (0..35).map(|i| (i as f32 * 0.29).cos()).collect();
+    let targets = [0i64, 1, 2, 3, 4];
+    let batch = Batch::rows(Logits::new(&real, 5, 7).unwrap(), Logits::new(&masked, 5, 7).unwrap(), &targets)
+        .with_turns(turns)
+        .with_trajectories(traj)
+        .with_credit_start(&starts);
+    let params = Params { gate_source: infopo_kernels::GateSource::Intrinsic, ..Params::default() };
+    let one = cpu::Cpu.compute(&batch, &params).unwrap();
+    let mut layout = validate::layout(5, &turns, Some(&traj)).unwrap();
+    let without = infopo_kernels::epilogue::advantages(one.turn_info.as_ref().unwrap(), &layout, &params).unwrap();
+    assert!(without.token_advantage.is_none());
+    validate::credit_spans(&mut layout, &starts).unwrap();
+    let with = infopo_kernels::epilogue::advantages(one.turn_info.as_ref().unwrap(), &layout, &params).unwrap();
+    assert_eq!(&with, one.advantages.as_ref().unwrap());
+    layout.groups.as_mut().unwrap().turn_credit_start = Some(vec![3, 0, 3]);
+    let e = infopo_kernels::epilogue::advantages(one.turn_info.as_ref().unwrap(), &layout, &params).unwrap_err();
+    assert!(matches!(e, Error::CreditSpan { turn: 2, .. }), "{e}");
 }

@@ -132,6 +132,24 @@ fn validation_errors_are_typed() {
     kernel::validation_errors_are_typed(&gpu());
 }
 
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn token_advantages_match_oracle() {
+    kernel::token_advantages_match_oracle(&gpu(), 40);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn intrinsic_gate_matches_oracle() {
+    kernel::intrinsic_gate_matches_oracle(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn bad_credit_spans_are_typed() {
+    kernel::bad_credit_spans_are_typed(&gpu());
+}
+
 // ---- GPU only ---------------------------------------------------------------------------
 
 /// Device views of real and masked at element offsets `real_pad` / `masked_pad` into their

@@ -84,3 +84,18 @@ fn turns_without_trajectories_and_empty_turns() {
 fn validation_errors_are_typed() {
     kernel::validation_errors_are_typed(&Emulated::new());
 }
+
+#[test]
+fn token_advantages_match_oracle() {
+    kernel::token_advantages_match_oracle(&Emulated::new(), 12);
+}
+
+#[test]
+fn intrinsic_gate_matches_oracle() {
+    kernel::intrinsic_gate_matches_oracle(&Emulated::new());
+}
+
+#[test]
+fn bad_credit_spans_are_typed() {
+    kernel::bad_credit_spans_are_typed(&Emulated::new());
+}

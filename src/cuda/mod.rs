@@ -216,8 +216,11 @@ impl CudaBackend {
         self.sm_count
     }
 
-    /// Uploads a validated layout (see [`validate::layout`]) for the batches that use it.
+    /// Uploads a validated layout (see [`validate::layout`], and [`validate::credit_spans`] for
+    /// `token_advantage`) for the batches that use it.
     pub fn upload_layout(&self, layout: &Layout) -> Result<DeviceLayout> {
+        // The kernel writes token_advantage through the credited spans: re-check them.
+        validate::layout_spans(layout)?;
         let s = &self.stream;
         let up32 = |v: &[u32]| s.clone_htod(&nonempty(v)).map_err(cuda_err);
         let groups = match &layout.groups {
@@ -229,6 +232,8 @@ impl CudaBackend {
                 trajectories: up32(&g.group_trajectories)?,
                 turn_offsets: up32(&g.group_turn_offsets)?,
                 turns: up32(&g.group_turns)?,
+                token_offsets: s.clone_htod(&g.trajectory_token_offsets).map_err(cuda_err)?,
+                credit_start: g.turn_credit_start.as_ref().map(|v| up32(v)).transpose()?,
             }),
         };
         Ok(DeviceLayout {
@@ -246,7 +251,10 @@ impl CudaBackend {
         let s = &self.stream;
         let zeros = |n: usize| s.alloc_zeros::<f64>(n.max(1)).map_err(cuda_err);
         let turns = layout.map_or(0, |l| l.layout.turns());
-        let trajectories = layout.and_then(|l| l.layout.groups.as_ref()).map_or(0, |g| g.trajectory_group.len());
+        let groups = layout.and_then(|l| l.layout.groups.as_ref());
+        let trajectories = groups.map_or(0, |g| g.trajectory_group.len());
+        // [M] only when the layout has credit starts (the kernel writes it then).
+        let tokens = groups.filter(|g| g.turn_credit_start.is_some()).map_or(0, |g| g.total_tokens as usize);
         Ok(DeviceBatch {
             layout,
             params: *params,
@@ -258,6 +266,7 @@ impl CudaBackend {
             traj_advantage: zeros(trajectories)?,
             traj_gate: zeros(trajectories)?,
             scalars: zeros(3)?,
+            token_advantage: zeros(tokens)?,
             rows_seen: 0,
             finalized: false,
         })
@@ -450,6 +459,14 @@ impl CudaBackend {
                     *slot = a as *const u32;
                     guards.push(g);
                 }
+                if let Some(starts) = &d.credit_start {
+                    let (a, g) = starts.device_ptr(s);
+                    args.turn_credit_start = a as *const u32;
+                    guards.push(g);
+                    let (a, g) = d.token_offsets.device_ptr(s);
+                    args.trajectory_token_offsets = a as *const u64;
+                    guards.push(g);
+                }
             }
         }
         let mut out_guards = Vec::new();
@@ -464,6 +481,11 @@ impl CudaBackend {
         ] {
             let (a, g) = buf.device_ptr_mut(s);
             *slot = a as *mut f64;
+            out_guards.push(g);
+        }
+        if !args.turn_credit_start.is_null() {
+            let (a, g) = batch.token_advantage.device_ptr_mut(s);
+            args.token_advantage = a as *mut f64;
             out_guards.push(g);
         }
         let cfg = LaunchConfig { grid_dim: (shape.grid, 1, 1), block_dim: (shape.threads, 1, 1), shared_mem_bytes: 0 };
@@ -493,6 +515,10 @@ struct DeviceGroups {
     trajectories: CudaSlice<u32>,
     turn_offsets: CudaSlice<u32>,
     turns: CudaSlice<u32>,
+    /// `[B+1]` prefix sums of the trajectory tokens.
+    token_offsets: CudaSlice<u64>,
+    /// `[T]` with credit starts.
+    credit_start: Option<CudaSlice<u32>>,
 }
 
 /// A validated turn/trajectory layout on the device.
@@ -527,6 +553,10 @@ pub struct DeviceBatch<'l> {
     pub traj_gate: CudaSlice<f64>,
     /// `[3]` outcome_std, intrinsic_std, magnitude_ratio after finalisation.
     pub scalars: CudaSlice<f64>,
+    /// `[M]` per-token advantages after finalisation, when the layout has credit starts
+    /// (`validate::credit_spans`); trajectory i's tokens start at Σ_{j<i} tokens_j. A
+    /// one-element placeholder otherwise.
+    pub token_advantage: CudaSlice<f64>,
     rows_seen: usize,
     finalized: bool,
 }
@@ -583,6 +613,10 @@ impl DeviceBatch<'_> {
                     outcome_std: scalars[0],
                     intrinsic_std: scalars[1],
                     magnitude_ratio: scalars[2],
+                    token_advantage: match g.turn_credit_start {
+                        Some(_) => Some(down(&self.token_advantage, g.total_tokens as usize)?),
+                        None => None,
+                    },
                 })
             }
             _ => None,

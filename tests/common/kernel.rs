@@ -12,10 +12,13 @@
 //! - Epilogue (turns, trajectories, batch scalars): f64 in every backend; fed with the backend's
 //!   own f32 row values, the oracle must agree to |kernel − oracle| ≤ 1e-9·(1 + |oracle|).
 
-use super::{assert_close, close, f32s, oracle_batch_advantages, oracle_code, oracle_row, to_dtype, to_f64};
+use super::{
+    assert_close, close, f32s, oracle_batch_advantages, oracle_code, oracle_row, oracle_token_advantage, to_dtype,
+    to_f64,
+};
 use half::{bf16, f16};
 use infopo_kernels::{
-    Backend, Batch, Error, Estimator, LogitElement, Logits, Output, Params, RowOutputs, Trajectories, Turns,
+    Backend, Batch, Error, Estimator, GateSource, LogitElement, Logits, Output, Params, RowOutputs, Trajectories, Turns,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -829,4 +832,179 @@ pub fn temperature_outside_its_range_is_a_parameter_error(b: &dyn Backend) {
         check_rows::<f32>(b, &Spec { temperature: t, ..s }, 92);
         check_rows::<bf16>(b, &Spec { temperature: t, ..s }, 93);
     }
+}
+
+// ------------------------------------------------------------------------------------------
+// Token-level advantages and the intrinsic gate (contract §4).
+
+/// [`check_epilogue`], and `token_advantage` against the oracle's, built token by token from
+/// the oracle's advantages and bonuses.
+#[track_caller]
+pub fn check_token_advantage(
+    out: &Output,
+    est: &[f64],
+    turns: &Turns<'_>,
+    traj: &Trajectories<'_>,
+    starts: &[u32],
+    p: &Params,
+) {
+    check_epilogue(out, est, turns, traj, p);
+    let o = oracle_batch_advantages(est, turns, traj, p);
+    let want = oracle_token_advantage(&o, turns.trajectory, turns.credit_tokens, starts, traj.tokens);
+    let got = out.advantages.as_ref().unwrap().token_advantage.as_ref().expect("token_advantage");
+    assert_close("token_advantage", got, &want, EPILOGUE_TOL, EPILOGUE_TOL);
+}
+
+/// A random layout whose turns have credited spans: trajectories with gaps before, between
+/// and after their turns' spans (uncredited tokens), some trajectories without turns, some
+/// turns without rows.
+pub struct SpanLayout {
+    pub layout: Layout,
+    pub starts: Vec<u32>,
+}
+
+pub fn random_span_layout(rng: &mut StdRng, rows: usize) -> SpanLayout {
+    let n_traj = rng.gen_range(1..7usize);
+    let n_turns = rng.gen_range(1..12usize);
+    let mut cuts: Vec<u32> = (0..n_turns - 1).map(|_| rng.gen_range(0..=rows as u32)).collect();
+    cuts.sort_unstable();
+    let mut offsets = vec![0];
+    offsets.extend(cuts);
+    offsets.push(rows as u32);
+    let trajectory: Vec<u32> = (0..n_turns).map(|_| rng.gen_range(0..n_traj as u32)).collect();
+    let credit: Vec<u32> = (0..n_turns).map(|_| rng.gen_range(1..6)).collect();
+    let mut starts = vec![0u32; n_turns];
+    let mut tokens = vec![0u32; n_traj];
+    for (i, n) in tokens.iter_mut().enumerate() {
+        // This trajectory's turns in a random order along its response, with random gaps.
+        let mut mine: Vec<usize> = (0..n_turns).filter(|&t| trajectory[t] as usize == i).collect();
+        for k in (1..mine.len()).rev() {
+            mine.swap(k, rng.gen_range(0..=k));
+        }
+        let mut pos = rng.gen_range(0..4u32);
+        for t in mine {
+            starts[t] = pos;
+            pos += credit[t] + rng.gen_range(0..4u32);
+        }
+        *n = pos + rng.gen_range(0..3u32);
+    }
+    tokens[0] = tokens[0].max(2);
+    let groups = rng.gen_range(1..4u32);
+    let group: Vec<u32> = (0..n_traj).map(|_| 5 * rng.gen_range(0..groups) + 1).collect();
+    let outcome: Vec<f64> = (0..n_traj).map(|_| rng.gen_range(0..3) as f64 * 0.5).collect();
+    SpanLayout { layout: Layout { offsets, trajectory, credit, group, outcome, tokens }, starts }
+}
+
+fn gate_params() -> [Params; 4] {
+    let intrinsic = Params { gate_source: GateSource::Intrinsic, ..Params::default() };
+    [
+        Params::default(),
+        intrinsic,
+        Params { estimator: Estimator::Kl, gate_temperature: 0.5, ..intrinsic },
+        Params { normalize: false, beta: 0.3, gate_temperature: 2.0, ..intrinsic },
+    ]
+}
+
+/// `token_advantage` on random span layouts (gaps, uncredited tokens, empty turns,
+/// trajectories without turns), both gate sources, one batch and micro-batched, against the
+/// float64 oracle; without credit starts there is none.
+pub fn token_advantages_match_oracle(b: &dyn Backend, cases: u64) {
+    for case in 0..cases {
+        let mut rng = StdRng::seed_from_u64(900 + case);
+        let (n, v) = (rng.gen_range(1..40usize), [37usize, 300][case as usize % 2]);
+        let l = random_span_layout(&mut rng, n);
+        let (r, m, targets) = generate(&Spec::new(n, v), 1000 + case);
+        let (real, masked) = (to_dtype::<bf16>(&r), to_dtype::<bf16>(&m));
+        let (rf, mf) = (to_f64(&real), to_f64(&masked));
+        let plain = Batch::rows(Logits::new(&real, n, v).unwrap(), Logits::new(&masked, n, v).unwrap(), &targets)
+            .with_turns(l.layout.turns())
+            .with_trajectories(l.layout.trajectories());
+        let batch = plain.with_credit_start(&l.starts);
+        let cut = rng.gen_range(0..=n);
+        for params in gate_params() {
+            let what = format!("{} case {case} N={n} V={v} {params:?}", b.name());
+            let out = b.compute(&batch, &params).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let est = epilogue_feed(b, &out, params.estimator, &rf, &mf, &targets, 1.0);
+            check_token_advantage(&out, &est, &l.layout.turns(), &l.layout.trajectories(), &l.starts, &params);
+            let micro = b.compute_micro_batched(&batch, &params, &[cut, cut, n]).unwrap();
+            let est = epilogue_feed(b, &micro, params.estimator, &rf, &mf, &targets, 1.0);
+            check_token_advantage(&micro, &est, &l.layout.turns(), &l.layout.trajectories(), &l.starts, &params);
+            let none = b.compute(&plain, &params).unwrap();
+            assert!(none.advantages.unwrap().token_advantage.is_none(), "{what}");
+        }
+    }
+}
+
+/// The gate from the intrinsic pool: the 64-row [`layout`] against the oracle (one batch and
+/// micro-batched), and a group whose pool is a single credited token (turn 1 has no rows, so
+/// its value is 0 and stays out of the pool): σ_g = 0, gate exactly 1/2, where the outcome
+/// gate of the same group is not.
+pub fn intrinsic_gate_matches_oracle(b: &dyn Backend) {
+    let l = layout();
+    let (real, masked, targets) = layout_data(300, 64);
+    let (rf, mf) = (to_f64(&real), to_f64(&masked));
+    let batch = Batch::rows(Logits::new(&real, 64, 300).unwrap(), Logits::new(&masked, 64, 300).unwrap(), &targets)
+        .with_turns(l.turns())
+        .with_trajectories(l.trajectories());
+    for params in gate_params() {
+        let out = b.compute(&batch, &params).unwrap();
+        let est = epilogue_feed(b, &out, params.estimator, &rf, &mf, &targets, 1.0);
+        check_epilogue(&out, &est, &l.turns(), &l.trajectories(), &params);
+        let micro = b.compute_micro_batched(&batch, &params, &[10, 33]).unwrap();
+        let est = epilogue_feed(b, &micro, params.estimator, &rf, &mf, &targets, 1.0);
+        check_epilogue(&micro, &est, &l.turns(), &l.trajectories(), &params);
+    }
+
+    let small = Layout {
+        offsets: vec![0, 4, 4, 8],
+        trajectory: vec![0, 1, 2],
+        credit: vec![1, 3, 2],
+        group: vec![5, 5, 9],
+        outcome: vec![1.0, 0.0, 0.5],
+        tokens: vec![3, 4, 5],
+    };
+    let (r, m, targets) = generate(&Spec::new(8, 37), 65);
+    let batch = Batch::rows(Logits::new(&r, 8, 37).unwrap(), Logits::new(&m, 8, 37).unwrap(), &targets)
+        .with_turns(small.turns())
+        .with_trajectories(small.trajectories());
+    for params in gate_params() {
+        let out = b.compute(&batch, &params).unwrap();
+        let est = epilogue_feed(b, &out, params.estimator, &f32s(&r), &f32s(&m), &targets, 1.0);
+        check_epilogue(&out, &est, &small.turns(), &small.trajectories(), &params);
+        let gate = &out.advantages.as_ref().unwrap().trajectory_gate;
+        let half = params.gate_source == GateSource::Intrinsic;
+        assert_eq!((gate[0] == 0.5, gate[1] == 0.5), (half, half), "{} {params:?}: {gate:?}", b.name());
+    }
+}
+
+/// Credited spans that overflow their trajectory or overlap are [`Error::CreditSpan`] naming the
+/// turn; credit starts without trajectories or of the wrong length are typed errors too.
+pub fn bad_credit_spans_are_typed(b: &dyn Backend) {
+    let (r, m, targets) = generate(&Spec::new(6, 11), 66);
+    let rows = Batch::rows(Logits::new(&r, 6, 11).unwrap(), Logits::new(&m, 6, 11).unwrap(), &targets);
+    let turns = Turns { offsets: &[0, 2, 4, 6], trajectory: &[0, 1, 0], credit_tokens: &[2, 3, 2] };
+    let traj = Trajectories { group: &[0, 0], outcome: &[1.0, 0.0], tokens: &[5, 3] };
+    let batch = rows.with_turns(turns).with_trajectories(traj);
+    let p = Params::default();
+    // Fits exactly: turns 0 and 2 tile 0..4 of trajectory 0, turn 1 fills trajectory 1.
+    assert!(b.compute(&batch.with_credit_start(&[0, 0, 2]), &p).is_ok());
+    let span_error = |starts: &[u32]| match b.compute_micro_batched(&batch.with_credit_start(starts), &p, &[3]) {
+        Err(Error::CreditSpan { turn, what }) => (turn, what),
+        other => panic!("{} {starts:?}: {other:?}", b.name()),
+    };
+    // Past the end: turn 2 covers 4..6 of 5 tokens; turn 1 covers 1..4 of 3.
+    let (turn, what) = span_error(&[0, 0, 4]);
+    assert!(turn == 2 && what.contains("4..6") && what.contains("5 response tokens"), "{what}");
+    assert_eq!(span_error(&[0, 1, 2]).0, 1);
+    // Overlap within trajectory 0 (turns 0 and 2): named by the later turn, whatever the order.
+    let (turn, what) = span_error(&[0, 0, 1]);
+    assert!(turn == 2 && what.contains("turn 0"), "{what}");
+    assert_eq!(span_error(&[2, 0, 1]).0, 2);
+    // Needs trajectories; one start per turn.
+    let e = b.compute(&rows.with_turns(turns).with_credit_start(&[0, 0, 0]), &p);
+    assert!(matches!(e, Err(Error::Trajectories { .. })), "{e:?}");
+    let e = b.compute(&rows.with_credit_start(&[0]), &p);
+    assert!(matches!(e, Err(Error::Trajectories { .. })), "{e:?}");
+    let e = b.compute(&batch.with_credit_start(&[0, 0]), &p);
+    assert!(matches!(e, Err(Error::Turns { .. })), "{e:?}");
 }

@@ -6,7 +6,7 @@
 pub mod kernel;
 
 use infopo_kernels::synth::Rng;
-use infopo_kernels::{LogitElement, Params, RowErrorKind, Trajectories, Turns};
+use infopo_kernels::{GateSource, LogitElement, Params, RowErrorKind, Trajectories, Turns};
 use std::collections::BTreeMap;
 
 /// Per-row values by the textbook two-pass formulas.
@@ -118,17 +118,25 @@ pub struct OracleParams {
     pub gate_temperature: f64,
     pub eps: f64,
     pub normalize: bool,
+    /// σ_g of the gate from the group's intrinsic pool instead of its outcomes.
+    pub gate_intrinsic: bool,
 }
 
 impl Default for OracleParams {
     fn default() -> Self {
-        OracleParams { beta: 0.1, gate_temperature: 0.05, eps: 1e-6, normalize: true }
+        OracleParams { beta: 0.1, gate_temperature: 0.05, eps: 1e-6, normalize: true, gate_intrinsic: false }
     }
 }
 
 impl From<&Params> for OracleParams {
     fn from(p: &Params) -> Self {
-        OracleParams { beta: p.beta, gate_temperature: p.gate_temperature, eps: p.eps, normalize: p.normalize }
+        OracleParams {
+            beta: p.beta,
+            gate_temperature: p.gate_temperature,
+            eps: p.eps,
+            normalize: p.normalize,
+            gate_intrinsic: p.gate_source == GateSource::Intrinsic,
+        }
     }
 }
 
@@ -180,6 +188,7 @@ pub fn oracle_advantages(
     }
     let mut mu_sigma = vec![(0.0, 1.0); group.len()];
     let mut pool_stats: BTreeMap<u32, (f64, f64)> = BTreeMap::new();
+    let mut gate_sigma = vec![0.0; group.len()];
     for (&g, traj) in &members {
         let r: Vec<f64> = traj.iter().map(|&i| outcome[i]).collect();
         let ms = if r.len() == 1 { (0.0, 1.0) } else { mean_std(&r) };
@@ -198,10 +207,21 @@ pub fn oracle_advantages(
             _ => mean_std(&pool),
         };
         pool_stats.insert(g, ps);
+        // The gate's σ_g: the outcomes' std, or the explicit token pool's (0 below 2 tokens).
+        let sigma = if !p.gate_intrinsic {
+            ms.1
+        } else if pool.len() < 2 {
+            0.0
+        } else {
+            mean_std(&pool).1
+        };
+        for &i in traj {
+            gate_sigma[i] = sigma;
+        }
     }
     let advantage: Vec<f64> =
         (0..group.len()).map(|i| (outcome[i] - mu_sigma[i].0) / (mu_sigma[i].1 + p.eps)).collect();
-    let gate: Vec<f64> = (0..group.len()).map(|i| 1.0 / (1.0 + (mu_sigma[i].1 / p.gate_temperature).exp())).collect();
+    let gate: Vec<f64> = (0..group.len()).map(|i| 1.0 / (1.0 + (gate_sigma[i] / p.gate_temperature).exp())).collect();
     let norm: Vec<f64> = (0..t_n)
         .map(|t| {
             if !p.normalize {
@@ -231,6 +251,30 @@ pub fn oracle_advantages(
     let magnitude_ratio = (outcome_std.max(1.0) / intrinsic_std).min(1.0);
     let bonus: Vec<f64> = (0..t_n).map(|t| p.beta * gate[turn_traj[t] as usize] * magnitude_ratio * norm[t]).collect();
     OracleAdvantages { info, intrinsic, norm, bonus, advantage, gate, outcome_std, intrinsic_std, magnitude_ratio }
+}
+
+/// The per-token advantages of the contract from the oracle's advantages and bonuses, by
+/// building each trajectory's response token by token: `[M]`, trajectory-major.
+pub fn oracle_token_advantage(
+    o: &OracleAdvantages,
+    turn_traj: &[u32],
+    credit: &[u32],
+    starts: &[u32],
+    tokens: &[u32],
+) -> Vec<f64> {
+    let mut out = Vec::new();
+    for (i, &n) in tokens.iter().enumerate() {
+        let mut response = vec![o.advantage[i]; n as usize];
+        for t in 0..turn_traj.len() {
+            if turn_traj[t] as usize == i {
+                for k in starts[t]..starts[t] + credit[t] {
+                    response[k as usize] = o.advantage[i] + o.bonus[t];
+                }
+            }
+        }
+        out.extend(response);
+    }
+    out
 }
 
 /// |a − b| ≤ atol + rtol·|b|, with infinities equal only to themselves and NaN never close.

@@ -1,7 +1,7 @@
 //! Options shared by the subcommands, and their mapping to the library's types.
 
 use clap::{Args, ValueEnum};
-use infopo_kernels::{BackendKind, Estimator, Params};
+use infopo_kernels::{BackendKind, Estimator, GateSource, Params};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -26,6 +26,10 @@ pub struct RunArgs {
     /// Do not normalise intrinsic values within each group.
     #[arg(long)]
     pub no_normalize: bool,
+    /// What the gate's σ_g is the std of: the group's outcomes, or its pool of per-token
+    /// intrinsic values (σ_g = 0 below 2 tokens).
+    #[arg(long, value_enum, default_value_t = GateSourceArg::Outcome)]
+    pub gate_source: GateSourceArg,
 }
 
 impl RunArgs {
@@ -40,6 +44,10 @@ impl RunArgs {
             gate_temperature: self.gate_temperature,
             eps: self.eps,
             normalize: !self.no_normalize,
+            gate_source: match self.gate_source {
+                GateSourceArg::Outcome => GateSource::Outcome,
+                GateSourceArg::Intrinsic => GateSource::Intrinsic,
+            },
         }
     }
 }
@@ -99,6 +107,12 @@ impl BackendArg {
 pub enum EstimatorArg {
     LogRatio,
     Kl,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateSourceArg {
+    Outcome,
+    Intrinsic,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -86,6 +86,9 @@ fn tensors(out: &Output) -> Vec<(&'static str, Vec<f64>)> {
             (io::SCALAR_OUTPUTS[1], vec![a.intrinsic_std]),
             (io::SCALAR_OUTPUTS[2], vec![a.magnitude_ratio]),
         ]);
+        if let Some(tokens) = &a.token_advantage {
+            list.push((io::TOKEN_OUTPUT, tokens.clone()));
+        }
     }
     list
 }
