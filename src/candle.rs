@@ -86,7 +86,7 @@ pub fn score_rows(real: &Tensor, masked: &Tensor, targets: &Tensor, params: &Par
     match real.device() {
         Device::Cpu => {
             let rows = with_cpu_inputs(real, masked, targets, &shape, |real, masked, targets| {
-                Cpu.score_rows(real, masked, targets, params)
+                Cpu.score_rows(0, real, masked, targets, params)
             })?;
             rows_tensor(&rows, &Device::Cpu)
         }
@@ -124,9 +124,9 @@ pub struct AdvantageTensors {
     pub trajectory_gate: Tensor,
     /// `[3]`: outcome_std, intrinsic_std, magnitude_ratio.
     pub batch_stats: Tensor,
-    // Token-level advantages (issue 7 §4: `token_advantage` [M], trajectory-major) belong here,
-    // next to the values they are built from; the struct is non_exhaustive so adding them is
-    // not a breaking change.
+    /// `[M]` per-token advantage (M = Σ trajectory tokens, trajectory-major), present when
+    /// [`compute`] was given credit starts.
+    pub token_advantage: Option<Tensor>,
 }
 
 impl BatchOutput {
@@ -149,6 +149,7 @@ impl BatchOutput {
                     outcome_std: stats[0],
                     intrinsic_std: stats[1],
                     magnitude_ratio: stats[2],
+                    token_advantage: a.token_advantage.as_ref().map(f64s).transpose()?,
                 })
             }
         };
@@ -167,12 +168,17 @@ impl BatchOutput {
 /// they are a trainer's bookkeeping (which rows form which turn, which rollout is in which
 /// group, its reward), they are validated and rearranged into per-group lists on the host on
 /// every backend, and on CUDA they are a few hundred bytes uploaded on candle's stream.
+///
+/// `credit_start` (`[T]`, needs trajectories) places each turn's credited tokens in its
+/// trajectory's response ([`Batch::credit_start`]); with it the output carries
+/// [`AdvantageTensors::token_advantage`], the per-token advantage of the policy loss.
 pub fn compute(
     real: &Tensor,
     masked: &Tensor,
     targets: &Tensor,
     turns: Turns<'_>,
     trajectories: Option<Trajectories<'_>>,
+    credit_start: Option<&[u32]>,
     params: &Params,
 ) -> Result<BatchOutput> {
     params.validate()?;
@@ -182,12 +188,15 @@ pub fn compute(
             let out = with_cpu_inputs(real, masked, targets, &shape, |real, masked, targets| {
                 let mut batch = Batch::rows(real, masked, targets).with_turns(turns);
                 batch.trajectories = trajectories;
+                batch.credit_start = credit_start;
                 Cpu.compute(&batch, params)
             })?;
             output_tensors(&out, &Device::Cpu)
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(device) => on_cuda::compute(device, real, masked, targets, &shape, turns, trajectories, params),
+        Device::Cuda(device) => {
+            on_cuda::compute(device, real, masked, targets, &shape, turns, trajectories, credit_start, params)
+        }
         other => Err(no_backend(other)),
     }
 }
@@ -354,6 +363,7 @@ fn output_tensors(out: &Output, device: &Device) -> Result<BatchOutput> {
             trajectory_advantage: f64s(&a.trajectory_advantage)?,
             trajectory_gate: f64s(&a.trajectory_gate)?,
             batch_stats: f64s(&[a.outcome_std, a.intrinsic_std, a.magnitude_ratio])?,
+            token_advantage: a.token_advantage.as_deref().map(f64s).transpose()?,
         }),
     };
     Ok(BatchOutput {
@@ -482,9 +492,13 @@ mod on_cuda {
         shape: &InputShape,
         turns: Turns<'_>,
         trajectories: Option<Trajectories<'_>>,
+        credit_start: Option<&[u32]>,
         params: &Params,
     ) -> Result<BatchOutput> {
-        let layout = validate::layout(shape.rows, &turns, trajectories.as_ref())?;
+        let mut layout = validate::layout(shape.rows, &turns, trajectories.as_ref())?;
+        if let Some(starts) = credit_start {
+            validate::credit_spans(&mut layout, starts)?;
+        }
         let backend = CudaBackend::with_stream(device.cuda_stream())?;
         let device_layout = backend.upload_layout(&layout)?;
         let mut batch = backend.begin(Some(&device_layout), params)?;
@@ -492,9 +506,13 @@ mod on_cuda {
         batch.check()?;
         let (t, b) = (layout.turns(), layout.groups.as_ref().map_or(0, |g| g.trajectory_group.len()));
         // The device batch's output buffers become the tensors (no copy).
-        let advantages = match layout.groups {
+        let advantages = match &layout.groups {
             None => None,
-            Some(_) => Some(AdvantageTensors {
+            Some(g) => Some(AdvantageTensors {
+                token_advantage: match g.turn_credit_start {
+                    Some(_) => Some(wrap(batch.token_advantage, g.total_tokens as usize, device)?),
+                    None => None,
+                },
                 turn_intrinsic: wrap(batch.turn_intrinsic, t, device)?,
                 turn_intrinsic_norm: wrap(batch.turn_norm, t, device)?,
                 turn_bonus: wrap(batch.turn_bonus, t, device)?,

@@ -277,7 +277,23 @@ fn batch_matches_the_cpu_backend() {
             Turns { offsets: &b.turn_offsets, trajectory: &b.turn_trajectory, credit_tokens: &b.turn_credit_tokens };
         let trajectories =
             Trajectories { group: &b.trajectory_group, outcome: &b.trajectory_outcome, tokens: &b.trajectory_tokens };
-        let out = compute(&real, &masked, &targets, turns, with_trajectories.then_some(trajectories), &params).unwrap();
+        // Each trajectory's turns credit consecutive spans after 5 prompt-echo tokens (the
+        // synthetic trajectories have at least 32 tokens beyond their credits).
+        let mut next = vec![5u32; b.trajectory_tokens.len()];
+        let starts: Vec<u32> = b
+            .turn_trajectory
+            .iter()
+            .zip(&b.turn_credit_tokens)
+            .map(|(&i, &c)| {
+                let start = next[i as usize];
+                next[i as usize] += c;
+                start
+            })
+            .collect();
+        let credit_start = with_trajectories.then_some(&starts[..]);
+        let out =
+            compute(&real, &masked, &targets, turns, with_trajectories.then_some(trajectories), credit_start, &params)
+                .unwrap();
 
         // The CPU backend on the same logits (as host slices of the candle tensors' values).
         let host = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -290,6 +306,7 @@ fn batch_matches_the_cpu_backend() {
             &b,
             turns,
             with_trajectories.then_some(trajectories),
+            credit_start,
             &params,
         );
 
@@ -302,11 +319,14 @@ fn batch_matches_the_cpu_backend() {
         if let Some(a) = &out.advantages {
             assert_eq!(a.trajectory_advantage.dims(), &[b.trajectory_group.len()]);
             assert_eq!(a.batch_stats.dims(), &[3]);
+            let tokens: u32 = b.trajectory_tokens.iter().sum();
+            assert_eq!(a.token_advantage.as_ref().map(|t| t.dims().to_vec()), Some(vec![tokens as usize]));
         }
     }
 }
 
 /// The CPU backend on host logits of `dtype` (values exactly those of the candle tensors).
+#[allow(clippy::too_many_arguments)]
 fn cpu_reference(
     dtype: DType,
     real: &[f32],
@@ -314,14 +334,17 @@ fn cpu_reference(
     b: &synth::SynthBatch<f32>,
     turns: Turns<'_>,
     trajectories: Option<Trajectories<'_>>,
+    credit_start: Option<&[u32]>,
     params: &Params,
 ) -> infopo_kernels::Output {
+    #[allow(clippy::too_many_arguments)]
     fn run<T: infopo_kernels::LogitElement>(
         real: &[f32],
         masked: &[f32],
         b: &synth::SynthBatch<f32>,
         turns: Turns<'_>,
         trajectories: Option<Trajectories<'_>>,
+        credit_start: Option<&[u32]>,
         params: &Params,
     ) -> infopo_kernels::Output {
         let narrow = |v: &[f32]| v.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>();
@@ -329,12 +352,13 @@ fn cpu_reference(
         let logits = |v| infopo_kernels::Logits::new(v, b.rows, b.vocab).unwrap();
         let mut batch = infopo_kernels::Batch::rows(logits(&real), logits(&masked), &b.targets).with_turns(turns);
         batch.trajectories = trajectories;
+        batch.credit_start = credit_start;
         infopo_kernels::cpu::Cpu.compute(&batch, params).unwrap()
     }
     match dtype {
-        DType::F32 => run::<f32>(real, masked, b, turns, trajectories, params),
-        DType::F16 => run::<half::f16>(real, masked, b, turns, trajectories, params),
-        DType::BF16 => run::<half::bf16>(real, masked, b, turns, trajectories, params),
+        DType::F32 => run::<f32>(real, masked, b, turns, trajectories, credit_start, params),
+        DType::F16 => run::<half::f16>(real, masked, b, turns, trajectories, credit_start, params),
+        DType::BF16 => run::<half::bf16>(real, masked, b, turns, trajectories, credit_start, params),
         other => panic!("no logits of {other:?}"),
     }
 }
@@ -347,16 +371,16 @@ fn batch_layout_errors_are_the_crate_errors() {
     let mut offsets = b.turn_offsets.clone();
     *offsets.last_mut().unwrap() += 1;
     let turns = Turns { offsets: &offsets, trajectory: &b.turn_trajectory, credit_tokens: &b.turn_credit_tokens };
-    let e = compute(&real, &masked, &targets, turns, None, &p).unwrap_err();
+    let e = compute(&real, &masked, &targets, turns, None, None, &p).unwrap_err();
     assert!(matches!(e, Error::Turns { .. }), "{e}");
     let turns =
         Turns { offsets: &b.turn_offsets, trajectory: &b.turn_trajectory, credit_tokens: &b.turn_credit_tokens };
     let outcome = vec![f64::NAN; b.trajectory_group.len()];
     let trajectories = Trajectories { group: &b.trajectory_group, outcome: &outcome, tokens: &b.trajectory_tokens };
-    let e = compute(&real, &masked, &targets, turns, Some(trajectories), &p).unwrap_err();
+    let e = compute(&real, &masked, &targets, turns, Some(trajectories), None, &p).unwrap_err();
     assert!(matches!(e, Error::Trajectories { .. }), "{e}");
     // The tensors are checked as in `score_rows`.
-    let e = compute(&real, &masked.to_dtype(DType::BF16).unwrap(), &targets, turns, None, &p).unwrap_err();
+    let e = compute(&real, &masked.to_dtype(DType::BF16).unwrap(), &targets, turns, None, None, &p).unwrap_err();
     assert!(matches!(e, Error::DtypeMismatch { .. }), "{e}");
 }
 
@@ -410,9 +434,9 @@ mod on_cuda {
         let traj =
             Trajectories { group: &b.trajectory_group, outcome: &b.trajectory_outcome, tokens: &b.trajectory_tokens };
         let p = Params::default();
-        let want = compute(&real, &masked, &targets, turns, Some(traj), &p).unwrap().to_output().unwrap();
+        let want = compute(&real, &masked, &targets, turns, Some(traj), None, &p).unwrap().to_output().unwrap();
         let g = |t: &Tensor| t.to_device(&gpu()).unwrap();
-        let out = compute(&g(&real), &g(&masked), &g(&targets), turns, Some(traj), &p).unwrap();
+        let out = compute(&g(&real), &g(&masked), &g(&targets), turns, Some(traj), None, &p).unwrap();
         assert!(out.rows.device().is_cuda() && out.turn_info.device().is_cuda());
         let got = out.to_output().unwrap();
         close(&got.rows.kl, &want.rows.kl, "kl");
