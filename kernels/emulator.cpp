@@ -36,6 +36,7 @@ size_t infopo_args_layout(size_t *out, size_t cap) {
         F(turn_bonus), F(traj_advantage), F(traj_gate), F(scalars), F(total_tokens), F(beta),
         F(gate_temperature), F(eps),
         F(scale), F(splits), F(estimator), F(finalize), F(normalize), F(reserved),
+        F(state_out), F(row_stride), F(vocab_start),
     };
 #undef F
     const size_t n = sizeof(v) / sizeof(v[0]);

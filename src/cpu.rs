@@ -154,25 +154,7 @@ pub fn score_row<T: LogitElement>(
     let state = row_state(real, masked, inv_t);
     let a = target as usize;
     let (xa, ya) = (scaled_logit(real[a].to_f32(), inv_t), scaled_logit(masked[a].to_f32(), inv_t));
-    if !state.sum_real.is_finite() {
-        return Err(RowErrorKind::RealNotFinite);
-    }
-    if !state.sum_masked.is_finite() {
-        return Err(RowErrorKind::MaskedNotFinite);
-    }
-    if state.sum_real == 0.0 {
-        return Err(RowErrorKind::RealAllNegInf);
-    }
-    if state.sum_masked == 0.0 {
-        return Err(RowErrorKind::MaskedAllNegInf);
-    }
-    if xa == f64::NEG_INFINITY {
-        return Err(RowErrorKind::RealTargetNegInf);
-    }
-    if ya == f64::NEG_INFINITY {
-        return Err(RowErrorKind::MaskedTargetNegInf);
-    }
-    Ok(state.finish(xa, ya))
+    state.finish_checked(xa, ya)
 }
 
 /// The online state of a whole row, chunk by chunk, on the widest SIMD the CPU has.

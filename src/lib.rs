@@ -36,6 +36,7 @@ pub mod io;
 pub mod logits;
 mod open;
 pub mod params;
+pub mod partial;
 pub mod state;
 pub mod synth;
 pub mod validate;
