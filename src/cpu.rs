@@ -273,6 +273,28 @@ fn row_state_generic<T: LogitElement, F: MulAdd>(real: &[T], masked: &[T], inv_t
     state
 }
 
+/// The online state of logits already scaled into f64 (x = logit / τs, ±∞ for the contract's
+/// fills, see [`crate::state::scaled_logit_f64`]), e.g. chunk logits computed from hidden states
+/// in f64 ([`crate::fused`]): the same chunked two-pass sums as [`row_state`].
+pub fn row_state_scaled(real: &[f64], masked: &[f64]) -> RowState {
+    let mut state = RowState::EMPTY;
+    let mut xs = [f64::NEG_INFINITY; CHUNK];
+    let mut ys = [f64::NEG_INFINITY; CHUNK];
+    for (cx, cy) in real.chunks(CHUNK).zip(masked.chunks(CHUNK)) {
+        let n = cx.len();
+        let padded = n.next_multiple_of(LANES);
+        xs[..n].copy_from_slice(cx);
+        ys[..n].copy_from_slice(cy);
+        // The tail padded with −∞ (which contributes nothing); NaN stays out of the maxima.
+        xs[n..padded].fill(f64::NEG_INFINITY);
+        ys[n..padded].fill(f64::NEG_INFINITY);
+        let max_of = |v: &[f64]| v.iter().fold(f64::MIN, |m, &x| if x > m { x } else { m });
+        let chunk = chunk_sums::<Unfused>(&xs[..padded], &ys[..padded], max_of(cx), max_of(cy));
+        state = state.merge(&chunk);
+    }
+    state
+}
+
 /// Pass 2, in L1: the chunk's sums relative to its maxima.
 #[inline(always)]
 fn chunk_sums<F: MulAdd>(xs: &[f64], ys: &[f64], max_real: f64, max_masked: f64) -> RowState {

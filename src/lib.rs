@@ -32,6 +32,7 @@ pub mod batch;
 pub mod cpu;
 pub mod epilogue;
 pub mod error;
+pub mod fused;
 pub mod io;
 pub mod logits;
 mod open;

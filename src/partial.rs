@@ -21,7 +21,7 @@
 //! of the merge and finalisation math, and merging adds no f32 rounding to the kernels' own.
 
 use crate::batch::RowOutputs;
-use crate::cpu::{row_state, to_outputs};
+use crate::cpu::{row_state, row_state_scaled, to_outputs};
 use crate::error::{Error, Result, RowErrorKind};
 use crate::logits::{LogitData, LogitElement, Logits};
 use crate::params::Params;
@@ -186,6 +186,38 @@ impl RangeStates {
         Ok(RangeStates { range, values })
     }
 
+    /// The states of `[rows, range.len]` logits already scaled into f64 (x = logit / τs, see
+    /// [`crate::state::scaled_logit_f64`]), e.g. one chunk of logits computed from hidden states.
+    pub fn from_scaled_logits(range: VocabRange, real: &[f64], masked: &[f64], targets: &[i64]) -> Result<Self> {
+        if real.len() != targets.len() * range.len || masked.len() != real.len() {
+            return Err(Error::shape(format!(
+                "chunk logits of {} and {} values are not {} rows of {}",
+                real.len(),
+                masked.len(),
+                targets.len(),
+                range.len
+            )));
+        }
+        let mut values = vec![0.0; targets.len() * RANGE_STATE_FIELDS];
+        values.par_chunks_mut(RANGE_STATE_FIELDS).zip(targets.par_iter()).enumerate().for_each(|(r, (out, &t))| {
+            let cols = r * range.len..(r + 1) * range.len;
+            let (x, y) = (&real[cols.clone()], &masked[cols]);
+            let s = row_state_scaled(x, y);
+            let (xa, ya) = range.column_of(t).map_or((f64::NAN, f64::NAN), |c| (x[c], y[c]));
+            out.copy_from_slice(&[
+                s.max_real,
+                s.sum_real,
+                s.max_masked,
+                s.sum_masked,
+                s.sum_diff,
+                s.sum_centered,
+                xa,
+                ya,
+            ]);
+        });
+        Ok(RangeStates { range, values })
+    }
+
     pub fn range(&self) -> VocabRange {
         self.range
     }
@@ -256,54 +288,105 @@ fn range_values<T: LogitElement>(
 }
 
 /// Merges the states of ranges that tile `[0, vocab)` (in any order; empty ranges allowed) into
-/// every row's values, folding the ranges in vocabulary order. Errors: ranges that overlap, leave
-/// a gap or do not end at `vocab`, or row counts that differ from `targets` (shape errors); else
-/// the lowest failing row's error, exactly as the unsplit path reports it (contract §2).
+/// every row's values, folding the ranges in vocabulary order ([`RangeFold`]). Errors: ranges
+/// that overlap, leave a gap or do not end at `vocab`, or row counts that differ from `targets`
+/// (shape errors); else the lowest failing row's error, exactly as the unsplit path reports it
+/// (contract §2).
 pub fn merge(parts: &[RangeStates], targets: &[i64], vocab: usize) -> Result<Vec<RowValues>> {
-    if vocab == 0 {
-        return Err(Error::EmptyVocab);
-    }
     let mut order: Vec<&RangeStates> = parts.iter().collect();
     order.sort_by_key(|p| (p.range.start, p.range.len));
-    let mut end = 0usize;
-    for p in &order {
-        if p.range.start != end {
+    let mut fold = RangeFold::new(targets.len());
+    for p in order {
+        fold.push(p, targets)?;
+    }
+    fold.finish(targets, vocab)
+}
+
+/// Row states folded range by range, in vocabulary order: each pushed range must start where
+/// the previous one ended. [`merge`] sorts and folds; a chunked producer ([`crate::fused`])
+/// folds each chunk as it is computed and drops it.
+#[derive(Debug, Clone)]
+pub struct RangeFold {
+    states: Vec<RowState>,
+    target_logits: Vec<(f64, f64)>,
+    covered: usize,
+}
+
+impl RangeFold {
+    /// Nothing folded yet, for `rows` rows.
+    pub fn new(rows: usize) -> Self {
+        RangeFold { states: vec![RowState::EMPTY; rows], target_logits: vec![(f64::NAN, f64::NAN); rows], covered: 0 }
+    }
+
+    /// Token ids `[0, covered)` folded so far.
+    pub fn covered(&self) -> usize {
+        self.covered
+    }
+
+    /// Folds the next range (it must start at [`RangeFold::covered`]).
+    pub fn push(&mut self, part: &RangeStates, targets: &[i64]) -> Result<()> {
+        if part.range.start != self.covered {
             return Err(Error::shape(format!(
-                "vocabulary ranges must tile [0, {vocab}): range {}..{} follows {end}",
-                p.range.start,
-                p.range.end()
+                "vocabulary ranges must tile [0, V) in order: range {}..{} follows {}",
+                part.range.start,
+                part.range.end(),
+                self.covered
             )));
         }
-        if p.rows() != targets.len() {
+        if part.rows() != self.states.len() || targets.len() != self.states.len() {
             return Err(Error::shape(format!(
-                "range {}..{} holds {} rows, {} targets given",
-                p.range.start,
-                p.range.end(),
-                p.rows(),
+                "range {}..{} holds {} rows, {} targets given, {} rows folded",
+                part.range.start,
+                part.range.end(),
+                part.rows(),
+                targets.len(),
+                self.states.len()
+            )));
+        }
+        let range = part.range;
+        self.states.par_iter_mut().zip(self.target_logits.par_iter_mut()).enumerate().for_each(
+            |(row, (state, target))| {
+                *state = state.merge(&part.state(row));
+                if range.column_of(targets[row]).is_some() {
+                    *target = part.target_logits(row);
+                }
+            },
+        );
+        self.covered = range.end();
+        Ok(())
+    }
+
+    /// Every row's values once `[0, vocab)` is covered, or the lowest failing row's error.
+    pub fn finish(self, targets: &[i64], vocab: usize) -> Result<Vec<RowValues>> {
+        if vocab == 0 {
+            return Err(Error::EmptyVocab);
+        }
+        if self.covered != vocab || targets.len() != self.states.len() {
+            return Err(Error::shape(format!(
+                "vocabulary ranges cover [0, {}) of {} rows, not [0, {vocab}) of {} rows",
+                self.covered,
+                self.states.len(),
                 targets.len()
             )));
         }
-        end = p.range.end();
+        let results: Vec<std::result::Result<RowValues, RowErrorKind>> = self
+            .states
+            .par_iter()
+            .zip(self.target_logits.par_iter())
+            .zip(targets.par_iter())
+            .map(|((state, &(xa, ya)), &target)| {
+                if !(0..vocab as i64).contains(&target) {
+                    return Err(RowErrorKind::TargetOutOfRange);
+                }
+                state.finish_checked(xa, ya)
+            })
+            .collect();
+        results
+            .into_iter()
+            .enumerate()
+            .map(|(row, r)| r.map_err(|kind| Error::Row { row, kind, target: Some(targets[row]) }))
+            .collect()
     }
-    if end != vocab {
-        return Err(Error::shape(format!("vocabulary ranges cover [0, {end}), not [0, {vocab})")));
-    }
-    let results: Vec<std::result::Result<RowValues, RowErrorKind>> = (0..targets.len())
-        .into_par_iter()
-        .map(|row| {
-            let target = targets[row];
-            let holder = order.iter().find(|p| p.range.column_of(target).is_some());
-            let Some(holder) = holder else { return Err(RowErrorKind::TargetOutOfRange) };
-            let state = order.iter().fold(RowState::EMPTY, |s, p| s.merge(&p.state(row)));
-            let (xa, ya) = holder.target_logits(row);
-            state.finish_checked(xa, ya)
-        })
-        .collect();
-    results
-        .into_iter()
-        .enumerate()
-        .map(|(row, r)| r.map_err(|kind| Error::Row { row, kind, target: Some(targets[row]) }))
-        .collect()
 }
 
 /// [`merge`], rounded to the f32 row outputs of the unsplit path.

@@ -16,7 +16,12 @@ pub const POS_LIMIT: f64 = 1_267_650_600_228_229_401_496_703_205_376.0; // 2^100
 /// beyond ±2^100, NaN unchanged.
 #[inline(always)]
 pub fn scaled_logit(raw: f32, inv_t: f64) -> f64 {
-    let x = raw as f64;
+    scaled_logit_f64(raw as f64, inv_t)
+}
+
+/// [`scaled_logit`] of a logit computed in f64 (e.g. a hidden state times the lm_head).
+#[inline(always)]
+pub fn scaled_logit_f64(x: f64, inv_t: f64) -> f64 {
     if x <= NEG_LIMIT {
         f64::NEG_INFINITY
     } else if x >= POS_LIMIT {
