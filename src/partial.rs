@@ -13,7 +13,7 @@
 //! - [`score_range`] (CPU): float64, natural-log units, through the same [`RowState`] and row
 //!   pass ([`crate::cpu::row_state`]) as the unsplit reference;
 //! - the kernel in partial-state mode (`state_out` in `kernels/args.h`; emulated here by
-//!   [`emulated_range_states`]): `[N, 8]` f32 in the kernel's units (raw maxima, base-2 sums),
+//!   `emulated_range_states`, feature `emulator`): `[N, 8]` f32 in the kernel's units (raw maxima, base-2 sums),
 //!   turned into a [`RangeStates`] by [`RangeStates::from_kernel`].
 //!
 //! The merge is float64: the kernel's f32 states are converted exactly (a raw maximum × 1/τs, a
@@ -46,7 +46,8 @@ impl VocabRange {
 
     /// One past the last token id.
     pub fn end(&self) -> usize {
-        self.start + self.len
+        // Saturating: a range past usize::MAX can only fail the tiling checks, never wrap.
+        self.start.saturating_add(self.len)
     }
 
     /// The column of `target` in this range, if it falls in it.

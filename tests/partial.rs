@@ -270,6 +270,18 @@ fn emulated_kernel_shards_merge_to_the_oracle() {
             assert!(out.log_ratio.iter().all(|&l| l == 0.0), "peaked V={v} p={p}: {:?}", out.log_ratio);
         }
     }
+    // Uneven ranges (empty ones included: no launch, the empty state) in a random order.
+    let mut rng = StdRng::seed_from_u64(12);
+    let (n, v) = (3usize, 3000usize);
+    let (r, m, t) = generate(&Spec { neg_inf: 0.1, ..Spec::new(n, v) }, 4);
+    for p in [2usize, 5, 9] {
+        let mut ranges = uneven_ranges(v, p, &mut rng);
+        ranges.insert(p / 2, VocabRange::new(ranges[p / 2].start, 0));
+        let mut parts = kernel_shards((&r[..], &m[..], &t[..]), v, &ranges, 0.8);
+        parts.shuffle(&mut rng);
+        let out = merge_outputs(&parts, &t, v).unwrap();
+        compare_rows(&out, &to_f64(&r), &to_f64(&m), &t, v, 0.8, &format!("uneven p={p}"));
+    }
     // Mask fills: a shard whose real (or masked) side is all fills, and a fill where the real
     // token has mass (kl = +∞ whichever shard holds it).
     let (n, v) = (4usize, 64usize);
