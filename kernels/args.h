@@ -20,6 +20,7 @@
 
 #define INFOPO_STATE_FLOATS 6 /* floats per partial row state in `partials` */
 #define INFOPO_ROW_OUTPUTS 5  /* lse_real, lse_masked, log_ratio, kl, entropy_real */
+#define INFOPO_RANGE_STATE_FLOATS 8 /* floats per row in `state_out` (partial-state mode) */
 
 typedef struct InfopoArgs {
     /* ---------------- row pass ---------------- */
@@ -76,6 +77,16 @@ typedef struct InfopoArgs {
     uint32_t finalize;           /* 1 = last launch of the batch: run the group/trajectory epilogue */
     uint32_t normalize;          /* 1 = normalise intrinsic values within each group */
     uint32_t gate_source;        /* 0 = outcome std of the group, 1 = std of its intrinsic pool (0 below 2 tokens); an even count of 4-byte fields keeps sizeof a multiple of 8 */
+
+    /* ---------------- partial-state mode (state_out != NULL; see src/partial.rs) ----------------
+     * The launch scores the vocabulary range [vocab_start, vocab_start + vocab) of every row and
+     * writes each row's state instead of finalising it: no row_out, no error word, no turns
+     * (n_turns must be 0). Rows are read at real + r*row_stride (row_stride >= vocab), so one
+     * column range of wider rows (a padded shard, or columns v0.. of the full logits with the
+     * pointers offset by v0) is scored in place. */
+    float *state_out;            /* [n_rows * 8] out: max_real (raw), sum_real, max_masked (raw), sum_masked, sum_diff, sum_centered (base 2, kernels/state.cuh), then the raw target logits x_a, y_a when vocab_start <= target < vocab_start + vocab, else NaN */
+    int64_t row_stride;          /* elements between the starts of consecutive rows; 0 = vocab */
+    int64_t vocab_start;         /* global token id of column 0 (targets are global ids) */
 } InfopoArgs;
 
 #endif

@@ -116,6 +116,7 @@ size_t infopo_args_layout(size_t *out, size_t cap) {
         F(gate_temperature), F(eps),
         F(turn_credit_start), F(trajectory_token_offsets), F(token_advantage),
         F(scale), F(splits), F(estimator), F(finalize), F(normalize), F(gate_source),
+        F(state_out), F(row_stride), F(vocab_start),
     };
 #undef F
     const size_t n = sizeof(v) / sizeof(v[0]);

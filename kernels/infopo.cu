@@ -24,7 +24,7 @@
 
 #define INFOPO_MAX_THREADS 256
 // 3 resident blocks of 256 threads per SM: a budget of 85 registers (65536 / 768); ptxas uses 76
-// (bf16), 76 (f16) and 70 (f32) on sm_90, at most 79 on sm_80..89 (scripts/kernel-report), no
+// (bf16), 80 (f16) and 72 (f32) on sm_90, at most 79 on sm_80..89 (scripts/kernel-report), no
 // spills;
 // 768 threads x 4 x 16-byte loads keep ~48 KiB in flight per SM.
 #define INFOPO_MIN_BLOCKS 3
@@ -152,8 +152,9 @@ template <typename T>
 __device__ __forceinline__ RowState row_chunk(const InfopoArgs &a, int64_t row, int64_t split) {
     const int64_t V = a.vocab, S = a.splits;
     const float scale = a.scale;
-    const T *__restrict__ xr = static_cast<const T *>(a.real) + row * V;
-    const T *__restrict__ yr = static_cast<const T *>(a.masked) + row * V;
+    const int64_t stride = a.row_stride ? a.row_stride : V; // partial-state mode: a column range
+    const T *__restrict__ xr = static_cast<const T *>(a.real) + row * stride;
+    const T *__restrict__ yr = static_cast<const T *>(a.masked) + row * stride;
     RowState s = state_empty();
 
     const unsigned d = (unsigned)(((uintptr_t)xr ^ (uintptr_t)yr) & 15u);
@@ -368,6 +369,24 @@ __device__ __forceinline__ void epilogue(const InfopoArgs &a, Moments *scratch) 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Partial-state mode: the complete state of a row over this launch's vocabulary range, and the
+// raw target logits when the target falls in the range (NaN otherwise: the host merge, which
+// knows every range, reads them from the range that holds the target and decides row errors).
+
+template <typename T>
+__device__ __forceinline__ void write_range_state(const InfopoArgs &a, int64_t row, const RowState &s) {
+    const int64_t stride = a.row_stride ? a.row_stride : a.vocab;
+    const int64_t col = a.targets[row] - a.vocab_start;
+    const bool here = col >= 0 && col < a.vocab;
+    const float nan = __uint_as_float(0x7fc00000u);
+    const float xa = here ? Elem<T>::load(static_cast<const T *>(a.real) + row * stride + col) : nan;
+    const float ya = here ? Elem<T>::load(static_cast<const T *>(a.masked) + row * stride + col) : nan;
+    float *o = a.state_out + row * INFOPO_RANGE_STATE_FLOATS;
+    o[0] = s.max_real; o[1] = s.sum_real; o[2] = s.max_masked; o[3] = s.sum_masked;
+    o[4] = s.sum_diff; o[5] = s.sum_centered; o[6] = xa; o[7] = ya;
+}
+
+// ---------------------------------------------------------------------------------------------
 // The kernel.
 
 template <typename T>
@@ -418,6 +437,11 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
                 }
                 s = state_warp_merge(m, a.scale);
             }
+        }
+
+        if (a.state_out != nullptr) { // partial-state mode: the row's state, not its values
+            if (row_done && threadIdx.x == 0) write_range_state<T>(a, row, s);
+            continue; // no turns in this mode (the host ensures n_turns == 0)
         }
 
         if (row_done && threadIdx.x == 0) {

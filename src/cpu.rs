@@ -164,25 +164,7 @@ pub fn score_row<T: LogitElement>(
     let state = row_state(real, masked, inv_t);
     let a = target as usize;
     let (xa, ya) = (scaled_logit(real[a].to_f32(), inv_t), scaled_logit(masked[a].to_f32(), inv_t));
-    if !state.sum_real.is_finite() {
-        return Err(RowErrorKind::RealNotFinite);
-    }
-    if !state.sum_masked.is_finite() {
-        return Err(RowErrorKind::MaskedNotFinite);
-    }
-    if state.sum_real == 0.0 {
-        return Err(RowErrorKind::RealAllNegInf);
-    }
-    if state.sum_masked == 0.0 {
-        return Err(RowErrorKind::MaskedAllNegInf);
-    }
-    if xa == f64::NEG_INFINITY {
-        return Err(RowErrorKind::RealTargetNegInf);
-    }
-    if ya == f64::NEG_INFINITY {
-        return Err(RowErrorKind::MaskedTargetNegInf);
-    }
-    Ok(state.finish(xa, ya))
+    state.finish_checked(xa, ya)
 }
 
 /// The online state of a whole row, chunk by chunk, on the widest SIMD the CPU has.
@@ -296,6 +278,28 @@ fn row_state_generic<T: LogitElement, F: MulAdd>(real: &[T], masked: &[T], inv_t
         let max_real = mx.iter().fold(f64::MIN, |a, &b| a.max(b));
         let max_masked = my.iter().fold(f64::MIN, |a, &b| a.max(b));
         let chunk = chunk_sums::<F>(&xs[..padded], &ys[..padded], max_real, max_masked);
+        state = state.merge(&chunk);
+    }
+    state
+}
+
+/// The online state of logits already scaled into f64 (x = logit / τs, ±∞ for the contract's
+/// fills, see [`crate::state::scaled_logit_f64`]), e.g. chunk logits computed from hidden states
+/// in f64 ([`crate::fused`]): the same chunked two-pass sums as [`row_state`].
+pub fn row_state_scaled(real: &[f64], masked: &[f64]) -> RowState {
+    let mut state = RowState::EMPTY;
+    let mut xs = [f64::NEG_INFINITY; CHUNK];
+    let mut ys = [f64::NEG_INFINITY; CHUNK];
+    for (cx, cy) in real.chunks(CHUNK).zip(masked.chunks(CHUNK)) {
+        let n = cx.len();
+        let padded = n.next_multiple_of(LANES);
+        xs[..n].copy_from_slice(cx);
+        ys[..n].copy_from_slice(cy);
+        // The tail padded with −∞ (which contributes nothing); NaN stays out of the maxima.
+        xs[n..padded].fill(f64::NEG_INFINITY);
+        ys[n..padded].fill(f64::NEG_INFINITY);
+        let max_of = |v: &[f64]| v.iter().fold(f64::MIN, |m, &x| if x > m { x } else { m });
+        let chunk = chunk_sums::<Unfused>(&xs[..padded], &ys[..padded], max_of(cx), max_of(cy));
         state = state.merge(&chunk);
     }
     state

@@ -46,6 +46,26 @@ extern "C" {
     fn infopo_emulate_flushes_subnormals() -> i32;
 }
 
+/// Runs one launch of the kernel entry point of `dtype` with `shape`, serially (one block at a
+/// time), as [`crate::partial`]'s partial-state mode does.
+///
+/// # Safety
+/// Every pointer of `args` must be valid for the sizes `kernels/args.h` states for the launch.
+pub(crate) unsafe fn launch_serial(args: &KernelArgs, dtype: Dtype, shape: &LaunchShape) {
+    let opt = Emulation { blocks_at_once: 1, reserved: 0, seed: 0 };
+    launch_with(args, dtype, shape, &opt)
+}
+
+/// # Safety
+/// As [`launch_serial`]; the call returns after the emulated grid has finished.
+unsafe fn launch_with(args: &KernelArgs, dtype: Dtype, shape: &LaunchShape, opt: &Emulation) {
+    match dtype {
+        Dtype::F32 => infopo_emulate_f32(args, shape.grid, shape.threads, opt),
+        Dtype::F16 => infopo_emulate_f16(args, shape.grid, shape.threads, opt),
+        Dtype::BF16 => infopo_emulate_bf16(args, shape.grid, shape.threads, opt),
+    }
+}
+
 /// SMs of the emulated device (an H100 SXM).
 pub const EMULATED_SM_COUNT: u32 = 132;
 
@@ -230,13 +250,7 @@ impl Emulated {
             };
             // SAFETY: every pointer is valid for the sizes documented in kernels/args.h for
             // this launch; the call returns after the emulated grid has finished.
-            unsafe {
-                match dtype {
-                    Dtype::F32 => infopo_emulate_f32(&a, shape.grid, shape.threads, &opt),
-                    Dtype::F16 => infopo_emulate_f16(&a, shape.grid, shape.threads, &opt),
-                    Dtype::BF16 => infopo_emulate_bf16(&a, shape.grid, shape.threads, &opt),
-                }
-            }
+            unsafe { launch_with(&a, dtype, &shape, &opt) }
             debug_assert!(tickets.grid == 0 && tickets.rows.iter().all(|&x| x == 0), "tickets not self-cleaned");
             if let Some(fault @ launch::KernelFault::Row { .. }) = launch::decode_error_word(error_word)? {
                 return Err(fault.into_error(Some(batch.targets), None));

@@ -88,6 +88,14 @@ pub struct KernelArgs {
     pub finalize: u32,
     pub normalize: u32,
     pub gate_source: u32,
+
+    /// Partial-state mode ([`crate::partial`]): non-null = write `n_rows` ×
+    /// [`RANGE_STATE_FLOATS`] f32 states instead of the row outputs.
+    pub state_out: *mut f32,
+    /// Elements between consecutive rows of `real` / `masked`; 0 = `vocab`.
+    pub row_stride: i64,
+    /// Global token id of column 0 (partial-state mode).
+    pub vocab_start: i64,
 }
 
 impl Default for KernelArgs {
@@ -139,6 +147,9 @@ impl Default for KernelArgs {
             finalize: 0,
             normalize: 0,
             gate_source: 0,
+            state_out: ptr::null_mut(),
+            row_stride: 0,
+            vocab_start: 0,
         }
     }
 }
@@ -202,6 +213,8 @@ pub static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/infopo.fatb
 
 /// Row-state floats per partial in `partials`.
 pub const STATE_FLOATS: usize = 6;
+/// f32 per row of `state_out` in partial-state mode (`INFOPO_RANGE_STATE_FLOATS`).
+pub const RANGE_STATE_FLOATS: usize = 8;
 /// Row outputs per row in `row_out`.
 pub const ROW_OUTPUTS: usize = 5;
 /// Largest block the kernel is compiled for (`__launch_bounds__`).
@@ -411,6 +424,9 @@ mod tests {
             offset_of!(KernelArgs, finalize),
             offset_of!(KernelArgs, normalize),
             offset_of!(KernelArgs, gate_source),
+            offset_of!(KernelArgs, state_out),
+            offset_of!(KernelArgs, row_stride),
+            offset_of!(KernelArgs, vocab_start),
         ];
         assert_eq!(&c[..n], &rust[..]);
     }

@@ -5,6 +5,8 @@
 //! one can emit) makes `sum_diff` +∞, whatever its weight e^x̂ (which may underflow to 0), and
 //! +∞ is sticky through every merge: `kl` = +∞ however the row is split.
 
+use crate::error::RowErrorKind;
+
 /// Raw logits at or below this count as −∞ (mask fills such as `finfo(bf16/f32).min`), contract §2.
 pub const NEG_LIMIT: f64 = -1_267_650_600_228_229_401_496_703_205_376.0; // −2^100
 /// Raw logits at or above this count as +∞ (a row error), contract §2.
@@ -14,7 +16,12 @@ pub const POS_LIMIT: f64 = 1_267_650_600_228_229_401_496_703_205_376.0; // 2^100
 /// beyond ±2^100, NaN unchanged.
 #[inline(always)]
 pub fn scaled_logit(raw: f32, inv_t: f64) -> f64 {
-    let x = raw as f64;
+    scaled_logit_f64(raw as f64, inv_t)
+}
+
+/// [`scaled_logit`] of a logit computed in f64 (e.g. a hidden state times the lm_head).
+#[inline(always)]
+pub fn scaled_logit_f64(x: f64, inv_t: f64) -> f64 {
     if x <= NEG_LIMIT {
         f64::NEG_INFINITY
     } else if x >= POS_LIMIT {
@@ -133,6 +140,31 @@ impl RowState {
             r.sum_masked += (k.max_masked - max_masked).exp() * k.sum_masked;
         }
         r
+    }
+
+    /// The row's values of a complete row state, or its row error in the contract's order
+    /// after the target range (the caller's): NaN/+∞ real, masked, all −∞ real, masked, −∞
+    /// target real, masked. x_a and y_a are the scaled target logits ([`scaled_logit`]).
+    pub fn finish_checked(&self, x_target: f64, y_target: f64) -> Result<RowValues, RowErrorKind> {
+        if !self.sum_real.is_finite() {
+            return Err(RowErrorKind::RealNotFinite);
+        }
+        if !self.sum_masked.is_finite() {
+            return Err(RowErrorKind::MaskedNotFinite);
+        }
+        if self.sum_real == 0.0 {
+            return Err(RowErrorKind::RealAllNegInf);
+        }
+        if self.sum_masked == 0.0 {
+            return Err(RowErrorKind::MaskedAllNegInf);
+        }
+        if x_target == f64::NEG_INFINITY {
+            return Err(RowErrorKind::RealTargetNegInf);
+        }
+        if y_target == f64::NEG_INFINITY {
+            return Err(RowErrorKind::MaskedTargetNegInf);
+        }
+        Ok(self.finish(x_target, y_target))
     }
 
     /// The row's values given the scaled target logits x_a and y_a (contract §2).

@@ -1,0 +1,131 @@
+//! The fused CPU path (`infopo_kernels::fused`): hidden states and the lm_head weight, logits
+//! computed in f64 chunk by chunk and never stored, against the naive oracle on the logits
+//! materialised in f64 here (a plain dot product per logit).
+
+mod common;
+
+use common::{close, oracle_code, oracle_row};
+use half::{bf16, f16};
+use infopo_kernels::fused::{score_hidden, HiddenInputs, DEFAULT_CHUNK};
+use infopo_kernels::{Error, LogitElement};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+struct Case {
+    real: Vec<f32>,
+    masked: Vec<f32>,
+    head: Vec<f32>,
+    targets: Vec<i64>,
+    n: usize,
+    d: usize,
+    v: usize,
+}
+
+/// Hidden states ~ ±1, lm_head rows ~ ±3/√D (logits of a few units); the masked hidden state is
+/// the real one perturbed, as a masked feedback would.
+fn case(n: usize, d: usize, v: usize, seed: u64) -> Case {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let real: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let masked: Vec<f32> = real.iter().map(|&h| h + rng.gen_range(-0.3f32..0.3)).collect();
+    let s = 3.0 / (d as f32).sqrt();
+    let head: Vec<f32> = (0..v * d).map(|_| rng.gen_range(-s..s)).collect();
+    let targets = (0..n).map(|_| rng.gen_range(0..v) as i64).collect();
+    Case { real, masked, head, targets, n, d, v }
+}
+
+/// Row `r` of hidden · headᵀ in f64, from the values as rounded to T.
+fn logits_row<T: LogitElement>(hidden: &[T], head: &[T], r: usize, d: usize, v: usize) -> Vec<f64> {
+    let h: Vec<f64> = hidden[r * d..(r + 1) * d].iter().map(|x| x.to_f32() as f64).collect();
+    (0..v).map(|j| head[j * d..(j + 1) * d].iter().zip(&h).map(|(w, h)| w.to_f32() as f64 * h).sum::<f64>()).collect()
+}
+
+fn check<T: LogitElement>(c: &Case, temperature: f64, chunk: usize) {
+    let conv = |x: &[f32]| x.iter().map(|&e| T::from_f32(e)).collect::<Vec<T>>();
+    let (real, masked, head) = (conv(&c.real), conv(&c.masked), conv(&c.head));
+    let inputs =
+        HiddenInputs { real_hidden: &real, masked_hidden: &masked, lm_head: &head, rows: c.n, hidden: c.d, vocab: c.v };
+    let got = score_hidden(&inputs, &c.targets, temperature, chunk).unwrap();
+    for (r, g) in got.iter().enumerate() {
+        let (x, y) = (logits_row(&real, &head, r, c.d, c.v), logits_row(&masked, &head, r, c.d, c.v));
+        let o = oracle_row(&x, &y, c.targets[r] as usize, temperature);
+        let what = format!("{} N={} D={} V={} chunk={chunk} τs={temperature} row {r}", T::DTYPE, c.n, c.d, c.v);
+        for (name, a, b) in [
+            ("lse_real", g.lse_real, o.lse_real),
+            ("lse_masked", g.lse_masked, o.lse_masked),
+            ("log_ratio", g.log_ratio, o.log_ratio),
+            ("kl", g.kl, o.kl),
+            ("entropy_real", g.entropy_real, o.entropy_real),
+        ] {
+            assert!(close(a, b, 1e-10, 1e-10), "{what} {name}: fused {a}, materialised {b}");
+        }
+    }
+}
+
+#[test]
+fn fused_matches_the_materialised_f64_path() {
+    for &(n, d, v) in &[(3usize, 16usize, 50257usize), (2, 24, 32003)] {
+        let c = case(n, d, v, (n + d + v) as u64);
+        for chunk in [DEFAULT_CHUNK, 1000, v, v + 7] {
+            check::<f32>(&c, 1.0, chunk);
+        }
+        check::<bf16>(&c, 0.7, 4096);
+        check::<f16>(&c, 2.0, 3000);
+    }
+    // Tiny chunks (one token id each) on a small vocabulary.
+    let c = case(4, 8, 97, 5);
+    for chunk in [1, 2, 13] {
+        check::<f32>(&c, 1.0, chunk);
+    }
+}
+
+#[test]
+fn fused_row_errors_match_the_materialised_path() {
+    let mut c = case(4, 8, 300, 1);
+    c.targets[2] = 300; // out of range
+    c.real[3 * 8 + 5] = f32::NAN; // every real logit of row 3 NaN
+    let inputs = HiddenInputs {
+        real_hidden: &c.real,
+        masked_hidden: &c.masked,
+        lm_head: &c.head,
+        rows: c.n,
+        hidden: c.d,
+        vocab: c.v,
+    };
+    let got = score_hidden(&inputs, &c.targets, 1.0, 64);
+    let want = (0..c.n).find_map(|r| {
+        let x = logits_row(&c.real, &c.head, r, c.d, c.v);
+        let y = logits_row(&c.masked, &c.head, r, c.d, c.v);
+        oracle_code(&x, &y, c.targets[r]).map(|k| (r, k))
+    });
+    match (got, want) {
+        (Err(Error::Row { row, kind, target }), Some((r, k))) => {
+            assert_eq!((row, kind, target), (r, k, Some(c.targets[r])));
+        }
+        (g, w) => panic!("fused {g:?}, oracle {w:?}"),
+    }
+}
+
+#[test]
+fn fused_bad_shapes_are_typed_errors() {
+    let c = case(2, 4, 10, 2);
+    let ok = HiddenInputs {
+        real_hidden: &c.real,
+        masked_hidden: &c.masked,
+        lm_head: &c.head,
+        rows: c.n,
+        hidden: c.d,
+        vocab: c.v,
+    };
+    assert!(score_hidden(&ok, &c.targets, 1.0, 3).is_ok());
+    let shape = |r: infopo_kernels::Result<_>| matches!(r, Err(Error::Shape { .. }));
+    assert!(shape(score_hidden(&HiddenInputs { hidden: 5, ..ok }, &c.targets, 1.0, 3)));
+    assert!(shape(score_hidden(&HiddenInputs { lm_head: &c.head[..36], ..ok }, &c.targets, 1.0, 3)));
+    assert!(shape(score_hidden(&HiddenInputs { masked_hidden: &c.masked[..4], ..ok }, &c.targets, 1.0, 3)));
+    assert!(shape(score_hidden(&ok, &c.targets[..1], 1.0, 3)));
+    assert!(shape(score_hidden(&ok, &c.targets, 1.0, 0)));
+    assert!(matches!(
+        score_hidden(&HiddenInputs { vocab: 0, lm_head: &[], ..ok }, &c.targets, 1.0, 3),
+        Err(Error::EmptyVocab)
+    ));
+    assert!(matches!(score_hidden(&ok, &c.targets, 1e4, 3), Err(Error::Param { .. })));
+}
