@@ -24,7 +24,7 @@
 
 #define INFOPO_MAX_THREADS 256
 // 3 resident blocks of 256 threads per SM: a budget of 85 registers (65536 / 768); ptxas uses 76
-// (bf16), 80 (f16) and 72 (f32) on sm_90, at most 79 on sm_80..89 (scripts/kernel-report), no
+// (bf16), 79 (f16) and 72 (f32) on sm_90, at most 79 on sm_80..89 (scripts/kernel-report), no
 // spills;
 // 768 threads x 4 x 16-byte loads keep ~48 KiB in flight per SM.
 #define INFOPO_MIN_BLOCKS 3
