@@ -484,7 +484,7 @@ struct Args {
     #[arg(long, default_value_t = LEARNING_RATE)]
     lr: f64,
     /// Print progress every this many steps.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 100)]
     log_every: usize,
 }
 
@@ -551,4 +551,42 @@ fn run(args: Args) -> AnyResult<()> {
     let after = evaluate(&policy)?;
     println!("success rate {before:.1}% -> {after:.1}%");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_advantages_put_the_outcome_on_every_token_and_each_bonus_on_its_span() {
+        let advantages = Advantages {
+            trajectory_advantage: vec![1.0, -1.0],
+            turn_bonus: vec![0.5, 0.25, -0.125],
+            ..Advantages::default()
+        };
+        // Trajectory 0 (4 tokens): turn 0 credits tokens 0..2. Trajectory 1 (6 tokens): turn 1
+        // credits its tokens 0..2, turn 2 its tokens 2..4; tokens 4..6 get the outcome only.
+        let per_token = token_advantages(&advantages, &[0, 1, 1], &[0, 0, 2], &[2, 2, 2], &[4, 6]);
+        assert_eq!(per_token, [1.5, 1.5, 1.0, 1.0, -0.75, -0.75, -1.125, -1.125, -1.0, -1.0]);
+    }
+
+    #[test]
+    fn the_scripted_user_and_the_grammar() {
+        // Item 2 = 0b10: no attribute 0, attribute 1; every item has the last attribute.
+        assert_eq!(user_reply(2, 0), NO);
+        assert_eq!(user_reply(2, 1), YES);
+        assert_eq!(user_reply(0, ATTRS - 1), YES);
+        let mut episode = Episode::new(2);
+        for token in [ASK, ATTR0 + 1, GUESS, ITEM0 + 2] {
+            assert!(allowed_after(*episode.tokens.last().unwrap()).contains(&token));
+            episode.push_agent_token(token);
+        }
+        assert_eq!(episode.tokens, [BOS, ASK, ATTR0 + 1, YES, GUESS, ITEM0 + 2]);
+        assert!(episode.done);
+        assert_eq!((episode.agent_turns, episode.reward), (2, 1.0));
+        // The reply after turn 0 is followed by turn 1: one scored turn crediting turn 0.
+        let turns = scored_turns(&[episode]);
+        assert_eq!(turns.len(), 1);
+        assert_eq!((turns[0].reply, turns[0].asking_turn), (3, 0));
+    }
 }
