@@ -7,11 +7,12 @@
 //! reward 1 if right, else 0). At most `MAX_AGENT_TURNS` agent turns; running out is a failure.
 //!
 //! The policy is a tiny candle recurrent net (embedding → tanh recurrence → vocabulary logits,
-//! ~4k parameters), on the CPU by default. Each training step samples GRPO groups (G trajectories per hidden item);
-//! for every user reply followed by an agent turn it takes the policy's logits over that next
-//! agent turn's tokens twice — with the real reply in context and with the reply replaced by the
-//! placeholder `MASK` — and hands both to the crate, which returns the outcome advantages and the
-//! per-turn information bonus (log-ratio estimator, group normalisation, variance gate). The bonus
+//! ~4k parameters), on the CPU by default. Each training step samples GRPO groups (G
+//! trajectories per hidden item); for every user reply followed by an agent turn it takes the
+//! policy's logits over that next agent turn's tokens twice — with the real reply in context and
+//! with the reply replaced by the placeholder `MASK` — and hands both, as candle tensors, to
+//! `infopo_kernels::candle::compute`, which returns the outcome advantages and the per-turn
+//! information bonus (log-ratio estimator, group normalisation, variance gate). The bonus
 //! goes to the agent turn that asked the question (its answer is what changed the next turn), the
 //! outcome advantage to every agent token, and the policy takes one AdamW step on
 //! −(Σ advantage · log π(token) + c · Σ entropy) / M over the M agent tokens (c = `--entropy`).
@@ -30,7 +31,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use candle_nn::{Embedding, Linear, Module, Optimizer};
 use clap::Parser;
-use infopo_kernels::{open, Advantages, BackendKind, Batch, Logits, Params, Trajectories, Turns};
+use infopo_kernels::{Params, Trajectories, Turns};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -308,7 +309,8 @@ fn padded_inputs(sequences: impl Iterator<Item = Vec<u32>>, device: &Device) -> 
 /// This is the crate's `token_advantage` output of issue 7 §4 (`turn_credit_start` in, computed in
 /// the kernel's epilogue); when that lands, this function goes and the example reads the output.
 fn token_advantages(
-    advantages: &Advantages,
+    trajectory_advantage: &[f64],
+    turn_bonus: &[f64],
     turn_trajectory: &[u32],
     turn_credit_start: &[u32],
     turn_credit_tokens: &[u32],
@@ -322,12 +324,12 @@ fn token_advantages(
     }
     let mut out = vec![0f64; total];
     for (i, (&first, &tokens)) in first_token.iter().zip(trajectory_tokens).enumerate() {
-        out[first..first + tokens as usize].fill(advantages.trajectory_advantage[i]);
+        out[first..first + tokens as usize].fill(trajectory_advantage[i]);
     }
     for t in 0..turn_trajectory.len() {
         let start = first_token[turn_trajectory[t] as usize] + turn_credit_start[t] as usize;
         for token in &mut out[start..start + turn_credit_tokens[t] as usize] {
-            *token += advantages.turn_bonus[t];
+            *token += turn_bonus[t];
         }
     }
     out.into_iter().map(|a| a as f32).collect()
@@ -346,7 +348,6 @@ struct StepStats {
 fn train_step(
     policy: &Policy,
     optimizer: &mut candle_nn::AdamW,
-    backend: &dyn infopo_kernels::Backend,
     params: &Params,
     entropy_weight: f64,
     items: &[usize],
@@ -359,12 +360,11 @@ fn train_step(
     // The real run: teacher-forced logits of every trajectory (they also give the loss).
     let real_inputs = padded_inputs(episodes.iter().map(|e| e.tokens.clone()), device)?;
     let real_logits = policy.forward(&real_inputs)?;
-    let real_host = real_logits.detach().flatten_all()?.to_vec1::<f32>()?;
 
     // The masked run: for each scored turn, its trajectory with that reply replaced by MASK.
     let turns = scored_turns(&episodes);
-    let masked_host = if turns.is_empty() {
-        Vec::new()
+    let masked_logits = if turns.is_empty() {
+        Tensor::zeros((0, MAX_INPUTS, VOCAB), DType::F32, device)? // every game ended at its first turn
     } else {
         let masked_inputs = padded_inputs(
             turns.iter().map(|t| {
@@ -374,24 +374,29 @@ fn train_step(
             }),
             device,
         )?;
-        policy.forward(&masked_inputs)?.detach().flatten_all()?.to_vec1::<f32>()?
+        policy.forward(&masked_inputs)?
     };
 
-    // Rows of the next agent turn (input positions reply, reply + 1 predict its two tokens).
-    let row = |logits: &[f32], sequence: usize, position: usize| {
-        let start = (sequence * MAX_INPUTS + position) * VOCAB;
-        logits[start..start + VOCAB].to_vec()
-    };
-    let (mut real, mut masked, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+    // The rows the crate scores: the next agent turn's tokens, predicted at input positions
+    // reply and reply + 1, gathered on the policy's device into [N, VOCAB] tensors.
+    let (mut real_rows, mut masked_rows, mut targets) = (Vec::new(), Vec::new(), Vec::new());
     let mut turn_offsets = vec![0u32];
     for (t, turn) in turns.iter().enumerate() {
         for position in turn.reply..turn.reply + TOKENS_PER_AGENT_TURN {
-            real.extend(row(&real_host, turn.trajectory, position));
-            masked.extend(row(&masked_host, t, position));
-            targets.push(episodes[turn.trajectory].tokens[position + 1] as i64);
+            real_rows.push((turn.trajectory * MAX_INPUTS + position) as u32);
+            masked_rows.push((t * MAX_INPUTS + position) as u32);
+            targets.push(episodes[turn.trajectory].tokens[position + 1]);
         }
         turn_offsets.push(targets.len() as u32);
     }
+    let rows = targets.len();
+    let rows_of = |logits: &Tensor, indices: Vec<u32>| -> candle_core::Result<Tensor> {
+        let flat = logits.detach().reshape(((), VOCAB))?;
+        flat.index_select(&Tensor::from_vec(indices, rows, device)?, 0)
+    };
+    let real = rows_of(&real_logits, real_rows)?;
+    let masked = rows_of(&masked_logits, masked_rows)?;
+    let targets = Tensor::from_vec(targets, rows, device)?;
     let turn_trajectory: Vec<u32> = turns.iter().map(|t| t.trajectory as u32).collect();
     let turn_credit_tokens = vec![TOKENS_PER_AGENT_TURN as u32; turns.len()];
     let turn_credit_start: Vec<u32> = turns.iter().map(|t| (t.asking_turn * TOKENS_PER_AGENT_TURN) as u32).collect();
@@ -400,14 +405,27 @@ fn train_step(
     let outcome: Vec<f64> = episodes.iter().map(|e| e.reward).collect();
     let trajectory_tokens: Vec<u32> = episodes.iter().map(|e| (e.agent_turns * TOKENS_PER_AGENT_TURN) as u32).collect();
 
-    let rows = targets.len();
-    let scored = Batch::rows(Logits::new(&real, rows, VOCAB)?, Logits::new(&masked, rows, VOCAB)?, &targets)
-        .with_turns(Turns { offsets: &turn_offsets, trajectory: &turn_trajectory, credit_tokens: &turn_credit_tokens })
-        .with_trajectories(Trajectories { group: &group, outcome: &outcome, tokens: &trajectory_tokens });
-    let output = backend.compute(&scored, params)?;
+    // candle tensors in, candle tensors out: the CPU reference for CPU tensors, the kernels on
+    // candle's own stream for CUDA tensors.
+    let output = infopo_kernels::candle::compute(
+        &real,
+        &masked,
+        &targets,
+        Turns { offsets: &turn_offsets, trajectory: &turn_trajectory, credit_tokens: &turn_credit_tokens },
+        Some(Trajectories { group: &group, outcome: &outcome, tokens: &trajectory_tokens }),
+        params,
+    )?;
     let advantages = output.advantages.ok_or("the crate returned no advantages for a batch with trajectories")?;
-    let per_token =
-        token_advantages(&advantages, &turn_trajectory, &turn_credit_start, &turn_credit_tokens, &trajectory_tokens);
+    let turn_bonus = advantages.turn_bonus.to_vec1::<f64>()?;
+    let trajectory_advantage = advantages.trajectory_advantage.to_vec1::<f64>()?;
+    let per_token = token_advantages(
+        &trajectory_advantage,
+        &turn_bonus,
+        &turn_trajectory,
+        &turn_credit_start,
+        &turn_credit_tokens,
+        &trajectory_tokens,
+    );
 
     // Token j of trajectory b's response is predicted at input position j / 2 * 3 + j % 2.
     let mut weights = vec![0f32; batch * MAX_INPUTS];
@@ -443,7 +461,7 @@ fn train_step(
     optimizer.backward_step(&loss)?;
 
     let questions: Vec<usize> = episodes.iter().flat_map(|e| e.questions()).collect();
-    let bonuses: Vec<f64> = advantages.turn_bonus.iter().copied().filter(|b| *b != 0.0).collect();
+    let bonuses: Vec<f64> = turn_bonus.into_iter().filter(|b| *b != 0.0).collect();
     Ok(StepStats {
         reward: outcome.iter().sum::<f64>() / batch as f64,
         questions: questions.len() as f64 / batch as f64,
@@ -499,19 +517,18 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> AnyResult<()> {
-    let (device, backend_kind) = match args.device.as_str() {
-        "cpu" => (Device::Cpu, BackendKind::Cpu),
+    let device = match args.device.as_str() {
+        "cpu" => Device::Cpu,
         "cuda" => {
             let device = Device::new_cuda(0).map_err(|e| {
                 format!(
                     "--device cuda: no CUDA device ({e}); build with --features candle,cuda on a machine with a GPU"
                 )
             })?;
-            (device, BackendKind::Cuda)
+            device
         }
         other => return Err(format!("unknown --device `{other}` (expected cpu or cuda)").into()),
     };
-    let backend = open(backend_kind)?;
     let params = Params { beta: args.beta, ..Params::default() };
     params.validate()?;
 
@@ -522,11 +539,10 @@ fn run(args: Args) -> AnyResult<()> {
         candle_nn::AdamW::new(vars, candle_nn::ParamsAdamW { lr: args.lr, weight_decay: 0.0, ..Default::default() })?;
     println!(
         "grpo_candle: {ITEMS} items, {ATTRS} attributes ({INFORMATIVE_ATTRS} informative), ≤ {MAX_AGENT_TURNS} agent turns; \
-         policy {parameters} parameters on {}; {GROUPS_PER_STEP} groups × {GROUP_SIZE} per step; β = {}, seed {}, backend {}",
+         policy {parameters} parameters on {}; {GROUPS_PER_STEP} groups × {GROUP_SIZE} per step; β = {}, seed {}",
         args.device,
         params.beta,
-        args.seed,
-        backend.name()
+        args.seed
     );
 
     let started = Instant::now();
@@ -535,7 +551,7 @@ fn run(args: Args) -> AnyResult<()> {
     for step in 1..=args.steps {
         let items: Vec<usize> =
             (0..GROUPS_PER_STEP).flat_map(|_| std::iter::repeat_n(rng.gen_range(0..ITEMS), GROUP_SIZE)).collect();
-        let stats = train_step(&policy, &mut optimizer, backend.as_ref(), &params, args.entropy, &items, &mut rng)?;
+        let stats = train_step(&policy, &mut optimizer, &params, args.entropy, &items, &mut rng)?;
         if step % args.log_every == 0 || step == args.steps {
             println!(
                 "step {step:5}  reward {:.3}  questions/episode {:.2} ({:3.0}% informative)  bonus on {:3} tokens, mean |bonus| {:.4}  {:.1}s",
@@ -559,15 +575,49 @@ mod tests {
 
     #[test]
     fn token_advantages_put_the_outcome_on_every_token_and_each_bonus_on_its_span() {
-        let advantages = Advantages {
-            trajectory_advantage: vec![1.0, -1.0],
-            turn_bonus: vec![0.5, 0.25, -0.125],
-            ..Advantages::default()
-        };
         // Trajectory 0 (4 tokens): turn 0 credits tokens 0..2. Trajectory 1 (6 tokens): turn 1
         // credits its tokens 0..2, turn 2 its tokens 2..4; tokens 4..6 get the outcome only.
-        let per_token = token_advantages(&advantages, &[0, 1, 1], &[0, 0, 2], &[2, 2, 2], &[4, 6]);
+        let per_token =
+            token_advantages(&[1.0, -1.0], &[0.5, 0.25, -0.125], &[0, 1, 1], &[0, 0, 2], &[2, 2, 2], &[4, 6]);
         assert_eq!(per_token, [1.5, 1.5, 1.0, 1.0, -0.75, -0.75, -1.125, -1.125, -1.0, -1.0]);
+    }
+
+    #[test]
+    fn a_training_step_moves_the_policy() -> AnyResult<()> {
+        let device = Device::Cpu;
+        let mut rng = StdRng::seed_from_u64(7);
+        let (policy, vars) = Policy::new(&mut rng, &device)?;
+        let before: Vec<Vec<f32>> =
+            vars.iter().map(|v| v.flatten_all()?.to_vec1()).collect::<candle_core::Result<_>>()?;
+        // No weight decay and no entropy term: only the advantages from the crate move the weights.
+        let adamw = candle_nn::ParamsAdamW { weight_decay: 0.0, ..Default::default() };
+        let mut optimizer = candle_nn::AdamW::new(vars.clone(), adamw)?;
+        let items: Vec<usize> = (0..ITEMS).flat_map(|item| std::iter::repeat_n(item, GROUP_SIZE)).collect();
+        let stats = train_step(&policy, &mut optimizer, &Params::default(), 0.0, &items, &mut rng)?;
+        assert!((0.0..=1.0).contains(&stats.reward) && stats.mean_abs_bonus.is_finite());
+        for (var, before) in vars.iter().zip(before) {
+            assert_ne!(var.flatten_all()?.to_vec1::<f32>()?, before);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_batch_without_scored_turns_still_gets_outcome_advantages() -> AnyResult<()> {
+        // Every game ended at its first turn: no rows, no turns, only outcomes.
+        let empty = Tensor::zeros((0, VOCAB), DType::F32, &Device::Cpu)?;
+        let targets = Tensor::zeros(0, DType::U32, &Device::Cpu)?;
+        let out = infopo_kernels::candle::compute(
+            &empty,
+            &empty,
+            &targets,
+            Turns { offsets: &[0], trajectory: &[], credit_tokens: &[] },
+            Some(Trajectories { group: &[0, 0], outcome: &[1.0, 0.0], tokens: &[2, 2] }),
+            &Params::default(),
+        )?;
+        let advantages = out.advantages.ok_or("no advantages")?;
+        let outcome = advantages.trajectory_advantage.to_vec1::<f64>()?;
+        assert!(outcome[0] > 0.0 && outcome[1] < 0.0);
+        Ok(())
     }
 
     #[test]
