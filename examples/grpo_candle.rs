@@ -302,39 +302,6 @@ fn padded_inputs(sequences: impl Iterator<Item = Vec<u32>>, device: &Device) -> 
     Tensor::from_vec(flat, (rows, MAX_INPUTS), device)
 }
 
-/// The per-token advantage the loss consumes, `[M]` with M = Σ trajectory_tokens,
-/// trajectory-major: `trajectory_advantage[i]` on every response token of trajectory i, plus
-/// `turn_bonus[t]` on turn t's credited tokens `credit_start[t] .. credit_start[t] + credit_tokens[t]`.
-///
-/// This is the crate's `token_advantage` output of issue 7 §4 (`turn_credit_start` in, computed in
-/// the kernel's epilogue); when that lands, this function goes and the example reads the output.
-fn token_advantages(
-    trajectory_advantage: &[f64],
-    turn_bonus: &[f64],
-    turn_trajectory: &[u32],
-    turn_credit_start: &[u32],
-    turn_credit_tokens: &[u32],
-    trajectory_tokens: &[u32],
-) -> Vec<f32> {
-    let mut first_token = Vec::with_capacity(trajectory_tokens.len());
-    let mut total = 0usize;
-    for &tokens in trajectory_tokens {
-        first_token.push(total);
-        total += tokens as usize;
-    }
-    let mut out = vec![0f64; total];
-    for (i, (&first, &tokens)) in first_token.iter().zip(trajectory_tokens).enumerate() {
-        out[first..first + tokens as usize].fill(trajectory_advantage[i]);
-    }
-    for t in 0..turn_trajectory.len() {
-        let start = first_token[turn_trajectory[t] as usize] + turn_credit_start[t] as usize;
-        for token in &mut out[start..start + turn_credit_tokens[t] as usize] {
-            *token += turn_bonus[t];
-        }
-    }
-    out.into_iter().map(|a| a as f32).collect()
-}
-
 /// What one step measured, for the progress line.
 struct StepStats {
     reward: f64,
@@ -413,19 +380,19 @@ fn train_step(
         &targets,
         Turns { offsets: &turn_offsets, trajectory: &turn_trajectory, credit_tokens: &turn_credit_tokens },
         Some(Trajectories { group: &group, outcome: &outcome, tokens: &trajectory_tokens }),
+        // Each turn's bonus goes to the agent turn that asked the question: its two tokens.
+        Some(&turn_credit_start),
         params,
     )?;
     let advantages = output.advantages.ok_or("the crate returned no advantages for a batch with trajectories")?;
     let turn_bonus = advantages.turn_bonus.to_vec1::<f64>()?;
-    let trajectory_advantage = advantages.trajectory_advantage.to_vec1::<f64>()?;
-    let per_token = token_advantages(
-        &trajectory_advantage,
-        &turn_bonus,
-        &turn_trajectory,
-        &turn_credit_start,
-        &turn_credit_tokens,
-        &trajectory_tokens,
-    );
+    // [M] trajectory-major: the outcome advantage on every response token plus each turn's bonus
+    // on its credited span, as the policy loss consumes it.
+    let per_token: Vec<f32> = advantages
+        .token_advantage
+        .ok_or("credit starts were given, so the crate returns token advantages")?
+        .to_dtype(DType::F32)?
+        .to_vec1()?;
 
     // Token j of trajectory b's response is predicted at input position j / 2 * 3 + j % 2.
     let mut weights = vec![0f32; batch * MAX_INPUTS];
@@ -574,15 +541,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn token_advantages_put_the_outcome_on_every_token_and_each_bonus_on_its_span() {
-        // Trajectory 0 (4 tokens): turn 0 credits tokens 0..2. Trajectory 1 (6 tokens): turn 1
-        // credits its tokens 0..2, turn 2 its tokens 2..4; tokens 4..6 get the outcome only.
-        let per_token =
-            token_advantages(&[1.0, -1.0], &[0.5, 0.25, -0.125], &[0, 1, 1], &[0, 0, 2], &[2, 2, 2], &[4, 6]);
-        assert_eq!(per_token, [1.5, 1.5, 1.0, 1.0, -0.75, -0.75, -1.125, -1.125, -1.0, -1.0]);
-    }
-
-    #[test]
     fn a_training_step_moves_the_policy() -> AnyResult<()> {
         let device = Device::Cpu;
         let mut rng = StdRng::seed_from_u64(7);
@@ -612,6 +570,7 @@ mod tests {
             &targets,
             Turns { offsets: &[0], trajectory: &[], credit_tokens: &[] },
             Some(Trajectories { group: &[0, 0], outcome: &[1.0, 0.0], tokens: &[2, 2] }),
+            Some(&[]),
             &Params::default(),
         )?;
         let advantages = out.advantages.ok_or("no advantages")?;
