@@ -4,7 +4,8 @@
  * `#[repr(C)] struct KernelArgs` (a unit test compares sizeof/offsetof through
  * infopo_args_layout() of the emulator build).
  *
- * Fields are ordered 8-byte first, then 4-byte, so the struct has no interior padding.
+ * Fields are ordered 8-byte first, then an even number of 4-byte ones, then the 8-byte fields of
+ * partial-state mode, so the struct has no interior padding.
  * "global row" = first_row + local row; every turn offset is in global rows.
  *
  * Buffers the host allocates ZEROED ONCE and never clears again (the kernel leaves them zero):
@@ -24,7 +25,7 @@
 
 typedef struct InfopoArgs {
     /* ---------------- row pass ---------------- */
-    const void *real;            /* [n_rows * vocab] logits of the entry point's dtype; row r starts at element r*vocab (any alignment of the element type) */
+    const void *real;            /* [n_rows * vocab] logits of the entry point's dtype; row r starts at element r*row_stride (row_stride = vocab unless set; any alignment of the element type) */
     const void *masked;          /* [n_rows * vocab] same dtype; its alignment may differ from real's */
     const int64_t *targets;      /* [n_rows] realised token ids */
     float *row_out;              /* [5 * n_rows] out: row_out[k*n_rows + r], k = 0 lse_real, 1 lse_masked, 2 log_ratio, 3 kl, 4 entropy_real */

@@ -7,6 +7,9 @@
 // (grid = rows * splits normally; the loop only matters above 2^31 - 1 items).
 // Block: blockDim.x threads, a multiple of 32, at most 256.
 //
+// Partial-state mode (state_out != NULL, src/partial.rs): the same row pass over a vocabulary
+// range of every row (rows row_stride apart), writing each row's state instead of its values.
+//
 // Determinism: every reduction has a fixed shape given (n_rows, vocab, splits, blockDim,
 // row alignment); no float atomics; split partials are merged in split order by the block
 // that draws the last ticket of the row; the epilogue runs in one block in fixed orders.
@@ -399,7 +402,8 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
     // An epilogue-only launch (a final micro-batch with no rows) runs it in block 0; otherwise
     // the block that finalises the last row does, after its loop (it has no items left then:
     // every row, hence every item, is done). One call site keeps the code inlined once.
-    bool run_epilogue = a.n_rows == 0 && blockIdx.x == 0 && a.n_turns > 0;
+    // Partial-state mode never runs it (it has no turns; the host ensures n_turns == 0).
+    bool run_epilogue = a.n_rows == 0 && blockIdx.x == 0 && a.n_turns > 0 && a.state_out == nullptr;
     const int64_t S = a.splits;
     const int64_t items = a.n_rows * S;
     for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
@@ -445,7 +449,7 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
         }
 
         if (row_done && threadIdx.x == 0) {
-            const int64_t V = a.vocab;
+            const int64_t V = a.vocab, stride = a.row_stride ? a.row_stride : V;
             const int64_t target = a.targets[row];
             unsigned code;
             RowValues v;
@@ -453,8 +457,9 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
                 code = INFOPO_ERR_TARGET_OUT_OF_RANGE;
                 v.lse_real = v.lse_masked = v.log_ratio = v.kl = v.entropy_real = __uint_as_float(0x7fc00000u);
             } else {
-                const float xa = Elem<T>::load(static_cast<const T *>(a.real) + row * V + target);
-                const float ya = Elem<T>::load(static_cast<const T *>(a.masked) + row * V + target);
+                // Rows are `stride` apart, as row_chunk reads them.
+                const float xa = Elem<T>::load(static_cast<const T *>(a.real) + row * stride + target);
+                const float ya = Elem<T>::load(static_cast<const T *>(a.masked) + row * stride + target);
                 code = state_finalize(s, xa, ya, a.scale, v);
                 // With trajectories, a non-finite estimator (kl = +inf) would make the turn's
                 // info, and every bonus of the batch, NaN: report it (after any row error).

@@ -29,9 +29,9 @@ pub use cudarc::driver::sys::{CUdeviceptr, CUstream};
 /// The rows of one launch, as device addresses in the backend's CUDA context.
 ///
 /// `real` and `masked` hold `rows` rows of `vocab` logits of `dtype`; row `r` starts at element
-/// `r * row_stride`. **Today `row_stride` must equal `vocab`** (the kernel reads row `r` at
-/// `r * vocab`; a padded stride is refused with [`Error::Shape`] until the kernel takes a
-/// stride argument). `targets` holds `rows` i64 token ids; `row_out` receives `[5 × rows]` f32
+/// `r * row_stride`. **Today `row_stride` must equal `vocab`** (the device API launches row `r`
+/// at `r * vocab`; a padded stride is refused with [`Error::Shape`] until it passes the
+/// kernel's `row_stride` argument, which only partial-state mode uses so far). `targets` holds `rows` i64 token ids; `row_out` receives `[5 × rows]` f32
 /// (`row_out[k * rows + r]`, k = lse_real, lse_masked, log_ratio, kl, entropy_real).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RawRows {
@@ -109,8 +109,8 @@ impl RowShape {
         }
         if self.row_stride != self.vocab {
             return Err(Error::shape(format!(
-                "row stride {} differs from the vocabulary {}: the kernel reads rows back to back \
-                 (row r at element r * vocab) and does not take a stride yet",
+                "row stride {} differs from the vocabulary {}: the device API launches rows back to \
+                 back (row r at element r * vocab) and does not pass a stride yet",
                 self.row_stride, self.vocab
             )));
         }
