@@ -54,22 +54,24 @@ impl<T: LogitElement> HiddenInputs<'_, T> {
     }
 }
 
-/// Every row's values from hidden states (contract §2 on logits = hidden · lm_headᵀ), computed
-/// over vocabulary chunks of `chunk` token ids (≥ 1): the same values, to f64 rounding, as the
-/// float64 reference on the materialised logits, and the same row errors.
+/// Every row's values from hidden states (contract §2 on logits = hidden · lm_headᵀ, ÷ `params`'
+/// τs), computed over vocabulary chunks of `chunk` token ids (≥ 1): the same values, to f64
+/// rounding, as the float64 reference on the materialised logits ([`crate::cpu::score`]), and
+/// the same row errors, naming global row `first_row + i`.
 pub fn score_hidden<T: LogitElement>(
+    first_row: usize,
     inputs: &HiddenInputs<'_, T>,
     targets: &[i64],
-    temperature: f64,
+    params: &Params,
     chunk: usize,
 ) -> Result<Vec<RowValues>> {
-    Params { temperature, ..Params::default() }.validate()?;
+    params.validate()?;
     inputs.validate(targets)?;
     if chunk == 0 {
         return Err(Error::shape("the vocabulary chunk must hold at least one token id"));
     }
     let (n, d, v) = (inputs.rows, inputs.hidden, inputs.vocab);
-    let inv_t = 1.0 / temperature;
+    let inv_t = 1.0 / params.temperature;
     let widen = |x: &[T]| -> Vec<f64> { x.par_iter().map(|e| e.to_f32() as f64).collect() };
     let (real_h, masked_h) = (widen(inputs.real_hidden), widen(inputs.masked_hidden));
     let c = chunk.min(v);
@@ -92,17 +94,18 @@ pub fn score_hidden<T: LogitElement>(
         fold.push(&RangeStates::from_scaled_logits(range, rl, ml, targets)?, targets)?;
         start += len;
     }
-    fold.finish(targets, v)
+    fold.finish(first_row, targets, v)
 }
 
 /// [`score_hidden`], rounded to the f32 row outputs of the logits path.
 pub fn score_hidden_outputs<T: LogitElement>(
+    first_row: usize,
     inputs: &HiddenInputs<'_, T>,
     targets: &[i64],
-    temperature: f64,
+    params: &Params,
     chunk: usize,
 ) -> Result<RowOutputs> {
-    Ok(to_outputs(&score_hidden(inputs, targets, temperature, chunk)?))
+    Ok(to_outputs(&score_hidden(first_row, inputs, targets, params, chunk)?))
 }
 
 /// out [n, len] = hidden [n, d] · weightᵀ, weight [len, d], all row-major f64.
