@@ -46,18 +46,9 @@ extern "C" {
     fn infopo_emulate_flushes_subnormals() -> i32;
 }
 
-/// Runs one launch of the kernel entry point of `dtype` with `shape`, serially (one block at a
-/// time), as [`crate::partial`]'s partial-state mode does.
-///
 /// # Safety
-/// Every pointer of `args` must be valid for the sizes `kernels/args.h` states for the launch.
-pub(crate) unsafe fn launch_serial(args: &KernelArgs, dtype: Dtype, shape: &LaunchShape) {
-    let opt = Emulation { blocks_at_once: 1, reserved: 0, seed: 0 };
-    launch_with(args, dtype, shape, &opt)
-}
-
-/// # Safety
-/// As [`launch_serial`]; the call returns after the emulated grid has finished.
+/// Every pointer of `args` must be valid for the sizes `kernels/args.h` states for the launch;
+/// the call returns after the emulated grid has finished.
 unsafe fn launch_with(args: &KernelArgs, dtype: Dtype, shape: &LaunchShape, opt: &Emulation) {
     match dtype {
         Dtype::F32 => infopo_emulate_f32(args, shape.grid, shape.threads, opt),
@@ -156,6 +147,26 @@ impl Emulated {
         }
     }
 
+    /// How this backend runs its next launch: its blocks at once, and its seed plus the number
+    /// of launches so far (a different stream of yields per launch).
+    fn next_emulation(&self) -> Emulation {
+        Emulation {
+            blocks_at_once: self.blocks_at_once,
+            reserved: 0,
+            seed: self.seed.wrapping_add(self.launches.fetch_add(1, Ordering::Relaxed)),
+        }
+    }
+
+    /// Runs one launch of the kernel entry point of `dtype` with `shape` as this backend runs
+    /// its launches (serially, or concurrently with its seed), for [`crate::partial`]'s
+    /// partial-state mode, which brings its own buffers.
+    ///
+    /// # Safety
+    /// As [`launch_with`].
+    pub(crate) unsafe fn launch(&self, args: &KernelArgs, dtype: Dtype, shape: &LaunchShape) {
+        launch_with(args, dtype, shape, &self.next_emulation())
+    }
+
     /// See [`Backend::compute_micro_batched`].
     fn micro_batched(&self, batch: &Batch<'_>, params: &Params, cuts: &[usize]) -> Result<Output> {
         params.validate()?;
@@ -243,11 +254,7 @@ impl Emulated {
                     a.token_advantage = token_advantage.as_mut_ptr();
                 }
             }
-            let opt = Emulation {
-                blocks_at_once: self.blocks_at_once,
-                reserved: 0,
-                seed: self.seed.wrapping_add(self.launches.fetch_add(1, Ordering::Relaxed)),
-            };
+            let opt = self.next_emulation();
             // SAFETY: every pointer is valid for the sizes documented in kernels/args.h for
             // this launch; the call returns after the emulated grid has finished.
             unsafe { launch_with(&a, dtype, &shape, &opt) }

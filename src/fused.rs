@@ -5,6 +5,9 @@
 //!
 //! Extra memory: the two hidden tensors in f64 (2·N·D), one chunk of the lm_head in f64
 //! (chunk·D) and two chunks of logits (2·N·chunk), plus O(N) states — never O(N·V).
+//!
+//! [`score_hidden_emulated`] (feature `emulator`) is the GPU path's computation on the CPU: the
+//! same chunk loop with f32 GEMMs and the kernel source in partial-state mode per chunk.
 
 use crate::batch::RowOutputs;
 use crate::cpu::to_outputs;
@@ -54,59 +57,127 @@ impl<T: LogitElement> HiddenInputs<'_, T> {
     }
 }
 
-/// Every row's values from hidden states (contract §2 on logits = hidden · lm_headᵀ), computed
-/// over vocabulary chunks of `chunk` token ids (≥ 1): the same values, to f64 rounding, as the
-/// float64 reference on the materialised logits, and the same row errors.
+/// Every row's values from hidden states (contract §2 on logits = hidden · lm_headᵀ, ÷ `params`'
+/// τs), computed over vocabulary chunks of `chunk` token ids (≥ 1): the same values, to f64
+/// rounding, as the float64 reference on the materialised logits ([`crate::cpu::score`]), and
+/// the same row errors, naming global row `first_row + i`.
 pub fn score_hidden<T: LogitElement>(
+    first_row: usize,
     inputs: &HiddenInputs<'_, T>,
     targets: &[i64],
-    temperature: f64,
+    params: &Params,
     chunk: usize,
 ) -> Result<Vec<RowValues>> {
-    Params { temperature, ..Params::default() }.validate()?;
+    let inv_t = 1.0 / params.temperature;
+    fold_chunks::<T, f64>(first_row, inputs, targets, params, chunk, |range, real, masked| {
+        for l in [&mut *real, &mut *masked] {
+            l.par_iter_mut().for_each(|x| *x = scaled_logit_f64(*x, inv_t));
+        }
+        RangeStates::from_scaled_logits(range, real, masked, targets)
+    })
+}
+
+/// [`score_hidden`] as the GPU path computes it, emulated: each chunk's logits by an f32 GEMM
+/// (the `gemm` crate in f32, as cuBLAS with fp32 accumulate; kept in f32, not rounded to the
+/// input dtype), then the kernel source in partial-state mode over the chunk, run by `emulator`
+/// ([`crate::partial::emulated_range_states`]), folded in vocabulary order with the same merge.
+/// Agrees with the float64 reference to the kernels' tolerance; the same row errors.
+#[cfg(feature = "emulator")]
+pub fn score_hidden_emulated<T: LogitElement>(
+    emulator: &crate::emulated::Emulated,
+    first_row: usize,
+    inputs: &HiddenInputs<'_, T>,
+    targets: &[i64],
+    params: &Params,
+    chunk: usize,
+) -> Result<Vec<RowValues>> {
+    use crate::logits::Logits;
+    use crate::partial::{emulated_range_states, RangeInput};
+    fold_chunks::<T, f32>(first_row, inputs, targets, params, chunk, |range, real, masked| {
+        let rows = targets.len();
+        let input =
+            RangeInput::shard(Logits::new(real, rows, range.len)?, Logits::new(masked, rows, range.len)?, range);
+        let raw = emulated_range_states(emulator, &input, targets, params)?;
+        RangeStates::from_kernel(range, &raw, params)
+    })
+}
+
+/// An element type the chunk GEMM runs in: f64 (the reference) or f32 (the GPU's accumulate).
+trait GemmElement: Copy + Send + Sync + 'static {
+    const ZERO: Self;
+    const ONE: Self;
+    fn from_input<T: LogitElement>(x: T) -> Self;
+}
+
+impl GemmElement for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    fn from_input<T: LogitElement>(x: T) -> Self {
+        x.to_f32() as f64
+    }
+}
+
+impl GemmElement for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    fn from_input<T: LogitElement>(x: T) -> Self {
+        x.to_f32()
+    }
+}
+
+/// The chunk loop both fused paths share: validates, widens the hidden states to `E` once, and
+/// for each chunk of token ids widens its lm_head rows, computes both chunks of logits
+/// (unscaled, `[rows, len]` in `E`), lets `states_of` turn them into the chunk's
+/// [`RangeStates`], and folds them in vocabulary order.
+fn fold_chunks<T: LogitElement, E: GemmElement>(
+    first_row: usize,
+    inputs: &HiddenInputs<'_, T>,
+    targets: &[i64],
+    params: &Params,
+    chunk: usize,
+    mut states_of: impl FnMut(VocabRange, &mut [E], &mut [E]) -> Result<RangeStates>,
+) -> Result<Vec<RowValues>> {
+    params.validate()?;
     inputs.validate(targets)?;
     if chunk == 0 {
         return Err(Error::shape("the vocabulary chunk must hold at least one token id"));
     }
     let (n, d, v) = (inputs.rows, inputs.hidden, inputs.vocab);
-    let inv_t = 1.0 / temperature;
-    let widen = |x: &[T]| -> Vec<f64> { x.par_iter().map(|e| e.to_f32() as f64).collect() };
+    let widen = |x: &[T]| -> Vec<E> { x.par_iter().map(|&e| E::from_input(e)).collect() };
     let (real_h, masked_h) = (widen(inputs.real_hidden), widen(inputs.masked_hidden));
     let c = chunk.min(v);
-    let mut weight = vec![0.0f64; c * d];
-    let mut real_l = vec![0.0f64; n * c];
-    let mut masked_l = vec![0.0f64; n * c];
+    let mut weight = vec![E::ZERO; c * d];
+    let mut real_l = vec![E::ZERO; n * c];
+    let mut masked_l = vec![E::ZERO; n * c];
     let mut fold = RangeFold::new(n);
     let mut start = 0;
     while start < v {
         let len = c.min(v - start);
         let w = &mut weight[..len * d];
-        w.par_iter_mut().zip(&inputs.lm_head[start * d..(start + len) * d]).for_each(|(o, e)| *o = e.to_f32() as f64);
+        w.par_iter_mut().zip(&inputs.lm_head[start * d..(start + len) * d]).for_each(|(o, &e)| *o = E::from_input(e));
         let (rl, ml) = (&mut real_l[..n * len], &mut masked_l[..n * len]);
         chunk_logits(&real_h, w, rl, n, d, len);
         chunk_logits(&masked_h, w, ml, n, d, len);
-        for l in [&mut *rl, &mut *ml] {
-            l.par_iter_mut().for_each(|x| *x = scaled_logit_f64(*x, inv_t));
-        }
         let range = VocabRange::new(start, len);
-        fold.push(&RangeStates::from_scaled_logits(range, rl, ml, targets)?, targets)?;
+        fold.push(&states_of(range, rl, ml)?, targets)?;
         start += len;
     }
-    fold.finish(targets, v)
+    fold.finish(first_row, targets, v)
 }
 
 /// [`score_hidden`], rounded to the f32 row outputs of the logits path.
 pub fn score_hidden_outputs<T: LogitElement>(
+    first_row: usize,
     inputs: &HiddenInputs<'_, T>,
     targets: &[i64],
-    temperature: f64,
+    params: &Params,
     chunk: usize,
 ) -> Result<RowOutputs> {
-    Ok(to_outputs(&score_hidden(inputs, targets, temperature, chunk)?))
+    Ok(to_outputs(&score_hidden(first_row, inputs, targets, params, chunk)?))
 }
 
-/// out [n, len] = hidden [n, d] · weightᵀ, weight [len, d], all row-major f64.
-fn chunk_logits(hidden: &[f64], weight: &[f64], out: &mut [f64], n: usize, d: usize, len: usize) {
+/// out [n, len] = hidden [n, d] · weightᵀ, weight [len, d], all row-major, accumulated in `E`.
+fn chunk_logits<E: GemmElement>(hidden: &[E], weight: &[E], out: &mut [E], n: usize, d: usize, len: usize) {
     assert!(hidden.len() == n * d && weight.len() == len * d && out.len() == n * len);
     if n == 0 || len == 0 {
         return;
@@ -132,8 +203,8 @@ fn chunk_logits(hidden: &[f64], weight: &[f64], out: &mut [f64], n: usize, d: us
             weight.as_ptr(),
             d as isize,
             1,
-            0.0,
-            1.0,
+            E::ZERO,
+            E::ONE,
             false,
             false,
             false,

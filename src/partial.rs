@@ -95,8 +95,8 @@ impl<'a> RangeInput<'a> {
         RangeInput { real, masked, first_col: 0, range }
     }
 
-    fn validate(&self, targets: &[i64], temperature: f64) -> Result<()> {
-        Params { temperature, ..Params::default() }.validate()?;
+    fn validate(&self, targets: &[i64], params: &Params) -> Result<()> {
+        params.validate()?;
         let (r, m) = (self.real, self.masked);
         if r.rows() != m.rows() || r.vocab() != m.vocab() || targets.len() != r.rows() {
             return Err(Error::shape(format!(
@@ -147,20 +147,20 @@ impl RangeStates {
     }
 
     /// The kernel's partial-state output (`state_out`, `[rows, 8]` f32: raw maxima, base-2
-    /// sums, raw target logits) for a launch at `temperature`, converted exactly to float64
+    /// sums, raw target logits) for a launch with `params` (its τs), converted exactly to float64
     /// natural-log units. A side whose maximum is a mask fill (≤ −2¹⁰⁰, or the empty state's
     /// −FLT_MAX) has no weight: its sum is 0 as in the reference (the kernel counts a fill at its
     /// own maximum once), unless NaN poisoned it; a maximum ≥ 2¹⁰⁰ (a +∞ or fill) makes the sum
     /// NaN, as +∞ does in the reference.
-    pub fn from_kernel(range: VocabRange, kernel: &[f32], temperature: f64) -> Result<Self> {
-        Params { temperature, ..Params::default() }.validate()?;
+    pub fn from_kernel(range: VocabRange, kernel: &[f32], params: &Params) -> Result<Self> {
+        params.validate()?;
         if kernel.len() % RANGE_STATE_FIELDS != 0 {
             return Err(Error::shape(format!(
                 "{} kernel range-state floats are not rows of {RANGE_STATE_FIELDS}",
                 kernel.len()
             )));
         }
-        let inv_t = 1.0 / temperature;
+        let inv_t = 1.0 / params.temperature;
         let ln2 = std::f64::consts::LN_2;
         // (maximum, sum) of one side in the reference's units, and whether it has any weight.
         let side = |max: f32, sum: f32| -> (f64, f64, bool) {
@@ -253,10 +253,11 @@ impl RangeStates {
 }
 
 /// The float64 states of every row over `input`'s range (the CPU reference's row pass on the
-/// range's columns). Row errors are not decided here but by [`merge`], which sees whole rows.
-pub fn score_range(input: &RangeInput<'_>, targets: &[i64], temperature: f64) -> Result<RangeStates> {
-    input.validate(targets, temperature)?;
-    let inv_t = 1.0 / temperature;
+/// range's columns) with `params`' τs. Row errors are not decided here but by [`merge`], which
+/// sees whole rows.
+pub fn score_range(input: &RangeInput<'_>, targets: &[i64], params: &Params) -> Result<RangeStates> {
+    input.validate(targets, params)?;
+    let inv_t = 1.0 / params.temperature;
     let values = match (input.real.data(), input.masked.data()) {
         (LogitData::F32(x), LogitData::F32(y)) => range_values(x, y, input, targets, inv_t),
         (LogitData::F16(x), LogitData::F16(y)) => range_values(x, y, input, targets, inv_t),
@@ -292,15 +293,16 @@ fn range_values<T: LogitElement>(
 /// every row's values, folding the ranges in vocabulary order ([`RangeFold`]). Errors: ranges
 /// that overlap, leave a gap or do not end at `vocab`, or row counts that differ from `targets`
 /// (shape errors); else the lowest failing row's error, exactly as the unsplit path reports it
-/// (contract §2).
-pub fn merge(parts: &[RangeStates], targets: &[i64], vocab: usize) -> Result<Vec<RowValues>> {
+/// (contract §2), naming global row `first_row + i` (the rows are a slice of a batch starting
+/// at `first_row`, as in [`crate::cpu::score`]).
+pub fn merge(first_row: usize, parts: &[RangeStates], targets: &[i64], vocab: usize) -> Result<Vec<RowValues>> {
     let mut order: Vec<&RangeStates> = parts.iter().collect();
     order.sort_by_key(|p| (p.range.start, p.range.len));
     let mut fold = RangeFold::new(targets.len());
     for p in order {
         fold.push(p, targets)?;
     }
-    fold.finish(targets, vocab)
+    fold.finish(first_row, targets, vocab)
 }
 
 /// Row states folded range by range, in vocabulary order: each pushed range must start where
@@ -357,8 +359,9 @@ impl RangeFold {
         Ok(())
     }
 
-    /// Every row's values once `[0, vocab)` is covered, or the lowest failing row's error.
-    pub fn finish(self, targets: &[i64], vocab: usize) -> Result<Vec<RowValues>> {
+    /// Every row's values once `[0, vocab)` is covered, or the lowest failing row's error
+    /// (naming global row `first_row + i`).
+    pub fn finish(self, first_row: usize, targets: &[i64], vocab: usize) -> Result<Vec<RowValues>> {
         if vocab == 0 {
             return Err(Error::EmptyVocab);
         }
@@ -385,24 +388,30 @@ impl RangeFold {
         results
             .into_iter()
             .enumerate()
-            .map(|(row, r)| r.map_err(|kind| Error::Row { row, kind, target: Some(targets[row]) }))
+            .map(|(i, r)| r.map_err(|kind| Error::Row { row: first_row + i, kind, target: Some(targets[i]) }))
             .collect()
     }
 }
 
 /// [`merge`], rounded to the f32 row outputs of the unsplit path.
-pub fn merge_outputs(parts: &[RangeStates], targets: &[i64], vocab: usize) -> Result<RowOutputs> {
-    Ok(to_outputs(&merge(parts, targets, vocab)?))
+pub fn merge_outputs(first_row: usize, parts: &[RangeStates], targets: &[i64], vocab: usize) -> Result<RowOutputs> {
+    Ok(to_outputs(&merge(first_row, parts, targets, vocab)?))
 }
 
-/// The kernel source in partial-state mode, emulated on CPU threads (the launch a GPU rank makes
-/// for its shard): `[rows, 8]` f32 in the kernel's units, for [`RangeStates::from_kernel`].
+/// The kernel source in partial-state mode, emulated on CPU threads by `emulator` (the launch a
+/// GPU rank makes for its shard, with the emulator's launch shape and concurrency: serial, or
+/// several blocks at once as [`crate::emulated::Emulated::concurrent`] sets): `[rows, 8]` f32 in
+/// the kernel's units, for [`RangeStates::from_kernel`] with the same `params`.
 #[cfg(feature = "emulator")]
-pub fn emulated_range_states(input: &RangeInput<'_>, targets: &[i64], temperature: f64) -> Result<Vec<f32>> {
-    use crate::emulated::EMULATED_SM_COUNT;
-    use crate::launch::{self, launch_shape, KernelArgs};
+pub fn emulated_range_states(
+    emulator: &crate::emulated::Emulated,
+    input: &RangeInput<'_>,
+    targets: &[i64],
+    params: &Params,
+) -> Result<Vec<f32>> {
+    use crate::launch::{self, KernelArgs};
 
-    input.validate(targets, temperature)?;
+    input.validate(targets, params)?;
     let rows = targets.len();
     let mut out = vec![0f32; rows * launch::RANGE_STATE_FLOATS];
     if rows == 0 {
@@ -416,13 +425,12 @@ pub fn emulated_range_states(input: &RangeInput<'_>, targets: &[i64], temperatur
         return Ok(out);
     }
     let dtype = input.real.dtype();
-    let shape = launch_shape(rows, input.range.len, dtype, EMULATED_SM_COUNT);
+    let shape = emulator.shape(rows, input.range.len, dtype);
     let mut partials = vec![0f32; launch::partials_len(rows, shape.splits)];
     let mut row_tickets = vec![0u32; rows];
     let mut grid_ticket = 0u32;
     let mut error_word = 0u64;
     let offset = input.first_col * dtype.size_bytes();
-    let params = Params { temperature, ..Params::default() };
     let a = KernelArgs {
         real: input.real.data().as_bytes()[offset..].as_ptr().cast(),
         masked: input.masked.data().as_bytes()[offset..].as_ptr().cast(),
@@ -434,13 +442,13 @@ pub fn emulated_range_states(input: &RangeInput<'_>, targets: &[i64], temperatur
         state_out: out.as_mut_ptr(),
         row_stride: input.real.vocab() as i64,
         vocab_start: input.range.start as i64,
-        ..KernelArgs::new(&params, &shape, rows, input.range.len, 0, false)
+        ..KernelArgs::new(params, &shape, rows, input.range.len, 0, false)
     };
     // SAFETY: `real`/`masked` point at column `first_col` of row 0 and rows are `row_stride`
     // apart, so every read (rows × `range.len` columns) is inside the validated logits; the other
     // buffers have the sizes kernels/args.h states for partial-state mode (no row_out, no turns).
     // The call returns after the emulated grid has finished.
-    unsafe { crate::emulated::launch_serial(&a, dtype, &shape) }
+    unsafe { emulator.launch(&a, dtype, &shape) }
     debug_assert!(error_word == 0 && grid_ticket == 0 && row_tickets.iter().all(|&t| t == 0));
     Ok(out)
 }

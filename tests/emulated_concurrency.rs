@@ -5,7 +5,9 @@
 //!   the serial run's outputs bit for bit, every output;
 //! - a capped grid (`Emulated::with_grid_cap`, items > grid) runs the grid-stride loop: the
 //!   float64 oracle agrees and the outputs equal the uncapped run's bit for bit;
-//! - split rows (S > 1) with turns, groups and the epilogue, in one batch and micro-batched.
+//! - split rows (S > 1) with turns, groups and the epilogue, in one batch and micro-batched;
+//! - the partial-state mode (`partial::emulated_range_states`) of split rows over uneven
+//!   vocabulary ranges: its states equal the serial ones bit for bit.
 //!
 //! `scripts/tsan` runs these under ThreadSanitizer, where a missing fence or an early read is
 //! a report (kernels/emulator.h says what the mapping can and cannot catch).
@@ -16,6 +18,7 @@ use common::kernel::{check_epilogue, compare_rows, epilogue_feed, generate, layo
 use common::{assert_close, to_dtype, to_f64};
 use half::bf16;
 use infopo_kernels::emulated::{Emulated, MAX_BLOCKS_AT_ONCE};
+use infopo_kernels::partial::{emulated_range_states, merge_outputs, RangeInput, RangeStates, VocabRange};
 use infopo_kernels::{Backend, Batch, Dtype, Error, Estimator, Logits, Output, Params};
 
 /// Every output of a call as bits: the five row values, turn info and every advantage output.
@@ -190,4 +193,45 @@ fn split_rows_with_turns_groups_and_epilogue() {
         let (x, y) = (one.advantages.as_ref().unwrap(), micro.advantages.as_ref().unwrap());
         assert_close("turn_bonus", &y.turn_bonus, &x.turn_bonus, 1e-12, 1e-12);
     }
+}
+
+/// Partial-state mode with split rows (3 rows of V = 32003 in 3 uneven ranges, each range's rows
+/// split over 2 or 3 blocks): 2, 3 and 4 blocks at once, uncapped and capped grids, repeated,
+/// give every range's `[N, 8]` states bit for bit as the serial launch does (the split-row
+/// tickets and partials feed `state_out` instead of the row outputs), and the merged serial
+/// states give the oracle's rows.
+#[test]
+fn partial_states_concurrent_equal_serial_bitwise() {
+    let (n, v) = (3usize, 32_003usize);
+    let (r, m, t) = data(n, v, 94);
+    let (real, masked) = (Logits::new(&r, n, v).unwrap(), Logits::new(&m, n, v).unwrap());
+    let ranges = [VocabRange::new(0, 13_000), VocabRange::new(13_000, 8_300), VocabRange::new(21_300, 10_703)];
+    let params = Params { temperature: 0.8, ..Params::default() };
+    let serial = Emulated::new();
+    let states = |b: &Emulated, range: VocabRange| -> Vec<u32> {
+        let raw = emulated_range_states(b, &RangeInput::of_full(real, masked, range), &t, &params).unwrap();
+        raw.iter().map(|x| x.to_bits()).collect()
+    };
+    let mut parts = Vec::new();
+    for &range in &ranges {
+        assert!(serial.shape(n, range.len, Dtype::BF16).splits > 1, "{range:?}: rows must be split");
+        let want = states(&serial, range);
+        for (k, seed) in [(2u32, 21u64), (3, 22), (4, 23)] {
+            let backends =
+                [Emulated::concurrent(k, seed).unwrap(), Emulated::concurrent(k, seed).unwrap().with_grid_cap(3)];
+            for (i, b) in backends.iter().enumerate() {
+                for rep in 0..2 {
+                    assert!(
+                        states(b, range) == want,
+                        "{range:?}: {k} blocks at once, seed {seed}, capped {}, repetition {rep}",
+                        i == 1
+                    );
+                }
+            }
+        }
+        let raw: Vec<f32> = want.iter().map(|&x| f32::from_bits(x)).collect();
+        parts.push(RangeStates::from_kernel(range, &raw, &params).unwrap());
+    }
+    let out = merge_outputs(0, &parts, &t, v).unwrap();
+    compare_rows(&out, &to_f64(&r), &to_f64(&m), &t, v, params.temperature, "merged partial states");
 }

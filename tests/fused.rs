@@ -7,7 +7,7 @@ mod common;
 use common::{close, oracle_code, oracle_row};
 use half::{bf16, f16};
 use infopo_kernels::fused::{score_hidden, HiddenInputs, DEFAULT_CHUNK};
-use infopo_kernels::{Error, LogitElement};
+use infopo_kernels::{Error, LogitElement, Params};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -44,7 +44,7 @@ fn check<T: LogitElement>(c: &Case, temperature: f64, chunk: usize) {
     let (real, masked, head) = (conv(&c.real), conv(&c.masked), conv(&c.head));
     let inputs =
         HiddenInputs { real_hidden: &real, masked_hidden: &masked, lm_head: &head, rows: c.n, hidden: c.d, vocab: c.v };
-    let got = score_hidden(&inputs, &c.targets, temperature, chunk).unwrap();
+    let got = score_hidden(0, &inputs, &c.targets, &Params { temperature, ..Params::default() }, chunk).unwrap();
     for (r, g) in got.iter().enumerate() {
         let (x, y) = (logits_row(&real, &head, r, c.d, c.v), logits_row(&masked, &head, r, c.d, c.v));
         let o = oracle_row(&x, &y, c.targets[r] as usize, temperature);
@@ -91,7 +91,7 @@ fn fused_row_errors_match_the_materialised_path() {
         hidden: c.d,
         vocab: c.v,
     };
-    let got = score_hidden(&inputs, &c.targets, 1.0, 64);
+    let got = score_hidden(0, &inputs, &c.targets, &Params::default(), 64);
     let want = (0..c.n).find_map(|r| {
         let x = logits_row(&c.real, &c.head, r, c.d, c.v);
         let y = logits_row(&c.masked, &c.head, r, c.d, c.v);
@@ -102,6 +102,11 @@ fn fused_row_errors_match_the_materialised_path() {
             assert_eq!((row, kind, target), (r, k, Some(c.targets[r])));
         }
         (g, w) => panic!("fused {g:?}, oracle {w:?}"),
+    }
+    // Rows that are a slice of a batch starting at row 1000 are named by their global index.
+    match score_hidden(1000, &inputs, &c.targets, &Params::default(), 64) {
+        Err(Error::Row { row, .. }) => assert_eq!(Some(row), want.map(|(r, _)| 1000 + r)),
+        g => panic!("fused at first_row 1000: {g:?}"),
     }
 }
 
@@ -116,16 +121,86 @@ fn fused_bad_shapes_are_typed_errors() {
         hidden: c.d,
         vocab: c.v,
     };
-    assert!(score_hidden(&ok, &c.targets, 1.0, 3).is_ok());
+    assert!(score_hidden(0, &ok, &c.targets, &Params::default(), 3).is_ok());
     let shape = |r: infopo_kernels::Result<_>| matches!(r, Err(Error::Shape { .. }));
-    assert!(shape(score_hidden(&HiddenInputs { hidden: 5, ..ok }, &c.targets, 1.0, 3)));
-    assert!(shape(score_hidden(&HiddenInputs { lm_head: &c.head[..36], ..ok }, &c.targets, 1.0, 3)));
-    assert!(shape(score_hidden(&HiddenInputs { masked_hidden: &c.masked[..4], ..ok }, &c.targets, 1.0, 3)));
-    assert!(shape(score_hidden(&ok, &c.targets[..1], 1.0, 3)));
-    assert!(shape(score_hidden(&ok, &c.targets, 1.0, 0)));
+    assert!(shape(score_hidden(0, &HiddenInputs { hidden: 5, ..ok }, &c.targets, &Params::default(), 3)));
+    assert!(shape(score_hidden(0, &HiddenInputs { lm_head: &c.head[..36], ..ok }, &c.targets, &Params::default(), 3)));
+    assert!(shape(score_hidden(
+        0,
+        &HiddenInputs { masked_hidden: &c.masked[..4], ..ok },
+        &c.targets,
+        &Params::default(),
+        3
+    )));
+    assert!(shape(score_hidden(0, &ok, &c.targets[..1], &Params::default(), 3)));
+    assert!(shape(score_hidden(0, &ok, &c.targets, &Params::default(), 0)));
     assert!(matches!(
-        score_hidden(&HiddenInputs { vocab: 0, lm_head: &[], ..ok }, &c.targets, 1.0, 3),
+        score_hidden(0, &HiddenInputs { vocab: 0, lm_head: &[], ..ok }, &c.targets, &Params::default(), 3),
         Err(Error::EmptyVocab)
     ));
-    assert!(matches!(score_hidden(&ok, &c.targets, 1e4, 3), Err(Error::Param { .. })));
+    assert!(matches!(
+        score_hidden(0, &ok, &c.targets, &Params { temperature: 1e4, ..Params::default() }, 3),
+        Err(Error::Param { .. })
+    ));
+}
+
+/// The emulated GPU path (f32 chunk GEMMs, then the kernel source in partial-state mode per
+/// chunk, folded in vocabulary order) against the float64 reference on the f64 logits, to the
+/// kernels' tolerance: V = 32003 and 50257, bf16 and f32, chunks that do and do not divide V;
+/// the same row error as the reference, naming the global row.
+#[test]
+fn fused_emulated_matches_the_f64_reference() {
+    use common::kernel::compare_rows;
+    use infopo_kernels::cpu::to_outputs;
+    use infopo_kernels::emulated::Emulated;
+    use infopo_kernels::fused::score_hidden_emulated;
+
+    fn rows_of<T: LogitElement>(hidden: &[T], head: &[T], n: usize, d: usize, v: usize) -> Vec<f64> {
+        (0..n).flat_map(|r| logits_row(hidden, head, r, d, v)).collect()
+    }
+    fn run<T: LogitElement>(b: &Emulated, c: &Case, temperature: f64, chunk: usize) {
+        let conv = |x: &[f32]| x.iter().map(|&e| T::from_f32(e)).collect::<Vec<T>>();
+        let (real, masked, head) = (conv(&c.real), conv(&c.masked), conv(&c.head));
+        let inputs = HiddenInputs {
+            real_hidden: &real,
+            masked_hidden: &masked,
+            lm_head: &head,
+            rows: c.n,
+            hidden: c.d,
+            vocab: c.v,
+        };
+        let params = Params { temperature, ..Params::default() };
+        let got = score_hidden_emulated(b, 0, &inputs, &c.targets, &params, chunk).unwrap();
+        let out = to_outputs(&got);
+        let what = format!("emulated fused {} N={} D={} V={} chunk={chunk} τs={temperature}", T::DTYPE, c.n, c.d, c.v);
+        let (x, y) = (rows_of(&real, &head, c.n, c.d, c.v), rows_of(&masked, &head, c.n, c.d, c.v));
+        compare_rows(&out, &x, &y, &c.targets, c.v, temperature, &what);
+    }
+    let b = Emulated::new();
+    for &(n, d, v) in &[(3usize, 32usize, 32003usize), (2, 24, 50257)] {
+        let c = case(n, d, v, (7 * n + d + v) as u64);
+        run::<f32>(&b, &c, 1.0, 8192);
+        run::<bf16>(&b, &c, 0.7, 10_000);
+        run::<f32>(&b, &c, 1.3, v);
+    }
+    // A row error: every real logit of row 1 NaN, reported as the reference reports it.
+    let mut c = case(3, 8, 32003, 9);
+    c.real[8..16].fill(f32::NAN);
+    let inputs = HiddenInputs {
+        real_hidden: &c.real,
+        masked_hidden: &c.masked,
+        lm_head: &c.head,
+        rows: c.n,
+        hidden: c.d,
+        vocab: c.v,
+    };
+    let want = score_hidden(40, &inputs, &c.targets, &Params::default(), 4096);
+    let got = score_hidden_emulated(&b, 40, &inputs, &c.targets, &Params::default(), 4096);
+    match (got, want) {
+        (Err(Error::Row { row: a, kind: k, .. }), Err(Error::Row { row: w, kind: kw, .. })) => {
+            assert_eq!((a, k), (w, kw));
+            assert_eq!(a, 41);
+        }
+        (g, w) => panic!("emulated {g:?}, reference {w:?}"),
+    }
 }

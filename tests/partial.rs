@@ -9,6 +9,7 @@ use common::kernel::{compare_rows, generate, peaked, Spec};
 use common::{close, to_dtype, to_f64};
 use half::{bf16, f16};
 use infopo_kernels::cpu;
+use infopo_kernels::emulated::Emulated;
 use infopo_kernels::partial::{
     emulated_range_states, merge, merge_outputs, score_range, shard_ranges, RangeInput, RangeStates, VocabRange,
 };
@@ -91,7 +92,7 @@ fn cpu_shards<T: LogitElement>(
         .zip(rs.iter().zip(&ms))
         .map(|(&range, (x, y))| {
             let input = RangeInput::shard(Logits::new(x, n, width).unwrap(), Logits::new(y, n, width).unwrap(), range);
-            score_range(&input, targets, temperature).unwrap()
+            score_range(&input, targets, &Params { temperature, ..Params::default() }).unwrap()
         })
         .collect()
 }
@@ -122,16 +123,16 @@ fn cpu_shards_give_the_unsharded_outputs() {
                     let width = v.div_ceil(p);
                     let what = format!("{name} N={n} V={v} τs={temperature} p={p} shards");
                     let parts = cpu_shards((&r[..], &m[..], &t[..]), v, &shards, width, temperature);
-                    assert_same(&merge(&parts, &t, v), &want, &what);
+                    assert_same(&merge(0, &parts, &t, v), &want, &what);
                     // Uneven cuts (empty ranges included), given in a random order.
                     let ranges = uneven_ranges(v, p, &mut rng);
                     let mut parts = cpu_shards((&r[..], &m[..], &t[..]), v, &ranges, v, temperature);
                     parts.shuffle(&mut rng);
-                    assert_same(&merge(&parts, &t, v), &want, &format!("{what} uneven"));
+                    assert_same(&merge(0, &parts, &t, v), &want, &format!("{what} uneven"));
                 }
                 if name == "peaked" {
                     let parts = cpu_shards((&r[..], &m[..], &t[..]), v, &shard_ranges(v, 3).unwrap(), v, temperature);
-                    let out = merge_outputs(&parts, &t, v).unwrap();
+                    let out = merge_outputs(0, &parts, &t, v).unwrap();
                     assert!(out.log_ratio.iter().all(|&l| l == 0.0), "peaked: {:?}", out.log_ratio);
                 }
             }
@@ -150,9 +151,12 @@ fn every_dtype_and_ranges_of_the_full_logits() {
         let parts: Vec<RangeStates> = shard_ranges(v, 3)
             .unwrap()
             .into_iter()
-            .map(|range| score_range(&RangeInput::of_full(real, masked, range), t, temperature).unwrap())
+            .map(|range| {
+                score_range(&RangeInput::of_full(real, masked, range), t, &Params { temperature, ..Params::default() })
+                    .unwrap()
+            })
             .collect();
-        assert_same(&merge(&parts, t, v), &want, &format!("{} full-logit ranges", T::DTYPE));
+        assert_same(&merge(0, &parts, t, v), &want, &format!("{} full-logit ranges", T::DTYPE));
     }
     check::<f32>(&r, &m, &t, n, v, temperature);
     check::<f16>(&r, &m, &t, n, v, temperature);
@@ -167,10 +171,10 @@ fn merge_is_bitwise_independent_of_range_order() {
     let mut rng = StdRng::seed_from_u64(5);
     let ranges = uneven_ranges(v, 8, &mut rng);
     let mut parts = cpu_shards((&r[..], &m[..], &t[..]), v, &ranges, v, 1.0);
-    let first = merge(&parts, &t, v).unwrap();
+    let first = merge(0, &parts, &t, v).unwrap();
     for _ in 0..5 {
         parts.shuffle(&mut rng);
-        let again = merge(&parts, &t, v).unwrap();
+        let again = merge(0, &parts, &t, v).unwrap();
         for (a, b) in first.iter().zip(&again) {
             let bits = |x: &RowValues| [x.lse_real, x.lse_masked, x.log_ratio, x.kl, x.entropy_real].map(f64::to_bits);
             assert_eq!(bits(a), bits(b));
@@ -206,14 +210,21 @@ fn row_errors_match_the_unsplit_path() {
         assert!(matches!(want, Err(Error::Row { .. })), "{name}: the edit must make a row error");
         for p in [1usize, 2, 3, 8] {
             let parts = cpu_shards((&r[..], &m[..], &t[..]), v, &shard_ranges(v, p).unwrap(), v.div_ceil(p), 1.0);
-            assert_same(&merge(&parts, &t, v), &want, &format!("{name} p={p} cpu"));
+            assert_same(&merge(0, &parts, &t, v), &want, &format!("{name} p={p} cpu"));
             let parts = kernel_shards((&r[..], &m[..], &t[..]), v, &shard_ranges(v, p).unwrap(), 1.0);
-            let got = merge(&parts, &t, v);
+            let got = merge(0, &parts, &t, v);
             match (&got, &want) {
                 (Err(Error::Row { row: a, kind: b, .. }), Err(Error::Row { row: c, kind: d, .. })) => {
                     assert_eq!((a, b), (c, d), "{name} p={p} emulated")
                 }
                 _ => panic!("{name} p={p} emulated: {got:?} vs {want:?}"),
+            }
+            // The same rows as a slice of a batch starting at row 500: the error names row 500 + r.
+            match (merge(500, &parts, &t, v), &want) {
+                (Err(Error::Row { row: a, kind: b, .. }), Err(Error::Row { row: c, kind: d, .. })) => {
+                    assert_eq!((a, b), (500 + c, *d), "{name} p={p} first_row 500")
+                }
+                (g, _) => panic!("{name} p={p} first_row 500: {g:?} vs {want:?}"),
             }
         }
     }
@@ -235,8 +246,9 @@ fn kernel_shards<T: LogitElement>(
         .zip(rs.iter().zip(&ms))
         .map(|(&range, (x, y))| {
             let input = RangeInput::shard(Logits::new(x, n, width).unwrap(), Logits::new(y, n, width).unwrap(), range);
-            let raw = emulated_range_states(&input, targets, temperature).unwrap();
-            RangeStates::from_kernel(range, &raw, temperature).unwrap()
+            let params = Params { temperature, ..Params::default() };
+            let raw = emulated_range_states(&Emulated::new(), &input, targets, &params).unwrap();
+            RangeStates::from_kernel(range, &raw, &params).unwrap()
         })
         .collect()
 }
@@ -249,7 +261,7 @@ fn emulated_kernel_shards_merge_to_the_oracle() {
     fn run<T: LogitElement>(r: &[f32], m: &[f32], t: &[i64], v: usize, p: usize, temperature: f64, what: &str) {
         let (r, m) = (to_dtype::<T>(r), to_dtype::<T>(m));
         let parts = kernel_shards((&r[..], &m[..], t), v, &shard_ranges(v, p).unwrap(), temperature);
-        let out = merge_outputs(&parts, t, v).unwrap();
+        let out = merge_outputs(0, &parts, t, v).unwrap();
         let what = format!("{what} {} p={p}", T::DTYPE);
         compare_rows(&out, &to_f64(&r), &to_f64(&m), t, v, temperature, &what);
     }
@@ -267,7 +279,7 @@ fn emulated_kernel_shards_merge_to_the_oracle() {
         for p in [1usize, 3, 8] {
             let (rb, mb) = (to_dtype::<bf16>(&r), to_dtype::<bf16>(&m));
             let parts = kernel_shards((&rb[..], &mb[..], &t[..]), v, &shard_ranges(v, p).unwrap(), temperature);
-            let out = merge_outputs(&parts, &t, v).unwrap();
+            let out = merge_outputs(0, &parts, &t, v).unwrap();
             assert!(out.log_ratio.iter().all(|&l| l == 0.0), "peaked V={v} p={p}: {:?}", out.log_ratio);
         }
     }
@@ -280,7 +292,7 @@ fn emulated_kernel_shards_merge_to_the_oracle() {
         ranges.insert(p / 2, VocabRange::new(ranges[p / 2].start, 0));
         let mut parts = kernel_shards((&r[..], &m[..], &t[..]), v, &ranges, 0.8);
         parts.shuffle(&mut rng);
-        let out = merge_outputs(&parts, &t, v).unwrap();
+        let out = merge_outputs(0, &parts, &t, v).unwrap();
         compare_rows(&out, &to_f64(&r), &to_f64(&m), &t, v, 0.8, &format!("uneven p={p}"));
     }
     // Mask fills: a shard whose real (or masked) side is all fills, and a fill where the real
@@ -306,7 +318,7 @@ fn emulated_kernel_shards_merge_to_the_oracle() {
         run::<f32>(&r, &m, &t, v, p, 1.0, "fills");
         run::<bf16>(&r, &m, &t, v, p, 1.0, "fills");
         let parts = kernel_shards((&r[..], &m[..], &t[..]), v, &shard_ranges(v, p).unwrap(), 1.0);
-        assert!(merge_outputs(&parts, &t, v).unwrap().kl.iter().all(|&k| k == f32::INFINITY));
+        assert!(merge_outputs(0, &parts, &t, v).unwrap().kl.iter().all(|&k| k == f32::INFINITY));
     }
 }
 
@@ -323,15 +335,16 @@ fn emulated_kernel_range_of_full_logits_equals_its_shard() {
     let shards = kernel_shards((&r[..], &m[..], &t[..]), v, &ranges, 1.0);
     let mut fulls = Vec::new();
     for (range, shard) in ranges.iter().zip(&shards) {
-        let raw = emulated_range_states(&RangeInput::of_full(real, masked, *range), &t, 1.0).unwrap();
-        let full = RangeStates::from_kernel(*range, &raw, 1.0).unwrap();
+        let p = Params::default();
+        let raw = emulated_range_states(&Emulated::new(), &RangeInput::of_full(real, masked, *range), &t, &p).unwrap();
+        let full = RangeStates::from_kernel(*range, &raw, &p).unwrap();
         for (i, (&a, &b)) in full.values().iter().zip(shard.values()).enumerate() {
             assert!(close(a, b, 1e-5, 1e-5) || (a.is_nan() && b.is_nan()), "range {range:?} [{i}]: {a} vs {b}");
         }
         fulls.push(full);
     }
     for (parts, what) in [(&shards, "padded shards"), (&fulls, "full-logit ranges")] {
-        let out = merge_outputs(parts, &t, v).unwrap();
+        let out = merge_outputs(0, parts, &t, v).unwrap();
         compare_rows(&out, &to_f64(&r), &to_f64(&m), &t, v, 1.0, what);
     }
 }
@@ -341,20 +354,27 @@ fn bad_ranges_and_shapes_are_typed_errors() {
     let (n, v) = (2usize, 10usize);
     let (r, m, t) = generate(&Spec::new(n, v), 1);
     let (real, masked) = (Logits::new(&r, n, v).unwrap(), Logits::new(&m, n, v).unwrap());
-    let part =
-        |start, len| score_range(&RangeInput::of_full(real, masked, VocabRange::new(start, len)), &t, 1.0).unwrap();
+    let part = |start, len| {
+        score_range(&RangeInput::of_full(real, masked, VocabRange::new(start, len)), &t, &Params::default()).unwrap()
+    };
     let shape = |res: Result<Vec<RowValues>>| matches!(res, Err(Error::Shape { .. }));
-    assert!(shape(merge(&[part(0, 4), part(5, 5)], &t, v)), "gap");
-    assert!(shape(merge(&[part(0, 6), part(5, 5)], &t, v)), "overlap");
-    assert!(shape(merge(&[part(0, 4), part(4, 5)], &t, v)), "short of V");
-    assert!(shape(merge(&[], &t, v)), "no ranges");
-    assert!(shape(merge(&[part(0, 10)], &t[..1], v)), "rows");
-    assert!(merge(&[part(0, 10)], &t, v).is_ok());
+    assert!(shape(merge(0, &[part(0, 4), part(5, 5)], &t, v)), "gap");
+    assert!(shape(merge(0, &[part(0, 6), part(5, 5)], &t, v)), "overlap");
+    assert!(shape(merge(0, &[part(0, 4), part(4, 5)], &t, v)), "short of V");
+    assert!(shape(merge(0, &[], &t, v)), "no ranges");
+    assert!(shape(merge(0, &[part(0, 10)], &t[..1], v)), "rows");
+    assert!(merge(0, &[part(0, 10)], &t, v).is_ok());
     let too_wide = RangeInput::of_full(real, masked, VocabRange::new(6, 5));
-    assert!(matches!(score_range(&too_wide, &t, 1.0), Err(Error::Shape { .. })));
-    assert!(matches!(emulated_range_states(&too_wide, &t, 1.0), Err(Error::Shape { .. })));
+    assert!(matches!(score_range(&too_wide, &t, &Params::default()), Err(Error::Shape { .. })));
+    assert!(matches!(
+        emulated_range_states(&Emulated::new(), &too_wide, &t, &Params::default()),
+        Err(Error::Shape { .. })
+    ));
     let ok = RangeInput::of_full(real, masked, VocabRange::new(0, 10));
-    assert!(matches!(score_range(&ok, &t, 0.0), Err(Error::Param { .. })));
+    assert!(matches!(
+        score_range(&ok, &t, &Params { temperature: 0.0, ..Params::default() }),
+        Err(Error::Param { .. })
+    ));
     assert!(matches!(RangeStates::from_values(VocabRange::new(0, 10), vec![0.0; 9]), Err(Error::Shape { .. })));
     assert_eq!(shard_ranges(10, 4).unwrap(), [(0, 3), (3, 3), (6, 3), (9, 1)].map(|(s, l)| VocabRange::new(s, l)));
     assert_eq!(shard_ranges(5, 8).unwrap().iter().map(|r| r.len).sum::<usize>(), 5);
