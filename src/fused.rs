@@ -6,7 +6,7 @@
 //! Extra memory: the two hidden tensors in f64 (2·N·D), one chunk of the lm_head in f64
 //! (chunk·D) and two chunks of logits (2·N·chunk), plus O(N) states — never O(N·V).
 //!
-//! [`score_hidden_emulated`] (feature `emulator`) is the GPU path's computation on the CPU: the
+//! `score_hidden_emulated` (feature `emulator`) is the GPU path's computation on the CPU: the
 //! same chunk loop with f32 GEMMs and the kernel source in partial-state mode per chunk.
 
 use crate::batch::RowOutputs;
