@@ -21,6 +21,20 @@ struct Case {
     v: usize,
 }
 
+impl Case {
+    /// The f32 inputs as the fused API takes them.
+    fn inputs(&self) -> HiddenInputs<'_, f32> {
+        HiddenInputs {
+            real_hidden: &self.real,
+            masked_hidden: &self.masked,
+            lm_head: &self.head,
+            rows: self.n,
+            hidden: self.d,
+            vocab: self.v,
+        }
+    }
+}
+
 /// Hidden states ~ ±1, lm_head rows ~ ±3/√D (logits of a few units); the masked hidden state is
 /// the real one perturbed, as a masked feedback would.
 fn case(n: usize, d: usize, v: usize, seed: u64) -> Case {
@@ -83,14 +97,7 @@ fn fused_row_errors_match_the_materialised_path() {
     let mut c = case(4, 8, 300, 1);
     c.targets[2] = 300; // out of range
     c.real[3 * 8 + 5] = f32::NAN; // every real logit of row 3 NaN
-    let inputs = HiddenInputs {
-        real_hidden: &c.real,
-        masked_hidden: &c.masked,
-        lm_head: &c.head,
-        rows: c.n,
-        hidden: c.d,
-        vocab: c.v,
-    };
+    let inputs = c.inputs();
     let got = score_hidden(0, &inputs, &c.targets, &Params::default(), 64);
     let want = (0..c.n).find_map(|r| {
         let x = logits_row(&c.real, &c.head, r, c.d, c.v);
@@ -113,14 +120,7 @@ fn fused_row_errors_match_the_materialised_path() {
 #[test]
 fn fused_bad_shapes_are_typed_errors() {
     let c = case(2, 4, 10, 2);
-    let ok = HiddenInputs {
-        real_hidden: &c.real,
-        masked_hidden: &c.masked,
-        lm_head: &c.head,
-        rows: c.n,
-        hidden: c.d,
-        vocab: c.v,
-    };
+    let ok = c.inputs();
     assert!(score_hidden(0, &ok, &c.targets, &Params::default(), 3).is_ok());
     let shape = |r: infopo_kernels::Result<_>| matches!(r, Err(Error::Shape { .. }));
     assert!(shape(score_hidden(0, &HiddenInputs { hidden: 5, ..ok }, &c.targets, &Params::default(), 3)));
@@ -186,14 +186,7 @@ fn fused_emulated_matches_the_f64_reference() {
     // A row error: every real logit of row 1 NaN, reported as the reference reports it.
     let mut c = case(3, 8, 32003, 9);
     c.real[8..16].fill(f32::NAN);
-    let inputs = HiddenInputs {
-        real_hidden: &c.real,
-        masked_hidden: &c.masked,
-        lm_head: &c.head,
-        rows: c.n,
-        hidden: c.d,
-        vocab: c.v,
-    };
+    let inputs = c.inputs();
     let want = score_hidden(40, &inputs, &c.targets, &Params::default(), 4096);
     let got = score_hidden_emulated(&b, 40, &inputs, &c.targets, &Params::default(), 4096);
     match (got, want) {
