@@ -26,7 +26,7 @@
 //    trivially copyable value up to 64 bytes can be exchanged at once: the kernels use that
 //    (under INFOPO_EMULATOR) to move a whole reduction state with one barrier instead of one
 //    per 32-bit word, the only emulator-specific code in the kernel source;
-//  * memory model. GPU atomics are relaxed, so atomicAdd / atomicInc / atomicMax are relaxed
+//  * memory model. GPU atomics are relaxed, so atomicInc / atomicMax are relaxed
 //    std::atomic_ref operations, and __ldcg is a plain load. __threadfence is a seq_cst
 //    std::atomic_thread_fence (which, with the relaxed ticket atomics, is what orders the
 //    blocks in the C++ model) AND an acq_rel read-modify-write of one global sync object,
@@ -56,7 +56,7 @@
 // INFOPO_EMULATOR_FAULTS defined (build.rs defines it with INFOPO_EMULATOR_TSAN=1), the
 // environment variable INFOPO_EMULATOR_FAULT, read at each launch, breaks the protocol:
 //   no_fence      __threadfence does nothing (no fence, no annotation);
-//   early_ticket  atomicAdd / atomicInc return old + 1, so the second-to-last block to draw
+//   early_ticket  atomicInc returns old + 1, so the second-to-last block to draw
 //                 a ticket believes it is the last: a row merge / epilogue that reads too early.
 // Under ThreadSanitizer only this C++ is instrumented; the Rust caller is not (scripts/tsan).
 #ifndef INFOPO_EMULATOR_H
@@ -305,13 +305,6 @@ inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int = 32) {
 }
 
 // Relaxed, like the GPU's atomics: ordering comes only from __threadfence.
-inline unsigned atomicAdd(unsigned *p, unsigned v) {
-    infopo_emu::maybe_yield();
-    unsigned old = std::atomic_ref<unsigned>(*p).fetch_add(v, std::memory_order_relaxed);
-    if (infopo_emu::fault == infopo_emu::FAULT_EARLY_TICKET) old += 1u;
-    infopo_emu::maybe_yield();
-    return old;
-}
 // ((old >= limit) ? 0 : old + 1), as CUDA's atomicInc.
 inline unsigned atomicInc(unsigned *p, unsigned limit) {
     infopo_emu::maybe_yield();
