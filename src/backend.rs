@@ -5,6 +5,7 @@
 
 use crate::batch::{Batch, Output, RowOutputs};
 use crate::error::{Error, Result};
+use crate::fused::{HiddenBatch, HiddenTensors};
 use crate::logits::Logits;
 use crate::params::Params;
 
@@ -57,5 +58,45 @@ pub trait Backend: Send + Sync {
             other => other,
         })?;
         Ok(out.rows)
+    }
+
+    /// The fused-linear path's one-call form (issue 9): [`Backend::compute`] of a batch given as
+    /// hidden states and the lm_head weight instead of logits (logits = hidden · lm_headᵀ,
+    /// then ÷ τs), computed over vocabulary chunks of `chunk` token ids (≥ 1;
+    /// [`crate::fused::DEFAULT_CHUNK`] when the caller has no preference) so that no `[N, V]`
+    /// tensor is ever stored. The same outputs, to the backend's accuracy, as
+    /// [`Backend::compute`] on the materialised logits, and the same errors.
+    ///
+    /// The default runs [`Backend::score_hidden_rows`], then the turn means and advantages on
+    /// the host from the f32 row outputs (what the kernel backends' epilogues read); the CPU
+    /// reference reads its f64 rows instead ([`Backend::epilogue_reads_f64_rows`]).
+    fn compute_hidden(&self, batch: &HiddenBatch<'_>, params: &Params, chunk: usize) -> Result<Output> {
+        params.validate()?;
+        let layout = batch.validate()?;
+        let rows = self.score_hidden_rows(0, &batch.tensors, batch.targets, params, chunk)?;
+        let estimator: Vec<f64> = rows.estimator(params.estimator).iter().map(|&v| v as f64).collect();
+        crate::fused::epilogue(rows, layout, &estimator, params)
+    }
+
+    /// Stage one of the fused path: the per-row outputs of one micro-batch of hidden states
+    /// (row 0 is row `first_row` of the whole batch, which row errors name), over vocabulary
+    /// chunks of `chunk` token ids. Feed [`RowOutputs::estimator`] to
+    /// [`crate::epilogue::TurnAccumulator::add_rows`] as with [`Backend::score_rows`].
+    ///
+    /// The default is [`Error::BackendUnavailable`]: a backend without a fused path says so
+    /// (the CPU reference and the emulated kernel have one).
+    fn score_hidden_rows(
+        &self,
+        first_row: usize,
+        tensors: &HiddenTensors<'_>,
+        targets: &[i64],
+        params: &Params,
+        chunk: usize,
+    ) -> Result<RowOutputs> {
+        let _ = (first_row, tensors, targets, params, chunk);
+        Err(Error::BackendUnavailable {
+            backend: self.name(),
+            why: "this backend has no fused-linear (hidden-state) path yet".into(),
+        })
     }
 }

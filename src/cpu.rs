@@ -6,6 +6,7 @@ use crate::backend::Backend;
 use crate::batch::{Batch, Output, RowOutputs};
 use crate::epilogue::{advantages, turn_of_row, TurnAccumulator};
 use crate::error::{Error, Result, RowErrorKind};
+use crate::fused::{self, HiddenBatch, HiddenTensors};
 use crate::logits::{Dtype, LogitData, LogitElement, Logits};
 use crate::params::{Estimator, Params};
 use crate::state::{gap, scaled_logit, RowState, RowValues};
@@ -70,6 +71,27 @@ impl Backend for Cpu {
             None => None,
         };
         Ok(Output { rows, turn_info: Some(info), advantages })
+    }
+
+    /// Rows in f64 over vocabulary chunks ([`crate::fused::score_hidden`]); the epilogue reads
+    /// the f64 rows, as on logits.
+    fn compute_hidden(&self, batch: &HiddenBatch<'_>, params: &Params, chunk: usize) -> Result<Output> {
+        params.validate()?;
+        let layout = batch.validate()?;
+        let values = fused::score_hidden_tensors(0, &batch.tensors, batch.targets, params, chunk)?;
+        let estimator = estimator_values(&values, params.estimator);
+        fused::epilogue(to_outputs(&values), layout, &estimator, params)
+    }
+
+    fn score_hidden_rows(
+        &self,
+        first_row: usize,
+        tensors: &HiddenTensors<'_>,
+        targets: &[i64],
+        params: &Params,
+        chunk: usize,
+    ) -> Result<RowOutputs> {
+        Ok(to_outputs(&fused::score_hidden_tensors(first_row, tensors, targets, params, chunk)?))
     }
 }
 

@@ -298,6 +298,20 @@ impl Backend for Emulated {
     fn compute_micro_batched(&self, batch: &Batch<'_>, params: &Params, cuts: &[usize]) -> Result<Output> {
         self.micro_batched(batch, params, cuts)
     }
+
+    /// f32 chunk GEMMs, then the kernel in partial-state mode per chunk
+    /// ([`crate::fused::score_hidden_emulated`]).
+    fn score_hidden_rows(
+        &self,
+        first_row: usize,
+        tensors: &crate::fused::HiddenTensors<'_>,
+        targets: &[i64],
+        params: &Params,
+        chunk: usize,
+    ) -> Result<RowOutputs> {
+        let values = crate::fused::score_hidden_tensors_emulated(self, first_row, tensors, targets, params, chunk)?;
+        Ok(crate::cpu::to_outputs(&values))
+    }
 }
 
 #[cfg(test)]

@@ -79,16 +79,28 @@ pub fn batch(batch: &Batch<'_>) -> Result<Option<Layout>> {
             real.rows()
         )));
     }
-    if real.rows() > u32::MAX as usize {
-        return Err(Error::shape(format!("{} rows exceed the 2^32 - 1 supported", real.rows())));
+    batch_layout(real.rows(), batch.turns, batch.trajectories, batch.credit_start)
+}
+
+/// The layout part of [`batch`], for any batch of `rows` rows (also the fused path's
+/// [`crate::fused::HiddenBatch`]): at most 2^32 − 1 rows, trajectories only with turns, credit
+/// starts only with trajectories, each validated against the rows.
+pub fn batch_layout(
+    rows: usize,
+    turns: Option<Turns<'_>>,
+    trajectories: Option<Trajectories<'_>>,
+    credit_start: Option<&[u32]>,
+) -> Result<Option<Layout>> {
+    if rows > u32::MAX as usize {
+        return Err(Error::shape(format!("{rows} rows exceed the 2^32 - 1 supported")));
     }
-    match (batch.turns, batch.trajectories) {
+    match (turns, trajectories) {
         (None, Some(_)) => Err(Error::trajectories("Batch::trajectories need a turn layout (Batch::turns)")),
-        (None, None) if batch.credit_start.is_some() => Err(credit_start_needs_trajectories()),
+        (None, None) if credit_start.is_some() => Err(credit_start_needs_trajectories()),
         (None, None) => Ok(None),
         (Some(turns), trajectories) => {
-            let mut out = layout(real.rows(), &turns, trajectories.as_ref())?;
-            if let Some(starts) = batch.credit_start {
+            let mut out = layout(rows, &turns, trajectories.as_ref())?;
+            if let Some(starts) = credit_start {
                 credit_spans(&mut out, starts)?;
             }
             Ok(Some(out))
