@@ -4,7 +4,9 @@
 //!
 //! | name | dtype | shape | |
 //! | --- | --- | --- | --- |
-//! | `real_logits`, `masked_logits` | F32, F16 or BF16 (the same for both) | `[N, V]` | required |
+//! | `real_logits`, `masked_logits` | F32, F16 or BF16 (the same for both) | `[N, V]` | the logits, or: |
+//! | `real_hidden`, `masked_hidden` | F32, F16 or BF16 (one dtype for the three) | `[N, D]` | the fused-linear set ([`HIDDEN_TENSORS`]) |
+//! | `lm_head` | the dtype of `real_hidden` | `[V, D]` | logits = hidden · lm_headᵀ |
 //! | `targets` | I32 or I64 | `[N]` | required |
 //! | `turn_offsets` | I32 or I64 | `[T+1]` | optional, all three turn tensors or none |
 //! | `turn_trajectory` | I32 or I64 | `[T]` | |
@@ -13,6 +15,11 @@
 //! | `trajectory_tokens` | I32 or I64 | `[B]` | |
 //! | `trajectory_outcome` | F32 or F64 | `[B]` | |
 //! | [`CREDIT_START_TENSOR`] | I32 or I64 | `[T]` | optional, needs the trajectories: turn t's credited tokens are positions `start_t .. start_t + turn_credit_tokens_t` of its trajectory's response |
+//!
+//! A file holds exactly one of the two sets, the logits ([`LOGIT_TENSORS`]) or the hidden states
+//! and lm_head ([`HIDDEN_TENSORS`], read by [`read_any_input`] as an
+//! [`crate::fused::OwnedHiddenBatch`]); both, neither or part of a set is an error, as is a width
+//! D that differs between the three hidden tensors.
 //!
 //! Integer tensors may also be U32 or U64. Output tensors are all F32: [`ROW_OUTPUTS`] of shape
 //! `[N]`; `turn_info` `[T]` with turns; with trajectories also [`TURN_OUTPUTS`] `[T]`,
@@ -29,6 +36,7 @@
 
 use crate::batch::{Batch, Output, OwnedBatch};
 use crate::error::{Error, Result};
+use crate::fused::{HiddenBatch, OwnedHiddenBatch};
 use crate::logits::{Dtype, LogitData, Logits};
 use half::{bf16, f16};
 use memmap2::Mmap;
@@ -38,6 +46,11 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// The logit tensors of an input file, `[N, V]` each.
+pub const LOGIT_TENSORS: [&str; 2] = ["real_logits", "masked_logits"];
+/// The fused-linear set of an input file, in place of [`LOGIT_TENSORS`]: `real_hidden` and
+/// `masked_hidden` `[N, D]`, `lm_head` `[V, D]`.
+pub const HIDDEN_TENSORS: [&str; 3] = ["real_hidden", "masked_hidden", "lm_head"];
 /// The three turn tensors (all or none).
 pub const TURN_TENSORS: [&str; 3] = ["turn_offsets", "turn_trajectory", "turn_credit_tokens"];
 /// The three trajectory tensors (all or none; they need the turn tensors).
@@ -223,7 +236,56 @@ pub type InputBatch = OwnedBatch;
 /// (SIGBUS). To be independent of the file, read its bytes and call [`parse_input`] (it copies).
 /// A path that is not a regular file (a pipe, `/dev/stdin`) is read and copied, since it cannot
 /// be mapped.
+///
+/// A file of hidden states and an lm_head (the fused-linear set) is an error here naming
+/// [`read_any_input`], which reads either kind.
 pub fn read_input(path: impl AsRef<Path>) -> Result<InputBatch> {
+    let path = path.as_ref();
+    logits_only(read_any_input(path)?, path)
+}
+
+/// Parses the bytes of an input file into owned buffers (every tensor is copied); `path` only
+/// names the file in errors. [`read_input`] maps the file instead.
+pub fn parse_input(bytes: &[u8], path: &Path) -> Result<InputBatch> {
+    logits_only(parse(bytes, None, path)?, path)
+}
+
+fn logits_only(input: Input, path: &Path) -> Result<InputBatch> {
+    match input {
+        Input::Logits(batch) => Ok(batch),
+        Input::Hidden(_) => Err(file_error(
+            path,
+            format!(
+                "it holds hidden states and an lm_head ({}), not logits: read it with io::read_any_input",
+                HIDDEN_TENSORS.join(", ")
+            ),
+        )),
+    }
+}
+
+/// An input file of either kind: logits, or hidden states and the lm_head weight.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// `real_logits` and `masked_logits`: [`crate::Backend::compute`].
+    Logits(InputBatch),
+    /// `real_hidden`, `masked_hidden` and `lm_head`: [`crate::Backend::compute_hidden`].
+    Hidden(OwnedHiddenBatch),
+}
+
+impl Input {
+    /// N, the rows of the batch.
+    pub fn rows(&self) -> usize {
+        match self {
+            Input::Logits(b) => b.rows,
+            Input::Hidden(b) => b.rows,
+        }
+    }
+}
+
+/// Reads an input file of either kind (see the module docs) by memory-mapping it, as
+/// [`read_input`] does (same contract: the file must not change while the batch lives): the
+/// logits, or the hidden states and lm_head, and the targets are viewed in place where aligned.
+pub fn read_any_input(path: impl AsRef<Path>) -> Result<Input> {
     let path = path.as_ref();
     let file = std::fs::File::open(path).map_err(|e| file_error(path, e.to_string()))?;
     let meta = file.metadata().map_err(|e| file_error(path, e.to_string()))?;
@@ -237,24 +299,45 @@ pub fn read_input(path: impl AsRef<Path>) -> Result<InputBatch> {
         return parse(&bytes, None, path);
     }
     // SAFETY: a read-only mapping, never written through; the aliasing hazard of a file changed
-    // by another process while mapped is the caller's contract, documented above.
+    // by another process while mapped is the caller's contract, documented on `read_input`.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| file_error(path, format!("cannot map it: {e}")))?;
     let map = Arc::new(map);
     parse(&map, Some(&map), path)
 }
 
-/// Parses the bytes of an input file into owned buffers (every tensor is copied); `path` only
-/// names the file in errors. [`read_input`] maps the file instead.
-pub fn parse_input(bytes: &[u8], path: &Path) -> Result<InputBatch> {
+/// [`parse_input`] for either kind of file (every tensor is copied).
+pub fn parse_any_input(bytes: &[u8], path: &Path) -> Result<Input> {
     parse(bytes, None, path)
 }
 
 /// Parses `bytes`, which are all of `map` when one is given: aligned tensors are then viewed in
-/// place in it.
-fn parse(bytes: &[u8], map: Option<&Arc<Mmap>>, path: &Path) -> Result<InputBatch> {
+/// place in it. Exactly one of the logit set and the hidden set must be present.
+fn parse(bytes: &[u8], map: Option<&Arc<Mmap>>, path: &Path) -> Result<Input> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| file_error(path, describe(&e)))?;
     let file = File { st: &st, path };
+    let has_any = |names: &[&str]| names.iter().any(|n| file.get(n).is_some());
+    match (has_any(&LOGIT_TENSORS), has_any(&HIDDEN_TENSORS)) {
+        (true, false) => parse_logits(&file, map).map(Input::Logits),
+        (false, true) => parse_hidden(&file, map).map(Input::Hidden),
+        (true, true) => Err(file_error(
+            path,
+            format!(
+                "it holds both logits ({}) and hidden states ({}): an input file holds one of the two sets",
+                LOGIT_TENSORS.join(", "),
+                HIDDEN_TENSORS.join(", ")
+            ),
+        )),
+        (false, false) => Err(file_error(
+            path,
+            format!(
+                "it holds neither logits ({} and {}) nor hidden states and an lm_head ({}, {} and {})",
+                LOGIT_TENSORS[0], LOGIT_TENSORS[1], HIDDEN_TENSORS[0], HIDDEN_TENSORS[1], HIDDEN_TENSORS[2]
+            ),
+        )),
+    }
+}
 
+fn parse_logits(file: &File<'_, '_>, map: Option<&Arc<Mmap>>) -> Result<InputBatch> {
     let real = file.require("real_logits")?;
     let masked = file.require("masked_logits")?;
     let targets = file.require("targets")?;
@@ -277,9 +360,84 @@ fn parse(bytes: &[u8], map: Option<&Arc<Mmap>>, path: &Path) -> Result<InputBatc
     if real_buf.dtype() != masked_buf.dtype() {
         return Err(Error::DtypeMismatch { real: real_buf.dtype().name(), masked: masked_buf.dtype().name() });
     }
+    let layout = parse_layout(file, &targets, map)?;
+    Ok(InputBatch {
+        rows,
+        vocab,
+        real: real_buf,
+        masked: masked_buf,
+        targets: layout.targets,
+        turns: layout.turns,
+        trajectories: layout.trajectories,
+        credit_start: layout.credit_start,
+    })
+}
+
+/// The hidden-state set: `real_hidden`, `masked_hidden` `[N, D]`, `lm_head` `[V, D]`, one dtype.
+fn parse_hidden(file: &File<'_, '_>, map: Option<&Arc<Mmap>>) -> Result<OwnedHiddenBatch> {
+    let Some(set) = file.set(&HIDDEN_TENSORS)? else {
+        return Err(Error::MissingTensor { name: HIDDEN_TENSORS[0].to_string(), path: file.path.to_path_buf() });
+    };
+    let [real, masked, head] = [&set[0], &set[1], &set[2]];
+    let targets = file.require("targets")?;
+    let (rows, hidden) = match *real.shape() {
+        [n, d] => (n, d),
+        ref s => return Err(Error::shape(format!("`real_hidden` has shape {s:?}, expected [N, D]"))),
+    };
+    if masked.shape() != real.shape() {
+        return Err(Error::shape(format!(
+            "`masked_hidden` has shape {:?} but `real_hidden` has shape {:?}",
+            masked.shape(),
+            real.shape()
+        )));
+    }
+    let vocab = match *head.shape() {
+        [v, d] if d == hidden => v,
+        [_, d] => {
+            return Err(Error::shape(format!(
+                "`lm_head` has shape {:?}: its width D = {d} differs from the hidden states' D = {hidden} \
+                 (`real_hidden` has shape {:?})",
+                head.shape(),
+                real.shape()
+            )))
+        }
+        ref s => return Err(Error::shape(format!("`lm_head` has shape {s:?}, expected [V, D]"))),
+    };
+    if targets.shape() != [rows] {
+        return Err(Error::shape(format!("`targets` has shape {:?}, expected [N] = [{rows}]", targets.shape())));
+    }
+    let real_hidden = logits("real_hidden", real, map)?;
+    let masked_hidden = logits("masked_hidden", masked, map)?;
+    let lm_head = logits("lm_head", head, map)?;
+    crate::fused::check_dtypes(real_hidden.dtype(), masked_hidden.dtype(), lm_head.dtype())?;
+    let layout = parse_layout(file, &targets, map)?;
+    Ok(OwnedHiddenBatch {
+        rows,
+        hidden,
+        vocab,
+        real_hidden,
+        masked_hidden,
+        lm_head,
+        targets: layout.targets,
+        turns: layout.turns,
+        trajectories: layout.trajectories,
+        credit_start: layout.credit_start,
+    })
+}
+
+/// What both kinds of input file share: the targets and the optional layout tensors.
+struct FileLayout {
+    targets: Elements<i64>,
+    turns: Option<TurnBuf>,
+    trajectories: Option<TrajectoryBuf>,
+    credit_start: Option<Vec<u32>>,
+}
+
+fn parse_layout(file: &File<'_, '_>, targets: &TensorView<'_>, map: Option<&Arc<Mmap>>) -> Result<FileLayout> {
+    let path = file.path;
     let targets = match targets.dtype() {
         StDtype::I64 => elements(targets.data(), map, |d| decode(d, i64::from_le_bytes)),
-        _ => integers("targets", &targets)?.into(),
+        _ => integers("targets", targets)?.into(),
     };
 
     let turns = match file.set(&TURN_TENSORS)? {
@@ -307,7 +465,7 @@ fn parse(bytes: &[u8], map: Option<&Arc<Mmap>>, path: &Path) -> Result<InputBatc
     };
     // Checked against the turns and trajectories by the backends (`validate::batch`).
     let credit_start = file.get(CREDIT_START_TENSOR).map(|v| indices(CREDIT_START_TENSOR, &v)).transpose()?;
-    Ok(InputBatch { rows, vocab, real: real_buf, masked: masked_buf, targets, turns, trajectories, credit_start })
+    Ok(FileLayout { targets, turns, trajectories, credit_start })
 }
 
 struct File<'a, 'd> {
@@ -459,8 +617,11 @@ fn i64_tensor(name: &'static str, values: impl IntoIterator<Item = i64>) -> Out<
 }
 
 fn logit_tensor<'a>(name: &'static str, logits: &Logits<'a>) -> Out<'a> {
-    let shape = vec![logits.rows(), logits.vocab()];
-    let data = logits.data();
+    float_tensor(name, logits.data(), vec![logits.rows(), logits.vocab()])
+}
+
+/// An F32, F16 or BF16 tensor of `shape`.
+fn float_tensor<'a>(name: &'static str, data: LogitData<'a>, shape: Vec<usize>) -> Out<'a> {
     let dtype = match data.dtype() {
         Dtype::F32 => StDtype::F32,
         Dtype::F16 => StDtype::F16,
@@ -513,20 +674,47 @@ pub fn write_output(path: impl AsRef<Path>, output: &Output) -> Result<()> {
 /// integer tensors as I64, `trajectory_outcome` as F64. Shapes are written as given (not
 /// validated), so this also makes deliberately bad files for tests.
 pub fn write_input(path: impl AsRef<Path>, batch: &Batch<'_>) -> Result<()> {
-    let u32s = |name, v: &[u32]| i64_tensor(name, v.iter().map(|&x| x as i64));
     let mut tensors = vec![
-        logit_tensor("real_logits", &batch.real),
-        logit_tensor("masked_logits", &batch.masked),
+        logit_tensor(LOGIT_TENSORS[0], &batch.real),
+        logit_tensor(LOGIT_TENSORS[1], &batch.masked),
         i64_tensor("targets", batch.targets.iter().copied()),
     ];
-    if let Some(t) = &batch.turns {
+    tensors.extend(layout_tensors(batch.turns.as_ref(), batch.trajectories.as_ref(), batch.credit_start));
+    write_tensors(path.as_ref(), tensors)
+}
+
+/// Writes a fused-linear batch as an input file that [`read_any_input`] reads back:
+/// `real_hidden`, `masked_hidden` `[N, D]` and `lm_head` `[V, D]` in their dtype, the targets
+/// and layout as [`write_input`] writes them.
+pub fn write_hidden_input(path: impl AsRef<Path>, batch: &HiddenBatch<'_>) -> Result<()> {
+    let t = &batch.tensors;
+    let (n, d, v) = (t.rows(), t.hidden(), t.vocab());
+    let mut tensors = vec![
+        float_tensor(HIDDEN_TENSORS[0], t.real_hidden(), vec![n, d]),
+        float_tensor(HIDDEN_TENSORS[1], t.masked_hidden(), vec![n, d]),
+        float_tensor(HIDDEN_TENSORS[2], t.lm_head(), vec![v, d]),
+        i64_tensor("targets", batch.targets.iter().copied()),
+    ];
+    tensors.extend(layout_tensors(batch.turns.as_ref(), batch.trajectories.as_ref(), batch.credit_start));
+    write_tensors(path.as_ref(), tensors)
+}
+
+/// The optional turn, trajectory and credit-start tensors of an input file.
+fn layout_tensors(
+    turns: Option<&crate::Turns<'_>>,
+    trajectories: Option<&crate::Trajectories<'_>>,
+    credit_start: Option<&[u32]>,
+) -> Vec<Out<'static>> {
+    let u32s = |name, v: &[u32]| i64_tensor(name, v.iter().map(|&x| x as i64));
+    let mut tensors = Vec::new();
+    if let Some(t) = turns {
         tensors.extend([
             u32s(TURN_TENSORS[0], t.offsets),
             u32s(TURN_TENSORS[1], t.trajectory),
             u32s(TURN_TENSORS[2], t.credit_tokens),
         ]);
     }
-    if let Some(t) = &batch.trajectories {
+    if let Some(t) = trajectories {
         let outcome: Vec<u8> = t.outcome.iter().flat_map(|v| v.to_le_bytes()).collect();
         tensors.extend([
             u32s(TRAJECTORY_TENSORS[0], t.group),
@@ -539,10 +727,10 @@ pub fn write_input(path: impl AsRef<Path>, batch: &Batch<'_>) -> Result<()> {
             },
         ]);
     }
-    if let Some(starts) = batch.credit_start {
+    if let Some(starts) = credit_start {
         tensors.push(u32s(CREDIT_START_TENSOR, starts));
     }
-    write_tensors(path.as_ref(), tensors)
+    tensors
 }
 
 fn write_tensors(path: &Path, tensors: Vec<Out<'_>>) -> Result<()> {
@@ -629,6 +817,44 @@ mod tests {
         read.as_batch().unwrap();
         // Only the destination is left in the folder.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn hidden_round_trip_and_the_logits_reader_names_the_other() {
+        use crate::fused::{HiddenBatch, HiddenTensors};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hidden.safetensors");
+        let real: Vec<f16> = (0..6).map(|i| f16::from_f32(i as f32 * 0.25)).collect();
+        let masked: Vec<f16> = (0..6).map(|i| f16::from_f32(-(i as f32))).collect();
+        let head: Vec<f16> = (0..12).map(|i| f16::from_f32(i as f32 * 0.5)).collect();
+        let tensors = HiddenTensors::new(
+            LogitData::from_slice(&real),
+            LogitData::from_slice(&masked),
+            LogitData::from_slice(&head),
+            2,
+            3,
+            4,
+        )
+        .unwrap();
+        let targets = [1i64, 3];
+        let batch = HiddenBatch::rows(tensors, &targets)
+            .with_turns(Turns { offsets: &[0, 1, 2], trajectory: &[0, 1], credit_tokens: &[3, 4] })
+            .with_trajectories(Trajectories { group: &[7, 7], outcome: &[1.0, 0.0], tokens: &[5, 6] })
+            .with_credit_start(&[1, 2]);
+        write_hidden_input(&path, &batch).unwrap();
+        let Input::Hidden(read) = read_any_input(&path).unwrap() else { panic!("read back as logits") };
+        assert_eq!((read.rows, read.hidden, read.vocab), (2, 3, 4));
+        assert_eq!(read.lm_head, LogitBuf::F16(head.into()));
+        assert!(read.real_hidden.is_mapped() && read.masked_hidden.is_mapped() && read.lm_head.is_mapped());
+        assert_eq!(read.targets, targets);
+        assert_eq!(read.credit_start.as_deref(), Some(&[1, 2][..]));
+        assert_eq!(read.trajectories.as_ref().unwrap().group, [7, 7]);
+        assert_eq!(parse_any_input(&std::fs::read(&path).unwrap(), &path).unwrap(), Input::Hidden(read.clone()));
+        read.as_batch().unwrap().validate().unwrap();
+        // The logits-only readers say what the file holds and what reads it.
+        for err in [read_input(&path).unwrap_err(), parse_input(&std::fs::read(&path).unwrap(), &path).unwrap_err()] {
+            assert!(matches!(err, Error::File { .. }) && err.to_string().contains("read_any_input"), "{err}");
+        }
     }
 
     /// A safetensors file whose data starts with a `pad` tensor of `pad` bytes, so the tensors

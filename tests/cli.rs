@@ -1,6 +1,7 @@
 //! End-to-end tests of the `infopo` binary on files written into a temporary folder.
 
 use half::bf16;
+use infopo_kernels::fused::{HiddenBatch, HiddenTensors};
 use infopo_kernels::synth::{self, SynthSpec};
 use infopo_kernels::{cpu::Cpu, io, Backend, Batch, Logits, Output, Params, Trajectories, Turns};
 use safetensors::tensor::TensorView;
@@ -561,4 +562,155 @@ fn credit_starts_give_token_advantage_and_bad_spans_exit_2() {
     no_trajectories.retain(|t| !t.0.starts_with("trajectory_"));
     raw_file(&input, &no_trajectories);
     expect_bad_input(dir.path(), &input, &["turn_credit_start", "needs trajectories"]);
+}
+
+// ------------------------------------------------------------------------------------------
+// Fused-linear files: hidden states and the lm_head weight instead of logits.
+
+/// A fused-linear batch over the synthetic layout of `small_spec` (40 rows, V = 97): hidden
+/// states [40, 8] and an lm_head [97, 8] in dtype T. Returns the layout's synthetic batch and
+/// the three tensors.
+fn hidden_inputs<T: infopo_kernels::LogitElement>() -> (synth::SynthBatch<T>, [Vec<T>; 3]) {
+    let data = synth::batch::<T>(small_spec());
+    let mut rng = synth::Rng::new(5);
+    let (n, d, v) = (data.rows, 8, data.vocab);
+    let mut draw =
+        |len: usize, scale: f64| -> Vec<T> { (0..len).map(|_| T::from_f32((scale * rng.normal()) as f32)).collect() };
+    let real = draw(n * d, 1.0);
+    let masked = draw(n * d, 1.0);
+    let head = draw(v * d, 0.8);
+    (data, [real, masked, head])
+}
+
+fn hidden_batch<'a, T: infopo_kernels::LogitElement>(
+    data: &'a synth::SynthBatch<T>,
+    [real, masked, head]: &'a [Vec<T>; 3],
+) -> HiddenBatch<'a> {
+    use infopo_kernels::LogitData;
+    let tensors = HiddenTensors::new(
+        LogitData::from_slice(real),
+        LogitData::from_slice(masked),
+        LogitData::from_slice(head),
+        data.rows,
+        8,
+        data.vocab,
+    )
+    .unwrap();
+    let b = data.as_batch();
+    HiddenBatch { tensors, targets: b.targets, turns: b.turns, trajectories: b.trajectories, credit_start: None }
+}
+
+#[test]
+fn compute_and_verify_fused_linear_files() {
+    use infopo_kernels::emulated::Emulated;
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in.safetensors"), dir.path().join("out.safetensors"));
+    let (data, tensors) = hidden_inputs::<bf16>();
+    let batch = hidden_batch(&data, &tensors);
+    io::write_hidden_input(&input, &batch).unwrap();
+    let params = Params::default();
+    // compute: the library's outputs exactly, at the default chunk and at --chunk 10.
+    let run = infopo(&["compute", s(&input), s(&output), "--backend", "cpu"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(stdout(&run).contains("fused linear"), "{}", stdout(&run));
+    let want = Cpu.compute_hidden(&batch, &params, infopo_kernels::fused::DEFAULT_CHUNK).unwrap();
+    assert!(want.advantages.is_some());
+    check_output(&output, &want);
+    let run = infopo(&["compute", s(&input), s(&output), "--backend", "emulated", "--chunk", "10"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    check_output(&output, &Emulated::new().compute_hidden(&batch, &params, 10).unwrap());
+    assert_eq!(entries(dir.path()), [input.clone(), output.clone()], "no temporary file left behind");
+    // verify: both backends against the f64 reference, for f32 files too.
+    let f32_input = dir.path().join("f32.safetensors");
+    let (data32, tensors32) = hidden_inputs::<f32>();
+    io::write_hidden_input(&f32_input, &hidden_batch(&data32, &tensors32)).unwrap();
+    for file in [&input, &f32_input] {
+        for (backend, chunk) in [("cpu", "4096"), ("emulated", "13"), ("emulated", "97")] {
+            let run = infopo(&["verify", s(file), "--backend", backend, "--chunk", chunk, "--estimator", "kl"]);
+            assert_eq!(run.status.code(), Some(0), "{backend} {chunk}: {}{}", stdout(&run), stderr(&run));
+            for name in ["row_kl", "turn_info", "turn_bonus", "magnitude_ratio"] {
+                assert!(stdout(&run).contains(name), "{}", stdout(&run));
+            }
+        }
+    }
+    // --chunk must be at least 1 (a usage error).
+    let run = infopo(&["compute", s(&input), s(&output), "--chunk", "0"]);
+    assert_eq!(run.status.code(), Some(2), "{}", stderr(&run));
+}
+
+/// A small valid fused-linear file as raw tensors: the layout and targets of [`raw_batch`]
+/// (6 rows, V = 5) with hidden states [6, 4] and an lm_head [5, 4] in place of the logits.
+fn raw_hidden_batch() -> Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)> {
+    let real: Vec<f32> = (0..24).map(|i| (i as f32 * 0.41).sin()).collect();
+    let masked: Vec<f32> = (0..24).map(|i| (i as f32 * 0.29).cos()).collect();
+    let head: Vec<f32> = (0..20).map(|i| (i as f32 * 0.77).sin() * 2.0).collect();
+    let mut t = raw_batch();
+    t.retain(|x| !x.0.ends_with("_logits"));
+    t.extend([
+        ("real_hidden", Dtype::F32, vec![6, 4], f32_bytes(&real)),
+        ("masked_hidden", Dtype::F32, vec![6, 4], f32_bytes(&masked)),
+        ("lm_head", Dtype::F32, vec![5, 4], f32_bytes(&head)),
+    ]);
+    t
+}
+
+#[test]
+fn the_raw_hidden_batch_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in.safetensors"), dir.path().join("out.safetensors"));
+    raw_file(&input, &raw_hidden_batch());
+    let run = infopo(&["compute", s(&input), s(&output), "--backend", "cpu"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let Ok(io::Input::Hidden(batch)) = io::read_any_input(&input) else { panic!("not a fused-linear file") };
+    let want = Cpu.compute_hidden(&batch.as_batch().unwrap(), &Params::default(), 4096).unwrap();
+    assert!(want.advantages.is_some());
+    check_output(&output, &want);
+}
+
+/// Each malformed fused-linear file exits 2 with one clear line and writes nothing, from
+/// `compute` and from `verify`.
+#[test]
+fn malformed_fused_linear_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    let bad = |tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)], needles: &[&str]| {
+        raw_file(&input, tensors);
+        expect_bad_input(dir.path(), &input, needles);
+        let run = infopo(&["verify", s(&input), "--backend", "emulated"]);
+        assert_eq!(run.status.code(), Some(2), "verify: {}", stderr(&run));
+        for needle in needles {
+            assert!(stderr(&run).contains(needle), "verify: `{needle}` not in {}", stderr(&run));
+        }
+    };
+    // Both sets.
+    let mut both = raw_hidden_batch();
+    both.extend(raw_batch().into_iter().filter(|x| x.0.ends_with("_logits")));
+    bad(&both, &["both logits", "real_logits", "lm_head", "one of the two sets"]);
+    // Neither set.
+    let mut neither = raw_batch();
+    neither.retain(|x| !x.0.ends_with("_logits"));
+    bad(&neither, &["neither logits", "real_hidden"]);
+    // A partial set names the missing member.
+    bad(&with(raw_hidden_batch(), "lm_head", None), &["missing tensor `lm_head`"]);
+    bad(&with(raw_hidden_batch(), "real_hidden", None), &["missing tensor `real_hidden`"]);
+    // The lm_head's width D differs from the hidden states'.
+    let head = f32_bytes(&[0.5; 15]);
+    bad(&with(raw_hidden_batch(), "lm_head", Some((Dtype::F32, vec![5, 3], head))), &["lm_head", "D = 3", "D = 4"]);
+    // masked_hidden of another shape; hidden states of rank 1.
+    let masked = f32_bytes(&[0.5; 20]);
+    bad(
+        &with(raw_hidden_batch(), "masked_hidden", Some((Dtype::F32, vec![5, 4], masked))),
+        &["masked_hidden", "shape"],
+    );
+    let real = f32_bytes(&[0.5; 24]);
+    bad(&with(raw_hidden_batch(), "real_hidden", Some((Dtype::F32, vec![24], real))), &["real_hidden", "[N, D]"]);
+    // Targets for another number of rows.
+    let targets = i64_bytes(&[0; 5]);
+    bad(&with(raw_hidden_batch(), "targets", Some((Dtype::I64, vec![5], targets))), &["targets", "shape"]);
+    // One dtype for the three: a bf16 lm_head with f32 hidden states.
+    let head: Vec<u8> = (0..20).flat_map(|i| bf16::from_f32(i as f32 * 0.1).to_bits().to_le_bytes()).collect();
+    bad(&with(raw_hidden_batch(), "lm_head", Some((Dtype::BF16, vec![5, 4], head))), &["lm_head", "bf16", "f32"]);
+    // A dtype the fused path does not read.
+    let head: Vec<u8> = (0..20).flat_map(|i| (i as f64).to_le_bytes()).collect();
+    bad(&with(raw_hidden_batch(), "lm_head", Some((Dtype::F64, vec![5, 4], head))), &["lm_head", "F64"]);
 }

@@ -30,9 +30,21 @@ pub struct RunArgs {
     /// intrinsic values (σ_g = 0 below 2 tokens).
     #[arg(long, value_enum, default_value_t = GateSourceArg::Outcome)]
     pub gate_source: GateSourceArg,
+    /// Token ids per vocabulary chunk of the fused-linear path (files of hidden states and an
+    /// lm_head): each chunk's logits are computed, folded into the row states and dropped.
+    /// Ignored for files of logits.
+    #[arg(long, default_value_t = infopo_kernels::fused::DEFAULT_CHUNK as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub chunk: u64,
 }
 
 impl RunArgs {
+    /// `--chunk` as a count of token ids (saturating on a 32-bit host: a chunk wider than the
+    /// vocabulary is the whole vocabulary).
+    pub fn chunk(&self) -> usize {
+        usize::try_from(self.chunk).unwrap_or(usize::MAX)
+    }
+
     pub fn params(&self) -> Params {
         Params {
             temperature: self.temperature,

@@ -3,7 +3,7 @@
 use crate::args::RunArgs;
 use crate::timing::ms;
 use crate::{emit, open, Outcome};
-use infopo_kernels::io;
+use infopo_kernels::io::{self, Input};
 use std::path::Path;
 use std::time::Instant;
 
@@ -11,20 +11,35 @@ pub fn run(input: &Path, output: &Path, run: &RunArgs) -> Outcome {
     let params = run.params();
     params.validate()?;
     let backend = open(run.backend)?;
-    let data = io::read_input(input)?;
-    let batch = data.as_batch()?;
+    let data = io::read_any_input(input)?;
     let start = Instant::now();
-    let out = backend.compute(&batch, &params)?;
+    // The outputs, what the file holds, and its turn and trajectory counts.
+    let (out, what, turns, trajectories) = match &data {
+        Input::Logits(data) => {
+            let batch = data.as_batch()?;
+            let out = backend.compute(&batch, &params)?;
+            let what = format!("{} rows x {} vocab ({})", data.rows, data.vocab, data.real.dtype());
+            (out, what, batch.turns.map_or(0, |t| t.len()), batch.trajectories.map_or(0, |t| t.len()))
+        }
+        Input::Hidden(data) => {
+            let batch = data.as_batch()?;
+            let out = backend.compute_hidden(&batch, &params, run.chunk())?;
+            let what = format!(
+                "{} rows x {} hidden, lm_head {} vocab ({}, fused linear, chunks of {})",
+                data.rows,
+                data.hidden,
+                data.vocab,
+                data.real_hidden.dtype(),
+                run.chunk().min(data.vocab)
+            );
+            (out, what, batch.turns.map_or(0, |t| t.len()), batch.trajectories.map_or(0, |t| t.len()))
+        }
+    };
     let elapsed = start.elapsed();
     io::write_output(output, &out)?;
     emit(&format!(
-        "{}: {} rows x {} vocab ({}), {} turns, {} trajectories on {} in {:.1} ms -> {}\n",
+        "{}: {what}, {turns} turns, {trajectories} trajectories on {} in {:.1} ms -> {}\n",
         input.display(),
-        data.rows,
-        data.vocab,
-        data.real.dtype(),
-        batch.turns.map_or(0, |t| t.len()),
-        batch.trajectories.map_or(0, |t| t.len()),
         backend.name(),
         ms(elapsed),
         output.display()

@@ -28,8 +28,9 @@ use std::process::ExitCode;
 #[command(
     name = "infopo",
     version,
-    about = "InfoPO turn-level rewards and advantages from paired logits",
-    long_about = "InfoPO turn-level rewards and advantages from paired logits.\n\n\
+    about = "InfoPO turn-level rewards and advantages from paired logits (or hidden states and an lm_head)",
+    long_about = "InfoPO turn-level rewards and advantages from paired logits, or from paired hidden \
+        states and the lm_head weight (fused linear: the logits are never stored).\n\n\
         With no subcommand, runs the main job: a synthetic batch of 1024 rows of Qwen-sized \
         (151936) bf16 logits in 4 GRPO groups through the full pipeline on the best backend \
         available, and prints per-turn and per-trajectory tables and the throughput.\n\n\
@@ -44,7 +45,8 @@ struct Cli {
 enum Command {
     /// Compute every output of an input file and write them to OUT (safetensors, F32).
     Compute {
-        /// Input safetensors file (real, masked, targets; optional turns and trajectories).
+        /// Input safetensors file: real and masked logits, or real and masked hidden states and
+        /// the lm_head weight (fused linear); targets; optional turns and trajectories.
         input: PathBuf,
         /// Output safetensors file, written atomically.
         output: PathBuf,
@@ -53,7 +55,7 @@ enum Command {
     },
     /// Run a backend and the CPU reference on a file and compare every output tensor.
     Verify {
-        /// Input safetensors file.
+        /// Input safetensors file (logits, or hidden states and an lm_head).
         input: PathBuf,
         #[command(flatten)]
         run: RunArgs,

@@ -2,7 +2,8 @@
 
 use crate::args::RunArgs;
 use crate::{emit, open, Failure, Outcome};
-use infopo_kernels::{cpu::Cpu, io, Backend, Output};
+use infopo_kernels::io::{self, Input};
+use infopo_kernels::{cpu::Cpu, Backend, Output};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -105,11 +106,20 @@ pub fn run(input: &Path, run: &RunArgs) -> Outcome {
     let params = run.params();
     params.validate()?;
     let backend = open(run.backend)?;
-    let data = io::read_input(input)?;
-    let batch = data.as_batch()?;
+    let data = io::read_any_input(input)?;
     let (atol, rtol) = tolerance(backend.name());
-    let reference = Cpu.compute(&batch, &params);
-    let got = backend.compute(&batch, &params);
+    // A fused-linear file: both run the chunked path, the reference in f64 (the chunk changes
+    // only its rounding).
+    let (reference, got) = match &data {
+        Input::Logits(data) => {
+            let batch = data.as_batch()?;
+            (Cpu.compute(&batch, &params), backend.compute(&batch, &params))
+        }
+        Input::Hidden(data) => {
+            let batch = data.as_batch()?;
+            (Cpu.compute_hidden(&batch, &params, run.chunk()), backend.compute_hidden(&batch, &params, run.chunk()))
+        }
+    };
     let (reference, got) = match (reference, got) {
         (_, Err(e @ infopo_kernels::Error::BackendUnavailable { .. })) => return Err(e.into()),
         // Bad input: the backend must reject it the same way as the reference.
