@@ -17,6 +17,10 @@
 //! micro-batch, [`epilogue::TurnAccumulator`] and [`epilogue::advantages`] (the README's
 //! "Library" section shows both).
 //!
+//! Without the logits: from the two hidden states and the lm_head weight, a [`HiddenBatch`] and
+//! [`Backend::compute_hidden`] compute the same outputs over vocabulary chunks, never storing an
+//! `[N, V]` tensor ([`fused`]; the CLI reads such files too, see [`io`]).
+//!
 //! With feature `candle`, `candle::score_rows` and `candle::compute` take and return candle
 //! tensors (CPU tensors on the CPU backend, CUDA tensors zero-copy on candle's stream).
 //!
@@ -71,6 +75,7 @@ pub use batch::{
     TurnBuf, Turns,
 };
 pub use error::{Error, Result, RowErrorKind};
+pub use fused::{HiddenBatch, HiddenTensors, OwnedHiddenBatch};
 /// The `f16`/`bf16` element types of [`LogitData`] and [`OwnedBatch`], re-exported so that a
 /// trainer uses the same `half` version as this crate.
 pub use half;
