@@ -184,6 +184,31 @@ impl<'a> HiddenTensors<'a> {
         })
     }
 
+    /// The typed [`HiddenInputs`] when `T` is the tensors' element type (`None` otherwise):
+    /// how a backend with a generic entry point (`fn f<T: LogitElement>(&HiddenInputs<T>)`)
+    /// takes these tensors, matching on [`HiddenTensors::dtype`].
+    pub fn typed<T: LogitElement>(&self) -> Option<HiddenInputs<'a, T>> {
+        if T::DTYPE != self.dtype() {
+            return None;
+        }
+        // Same dtype, same element size: a reinterpretation of Pod elements, as LogitData::from_slice.
+        let cast = |d: LogitData<'a>| -> &'a [T] {
+            match d {
+                LogitData::F32(x) => bytemuck::cast_slice(x),
+                LogitData::F16(x) => bytemuck::cast_slice(x),
+                LogitData::BF16(x) => bytemuck::cast_slice(x),
+            }
+        };
+        Some(HiddenInputs {
+            real_hidden: cast(self.real_hidden),
+            masked_hidden: cast(self.masked_hidden),
+            lm_head: cast(self.lm_head),
+            rows: self.rows,
+            hidden: self.hidden,
+            vocab: self.vocab,
+        })
+    }
+
     /// Bytes of the three tensors.
     pub fn size_bytes(&self) -> usize {
         (self.real_hidden.len() + self.masked_hidden.len() + self.lm_head.len()) * self.dtype().size_bytes()
@@ -194,29 +219,14 @@ impl<'a> HiddenTensors<'a> {
 macro_rules! with_inputs {
     ($tensors:expr, |$inputs:ident| $body:expr) => {{
         let t: &HiddenTensors<'_> = $tensors;
-        match (t.real_hidden, t.masked_hidden, t.lm_head) {
-            (LogitData::F32(r), LogitData::F32(m), LogitData::F32(w)) => {
-                let $inputs = typed::<f32>(t, r, m, w);
-                $body
-            }
-            (LogitData::F16(r), LogitData::F16(m), LogitData::F16(w)) => {
-                let $inputs = typed::<f16>(t, r, m, w);
-                $body
-            }
-            (LogitData::BF16(r), LogitData::BF16(m), LogitData::BF16(w)) => {
-                let $inputs = typed::<bf16>(t, r, m, w);
-                $body
-            }
-            // Unreachable through HiddenTensors::new; reported, never a panic.
-            (r, m, w) => Err(check_dtypes(r.dtype(), m.dtype(), w.dtype())
-                .err()
-                .unwrap_or_else(|| Error::shape("hidden tensors of mixed dtypes"))),
+        match t.dtype() {
+            Dtype::F32 => t.typed::<f32>().map(|$inputs| $body),
+            Dtype::F16 => t.typed::<f16>().map(|$inputs| $body),
+            Dtype::BF16 => t.typed::<bf16>().map(|$inputs| $body),
         }
+        // typed::<T>() of the tensors' own dtype is always Some.
+        .unwrap_or_else(|| Err(Error::shape("hidden tensors of mixed dtypes")))
     }};
-}
-
-fn typed<'a, T: LogitElement>(t: &HiddenTensors<'a>, r: &'a [T], m: &'a [T], w: &'a [T]) -> HiddenInputs<'a, T> {
-    HiddenInputs { real_hidden: r, masked_hidden: m, lm_head: w, rows: t.rows, hidden: t.hidden, vocab: t.vocab }
 }
 
 /// [`score_hidden`] on dtype-erased tensors: every row's values in f64, chunk by chunk.
