@@ -184,12 +184,17 @@ impl<'a> HiddenTensors<'a> {
         })
     }
 
-    /// The typed [`HiddenInputs`] when `T` is the tensors' element type (`None` otherwise):
-    /// how a backend with a generic entry point (`fn f<T: LogitElement>(&HiddenInputs<T>)`)
-    /// takes these tensors, matching on [`HiddenTensors::dtype`].
-    pub fn typed<T: LogitElement>(&self) -> Option<HiddenInputs<'a, T>> {
+    /// The typed [`HiddenInputs`] when `T` is the tensors' element type, else
+    /// [`Error::UnsupportedDtype`]: how a backend with a generic entry point
+    /// (`fn f<T: LogitElement>(&HiddenInputs<T>)`) takes these tensors, matching on
+    /// [`HiddenTensors::dtype`]: `Dtype::BF16 => f(&tensors.typed::<half::bf16>()?)`.
+    pub fn typed<T: LogitElement>(&self) -> Result<HiddenInputs<'a, T>> {
         if T::DTYPE != self.dtype() {
-            return None;
+            return Err(Error::UnsupportedDtype {
+                tensor: "real_hidden",
+                dtype: self.dtype().name().to_string(),
+                expected: T::DTYPE.name(),
+            });
         }
         // Same dtype, same element size: a reinterpretation of Pod elements, as LogitData::from_slice.
         let cast = |d: LogitData<'a>| -> &'a [T] {
@@ -199,7 +204,7 @@ impl<'a> HiddenTensors<'a> {
                 LogitData::BF16(x) => bytemuck::cast_slice(x),
             }
         };
-        Some(HiddenInputs {
+        Ok(HiddenInputs {
             real_hidden: cast(self.real_hidden),
             masked_hidden: cast(self.masked_hidden),
             lm_head: cast(self.lm_head),
@@ -220,12 +225,10 @@ macro_rules! with_inputs {
     ($tensors:expr, |$inputs:ident| $body:expr) => {{
         let t: &HiddenTensors<'_> = $tensors;
         match t.dtype() {
-            Dtype::F32 => t.typed::<f32>().map(|$inputs| $body),
-            Dtype::F16 => t.typed::<f16>().map(|$inputs| $body),
-            Dtype::BF16 => t.typed::<bf16>().map(|$inputs| $body),
+            Dtype::F32 => t.typed::<f32>().and_then(|$inputs| $body),
+            Dtype::F16 => t.typed::<f16>().and_then(|$inputs| $body),
+            Dtype::BF16 => t.typed::<bf16>().and_then(|$inputs| $body),
         }
-        // typed::<T>() of the tensors' own dtype is always Some.
-        .unwrap_or_else(|| Err(Error::shape("hidden tensors of mixed dtypes")))
     }};
 }
 

@@ -469,7 +469,9 @@ fn fused_batch_errors_are_typed() {
     // The typed view a generic backend entry point takes: only in the tensors' own dtype.
     let typed = tensors.typed::<f32>().expect("f32 tensors");
     assert_eq!((typed.lm_head, typed.rows, typed.hidden, typed.vocab), (&c.head[..], 4, 8, 50));
-    assert!(tensors.typed::<bf16>().is_none() && tensors.typed::<f16>().is_none());
+    let err = tensors.typed::<bf16>().unwrap_err();
+    assert!(matches!(err, Error::UnsupportedDtype { tensor: "real_hidden", expected: "bf16", .. }), "{err}");
+    assert!(tensors.typed::<f16>().is_err());
     // Targets of the wrong length; trajectories without turns; a bad turn layout.
     let short = HiddenBatch::rows(tensors, &c.targets[..3]);
     assert!(matches!(Cpu.compute_hidden(&short, &Params::default(), 16), Err(Error::Shape { .. })));
