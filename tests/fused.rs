@@ -566,3 +566,30 @@ fn a_backend_without_a_fused_path_says_so() {
     let err = LogitsOnly.compute_hidden(&HiddenBatch::rows(tensors, &c.targets), &Params::default(), 4).unwrap_err();
     assert!(matches!(err, Error::BackendUnavailable { backend: "logits-only", .. }), "{err}");
 }
+
+/// A batch of no rows (a micro-batch can be empty) gives empty outputs on both backends, as on
+/// logits; with a layout of empty turns, info 0.
+#[test]
+fn fused_empty_batch() {
+    use infopo_kernels::cpu::Cpu;
+    use infopo_kernels::emulated::Emulated;
+    let head = vec![0.5f32; 7 * 3];
+    let tensors = HiddenTensors::from_inputs(&HiddenInputs {
+        real_hidden: &[],
+        masked_hidden: &[],
+        lm_head: &head,
+        rows: 0,
+        hidden: 3,
+        vocab: 7,
+    })
+    .unwrap();
+    let emulated = Emulated::new();
+    let backends: [&dyn Backend; 2] = [&Cpu, &emulated];
+    for b in backends {
+        let out = b.compute_hidden(&HiddenBatch::rows(tensors, &[]), &Params::default(), 4).unwrap();
+        assert!(out.rows.is_empty() && out.turn_info.is_none(), "{}", b.name());
+        let turns = Turns { offsets: &[0, 0], trajectory: &[0], credit_tokens: &[1] };
+        let out = b.compute_hidden(&HiddenBatch::rows(tensors, &[]).with_turns(turns), &Params::default(), 4).unwrap();
+        assert_eq!(out.turn_info, Some(vec![0.0]), "{}", b.name());
+    }
+}
