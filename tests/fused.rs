@@ -324,9 +324,9 @@ fn params_for(with_turns: bool) -> Params {
     }
 }
 
-fn cpu_file_case<T: LogitElement>(dir: &std::path::Path, v: usize, with_turns: bool) {
+fn cpu_file_case<T: LogitElement>(dir: &std::path::Path, (n, d, v): (usize, usize, usize), with_turns: bool) {
     use infopo_kernels::cpu::Cpu;
-    let fc = FileCase::<T>::new(9, 16, v, with_turns, v as u64 + with_turns as u64);
+    let fc = FileCase::<T>::new(n, d, v, with_turns, (v + d) as u64 + with_turns as u64);
     let owned = fc.through_file(dir);
     let batch = owned.as_batch().unwrap();
     let params = params_for(with_turns);
@@ -364,19 +364,24 @@ fn fused_linear_files_match_the_f64_reference_on_the_cpu() {
         // The CPU is cheap: every dtype with every V, with and without turns.
         for with_turns in [with_turns, !with_turns] {
             if bf {
-                cpu_file_case::<bf16>(dir.path(), v, with_turns);
+                cpu_file_case::<bf16>(dir.path(), (9, 16, v), with_turns);
             } else {
-                cpu_file_case::<f32>(dir.path(), v, with_turns);
+                cpu_file_case::<f32>(dir.path(), (9, 16, v), with_turns);
             }
         }
     }
-    cpu_file_case::<f16>(dir.path(), 32003, true);
+    cpu_file_case::<f16>(dir.path(), (9, 16, 32003), true);
 }
 
-fn emulated_file_case<T: LogitElement>(dir: &std::path::Path, v: usize, with_turns: bool, chunk: usize) {
+fn emulated_file_case<T: LogitElement>(
+    dir: &std::path::Path,
+    (n, d, v): (usize, usize, usize),
+    with_turns: bool,
+    chunk: usize,
+) {
     use infopo_kernels::emulated::Emulated;
     let b = Emulated::new();
-    let fc = FileCase::<T>::new(6, 24, v, with_turns, 3 * v as u64 + with_turns as u64);
+    let fc = FileCase::<T>::new(n, d, v, with_turns, 3 * (v + d) as u64 + with_turns as u64);
     let owned = fc.through_file(dir);
     let params = params_for(with_turns);
     let out = b.compute_hidden(&owned.as_batch().unwrap(), &params, chunk).unwrap();
@@ -392,11 +397,20 @@ fn fused_linear_files_match_the_f64_reference_on_the_emulated_kernel() {
     // Chunks that do not divide V (the last one short), one per case.
     for ((v, bf, with_turns), chunk) in file_cases().into_iter().zip([8192, 10_000, 9000, 16_384]) {
         if bf {
-            emulated_file_case::<bf16>(dir.path(), v, with_turns, chunk);
+            emulated_file_case::<bf16>(dir.path(), (6, 24, v), with_turns, chunk);
         } else {
-            emulated_file_case::<f32>(dir.path(), v, with_turns, chunk);
+            emulated_file_case::<f32>(dir.path(), (6, 24, v), with_turns, chunk);
         }
     }
+}
+
+/// A model-sized hidden width (D = 2048): the f32 chunk GEMMs of the emulated path stay within
+/// the kernels' row tolerance, the f64 reference within f32 rounding.
+#[test]
+fn fused_linear_files_at_a_model_width() {
+    let dir = tempfile::tempdir().unwrap();
+    cpu_file_case::<bf16>(dir.path(), (4, 2048, 32003), true);
+    emulated_file_case::<bf16>(dir.path(), (4, 2048, 32003), true, DEFAULT_CHUNK);
 }
 
 /// The two-stage form: `score_hidden_rows` of micro-batches (rows named globally), a
