@@ -96,6 +96,12 @@ pub struct KernelArgs {
     pub row_stride: i64,
     /// Global token id of column 0 (partial-state mode).
     pub vocab_start: i64,
+
+    /// Merge mode ([`MERGE_ENTRY_POINT`] only): `[merge_parts][n_rows][RANGE_STATE_FLOATS]` f32
+    /// range states as partial-state mode writes them, the ranges in vocabulary order.
+    pub merge_states: *const f32,
+    /// Ranges folded per row (≥ 1).
+    pub merge_parts: i64,
 }
 
 impl Default for KernelArgs {
@@ -150,6 +156,8 @@ impl Default for KernelArgs {
             state_out: ptr::null_mut(),
             row_stride: 0,
             vocab_start: 0,
+            merge_states: ptr::null(),
+            merge_parts: 0,
         }
     }
 }
@@ -203,8 +211,11 @@ pub fn entry_point(dtype: Dtype) -> &'static str {
     }
 }
 
+/// The merge-mode entry point (one for every logit dtype: range states are f32).
+pub const MERGE_ENTRY_POINT: &str = "infopo_merge";
+
 /// All entry points of the fatbin.
-pub const ENTRY_POINTS: [&str; 3] = ["infopo_f32", "infopo_f16", "infopo_bf16"];
+pub const ENTRY_POINTS: [&str; 4] = ["infopo_f32", "infopo_f16", "infopo_bf16", MERGE_ENTRY_POINT];
 
 /// The fatbin (SASS for the archs of `INFOPO_CUDA_ARCHS`, PTX for the last), for
 /// `cuModuleLoadData` / cudarc `Ptx::from_binary`-style loading.
@@ -326,6 +337,15 @@ pub fn launch_shape(rows: usize, vocab: usize, dtype: Dtype, sm_count: u32) -> L
     LaunchShape { threads, splits: splits as u32, grid: items.min(i32::MAX as usize) as u32 }
 }
 
+/// The launch shape of a merge-mode launch ([`MERGE_ENTRY_POINT`]) of `rows` rows of a
+/// `vocab`-token vocabulary: one block per row (no splits) of the size an unsplit f32 launch of
+/// the same rows would use, so the epilogue (whose f64 reduction order depends on the block
+/// size) runs in blocks of the same size as the logit path's for any V ≥ 2048.
+pub fn merge_shape(rows: usize, vocab: usize) -> LaunchShape {
+    let threads = launch_shape(rows, vocab, Dtype::F32, 1).threads;
+    LaunchShape { threads, splits: 1, grid: rows.clamp(1, i32::MAX as usize) as u32 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,6 +447,8 @@ mod tests {
             offset_of!(KernelArgs, state_out),
             offset_of!(KernelArgs, row_stride),
             offset_of!(KernelArgs, vocab_start),
+            offset_of!(KernelArgs, merge_states),
+            offset_of!(KernelArgs, merge_parts),
         ];
         assert_eq!(&c[..n], &rust[..]);
     }
