@@ -305,33 +305,16 @@ impl Emulated {
     }
 }
 
-/// The shape checks of a merge-mode launch (shared with the CUDA backend's `merge_states`):
-/// `states_len` f32 must be `parts × rows × 8`, `vocab` and `parts` at least 1, rows below 2³²,
-/// and a layout must cover exactly `rows` rows (and have valid credited spans, which the kernel
-/// writes through).
-pub fn check_merge_input(
+/// The checks of [`Emulated::merge_range_states`]: [`launch::check_merge_states`], and a layout
+/// must cover exactly `rows` rows and have valid credited spans (the kernel writes through them).
+fn check_merge_input(
     states_len: usize,
     parts: usize,
     rows: usize,
     vocab: usize,
     layout: Option<&Layout>,
 ) -> Result<()> {
-    if vocab == 0 {
-        return Err(Error::EmptyVocab);
-    }
-    if parts == 0 {
-        return Err(Error::shape("a merge needs the states of at least one vocabulary range"));
-    }
-    if rows > u32::MAX as usize {
-        return Err(Error::shape(format!("{rows} rows exceed the 2^32 - 1 supported")));
-    }
-    let want = parts.checked_mul(rows).and_then(|x| x.checked_mul(launch::RANGE_STATE_FLOATS));
-    if want != Some(states_len) {
-        return Err(Error::shape(format!(
-            "range states hold {states_len} f32, expected {parts} parts x {rows} rows x {}",
-            launch::RANGE_STATE_FLOATS
-        )));
-    }
+    launch::check_merge_states(states_len, parts, rows, vocab)?;
     if let Some(l) = layout {
         let covered = l.turn_offsets.last().map_or(0, |&o| o as usize);
         if covered != rows {

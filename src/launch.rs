@@ -346,6 +346,28 @@ pub fn merge_shape(rows: usize, vocab: usize) -> LaunchShape {
     LaunchShape { threads, splits: 1, grid: rows.clamp(1, i32::MAX as usize) as u32 }
 }
 
+/// The shape checks of a merge-mode launch, shared by the emulated and the CUDA backend:
+/// `states_len` f32 must be `parts × rows × 8` ([`RANGE_STATE_FLOATS`]), `parts` and `vocab` at
+/// least 1, `rows` below 2³².
+pub fn check_merge_states(states_len: usize, parts: usize, rows: usize, vocab: usize) -> Result<()> {
+    if vocab == 0 {
+        return Err(Error::EmptyVocab);
+    }
+    if parts == 0 {
+        return Err(Error::shape("a merge needs the states of at least one vocabulary range"));
+    }
+    if rows > u32::MAX as usize {
+        return Err(Error::shape(format!("{rows} rows exceed the 2^32 - 1 supported")));
+    }
+    let want = parts.checked_mul(rows).and_then(|x| x.checked_mul(RANGE_STATE_FLOATS));
+    if want != Some(states_len) {
+        return Err(Error::shape(format!(
+            "range states hold {states_len} f32, expected {parts} parts x {rows} rows x {RANGE_STATE_FLOATS}"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

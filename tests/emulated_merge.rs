@@ -14,8 +14,11 @@ use common::kernel::{
 };
 use common::{close, to_dtype, to_f64};
 use half::bf16;
-use infopo_kernels::emulated::{check_merge_input, Emulated};
-use infopo_kernels::partial::{emulated_range_states, merge_outputs, shard_ranges, RangeInput, RangeStates, VocabRange};
+use infopo_kernels::emulated::Emulated;
+use infopo_kernels::launch::check_merge_states;
+use infopo_kernels::partial::{
+    emulated_range_states, merge_outputs, shard_ranges, RangeInput, RangeStates, VocabRange,
+};
 use infopo_kernels::validate::{self, Layout};
 use infopo_kernels::{
     Backend, Batch, Error, Estimator, LogitElement, Logits, Output, Params, RowErrorKind, Trajectories, Turns,
@@ -443,7 +446,7 @@ fn bad_merge_inputs_are_typed_errors() {
     let turns = Turns { offsets: &[0, 3], trajectory: &[0], credit_tokens: &[1] };
     let lay = validate::layout(3, &turns, None).unwrap();
     assert!(matches!(e.merge_range_states(&states, 3, &t, 10, Some(&lay), &p), Err(Error::Turns { .. })));
-    assert!(check_merge_input(usize::MAX, usize::MAX, 2, 10, None).is_err(), "overflowing sizes");
+    assert!(check_merge_states(usize::MAX, usize::MAX, 2, 10).is_err(), "overflowing sizes");
     // A well-formed merge of those zero states is no error of shape: every row has sum 0, so
     // "every real logit is −∞" for the lowest row.
     match e.merge_range_states(&states, 3, &t, 10, None, &p) {
