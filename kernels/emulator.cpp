@@ -2,7 +2,7 @@
 // C++ against emulator.h, launched on CPU threads. Called from src/emulated.rs.
 //
 // The kernel is compiled INFOPO_EMU_MAX_BLOCKS_AT_ONCE times, copy k in namespace
-// infopo_copy<k> with its entry points renamed infopo_<dtype>_<k>: `__shared__` is a
+// infopo_copy<k> with its entry points renamed infopo_<dtype>_<k> (and infopo_merge_<k>): `__shared__` is a
 // function-local static, so each copy has its own shared storage, and team k of a concurrent
 // launch (emulator.h) runs every block it draws with copy k. The headers the kernel includes
 // are included here first, at global scope; their include guards keep them out of the copies.

@@ -6,6 +6,9 @@
 //! fills, and decodes the kernel's error word the same way. Slow (it is a test vehicle), but
 //! bitwise deterministic run to run.
 //!
+//! Besides [`Backend`], [`Emulated::merge_range_states`] runs the kernel's merge mode: the rows of a
+//! batch from the partial states of vocabulary ranges, with turns and the epilogue.
+//!
 //! Two test knobs reach protocol paths a default launch does not:
 //! - [`Emulated::concurrent`] runs several blocks at once (each with its own `__shared__`
 //!   storage) with seeded random yields at barriers, atomics and fences, so the cross-block

@@ -19,11 +19,14 @@
 //!   the kernel returns them to zero itself, so keep them across launches (never memset);
 //! - `turn_sum`, `turn_count`: `n_turns` f64, **zeroed before the first launch of a batch**,
 //!   carried across the micro-batches of a batch (`first_row` = global index of row 0);
-//! - outputs `turn_info` [T] (every launch with turns), and on the launch with `finalize = 1`:
-//!   `turn_intrinsic`, `turn_norm`, `turn_bonus` [T], `traj_advantage`, `traj_gate` [B],
-//!   `scalars` [3] (outcome_std, intrinsic_std, magnitude_ratio), and `token_advantage` [M] f64
-//!   when it is not null (then `turn_credit_start` [T] and `trajectory_token_offsets` [B+1] u64
+//! - outputs `turn_info` `[T]` (every launch with turns), and on the launch with `finalize = 1`:
+//!   `turn_intrinsic`, `turn_norm`, `turn_bonus` `[T]`, `traj_advantage`, `traj_gate` `[B]`,
+//!   `scalars` `[3]` (outcome_std, intrinsic_std, magnitude_ratio), and `token_advantage` `[M]` f64
+//!   when it is not null (then `turn_credit_start` `[T]` and `trajectory_token_offsets` `[B+1]` u64
 //!   are read).
+//! - merge mode ([`MERGE_ENTRY_POINT`], one entry for every dtype, shape [`merge_shape`]): no
+//!   logits, `merge_states` `[merge_parts][n_rows][8]` f32 instead, the rest as above
+//!   (`partials` and `row_tickets` unused).
 //!
 //! A launch with `n_rows = 0` (grid 1) only runs the epilogue (a final micro-batch with no rows).
 

@@ -7,6 +7,8 @@
 //!   [`CudaBackend::begin`], then [`CudaBackend::score`] per micro-batch of rows (one launch
 //!   each; the last with `finalize = true`, or [`CudaBackend::finish`] after them), then
 //!   [`DeviceBatch::check`] / [`DeviceBatch::to_host`] when the caller is ready to wait.
+//!   [`CudaBackend::merge_states`] is the same per-micro-batch launch with rows from the
+//!   `[P, N, 8]` states of vocabulary ranges instead of logits (`merge.rs`).
 //!
 //! Other runtimes (tch-rs, burn, custom ones) hand over raw device pointers and their own
 //! `CUstream` through [`raw`]; that path shares every check and the launch with this one.
