@@ -1,11 +1,11 @@
 /* The one argument block of the InfoPO kernel (kernels/infopo.cu), passed BY VALUE to the
- * entry points infopo_f32 / infopo_f16 / infopo_bf16 (and by pointer to the emulator's
+ * entry points infopo_f32 / infopo_f16 / infopo_bf16 / infopo_merge (and by pointer to the emulator's
  * infopo_emulate_<dtype>). Plain C types only; src/launch.rs mirrors it field for field as
  * `#[repr(C)] struct KernelArgs` (a unit test compares sizeof/offsetof through
  * infopo_args_layout() of the emulator build).
  *
  * Fields are ordered 8-byte first, then an even number of 4-byte ones, then the 8-byte fields of
- * partial-state mode, so the struct has no interior padding.
+ * partial-state and merge mode, so the struct has no interior padding.
  * "global row" = first_row + local row; every turn offset is in global rows.
  *
  * Buffers the host allocates ZEROED ONCE and never clears again (the kernel leaves them zero):
@@ -88,6 +88,18 @@ typedef struct InfopoArgs {
     float *state_out;            /* [n_rows * 8] out: max_real (raw), sum_real, max_masked (raw), sum_masked, sum_diff, sum_centered (base 2, kernels/state.cuh), then the raw target logits x_a, y_a when vocab_start <= target < vocab_start + vocab, else NaN */
     int64_t row_stride;          /* elements between the starts of consecutive rows; 0 = vocab */
     int64_t vocab_start;         /* global token id of column 0 (targets are global ids) */
+
+    /* ---------------- merge mode (entry point infopo_merge only) ----------------
+     * The launch reads no logits: row r's state over the whole vocabulary is the fold of the
+     * states of merge_parts vocabulary ranges that tile [0, vocab), each written by a
+     * partial-state launch (state_out above, f32 whatever the logit dtype), folded in part order
+     * 0, 1, ..., P-1 with state_merge. The target logits come from the part whose range holds the
+     * target (the others hold NaN there). Then everything a normal launch does: row_out, the
+     * error word (target range against `vocab`, the full vocabulary), turns and, with finalize,
+     * the epilogue, through the same tickets. splits is ignored (1); real/masked/state_out unused.
+     * Launch: blocks of the normal launch's size, one per row (src/launch.rs::merge_shape). */
+    const float *merge_states;   /* [merge_parts][n_rows][8]: part k, row r at merge_states + (k * n_rows + r) * 8, the ranges in vocabulary order */
+    int64_t merge_parts;         /* P >= 1 */
 } InfopoArgs;
 
 #endif

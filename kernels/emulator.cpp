@@ -2,7 +2,7 @@
 // C++ against emulator.h, launched on CPU threads. Called from src/emulated.rs.
 //
 // The kernel is compiled INFOPO_EMU_MAX_BLOCKS_AT_ONCE times, copy k in namespace
-// infopo_copy<k> with its entry points renamed infopo_<dtype>_<k>: `__shared__` is a
+// infopo_copy<k> with its entry points renamed infopo_<dtype>_<k> (and infopo_merge_<k>): `__shared__` is a
 // function-local static, so each copy has its own shared storage, and team k of a concurrent
 // launch (emulator.h) runs every block it draws with copy k. The headers the kernel includes
 // are included here first, at global scope; their include guards keep them out of the copies.
@@ -15,39 +15,47 @@
 #define infopo_f32 infopo_f32_0
 #define infopo_f16 infopo_f16_0
 #define infopo_bf16 infopo_bf16_0
+#define infopo_merge infopo_merge_0
 namespace infopo_copy0 {
 #include "infopo.cu"
 }
 #undef infopo_f32
 #undef infopo_f16
 #undef infopo_bf16
+#undef infopo_merge
 #define infopo_f32 infopo_f32_1
 #define infopo_f16 infopo_f16_1
 #define infopo_bf16 infopo_bf16_1
+#define infopo_merge infopo_merge_1
 namespace infopo_copy1 {
 #include "infopo.cu"
 }
 #undef infopo_f32
 #undef infopo_f16
 #undef infopo_bf16
+#undef infopo_merge
 #define infopo_f32 infopo_f32_2
 #define infopo_f16 infopo_f16_2
 #define infopo_bf16 infopo_bf16_2
+#define infopo_merge infopo_merge_2
 namespace infopo_copy2 {
 #include "infopo.cu"
 }
 #undef infopo_f32
 #undef infopo_f16
 #undef infopo_bf16
+#undef infopo_merge
 #define infopo_f32 infopo_f32_3
 #define infopo_f16 infopo_f16_3
 #define infopo_bf16 infopo_bf16_3
+#define infopo_merge infopo_merge_3
 namespace infopo_copy3 {
 #include "infopo.cu"
 }
 #undef infopo_f32
 #undef infopo_f16
 #undef infopo_bf16
+#undef infopo_merge
 static_assert(INFOPO_EMU_MAX_BLOCKS_AT_ONCE == 4, "one kernel copy per team above");
 
 namespace {
@@ -58,6 +66,8 @@ constexpr Kernel KERNELS_F16[] = {infopo_copy0::infopo_f16_0, infopo_copy1::info
                                   infopo_copy3::infopo_f16_3};
 constexpr Kernel KERNELS_BF16[] = {infopo_copy0::infopo_bf16_0, infopo_copy1::infopo_bf16_1,
                                    infopo_copy2::infopo_bf16_2, infopo_copy3::infopo_bf16_3};
+constexpr Kernel KERNELS_MERGE[] = {infopo_copy0::infopo_merge_0, infopo_copy1::infopo_merge_1,
+                                    infopo_copy2::infopo_merge_2, infopo_copy3::infopo_merge_3};
 
 void run(const Kernel (&kernels)[INFOPO_EMU_MAX_BLOCKS_AT_ONCE], const InfopoArgs *a, unsigned grid, unsigned block,
          const InfopoEmulation *opt) {
@@ -78,6 +88,10 @@ void infopo_emulate_f16(const InfopoArgs *a, unsigned grid, unsigned block, cons
 }
 void infopo_emulate_bf16(const InfopoArgs *a, unsigned grid, unsigned block, const InfopoEmulation *opt) {
     run(KERNELS_BF16, a, grid, block, opt);
+}
+// The merge entry point (merge mode, kernels/args.h), launched the same way.
+void infopo_emulate_merge(const InfopoArgs *a, unsigned grid, unsigned block, const InfopoEmulation *opt) {
+    run(KERNELS_MERGE, a, grid, block, opt);
 }
 
 // 1 when the threads of an emulated launch flush a subnormal f32 result to zero (FTZ) and read
@@ -116,7 +130,7 @@ size_t infopo_args_layout(size_t *out, size_t cap) {
         F(gate_temperature), F(eps),
         F(turn_credit_start), F(trajectory_token_offsets), F(token_advantage),
         F(scale), F(splits), F(estimator), F(finalize), F(normalize), F(gate_source),
-        F(state_out), F(row_stride), F(vocab_start),
+        F(state_out), F(row_stride), F(vocab_start), F(merge_states), F(merge_parts),
     };
 #undef F
     const size_t n = sizeof(v) / sizeof(v[0]);

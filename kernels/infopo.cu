@@ -10,6 +10,10 @@
 // Partial-state mode (state_out != NULL, src/partial.rs): the same row pass over a vocabulary
 // range of every row (rows row_stride apart), writing each row's state instead of its values.
 //
+// Merge mode (entry point infopo_merge, any logit dtype): no logits; each row's state is the
+// fold of P partial-state outputs (ranges tiling the vocabulary, e.g. all-gathered shards or the
+// chunks of the fused hidden-state path), then the same finalisation, turns and epilogue.
+//
 // Determinism: every reduction has a fixed shape given (n_rows, vocab, splits, blockDim,
 // row alignment); no float atomics; split partials are merged in split order by the block
 // that draws the last ticket of the row; the epilogue runs in one block in fixed orders.
@@ -390,9 +394,39 @@ __device__ __forceinline__ void write_range_state(const InfopoArgs &a, int64_t r
 }
 
 // ---------------------------------------------------------------------------------------------
-// The kernel.
+// Merge mode (entry point infopo_merge): row `row`'s state over the whole vocabulary, folded
+// from the states of the P ranges in part order 0, 1, ..., P-1 (one thread, a fixed order: the
+// same bits wherever and in whatever order the parts were computed), with the split merge's
+// state_merge, so a fill, an empty range or a gap (sticky +inf sum_diff) merges as it does
+// inside one launch. Folding from the empty state gives part 0 bit for bit (state_merge with
+// the empty state is exact), so P = 1 reproduces the unsplit launch's row. The raw target
+// logits come from the part whose range holds the target: the only one whose x_a / y_a are not
+// NaN. A NaN target logit itself is no exception: it made its side's sum NaN, code 2 or 3,
+// which outranks every target code in state_finalize.
 
-template <typename T>
+__device__ __forceinline__ RowState merged_row_state(const InfopoArgs &a, int64_t row, float &xa, float &ya) {
+    xa = ya = __uint_as_float(0x7fc00000u);
+    RowState s = state_empty();
+    const int64_t part_stride = a.n_rows * INFOPO_RANGE_STATE_FLOATS;
+    const float *p = a.merge_states + row * INFOPO_RANGE_STATE_FLOATS;
+    for (int64_t k = 0; k < a.merge_parts; ++k, p += part_stride) {
+        RowState q;
+        q.max_real = p[0]; q.sum_real = p[1]; q.max_masked = p[2];
+        q.sum_masked = p[3]; q.sum_diff = p[4]; q.sum_centered = p[5];
+        s = state_merge(s, q, a.scale);
+        const float px = p[6], py = p[7];
+        if (px == px) xa = px; // not NaN: this part's range holds the target
+        if (py == py) ya = py;
+    }
+    return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernel. MERGE = false: the logit entry points (rows from logits, or partial-state mode);
+// MERGE = true: infopo_merge (rows from range states). Everything after a row's state is
+// shared: finalisation, the error word, the turn sums and the epilogue with its tickets.
+
+template <typename T, bool MERGE>
 __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
     __shared__ RowState red[32];
     __shared__ Moments mscratch[33];
@@ -403,53 +437,60 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
     // the block that finalises the last row does, after its loop (it has no items left then:
     // every row, hence every item, is done). One call site keeps the code inlined once.
     // Partial-state mode never runs it (it has no turns; the host ensures n_turns == 0).
-    bool run_epilogue = a.n_rows == 0 && blockIdx.x == 0 && a.n_turns > 0 && a.state_out == nullptr;
-    const int64_t S = a.splits;
+    bool run_epilogue = a.n_rows == 0 && blockIdx.x == 0 && a.n_turns > 0 && (MERGE || a.state_out == nullptr);
+    const int64_t S = MERGE ? 1 : a.splits; // merge mode: one block per row
     const int64_t items = a.n_rows * S;
     for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-        const int64_t row = item / S, split = item - row * S;
-        RowState s = row_chunk<T>(a, row, split);
-        s = state_block_merge(s, red, a.scale); // valid in warp 0
-
+        const int64_t row = item / S;
+        RowState s;
+        float xa, ya; // the raw target logits (merge mode: from the states)
         bool row_done = true;
-        if (S > 1) {
-            if (threadIdx.x == 0) {
-                float *p = a.partials + item * INFOPO_STATE_FLOATS;
-                p[0] = s.max_real; p[1] = s.sum_real; p[2] = s.max_masked;
-                p[3] = s.sum_masked; p[4] = s.sum_diff; p[5] = s.sum_centered;
-                __threadfence(); // release: this split's partial before its ticket
-                // Wraps to 0 on the last ticket: self-cleaning inside the atomic, so no plain
-                // store ever touches a ticket another block may still be incrementing.
-                const unsigned ticket = atomicInc(a.row_tickets + row, (unsigned)(S - 1));
-                row_flag = ticket == (unsigned)(S - 1);
-                // Acquire, in the thread that drew the last ticket, before the barrier that
-                // hands the row to warp 0: every split's partial is visible to the block.
-                if (row_flag) __threadfence();
-            }
-            __syncthreads();
-            row_done = row_flag != 0u;
-            if (row_done && warp == 0) {
-                // Lane l folds splits l, l+32, ... then an ordered butterfly: fixed split order.
-                const float *base = a.partials + row * S * INFOPO_STATE_FLOATS;
-                RowState m = state_empty();
-                for (int64_t k = lane; k < S; k += 32) {
-                    const float *p = base + k * INFOPO_STATE_FLOATS;
-                    RowState q;
-                    q.max_real = __ldcg(p + 0); q.sum_real = __ldcg(p + 1); q.max_masked = __ldcg(p + 2);
-                    q.sum_masked = __ldcg(p + 3); q.sum_diff = __ldcg(p + 4); q.sum_centered = __ldcg(p + 5);
-                    m = state_merge(m, q, a.scale);
-                }
-                s = state_warp_merge(m, a.scale);
-            }
-        }
+        if constexpr (MERGE) {
+            if (threadIdx.x == 0) s = merged_row_state(a, row, xa, ya); // valid in thread 0
+        } else {
+            const int64_t split = item - row * S;
+            s = row_chunk<T>(a, row, split);
+            s = state_block_merge(s, red, a.scale); // valid in warp 0
 
-        if (a.state_out != nullptr) { // partial-state mode: the row's state, not its values
-            if (row_done && threadIdx.x == 0) write_range_state<T>(a, row, s);
-            continue; // no turns in this mode (the host ensures n_turns == 0)
-        }
+            if (S > 1) {
+                if (threadIdx.x == 0) {
+                    float *p = a.partials + item * INFOPO_STATE_FLOATS;
+                    p[0] = s.max_real; p[1] = s.sum_real; p[2] = s.max_masked;
+                    p[3] = s.sum_masked; p[4] = s.sum_diff; p[5] = s.sum_centered;
+                    __threadfence(); // release: this split's partial before its ticket
+                    // Wraps to 0 on the last ticket: self-cleaning inside the atomic, so no plain
+                    // store ever touches a ticket another block may still be incrementing.
+                    const unsigned ticket = atomicInc(a.row_tickets + row, (unsigned)(S - 1));
+                    row_flag = ticket == (unsigned)(S - 1);
+                    // Acquire, in the thread that drew the last ticket, before the barrier that
+                    // hands the row to warp 0: every split's partial is visible to the block.
+                    if (row_flag) __threadfence();
+                }
+                __syncthreads();
+                row_done = row_flag != 0u;
+                if (row_done && warp == 0) {
+                    // Lane l folds splits l, l+32, ... then an ordered butterfly: fixed split order.
+                    const float *base = a.partials + row * S * INFOPO_STATE_FLOATS;
+                    RowState m = state_empty();
+                    for (int64_t k = lane; k < S; k += 32) {
+                        const float *p = base + k * INFOPO_STATE_FLOATS;
+                        RowState q;
+                        q.max_real = __ldcg(p + 0); q.sum_real = __ldcg(p + 1); q.max_masked = __ldcg(p + 2);
+                        q.sum_masked = __ldcg(p + 3); q.sum_diff = __ldcg(p + 4); q.sum_centered = __ldcg(p + 5);
+                        m = state_merge(m, q, a.scale);
+                    }
+                    s = state_warp_merge(m, a.scale);
+                }
+            }
+
+            if (a.state_out != nullptr) { // partial-state mode: the row's state, not its values
+                if (row_done && threadIdx.x == 0) write_range_state<T>(a, row, s);
+                continue; // no turns in this mode (the host ensures n_turns == 0)
+            }
+        } // !MERGE
 
         if (row_done && threadIdx.x == 0) {
-            const int64_t V = a.vocab, stride = a.row_stride ? a.row_stride : V;
+            const int64_t V = a.vocab;
             const int64_t target = a.targets[row];
             unsigned code;
             RowValues v;
@@ -457,9 +498,12 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
                 code = INFOPO_ERR_TARGET_OUT_OF_RANGE;
                 v.lse_real = v.lse_masked = v.log_ratio = v.kl = v.entropy_real = __uint_as_float(0x7fc00000u);
             } else {
-                // Rows are `stride` apart, as row_chunk reads them.
-                const float xa = Elem<T>::load(static_cast<const T *>(a.real) + row * stride + target);
-                const float ya = Elem<T>::load(static_cast<const T *>(a.masked) + row * stride + target);
+                if constexpr (!MERGE) {
+                    // Rows are `stride` apart, as row_chunk reads them.
+                    const int64_t stride = a.row_stride ? a.row_stride : V;
+                    xa = Elem<T>::load(static_cast<const T *>(a.real) + row * stride + target);
+                    ya = Elem<T>::load(static_cast<const T *>(a.masked) + row * stride + target);
+                }
                 code = state_finalize(s, xa, ya, a.scale, v);
                 // With trajectories, a non-finite estimator (kl = +inf) would make the turn's
                 // info, and every bonus of the batch, NaN: report it (after any row error).
@@ -495,6 +539,8 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
     if (run_epilogue) epilogue(a, mscratch); // ordered by the grid ticket's acquire fence
 }
 
-extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_f32(const InfopoArgs a) { infopo_body<float>(a); }
-extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_f16(const InfopoArgs a) { infopo_body<__half>(a); }
-extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_bf16(const InfopoArgs a) { infopo_body<__nv_bfloat16>(a); }
+extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_f32(const InfopoArgs a) { infopo_body<float, false>(a); }
+extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_f16(const InfopoArgs a) { infopo_body<__half, false>(a); }
+extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_bf16(const InfopoArgs a) { infopo_body<__nv_bfloat16, false>(a); }
+// Merge mode: one entry for every logit dtype (the range states are f32).
+extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_merge(const InfopoArgs a) { infopo_body<float, true>(a); }

@@ -6,6 +6,9 @@
 //! fills, and decodes the kernel's error word the same way. Slow (it is a test vehicle), but
 //! bitwise deterministic run to run.
 //!
+//! Besides [`Backend`], [`Emulated::merge_range_states`] runs the kernel's merge mode: the rows of a
+//! batch from the partial states of vocabulary ranges, with turns and the epilogue.
+//!
 //! Two test knobs reach protocol paths a default launch does not:
 //! - [`Emulated::concurrent`] runs several blocks at once (each with its own `__shared__`
 //!   storage) with seeded random yields at barriers, atomics and fences, so the cross-block
@@ -20,10 +23,10 @@
 use crate::backend::Backend;
 use crate::batch::{Advantages, Batch, Output, RowOutputs};
 use crate::error::{Error, Result};
-use crate::launch::{self, launch_shape, KernelArgs, LaunchShape};
+use crate::launch::{self, launch_shape, merge_shape, KernelArgs, LaunchShape};
 use crate::logits::Dtype;
 use crate::params::Params;
-use crate::validate;
+use crate::validate::{self, Layout};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -40,6 +43,7 @@ extern "C" {
     fn infopo_emulate_f32(args: *const KernelArgs, grid: u32, block: u32, opt: *const Emulation);
     fn infopo_emulate_f16(args: *const KernelArgs, grid: u32, block: u32, opt: *const Emulation);
     fn infopo_emulate_bf16(args: *const KernelArgs, grid: u32, block: u32, opt: *const Emulation);
+    fn infopo_emulate_merge(args: *const KernelArgs, grid: u32, block: u32, opt: *const Emulation);
     #[cfg(test)]
     fn infopo_emulate_max_blocks_at_once() -> u32;
     #[cfg(test)]
@@ -177,22 +181,10 @@ impl Emulated {
         let bounds = validate::micro_batches(cuts, n)?;
 
         let t = layout.as_ref().map_or(0, |l| l.turns());
-        let groups = layout.as_ref().and_then(|l| l.groups.as_ref());
-        let b = groups.map_or(0, |g| g.trajectory_tokens.len());
 
         let mut rows = RowOutputs::with_len(n);
         let mut error_word = 0u64;
-        let mut turn_sum = vec![0f64; t];
-        let mut turn_count = vec![0f64; t];
-        let mut turn_info = vec![0f64; t];
-        let mut turn_intrinsic = vec![0f64; t];
-        let mut turn_norm = vec![0f64; t];
-        let mut turn_bonus = vec![0f64; t];
-        let mut traj_advantage = vec![0f64; b];
-        let mut traj_gate = vec![0f64; b];
-        let mut scalars = [0f64; 3];
-        let credit_start = groups.and_then(|g| g.turn_credit_start.as_ref());
-        let mut token_advantage = vec![0f64; credit_start.map_or(0, |_| groups.map_or(0, |g| g.total_tokens as usize))];
+        let mut bufs = EpilogueBufs::new(layout.as_ref());
 
         let mut tickets = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
         let launches = bounds.len() - 1;
@@ -223,37 +215,7 @@ impl Emulated {
                 grid_ticket: &mut tickets.grid,
                 ..KernelArgs::new(params, &shape, m, v, r0, finalize)
             };
-            if let Some(l) = layout.as_ref() {
-                a.n_turns = t as i64;
-                a.turn_offsets = l.turn_offsets.as_ptr();
-                a.turn_trajectory = l.turn_trajectory.as_ptr();
-                a.turn_credit = l.turn_credit.as_ptr();
-                a.turn_sum = turn_sum.as_mut_ptr();
-                a.turn_count = turn_count.as_mut_ptr();
-                a.turn_info = turn_info.as_mut_ptr();
-            }
-            if let Some(g) = groups {
-                a.n_traj = b as i64;
-                a.n_groups = (g.group_trajectory_offsets.len() - 1) as i64;
-                a.trajectory_outcome = g.trajectory_outcome.as_ptr();
-                a.trajectory_tokens = g.trajectory_tokens.as_ptr();
-                a.group_trajectory_offsets = g.group_trajectory_offsets.as_ptr();
-                a.group_trajectories = g.group_trajectories.as_ptr();
-                a.group_turn_offsets = g.group_turn_offsets.as_ptr();
-                a.group_turns = g.group_turns.as_ptr();
-                a.turn_intrinsic = turn_intrinsic.as_mut_ptr();
-                a.turn_norm = turn_norm.as_mut_ptr();
-                a.turn_bonus = turn_bonus.as_mut_ptr();
-                a.traj_advantage = traj_advantage.as_mut_ptr();
-                a.traj_gate = traj_gate.as_mut_ptr();
-                a.scalars = scalars.as_mut_ptr();
-                a.total_tokens = g.total_tokens as f64;
-                if let Some(starts) = credit_start {
-                    a.turn_credit_start = starts.as_ptr();
-                    a.trajectory_token_offsets = g.trajectory_token_offsets.as_ptr();
-                    a.token_advantage = token_advantage.as_mut_ptr();
-                }
-            }
+            bufs.attach(&mut a, layout.as_ref());
             let opt = self.next_emulation();
             // SAFETY: every pointer is valid for the sizes documented in kernels/args.h for
             // this launch; the call returns after the emulated grid has finished.
@@ -275,18 +237,179 @@ impl Emulated {
         if let Some(fault) = launch::decode_error_word(error_word)? {
             return Err(fault.into_error(Some(batch.targets), layout.as_ref().map(|l| &l.turn_offsets[..])));
         }
-        let advantages = groups.map(|_| Advantages {
-            turn_intrinsic,
-            turn_intrinsic_norm: turn_norm,
-            turn_bonus,
-            trajectory_advantage: traj_advantage,
-            trajectory_gate: traj_gate,
-            outcome_std: scalars[0],
-            intrinsic_std: scalars[1],
-            magnitude_ratio: scalars[2],
-            token_advantage: credit_start.map(|_| token_advantage),
+        Ok(bufs.into_output(rows, layout.as_ref()))
+    }
+
+    /// The kernel's merge mode (entry point `infopo_merge`, see `kernels/args.h`): every row's
+    /// outputs from the states of `parts` vocabulary ranges that tile `[0, vocab)`, folded on
+    /// the (emulated) device in part order, then the turn means and, with a layout that has
+    /// trajectories, the epilogue, all in one launch, as the logit path's one launch computes
+    /// them.
+    ///
+    /// `states` is `[parts][rows][8]` f32 (`rows = targets.len()`), part k being the
+    /// partial-state output (`state_out`, e.g. [`crate::partial::emulated_range_states`]) of the
+    /// k-th range in vocabulary order, computed with the same `params` (their τs). The ranges
+    /// themselves are not passed: the kernel takes each row's target logits from the one part
+    /// whose range holds the target, and a target outside `[0, vocab)` is the row error of the
+    /// logit path. `layout` (validated, for `rows` rows: [`crate::validate::layout`], with
+    /// [`crate::validate::credit_spans`] for token advantages) adds turns and advantages.
+    /// Errors as [`Backend::compute`]: shapes, parameters, the lowest row error, then a
+    /// non-finite turn.
+    pub fn merge_range_states(
+        &self,
+        states: &[f32],
+        parts: usize,
+        targets: &[i64],
+        vocab: usize,
+        layout: Option<&Layout>,
+        params: &Params,
+    ) -> Result<Output> {
+        params.validate()?;
+        let rows = targets.len();
+        check_merge_input(states.len(), parts, rows, vocab, layout)?;
+        let mut out = RowOutputs::with_len(rows);
+        let mut bufs = EpilogueBufs::new(layout);
+        let turns = layout.map_or(0, |l| l.turns());
+        if rows == 0 && turns == 0 {
+            return Ok(bufs.into_output(out, layout));
+        }
+        let shape = merge_shape(rows, vocab);
+        let mut row_out = vec![0f32; launch::ROW_OUTPUTS * rows];
+        let mut error_word = 0u64;
+        let mut tickets = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut a = KernelArgs {
+            targets: targets.as_ptr(),
+            row_out: row_out.as_mut_ptr(),
+            error_word: &mut error_word,
+            grid_ticket: &mut tickets.grid,
+            merge_states: states.as_ptr(),
+            merge_parts: parts as i64,
+            ..KernelArgs::new(params, &shape, rows, vocab, 0, true)
+        };
+        bufs.attach(&mut a, layout);
+        let opt = self.next_emulation();
+        // SAFETY: `states` holds parts × rows × 8 f32 and `targets` rows ids (checked above), the
+        // row outputs and epilogue buffers have the sizes kernels/args.h states for this launch
+        // (EpilogueBufs sizes them from the layout, validated for `rows` rows); merge mode reads
+        // no logits, partials or row tickets. The call returns after the emulated grid finished.
+        unsafe { infopo_emulate_merge(&a, shape.grid, shape.threads, &opt) }
+        debug_assert!(tickets.grid == 0, "grid ticket not self-cleaned");
+        drop(tickets);
+        if let Some(fault) = launch::decode_error_word(error_word)? {
+            return Err(fault.into_error(Some(targets), layout.map(|l| &l.turn_offsets[..])));
+        }
+        for (i, dst) in [&mut out.lse_real, &mut out.lse_masked, &mut out.log_ratio, &mut out.kl, &mut out.entropy_real]
+            .into_iter()
+            .enumerate()
+        {
+            dst.copy_from_slice(&row_out[i * rows..(i + 1) * rows]);
+        }
+        Ok(bufs.into_output(out, layout))
+    }
+}
+
+/// The checks of [`Emulated::merge_range_states`]: [`launch::check_merge_states`], and a layout
+/// must cover exactly `rows` rows and have valid credited spans (the kernel writes through them).
+fn check_merge_input(
+    states_len: usize,
+    parts: usize,
+    rows: usize,
+    vocab: usize,
+    layout: Option<&Layout>,
+) -> Result<()> {
+    launch::check_merge_states(states_len, parts, rows, vocab)?;
+    if let Some(l) = layout {
+        let covered = l.turn_offsets.last().map_or(0, |&o| o as usize);
+        if covered != rows {
+            return Err(Error::turns(format!("the layout covers {covered} rows, the merge has {rows}")));
+        }
+        validate::layout_spans(l)?;
+    }
+    Ok(())
+}
+
+/// The per-turn and per-trajectory buffers of one batch (carried across its launches) and how
+/// they reach a launch's [`KernelArgs`] and the [`Output`].
+struct EpilogueBufs {
+    turn_sum: Vec<f64>,
+    turn_count: Vec<f64>,
+    turn_info: Vec<f64>,
+    turn_intrinsic: Vec<f64>,
+    turn_norm: Vec<f64>,
+    turn_bonus: Vec<f64>,
+    traj_advantage: Vec<f64>,
+    traj_gate: Vec<f64>,
+    scalars: [f64; 3],
+    token_advantage: Vec<f64>,
+}
+
+impl EpilogueBufs {
+    fn new(layout: Option<&Layout>) -> Self {
+        let t = layout.map_or(0, |l| l.turns());
+        let groups = layout.and_then(|l| l.groups.as_ref());
+        let b = groups.map_or(0, |g| g.trajectory_tokens.len());
+        let m = groups.filter(|g| g.turn_credit_start.is_some()).map_or(0, |g| g.total_tokens as usize);
+        EpilogueBufs {
+            turn_sum: vec![0.0; t],
+            turn_count: vec![0.0; t],
+            turn_info: vec![0.0; t],
+            turn_intrinsic: vec![0.0; t],
+            turn_norm: vec![0.0; t],
+            turn_bonus: vec![0.0; t],
+            traj_advantage: vec![0.0; b],
+            traj_gate: vec![0.0; b],
+            scalars: [0.0; 3],
+            token_advantage: vec![0.0; m],
+        }
+    }
+
+    /// Points `a`'s turn and trajectory fields at `layout` and these buffers.
+    fn attach(&mut self, a: &mut KernelArgs, layout: Option<&Layout>) {
+        let Some(l) = layout else { return };
+        a.n_turns = l.turns() as i64;
+        a.turn_offsets = l.turn_offsets.as_ptr();
+        a.turn_trajectory = l.turn_trajectory.as_ptr();
+        a.turn_credit = l.turn_credit.as_ptr();
+        a.turn_sum = self.turn_sum.as_mut_ptr();
+        a.turn_count = self.turn_count.as_mut_ptr();
+        a.turn_info = self.turn_info.as_mut_ptr();
+        let Some(g) = l.groups.as_ref() else { return };
+        a.n_traj = g.trajectory_tokens.len() as i64;
+        a.n_groups = (g.group_trajectory_offsets.len() - 1) as i64;
+        a.trajectory_outcome = g.trajectory_outcome.as_ptr();
+        a.trajectory_tokens = g.trajectory_tokens.as_ptr();
+        a.group_trajectory_offsets = g.group_trajectory_offsets.as_ptr();
+        a.group_trajectories = g.group_trajectories.as_ptr();
+        a.group_turn_offsets = g.group_turn_offsets.as_ptr();
+        a.group_turns = g.group_turns.as_ptr();
+        a.turn_intrinsic = self.turn_intrinsic.as_mut_ptr();
+        a.turn_norm = self.turn_norm.as_mut_ptr();
+        a.turn_bonus = self.turn_bonus.as_mut_ptr();
+        a.traj_advantage = self.traj_advantage.as_mut_ptr();
+        a.traj_gate = self.traj_gate.as_mut_ptr();
+        a.scalars = self.scalars.as_mut_ptr();
+        a.total_tokens = g.total_tokens as f64;
+        if let Some(starts) = g.turn_credit_start.as_ref() {
+            a.turn_credit_start = starts.as_ptr();
+            a.trajectory_token_offsets = g.trajectory_token_offsets.as_ptr();
+            a.token_advantage = self.token_advantage.as_mut_ptr();
+        }
+    }
+
+    fn into_output(self, rows: RowOutputs, layout: Option<&Layout>) -> Output {
+        let groups = layout.and_then(|l| l.groups.as_ref());
+        let advantages = groups.map(|g| Advantages {
+            turn_intrinsic: self.turn_intrinsic,
+            turn_intrinsic_norm: self.turn_norm,
+            turn_bonus: self.turn_bonus,
+            trajectory_advantage: self.traj_advantage,
+            trajectory_gate: self.traj_gate,
+            outcome_std: self.scalars[0],
+            intrinsic_std: self.scalars[1],
+            magnitude_ratio: self.scalars[2],
+            token_advantage: g.turn_credit_start.as_ref().map(|_| self.token_advantage),
         });
-        Ok(Output { rows, turn_info: layout.map(|_| turn_info), advantages })
+        Output { rows, turn_info: layout.map(|_| self.turn_info), advantages }
     }
 }
 

@@ -19,11 +19,14 @@
 //!   the kernel returns them to zero itself, so keep them across launches (never memset);
 //! - `turn_sum`, `turn_count`: `n_turns` f64, **zeroed before the first launch of a batch**,
 //!   carried across the micro-batches of a batch (`first_row` = global index of row 0);
-//! - outputs `turn_info` [T] (every launch with turns), and on the launch with `finalize = 1`:
-//!   `turn_intrinsic`, `turn_norm`, `turn_bonus` [T], `traj_advantage`, `traj_gate` [B],
-//!   `scalars` [3] (outcome_std, intrinsic_std, magnitude_ratio), and `token_advantage` [M] f64
-//!   when it is not null (then `turn_credit_start` [T] and `trajectory_token_offsets` [B+1] u64
+//! - outputs `turn_info` `[T]` (every launch with turns), and on the launch with `finalize = 1`:
+//!   `turn_intrinsic`, `turn_norm`, `turn_bonus` `[T]`, `traj_advantage`, `traj_gate` `[B]`,
+//!   `scalars` `[3]` (outcome_std, intrinsic_std, magnitude_ratio), and `token_advantage` `[M]` f64
+//!   when it is not null (then `turn_credit_start` `[T]` and `trajectory_token_offsets` `[B+1]` u64
 //!   are read).
+//! - merge mode ([`MERGE_ENTRY_POINT`], one entry for every dtype, shape [`merge_shape`]): no
+//!   logits, `merge_states` `[merge_parts][n_rows][8]` f32 instead, the rest as above
+//!   (`partials` and `row_tickets` unused).
 //!
 //! A launch with `n_rows = 0` (grid 1) only runs the epilogue (a final micro-batch with no rows).
 
@@ -96,6 +99,12 @@ pub struct KernelArgs {
     pub row_stride: i64,
     /// Global token id of column 0 (partial-state mode).
     pub vocab_start: i64,
+
+    /// Merge mode ([`MERGE_ENTRY_POINT`] only): `[merge_parts][n_rows][RANGE_STATE_FLOATS]` f32
+    /// range states as partial-state mode writes them, the ranges in vocabulary order.
+    pub merge_states: *const f32,
+    /// Ranges folded per row (≥ 1).
+    pub merge_parts: i64,
 }
 
 impl Default for KernelArgs {
@@ -150,6 +159,8 @@ impl Default for KernelArgs {
             state_out: ptr::null_mut(),
             row_stride: 0,
             vocab_start: 0,
+            merge_states: ptr::null(),
+            merge_parts: 0,
         }
     }
 }
@@ -203,8 +214,11 @@ pub fn entry_point(dtype: Dtype) -> &'static str {
     }
 }
 
+/// The merge-mode entry point (one for every logit dtype: range states are f32).
+pub const MERGE_ENTRY_POINT: &str = "infopo_merge";
+
 /// All entry points of the fatbin.
-pub const ENTRY_POINTS: [&str; 3] = ["infopo_f32", "infopo_f16", "infopo_bf16"];
+pub const ENTRY_POINTS: [&str; 4] = ["infopo_f32", "infopo_f16", "infopo_bf16", MERGE_ENTRY_POINT];
 
 /// The fatbin (SASS for the archs of `INFOPO_CUDA_ARCHS`, PTX for the last), for
 /// `cuModuleLoadData` / cudarc `Ptx::from_binary`-style loading.
@@ -326,6 +340,37 @@ pub fn launch_shape(rows: usize, vocab: usize, dtype: Dtype, sm_count: u32) -> L
     LaunchShape { threads, splits: splits as u32, grid: items.min(i32::MAX as usize) as u32 }
 }
 
+/// The launch shape of a merge-mode launch ([`MERGE_ENTRY_POINT`]) of `rows` rows of a
+/// `vocab`-token vocabulary: one block per row (no splits) of the size an unsplit f32 launch of
+/// the same rows would use, so the epilogue (whose f64 reduction order depends on the block
+/// size) runs in blocks of the same size as the logit path's for any V ≥ 2048.
+pub fn merge_shape(rows: usize, vocab: usize) -> LaunchShape {
+    let threads = launch_shape(rows, vocab, Dtype::F32, 1).threads;
+    LaunchShape { threads, splits: 1, grid: rows.clamp(1, i32::MAX as usize) as u32 }
+}
+
+/// The shape checks of a merge-mode launch, shared by the emulated and the CUDA backend:
+/// `states_len` f32 must be `parts × rows × 8` ([`RANGE_STATE_FLOATS`]), `parts` and `vocab` at
+/// least 1, `rows` below 2³².
+pub fn check_merge_states(states_len: usize, parts: usize, rows: usize, vocab: usize) -> Result<()> {
+    if vocab == 0 {
+        return Err(Error::EmptyVocab);
+    }
+    if parts == 0 {
+        return Err(Error::shape("a merge needs the states of at least one vocabulary range"));
+    }
+    if rows > u32::MAX as usize {
+        return Err(Error::shape(format!("{rows} rows exceed the 2^32 - 1 supported")));
+    }
+    let want = parts.checked_mul(rows).and_then(|x| x.checked_mul(RANGE_STATE_FLOATS));
+    if want != Some(states_len) {
+        return Err(Error::shape(format!(
+            "range states hold {states_len} f32, expected {parts} parts x {rows} rows x {RANGE_STATE_FLOATS}"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,6 +472,8 @@ mod tests {
             offset_of!(KernelArgs, state_out),
             offset_of!(KernelArgs, row_stride),
             offset_of!(KernelArgs, vocab_start),
+            offset_of!(KernelArgs, merge_states),
+            offset_of!(KernelArgs, merge_parts),
         ];
         assert_eq!(&c[..n], &rust[..]);
     }

@@ -7,7 +7,9 @@
 //!   float64 oracle agrees and the outputs equal the uncapped run's bit for bit;
 //! - split rows (S > 1) with turns, groups and the epilogue, in one batch and micro-batched;
 //! - the partial-state mode (`partial::emulated_range_states`) of split rows over uneven
-//!   vocabulary ranges: its states equal the serial ones bit for bit.
+//!   vocabulary ranges: its states equal the serial ones bit for bit;
+//! - the merge mode (`Emulated::merge_range_states`) with turns, groups, token advantages and
+//!   the epilogue elected by the grid ticket: every output equals the serial run's bit for bit.
 //!
 //! `scripts/tsan` runs these under ThreadSanitizer, where a missing fence or an early read is
 //! a report (kernels/emulator.h says what the mapping can and cannot catch).
@@ -234,4 +236,55 @@ fn partial_states_concurrent_equal_serial_bitwise() {
     }
     let out = merge_outputs(0, &parts, &t, v).unwrap();
     compare_rows(&out, &to_f64(&r), &to_f64(&m), &t, v, params.temperature, "merged partial states");
+}
+
+/// Merge mode (range states folded on the device, then turns and the epilogue, whose block the
+/// grid ticket elects): the 64-row layout with token advantages over 3 uneven ranges, 2, 3 and 4
+/// blocks at once, uncapped and capped, give the serial merge's every output bit for bit, and the
+/// serial merge agrees with the oracle.
+#[test]
+fn merge_mode_concurrent_equals_serial_bitwise() {
+    let l = layout();
+    let (n, v) = (64usize, 300usize);
+    let (r, m, t) = data(n, v, 95);
+    let (real, masked) = (Logits::new(&r, n, v).unwrap(), Logits::new(&m, n, v).unwrap());
+    let ranges = [VocabRange::new(0, 120), VocabRange::new(120, 0), VocabRange::new(120, 180)];
+    let params = Params::default();
+    let serial = Emulated::new();
+    let states: Vec<f32> = ranges
+        .iter()
+        .flat_map(|&range| {
+            emulated_range_states(&serial, &RangeInput::of_full(real, masked, range), &t, &params).unwrap()
+        })
+        .collect();
+    // Credited spans: each turn's credit at the start of its trajectory's response, in turn order.
+    let mut next = vec![0u32; l.tokens.len()];
+    let starts: Vec<u32> = l
+        .trajectory
+        .iter()
+        .zip(&l.credit)
+        .map(|(&i, &c)| {
+            let s = next[i as usize];
+            next[i as usize] += c;
+            s
+        })
+        .collect();
+    let mut lay = infopo_kernels::validate::layout(n, &l.turns(), Some(&l.trajectories())).unwrap();
+    infopo_kernels::validate::credit_spans(&mut lay, &starts).unwrap();
+    let merge = |b: &Emulated| b.merge_range_states(&states, ranges.len(), &t, v, Some(&lay), &params).unwrap();
+    let want = merge(&serial);
+    let (rf, mf) = (to_f64(&r), to_f64(&m));
+    compare_rows(&want.rows, &rf, &mf, &t, v, 1.0, "serial merge");
+    let est = epilogue_feed(&serial, &want, params.estimator, &rf, &mf, &t, 1.0);
+    check_epilogue(&want, &est, &l.turns(), &l.trajectories(), &params);
+    let token_bits = |o: &Output| -> Vec<u64> {
+        o.advantages.as_ref().unwrap().token_advantage.as_ref().unwrap().iter().map(|x| x.to_bits()).collect()
+    };
+    for (k, seed) in [(2u32, 31u64), (3, 32), (4, 33)] {
+        for b in [Emulated::concurrent(k, seed).unwrap(), Emulated::concurrent(k, seed).unwrap().with_grid_cap(5)] {
+            let got = merge(&b);
+            assert!(output_bits(&got) == output_bits(&want), "{k} blocks at once, seed {seed}");
+            assert!(token_bits(&got) == token_bits(&want), "{k} blocks at once, seed {seed}: token advantages");
+        }
+    }
 }

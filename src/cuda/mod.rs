@@ -7,6 +7,8 @@
 //!   [`CudaBackend::begin`], then [`CudaBackend::score`] per micro-batch of rows (one launch
 //!   each; the last with `finalize = true`, or [`CudaBackend::finish`] after them), then
 //!   [`DeviceBatch::check`] / [`DeviceBatch::to_host`] when the caller is ready to wait.
+//!   [`CudaBackend::merge_states`] is the same per-micro-batch launch with rows from the
+//!   `[P, N, 8]` states of vocabulary ranges instead of logits (`merge.rs`).
 //!
 //! Other runtimes (tch-rs, burn, custom ones) hand over raw device pointers and their own
 //! `CUstream` through [`raw`]; that path shares every check and the launch with this one.
@@ -49,6 +51,7 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock};
 
+mod merge;
 pub mod raw;
 
 /// The cudarc this crate is built against (its `CudaView`s and streams appear in the API).
@@ -62,11 +65,13 @@ fn cuda_err(e: DriverError) -> Error {
     Error::Cuda(format!("{e:?}"))
 }
 
-/// The three entry points of the fatbin, loaded once per context.
+/// The entry points of the fatbin, loaded once per context.
 struct Kernels {
     f32: CudaFunction,
     f16: CudaFunction,
     bf16: CudaFunction,
+    /// Merge mode (`merge::merge_states`).
+    merge: CudaFunction,
 }
 
 impl Kernels {
@@ -87,8 +92,13 @@ fn kernels(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>> {
         return Ok(k.clone());
     }
     let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(launch::FATBIN.to_vec())).map_err(cuda_err)?;
-    let load = |dtype| module.load_function(launch::entry_point(dtype)).map_err(cuda_err);
-    let k = Arc::new(Kernels { f32: load(Dtype::F32)?, f16: load(Dtype::F16)?, bf16: load(Dtype::BF16)? });
+    let load = |name| module.load_function(name).map_err(cuda_err);
+    let k = Arc::new(Kernels {
+        f32: load(launch::entry_point(Dtype::F32))?,
+        f16: load(launch::entry_point(Dtype::F16))?,
+        bf16: load(launch::entry_point(Dtype::BF16))?,
+        merge: load(launch::MERGE_ENTRY_POINT)?,
+    });
     cache.insert(key, k.clone());
     Ok(k)
 }
@@ -338,7 +348,7 @@ impl CudaBackend {
     ) -> Result<()> {
         shape.validate()?;
         self.check_batch(batch, shape.rows, finalize)?;
-        self.launch(batch, shape.dtype, shape.rows, shape.vocab, finalize, pointers)?;
+        self.launch(batch, shape.dtype, shape.rows, shape.vocab, finalize, pointers, None)?;
         batch.rows_seen += shape.rows;
         batch.finalized |= finalize;
         Ok(())
@@ -382,11 +392,14 @@ impl CudaBackend {
             return Ok(());
         }
         self.check_batch(batch, 0, true)?;
-        self.launch(batch, Dtype::F32, 0, 1, true, RowPointers::default())?;
+        self.launch(batch, Dtype::F32, 0, 1, true, RowPointers::default(), None)?;
         batch.finalized = true;
         Ok(())
     }
 
+    /// One launch on the stream: the logit entry point of `dtype` over `pointers`' rows, or with
+    /// `merge` the merge-mode entry point over range states (`merge::merge_states`).
+    #[allow(clippy::too_many_arguments)]
     fn launch(
         &self,
         batch: &mut DeviceBatch<'_>,
@@ -395,8 +408,12 @@ impl CudaBackend {
         vocab: usize,
         finalize: bool,
         pointers: RowPointers,
+        merge: Option<MergeSource>,
     ) -> Result<()> {
-        let shape = launch_shape(rows, vocab, dtype, self.sm_count);
+        let shape = match merge {
+            Some(_) => launch::merge_shape(rows, vocab),
+            None => launch_shape(rows, vocab, dtype, self.sm_count),
+        };
         let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         let scratch = &mut *guard;
         let s = &self.stream;
@@ -414,6 +431,10 @@ impl CudaBackend {
             row_out: pointers.row_out as *mut f32,
             ..KernelArgs::new(&batch.params, &shape, rows, vocab, batch.rows_seen, finalize)
         };
+        if let Some(m) = merge {
+            args.merge_states = m.states as *const f32;
+            args.merge_parts = m.parts as i64;
+        }
         // Pointers of every buffer; the guards keep cudarc's stream ordering until launch.
         // `carried` = [turn_sum (T f64) | turn_count (T f64) | error word (u64)]: one memset
         // zeroes a batch (see `DeviceBatch::restart`).
@@ -489,7 +510,10 @@ impl CudaBackend {
             out_guards.push(g);
         }
         let cfg = LaunchConfig { grid_dim: (shape.grid, 1, 1), block_dim: (shape.threads, 1, 1), shared_mem_bytes: 0 };
-        let func = self.kernels.get(dtype);
+        let func = match merge {
+            Some(_) => &self.kernels.merge,
+            None => self.kernels.get(dtype),
+        };
         // SAFETY: every pointer in `args` is a live device buffer of the documented length on
         // this stream (lengths checked in `score_into`/`begin`, or promised by the caller of
         // `score_raw`), the scratch is exclusively ours (mutex) and serial (one stream), and
@@ -506,6 +530,14 @@ struct RowPointers {
     masked: u64,
     targets: u64,
     row_out: u64,
+}
+
+/// Merge mode (`merge::merge_states`): the rows come from `[parts][rows][8]` f32 range states
+/// instead of logits.
+#[derive(Clone, Copy)]
+struct MergeSource {
+    states: u64,
+    parts: usize,
 }
 
 struct DeviceGroups {
