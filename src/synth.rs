@@ -247,8 +247,7 @@ pub fn hidden_inputs<T: LogitElement>(spec: HiddenSpec) -> SynthHidden<T> {
     };
     let n = spec.rows * spec.hidden;
     let real_hidden = fill(n, &|i| counter_normal(real_key, i));
-    let masked_hidden =
-        fill(n, &|i| counter_normal(real_key, i) + MASKED_HIDDEN_NOISE * counter_normal(noise_key, i));
+    let masked_hidden = fill(n, &|i| counter_normal(real_key, i) + MASKED_HIDDEN_NOISE * counter_normal(noise_key, i));
     let head_std = LM_HEAD_SCALE / (spec.hidden.max(1) as f64).sqrt();
     let lm_head = fill(spec.vocab * spec.hidden, &|i| head_std * counter_normal(head_key, i));
     let targets =
