@@ -56,6 +56,14 @@ MASKED_HIDDEN_NOISE = 0.3  # src/synth.rs
 LM_HEAD_SCALE = 2.0  # src/synth.rs
 CHECK_ROWS = 8
 MIB = float(1 << 20)
+NOTES = [
+    "crate-cpu is the float64 reference (f64 chunk GEMMs with the `gemm` crate), not a speed path: "
+    "its time against PyTorch's float32 is for scale only; the speed goal is the GPU's (issue 9 §3).",
+    "The crate's peak is dominated by its lm_head chunk widened to f64 (chunk·D·8 bytes) and the two "
+    "chunks of logits (2·N·chunk·8): it grows with the chunk, not with V.",
+    "PyTorch's peak is 7 float32 [N, V] tensors (measured at N=256, V=151936, f32: 1038.5 MiB = 7 × 148.4): "
+    "both logit tensors, both log-softmaxes and kl_div(log_target=True)'s elementwise temporaries.",
+]
 
 # ---------------------------------------------------------------------------------------------
 # src/synth.rs `hidden_inputs`, element by element in NumPy (uint64 arithmetic wraps like Rust's
@@ -319,6 +327,7 @@ def main():
         "results": [{k: (C.clean(v) if isinstance(v, float) else v) for k, v in r.items()} for r in results],
         "checks": checks,
         "goal": goal,
+        "notes": NOTES,
     })
     if dry_tmp:
         dry_tmp.cleanup()

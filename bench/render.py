@@ -127,6 +127,7 @@ def render_fused(doc, path, readme):
         worst = max(max(c["max_abs_err_kl"], c["max_abs_err_log_ratio"]) for c in checks)
         notes.append(f"Same inputs on both sides: {same}/{len(checks)} crate runs match PyTorch float32 on the first "
                      f"rows (max abs error of kl and log-ratio {worst:.1e}).")
+    notes += doc.get("notes", [])
     out += [f"- {n}" for n in notes]
     out.append("")
     return out
