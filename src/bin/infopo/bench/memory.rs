@@ -119,7 +119,8 @@ mod tests {
         std::hint::black_box(&buffer);
         drop(buffer);
         let peak = probe.finish();
-        assert!(peak.heap >= 64 << 20 && peak.heap < 65 << 20, "heap peak {}", peak.heap);
+        // Upper bound with room for the other unit tests of this binary, which run in parallel.
+        assert!(peak.heap >= 64 << 20 && peak.heap < 72 << 20, "heap peak {}", peak.heap);
         if cfg!(target_os = "linux") {
             let rss = peak.rss.expect("Linux can reset VmHWM");
             assert!(rss >= 60 << 20, "a touched 64 MiB buffer is resident: rss peak {rss}");
