@@ -61,6 +61,9 @@ NOTES = [
     "its time against PyTorch's float32 is for scale only; the speed goal is the GPU's (issue 9 §3).",
     "The crate's peak is dominated by its lm_head chunk widened to f64 (chunk·D·8 bytes) and the two "
     "chunks of logits (2·N·chunk·8): it grows with the chunk, not with V.",
+    "Why the max over calls, the first included: glibc keeps freed memory for reuse (its mmap threshold rises "
+    "to the size of a freed block, up to 32 MiB), so a later call can reuse pages already counted in the "
+    "resident set at the reset and appear to add nothing (see per_call_rss_beyond_inputs_mib in the JSON).",
 ]
 
 # ---------------------------------------------------------------------------------------------

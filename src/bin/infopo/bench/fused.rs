@@ -93,7 +93,10 @@ fn emulated<'a, T: LogitElement>(
 fn run_typed<T: LogitElement>(args: &BenchArgs) -> Outcome {
     let (rows, hidden, vocab) = (args.rows as usize, args.hidden as usize, args.vocab as usize);
     let chunk = args.chunk as usize;
-    let elements = vocab.checked_mul(hidden).zip(rows.checked_mul(hidden)).and_then(|(a, b)| a.checked_add(2 * b));
+    let elements = vocab
+        .checked_mul(hidden)
+        .zip(rows.checked_mul(hidden).and_then(|b| b.checked_mul(2)))
+        .and_then(|(a, b)| a.checked_add(b));
     if !matches!(elements, Some(n) if n <= isize::MAX as usize / 8) {
         return Err(Failure::Input(format!("{rows} rows, hidden {hidden}, vocab {vocab} is too large")));
     }
@@ -125,14 +128,16 @@ fn run_typed<T: LogitElement>(args: &BenchArgs) -> Outcome {
     let c = chunk.min(vocab);
     // The big buffers by construction (src/fused.rs): both hidden tensors, one lm_head chunk and
     // two chunks of logits, in the GEMM's element type.
-    let working_set = fused.gemm_bytes * (2 * rows * hidden + c * hidden + 2 * rows * c);
+    // (u128: rows × chunk and rows × vocab are not bounded by the size check above.)
+    let (n, d, c128) = (rows as u128, hidden as u128, c as u128);
+    let working_set = fused.gemm_bytes as u128 * (2 * n * d + c128 * d + 2 * n * c128);
     // The first rows' values and the sums: what `bench/compare_fused.py` checks against PyTorch
     // on the same inputs.
     let head = &values[..values.len().min(HEAD_ROWS)];
     let sum_kl: f64 = values.iter().map(|v| v.kl).sum();
     let sum_log_ratio: f64 = values.iter().map(|v| v.log_ratio).sum();
-    let logits_bytes = 2 * rows * vocab * 4;
-    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let logits_bytes = 2 * n * vocab as u128 * 4;
+    let mib = |b: u128| b as f64 / (1u64 << 20) as f64;
     if args.json {
         let list = |v: &[f64]| v.iter().map(|&x| json_number(x)).collect::<Vec<_>>().join(",");
         let opt = |v: Option<u64>| v.map_or("null".to_string(), |b| b.to_string());
@@ -160,7 +165,7 @@ fn run_typed<T: LogitElement>(args: &BenchArgs) -> Outcome {
         ));
     } else {
         let rss_text =
-            rss.map_or("unavailable (no /proc/self/clear_refs)".to_string(), |b| format!("{:.1} MiB", mib(b)));
+            rss.map_or("unavailable (no /proc/self/clear_refs)".to_string(), |b| format!("{:.1} MiB", mib(b as u128)));
         emit(&format!(
             "bench: fused-linear on the {} backend, {rows} rows x hidden {hidden} x vocab {vocab} {} \
              ({:.1} MB of inputs), chunk {c}, {} iters after {} warmup\n\
@@ -175,9 +180,9 @@ fn run_typed<T: LogitElement>(args: &BenchArgs) -> Outcome {
             med * 1e3,
             min * 1e3,
             rows as f64 / med,
-            mib(heap),
-            mib(working_set as u64),
-            mib(logits_bytes as u64),
+            mib(heap as u128),
+            mib(working_set),
+            mib(logits_bytes),
         ));
     }
     Ok(())
