@@ -178,6 +178,10 @@ fn refuses_what_it_cannot_time() {
     assert_eq!(run.status.code(), Some(2), "{}", stderr(&run));
     let err = stderr(&run);
     assert!(err.contains("cuda") && err.contains("fused-linear"), "{err}");
+    // Inputs too large to allocate: exit 2 before any allocation.
+    let run = infopo(&["bench", "--fused-linear", "--rows", "4294967295", "--hidden", "4294967295"]);
+    assert_eq!(run.status.code(), Some(2), "{}", stderr(&run));
+    assert!(stderr(&run).contains("too large"), "{}", stderr(&run));
     // Usage errors (clap, exit 2).
     for args in [
         &["bench", "--hidden", "64"][..],
