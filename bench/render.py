@@ -24,6 +24,7 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 CPU_IMPLS = ("torch-rows", "torch-pipeline", "crate-cpu")
 GPU_IMPLS = ("torch-eager", "torch-compile", "liger", "crate")
 CRATE = {"cpu": "crate-cpu", "gpu": "crate"}
+FUSED = "fused-memory"  # bench/compare_fused.py
 
 
 def num(v, spec):
@@ -89,8 +90,53 @@ def cell(r, with_frac=False):
     return s
 
 
+def render_fused(doc, path, readme):
+    """A `compare_fused.py` result: peak memory beyond the inputs (and time), PyTorch's
+    materialised logits against the crate's fused path per chunk size."""
+    out = header(doc, path, readme)
+    out[0] = out[0].replace("### CPU: ", "### CPU, fused path (hidden states × lm_head): ", 1)
+    host = doc.get("host", {})
+    load = [host.get("loadavg_1m_before"), host.get("loadavg_1m_after")]
+    out += [f"Peak resident memory one call adds beyond its inputs ({doc.get('memory_method', '?')}); "
+            f"time: median of {doc.get('iters')} timed calls (load average {num(load[0], 'g')} before, "
+            f"{num(load[1], 'g')} after). Inputs: {doc.get('inputs', '?')}.", ""]
+    cols = ["N", "D", "V", "dtype", "impl", "chunk", "peak beyond inputs", "PyTorch ÷ crate", "crate heap", "median"]
+    out.append("| " + " | ".join(cols) + " |")
+    out.append("|" + "|".join("---:" for _ in cols) + "|")
+    for r in doc.get("results", []):
+        if r.get("status") != "ok":
+            out.append(f"| {r['rows']} | {r['hidden']} | {r['vocab']} | {r['dtype']} | {r['impl']} | "
+                       f"{r.get('chunk') or '—'} | failed | — | — | — |")
+            continue
+        mib = lambda v: "—" if v is None else f"{v:.1f} MiB"  # noqa: E731
+        ratio = r.get("memory_ratio")
+        out.append(f"| {r['rows']} | {r['hidden']} | {r['vocab']} | {r['dtype']} | {r['impl']} | "
+                   f"{r.get('chunk') or '—'} | {mib(r.get('peak_rss_beyond_inputs_mib'))} | "
+                   f"{'**' + format(ratio, '.1f') + '×**' if ratio else '—'} | "
+                   f"{mib(r.get('peak_heap_beyond_inputs_mib'))} | {ms(r.get('median_ms'))} ms |")
+    out.append("")
+    notes = []
+    goal = doc.get("goal")
+    if goal:
+        n, d, v = goal["shape"]
+        notes.append(f"Goal (≥ {goal['target']:g}× less peak memory beyond the inputs than PyTorch at N={n}, D={d}, "
+                     f"V={v}, chunk {goal['chunk']}): **{goal['ratio']:.1f}× — {'met' if goal['met'] else 'not met'}**.")
+    checks = doc.get("checks", [])
+    if checks:
+        same = sum(1 for c in checks if c.get("same_inputs"))
+        worst = max(max(c["max_abs_err_kl"], c["max_abs_err_log_ratio"]) for c in checks)
+        notes.append(f"Same inputs on both sides: {same}/{len(checks)} crate runs match PyTorch float32 on the first "
+                     f"rows (max abs error of kl and log-ratio {worst:.1e}).")
+    notes += doc.get("notes", [])
+    out += [f"- {n}" for n in notes]
+    out.append("")
+    return out
+
+
 def render_doc(doc, path, readme):
     kind = doc["kind"]
+    if kind == FUSED:
+        return render_fused(doc, path, readme)
     impls = GPU_IMPLS if kind == "gpu" else CPU_IMPLS
     crate = CRATE[kind]
     table, present = shape_rows(doc, impls)
@@ -149,8 +195,8 @@ def load(results_dir):
         except (OSError, json.JSONDecodeError) as e:
             print(f"render: skipping {p}: {e}", file=sys.stderr)
             continue
-        if doc.get("dry_run") or doc.get("kind") not in CRATE or "results" not in doc:
-            print(f"render: skipping {p.name} (not a CPU/GPU comparison)", file=sys.stderr)
+        if doc.get("dry_run") or doc.get("kind") not in (*CRATE, FUSED) or "results" not in doc:
+            print(f"render: skipping {p.name} (not a CPU/GPU/fused comparison)", file=sys.stderr)
             continue
         docs.append((p, doc))
     # Newest first; GPU before CPU on the same day.

@@ -181,3 +181,153 @@ impl<T: LogitElement> SynthBatch<T> {
             })
     }
 }
+
+/// The `index`-th draw (from 0) of the SplitMix64 stream seeded with `key`: SplitMix64 is
+/// counter-based (its state after `i` steps is `key + i·γ`), so any element of a stream can be
+/// drawn directly, in parallel and in any language with wrapping 64-bit arithmetic — which is
+/// how `bench/compare_fused.py` rebuilds [`hidden_inputs`] bit for bit in NumPy.
+pub fn counter_u64(key: u64, index: u64) -> u64 {
+    Rng::new(key.wrapping_add(index.wrapping_mul(0x9E37_79B9_7F4A_7C15))).next_u64()
+}
+
+/// Uniform in [0, 1) from 64 random bits (the top 53), as [`Rng::uniform`].
+fn unit(bits: u64) -> f64 {
+    (bits >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// The `index`-th standard normal of stream `key`: Box–Muller on draws 2·index and 2·index + 1.
+pub fn counter_normal(key: u64, index: u64) -> f64 {
+    let u = 1.0 - unit(counter_u64(key, 2 * index));
+    let v = unit(counter_u64(key, 2 * index + 1));
+    (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+}
+
+/// Shape and seed of synthetic fused-path inputs ([`hidden_inputs`]).
+#[derive(Debug, Clone, Copy)]
+pub struct HiddenSpec {
+    pub rows: usize,
+    pub hidden: usize,
+    pub vocab: usize,
+    pub seed: u64,
+}
+
+/// Synthetic inputs of the fused path (hidden states and the lm_head weight) in owned buffers.
+#[derive(Debug, Clone)]
+pub struct SynthHidden<T> {
+    pub rows: usize,
+    pub hidden: usize,
+    pub vocab: usize,
+    /// [rows, hidden]
+    pub real_hidden: Vec<T>,
+    /// [rows, hidden]
+    pub masked_hidden: Vec<T>,
+    /// [vocab, hidden]
+    pub lm_head: Vec<T>,
+    pub targets: Vec<i64>,
+}
+
+/// Standard deviation of the noise that turns the real hidden states into the masked ones.
+pub const MASKED_HIDDEN_NOISE: f64 = 0.3;
+/// lm_head entries are N(0, (LM_HEAD_SCALE / √D)²), so logits have std ≈ LM_HEAD_SCALE, the
+/// std of the background of [`logits_pair`].
+pub const LM_HEAD_SCALE: f64 = 2.0;
+
+/// Inputs at a language model's scale, element `i` of each tensor drawn from its own
+/// counter-based stream ([`counter_normal`]; stream keys `counter_u64(seed, s)`, s = 0..4):
+/// `real_hidden` ~ N(0, 1); `masked_hidden` = `real_hidden` + N(0, 0.3²) (the masked run's
+/// hidden states, near the real ones); `lm_head` ~ N(0, 4/D), so logits = hidden · lm_headᵀ have
+/// std ≈ 2; targets uniform in [0, vocab). Each value is computed in f64, rounded to f32, then to
+/// `T`. Deterministic for a seed and independent of the thread count.
+pub fn hidden_inputs<T: LogitElement>(spec: HiddenSpec) -> SynthHidden<T> {
+    use rayon::prelude::*;
+    let key = |stream: u64| counter_u64(spec.seed, stream);
+    let (real_key, noise_key, head_key, target_key) = (key(0), key(1), key(2), key(3));
+    let fill = |len: usize, value: &(dyn Fn(u64) -> f64 + Sync)| -> Vec<T> {
+        (0..len).into_par_iter().with_min_len(4096).map(|i| T::from_f32(value(i as u64) as f32)).collect()
+    };
+    let n = spec.rows * spec.hidden;
+    let real_hidden = fill(n, &|i| counter_normal(real_key, i));
+    let masked_hidden = fill(n, &|i| counter_normal(real_key, i) + MASKED_HIDDEN_NOISE * counter_normal(noise_key, i));
+    let head_std = LM_HEAD_SCALE / (spec.hidden.max(1) as f64).sqrt();
+    let lm_head = fill(spec.vocab * spec.hidden, &|i| head_std * counter_normal(head_key, i));
+    let targets =
+        (0..spec.rows as u64).map(|r| (unit(counter_u64(target_key, r)) * spec.vocab as f64) as i64).collect();
+    SynthHidden {
+        rows: spec.rows,
+        hidden: spec.hidden,
+        vocab: spec.vocab,
+        real_hidden,
+        masked_hidden,
+        lm_head,
+        targets,
+    }
+}
+
+impl<T: LogitElement> SynthHidden<T> {
+    /// Borrowed views for the fused path ([`crate::fused::score_hidden`]).
+    pub fn inputs(&self) -> crate::fused::HiddenInputs<'_, T> {
+        crate::fused::HiddenInputs {
+            real_hidden: &self.real_hidden,
+            masked_hidden: &self.masked_hidden,
+            lm_head: &self.lm_head,
+            rows: self.rows,
+            hidden: self.hidden,
+            vocab: self.vocab,
+        }
+    }
+
+    /// Bytes of the three tensors and the targets.
+    pub fn bytes(&self) -> usize {
+        (self.real_hidden.len() + self.masked_hidden.len() + self.lm_head.len()) * std::mem::size_of::<T>()
+            + self.targets.len() * std::mem::size_of::<i64>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_draws_are_the_stream_of_rng() {
+        for key in [0u64, 2026, u64::MAX - 3] {
+            let mut rng = Rng::new(key);
+            for i in 0..100 {
+                assert_eq!(counter_u64(key, i), rng.next_u64(), "key {key}, draw {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn hidden_inputs_have_the_documented_scale() {
+        let spec = HiddenSpec { rows: 64, hidden: 256, vocab: 3001, seed: 7 };
+        let data = hidden_inputs::<f32>(spec);
+        let again = hidden_inputs::<f32>(spec);
+        assert_eq!(data.lm_head, again.lm_head, "deterministic for a seed");
+        let moments = |x: &[f32]| {
+            let n = x.len() as f64;
+            let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+            (mean, var.sqrt())
+        };
+        let (mean, std) = moments(&data.real_hidden);
+        assert!(mean.abs() < 0.02 && (std - 1.0).abs() < 0.02, "real_hidden mean {mean} std {std}");
+        let diff: Vec<f32> = data.masked_hidden.iter().zip(&data.real_hidden).map(|(m, r)| m - r).collect();
+        let (mean, std) = moments(&diff);
+        assert!(mean.abs() < 0.01 && (std - MASKED_HIDDEN_NOISE).abs() < 0.01, "noise mean {mean} std {std}");
+        let (mean, std) = moments(&data.lm_head);
+        let want = LM_HEAD_SCALE / 16.0;
+        assert!(mean.abs() < 0.002 && (std / want - 1.0).abs() < 0.01, "lm_head mean {mean} std {std}");
+        // Logits of a few rows: std ≈ LM_HEAD_SCALE.
+        let logits: Vec<f32> = (0..8)
+            .flat_map(|r| {
+                let h = &data.real_hidden[r * 256..(r + 1) * 256];
+                data.lm_head.chunks(256).map(move |w| h.iter().zip(w).map(|(a, b)| a * b).sum::<f32>())
+            })
+            .collect();
+        let (_, std) = moments(&logits);
+        assert!((std / LM_HEAD_SCALE - 1.0).abs() < 0.1, "logit std {std}");
+        assert!(data.targets.iter().all(|&t| (0..3001).contains(&t)));
+        let distinct: std::collections::HashSet<_> = data.targets.iter().collect();
+        assert!(distinct.len() > 50, "targets spread over the vocabulary");
+    }
+}

@@ -94,6 +94,18 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Time the fused path instead: synthetic hidden states [N, D] (real and masked) and an
+    /// lm_head [V, D], the logits computed chunk by chunk and never stored (rows only); also
+    /// reports the peak memory beyond the inputs.
+    #[arg(long, conflicts_with_all = ["input", "rows_only"])]
+    pub fused_linear: bool,
+    /// Hidden width D of the fused path.
+    #[arg(long, default_value_t = 1024, requires = "fused_linear", value_parser = clap::value_parser!(u32).range(1..))]
+    pub hidden: u32,
+    /// Token ids per vocabulary chunk of the fused path.
+    #[arg(long, default_value_t = infopo_kernels::fused::DEFAULT_CHUNK as u32, requires = "fused_linear",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub chunk: u32,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,4 +1,8 @@
-//! `infopo bench`: the full pipeline timed on synthetic data or an input file.
+//! `infopo bench`: the full pipeline timed on synthetic data or an input file; with
+//! `--fused-linear`, the fused path from hidden states ([`fused`]).
+
+mod fused;
+mod memory;
 
 use crate::args::{BenchArgs, DtypeArg};
 use crate::timing::{median, time_compute};
@@ -8,6 +12,9 @@ use infopo_kernels::synth::{self, SynthSpec};
 use infopo_kernels::{Batch, LogitElement, Params};
 
 pub fn run(args: &BenchArgs) -> Outcome {
+    if args.fused_linear {
+        return fused::run(args);
+    }
     if let Some(path) = &args.input {
         let input = infopo_kernels::io::read_input(path)?;
         return bench_batch(args, &input.as_batch()?);

@@ -1,0 +1,189 @@
+//! `infopo bench --fused-linear`: the fused path (hidden states × lm_head over vocabulary
+//! chunks, the logits never stored) timed on synthetic inputs, with its peak memory beyond the
+//! inputs ([`super::memory`]).
+
+use super::json_number;
+use super::memory::{Peak, Probe};
+use crate::args::{BackendArg, BenchArgs, DtypeArg};
+use crate::timing::median;
+use crate::{emit, Failure, Outcome};
+use half::{bf16, f16};
+use infopo_kernels::fused::{self, HiddenInputs};
+use infopo_kernels::state::RowValues;
+use infopo_kernels::synth::{self, HiddenSpec};
+use infopo_kernels::{Error, LogitElement, Params};
+use std::time::Instant;
+
+/// Seed of the synthetic inputs; `bench/compare_fused.py` rebuilds the same tensors from it.
+pub const SEED: u64 = 2026;
+/// Rows whose KL and log-ratio the JSON output lists.
+const HEAD_ROWS: usize = 8;
+
+pub fn run(args: &BenchArgs) -> Outcome {
+    match args.dtype {
+        DtypeArg::Bf16 => run_typed::<bf16>(args),
+        DtypeArg::F16 => run_typed::<f16>(args),
+        DtypeArg::F32 => run_typed::<f32>(args),
+    }
+}
+
+/// The fused path of one backend: its name, the element size of its chunk GEMMs (for the
+/// working set) and one call.
+struct FusedPath<'a> {
+    name: &'static str,
+    gemm_bytes: usize,
+    call: Box<dyn Fn() -> infopo_kernels::Result<Vec<RowValues>> + 'a>,
+}
+
+fn path<'a, T: LogitElement>(
+    backend: BackendArg,
+    inputs: &'a HiddenInputs<'a, T>,
+    targets: &'a [i64],
+    params: &'a Params,
+    chunk: usize,
+) -> Result<FusedPath<'a>, Failure> {
+    match backend {
+        BackendArg::Cpu | BackendArg::Auto => Ok(FusedPath {
+            name: "cpu",
+            gemm_bytes: 8,
+            call: Box::new(move || fused::score_hidden(0, inputs, targets, params, chunk)),
+        }),
+        BackendArg::Emulated => emulated(inputs, targets, params, chunk),
+        // No CUDA entry point for the fused path yet (issue 9 §2: cuBLAS chunk GEMMs then the
+        // kernel in partial-state mode); refuse rather than time something else.
+        BackendArg::Cuda => Err(Error::BackendUnavailable {
+            backend: "cuda",
+            why: "the fused-linear path (--fused-linear) has no CUDA implementation in this build; \
+                  use --backend cpu or emulated"
+                .into(),
+        }
+        .into()),
+    }
+}
+
+#[cfg(feature = "emulator")]
+fn emulated<'a, T: LogitElement>(
+    inputs: &'a HiddenInputs<'a, T>,
+    targets: &'a [i64],
+    params: &'a Params,
+    chunk: usize,
+) -> Result<FusedPath<'a>, Failure> {
+    let emulator = infopo_kernels::emulated::Emulated::new();
+    Ok(FusedPath {
+        name: "emulated",
+        gemm_bytes: 4,
+        call: Box::new(move || fused::score_hidden_emulated(&emulator, 0, inputs, targets, params, chunk)),
+    })
+}
+
+#[cfg(not(feature = "emulator"))]
+fn emulated<'a, T: LogitElement>(
+    _: &'a HiddenInputs<'a, T>,
+    _: &'a [i64],
+    _: &'a Params,
+    _: usize,
+) -> Result<FusedPath<'a>, Failure> {
+    Err(Error::BackendUnavailable {
+        backend: "emulated",
+        why: "this build has no emulated kernel (rebuild with --features emulator)".into(),
+    }
+    .into())
+}
+
+fn run_typed<T: LogitElement>(args: &BenchArgs) -> Outcome {
+    let (rows, hidden, vocab) = (args.rows as usize, args.hidden as usize, args.vocab as usize);
+    let chunk = args.chunk as usize;
+    let elements = vocab
+        .checked_mul(hidden)
+        .zip(rows.checked_mul(hidden).and_then(|b| b.checked_mul(2)))
+        .and_then(|(a, b)| a.checked_add(b));
+    if !matches!(elements, Some(n) if n <= isize::MAX as usize / 8) {
+        return Err(Failure::Input(format!("{rows} rows, hidden {hidden}, vocab {vocab} is too large")));
+    }
+    let data = synth::hidden_inputs::<T>(HiddenSpec { rows, hidden, vocab, seed: SEED });
+    let inputs = data.inputs();
+    let params = Params::default();
+    let fused = path(args.backend, &inputs, &data.targets, &params, chunk)?;
+
+    // Every call is measured, the first (cold) one included: memory the path keeps between calls
+    // (workspaces, pools) is counted on the call that first takes it.
+    let mut times = Vec::with_capacity(args.iters as usize);
+    let mut peaks: Vec<Peak> = Vec::new();
+    let mut values = Vec::new();
+    for i in 0..args.warmup + args.iters {
+        let probe = Probe::start();
+        let start = Instant::now();
+        values = (fused.call)()?;
+        let seconds = start.elapsed().as_secs_f64();
+        peaks.push(probe.finish());
+        if i >= args.warmup {
+            times.push(seconds);
+        }
+    }
+    let times_ms: Vec<f64> = times.iter().map(|s| s * 1e3).collect();
+    times.sort_by(f64::total_cmp);
+    let (med, min) = (median(&times), times[0]);
+    let rss = peaks.iter().map(|p| p.rss).collect::<Option<Vec<u64>>>().map(|v| v.into_iter().max().unwrap_or(0));
+    let heap = peaks.iter().map(|p| p.heap).max().unwrap_or(0);
+    let c = chunk.min(vocab);
+    // The big buffers by construction (src/fused.rs): both hidden tensors, one lm_head chunk and
+    // two chunks of logits, in the GEMM's element type.
+    // (u128: rows × chunk and rows × vocab are not bounded by the size check above.)
+    let (n, d, c128) = (rows as u128, hidden as u128, c as u128);
+    let working_set = fused.gemm_bytes as u128 * (2 * n * d + c128 * d + 2 * n * c128);
+    // The first rows' values and the sums: what `bench/compare_fused.py` checks against PyTorch
+    // on the same inputs.
+    let head = &values[..values.len().min(HEAD_ROWS)];
+    let sum_kl: f64 = values.iter().map(|v| v.kl).sum();
+    let sum_log_ratio: f64 = values.iter().map(|v| v.log_ratio).sum();
+    let logits_bytes = 2 * n * vocab as u128 * 4;
+    let mib = |b: u128| b as f64 / (1u64 << 20) as f64;
+    if args.json {
+        let list = |v: &[f64]| v.iter().map(|&x| json_number(x)).collect::<Vec<_>>().join(",");
+        let opt = |v: Option<u64>| v.map_or("null".to_string(), |b| b.to_string());
+        emit(&format!(
+            "{{\"path\":\"fused-linear\",\"backend\":\"{}\",\"dtype\":\"{}\",\"rows\":{rows},\"hidden\":{hidden},\
+             \"vocab\":{vocab},\"chunk\":{c},\"seed\":{SEED},\"iters\":{},\"warmup\":{},\"median_ms\":{},\
+             \"min_ms\":{},\"times_ms\":[{}],\"input_bytes\":{},\"peak_rss_beyond_inputs_bytes\":{},\
+             \"first_call_rss_beyond_inputs_bytes\":{},\"peak_heap_beyond_inputs_bytes\":{heap},\
+             \"working_set_bytes\":{working_set},\"f32_logits_bytes\":{logits_bytes},\
+             \"sum_kl\":{},\"sum_log_ratio\":{},\"head_kl\":[{}],\"head_log_ratio\":[{}]}}\n",
+            fused.name,
+            T::DTYPE.name(),
+            args.iters,
+            args.warmup,
+            json_number(med * 1e3),
+            json_number(min * 1e3),
+            list(&times_ms),
+            data.bytes(),
+            opt(rss),
+            opt(peaks[0].rss),
+            json_number(sum_kl),
+            json_number(sum_log_ratio),
+            list(&head.iter().map(|v| v.kl).collect::<Vec<_>>()),
+            list(&head.iter().map(|v| v.log_ratio).collect::<Vec<_>>()),
+        ));
+    } else {
+        let rss_text =
+            rss.map_or("unavailable (no /proc/self/clear_refs)".to_string(), |b| format!("{:.1} MiB", mib(b as u128)));
+        emit(&format!(
+            "bench: fused-linear on the {} backend, {rows} rows x hidden {hidden} x vocab {vocab} {} \
+             ({:.1} MB of inputs), chunk {c}, {} iters after {} warmup\n\
+             median {:.3} ms   min {:.3} ms   {:.0} rows/s\n\
+             peak beyond the inputs: resident {rss_text}, heap {:.1} MiB (chunk buffers {:.1} MiB; \
+             the two f32 logit tensors it never stores: {:.1} MiB)\n",
+            fused.name,
+            T::DTYPE.name(),
+            data.bytes() as f64 / 1e6,
+            args.iters,
+            args.warmup,
+            med * 1e3,
+            min * 1e3,
+            rows as f64 / med,
+            mib(heap as u128),
+            mib(working_set),
+            mib(logits_bytes),
+        ));
+    }
+    Ok(())
+}
