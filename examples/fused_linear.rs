@@ -157,11 +157,11 @@ fn compare(args: &Args) -> AnyResult<Comparison> {
         "bf16" => DType::BF16,
         other => return Err(format!("--dtype {other}: expected f32, f16 or bf16").into()),
     };
+    if args.rows == 0 || args.hidden == 0 || args.vocab < 2 {
+        return Err("--rows and --hidden must be at least 1, --vocab at least 2 (token 0 is MASK)".into());
+    }
     let s = run_model(args, dtype)?;
     let params = Params::default();
-    if args.rows == 0 {
-        return Err("--rows must be at least 1".into());
-    }
     // Up to TURNS turns of near-equal row spans, each crediting its own tokens.
     let turn_count = TURNS.min(args.rows);
     let offsets: Vec<u32> = (0..=turn_count).map(|t| (t * args.rows / turn_count) as u32).collect();
@@ -263,7 +263,12 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_dtype_is_an_error() {
+    fn bad_arguments_are_errors() {
         assert!(compare(&small("f64", 100)).is_err());
+        assert!(compare(&Args { vocab: 1, ..small("f32", 100) }).is_err());
+        assert!(compare(&Args { rows: 0, ..small("f32", 100) }).is_err());
+        // A chunk of 0 is the library's typed error, passed through.
+        let e = compare(&small("f32", 0)).err().expect("chunk 0 is an error");
+        assert!(e.to_string().contains("chunk"), "{e}");
     }
 }

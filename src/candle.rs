@@ -455,7 +455,6 @@ pub fn score_hidden_rows(
 /// backend's epilogue computes them from the rows' float64 values. `turns`, `trajectories`
 /// and `credit_start` as for [`compute`]; the layout is checked before any row is scored, and
 /// row errors come before a non-finite turn, as on every backend.
-#[allow(clippy::too_many_arguments)]
 pub fn compute_hidden(
     hidden: &HiddenTensors<'_>,
     targets: &Tensor,
