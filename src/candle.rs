@@ -2,7 +2,10 @@
 //!
 //! - [`score_rows`]: the per-row outputs of two `[N, V]` logit tensors as one `[5, N]` F32
 //!   tensor (rows in the order of [`ROW_OUTPUTS`]);
-//! - [`compute`]: a whole batch (rows, turns, trajectories) as a [`BatchOutput`] of tensors.
+//! - [`compute`]: a whole batch (rows, turns, trajectories) as a [`BatchOutput`] of tensors;
+//! - [`score_hidden_rows`] and [`compute_hidden`]: the same from the last hidden states and the
+//!   lm_head weight ([`HiddenTensors`]), the logits never stored (the fused linear path,
+//!   [`crate::fused`]): extra memory O(N·chunk), not O(N·V). CPU tensors only so far.
 //!
 //! Tensors on the CPU run on the float64 reference backend ([`crate::cpu::Cpu`]), reading the
 //! logits in place. CUDA tensors (this crate built with `cuda` as well, which turns on
@@ -48,10 +51,14 @@
 
 use crate::backend::Backend;
 use crate::batch::{Advantages, Batch, Output, RowOutputs, Trajectories, Turns};
-use crate::cpu::Cpu;
+use crate::cpu::{estimator_values, to_outputs, Cpu};
+use crate::epilogue::{advantages, turn_of_row, TurnAccumulator};
 use crate::error::{Error, Result};
-use crate::logits::{Dtype, Logits};
+use crate::fused::{self, HiddenInputs};
+use crate::logits::{Dtype, LogitElement, Logits};
 use crate::params::Params;
+use crate::state::RowValues;
+use crate::validate;
 use candle_core::{DType, Device, DeviceLocation, Layout, Storage, Tensor, WithDType};
 use std::borrow::Cow;
 
@@ -335,11 +342,16 @@ fn with_cpu_inputs<R>(
     let (targets_storage, targets_layout) = targets.storage_and_layout();
     let real = cpu_logits("real", &real_storage, real_layout, shape)?;
     let masked = cpu_logits("masked", &masked_storage, masked_layout, shape)?;
-    let ids: Cow<'_, [i64]> = match targets.dtype() {
-        DType::I64 => Cow::Borrowed(cpu_elements::<i64>("targets", &targets_storage, targets_layout)?),
-        _ => cpu_elements::<u32>("targets", &targets_storage, targets_layout)?.iter().map(|&t| t as i64).collect(),
-    };
+    let ids = cpu_targets(&targets_storage, targets_layout, targets.dtype())?;
     f(real, masked, &ids)
+}
+
+/// The target ids of a checked CPU tensor: I64 borrowed in place, U32 widened (N elements).
+fn cpu_targets<'s>(storage: &'s Storage, layout: &Layout, dtype: DType) -> Result<Cow<'s, [i64]>> {
+    Ok(match dtype {
+        DType::I64 => Cow::Borrowed(cpu_elements::<i64>("targets", storage, layout)?),
+        _ => cpu_elements::<u32>("targets", storage, layout)?.iter().map(|&t| t as i64).collect(),
+    })
 }
 
 /// `[5, N]` F32 from host row outputs.
@@ -371,6 +383,252 @@ fn output_tensors(out: &Output, device: &Device) -> Result<BatchOutput> {
         turn_info: f64s(out.turn_info.as_deref().unwrap_or_default())?,
         advantages,
     })
+}
+
+// ---- Fused linear: hidden states and the lm_head weight instead of logits ----------------
+
+/// The inputs of the fused linear path: logits = hidden · lm_headᵀ (then ÷ τs), computed one
+/// vocabulary chunk at a time and never stored.
+///
+/// - `real_hidden`, `masked_hidden`: `[N, D]`, the model's last hidden states (after its final
+///   norm) with and without the user's feedback;
+/// - `lm_head`: `[V, D]`, the output projection's weight as candle's `Linear` stores it
+///   (`[out, in]`; a tied embedding matrix is the same).
+///
+/// All three F32, F16 or BF16 (one dtype), on one device, with contiguous rows at any start
+/// offset: a row slice (`narrow(0, …)`) of hidden states, or the first V rows of a padded
+/// lm_head, is read in place; a transpose or a column slice is an [`Error::NotContiguous`].
+#[derive(Debug, Clone, Copy)]
+pub struct HiddenTensors<'a> {
+    pub real_hidden: &'a Tensor,
+    pub masked_hidden: &'a Tensor,
+    pub lm_head: &'a Tensor,
+}
+
+/// [`score_rows`] from hidden states ([`HiddenTensors`]): the `[5, N]` F32 row outputs of the
+/// logits hidden · lm_headᵀ, computed over vocabulary chunks of `chunk` token ids (≥ 1;
+/// [`crate::fused::DEFAULT_CHUNK`] when in doubt) and folded into the row states in vocabulary
+/// order, so no `[N, V]` tensor exists. `targets` as for [`score_rows`].
+///
+/// CPU tensors run [`crate::fused::score_hidden`]: the chunk logits in float64 (the reference),
+/// extra memory 8·(2·N·D + chunk·D + 2·N·chunk) bytes. CUDA tensors are an
+/// [`Error::BackendUnavailable`] until the CUDA fused path is wired to candle.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use infopo_kernels::candle::{score_hidden_rows, HiddenTensors, KL};
+/// use infopo_kernels::Params;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let device = Device::Cpu;
+/// // 4 rows of hidden width 16, a vocabulary of 1000 token ids, scored 256 ids at a time.
+/// let real_hidden = Tensor::randn(0f32, 1.0, (4, 16), &device)?.to_dtype(DType::BF16)?;
+/// let masked_hidden = Tensor::randn(0f32, 1.0, (4, 16), &device)?.to_dtype(DType::BF16)?;
+/// let lm_head = (Tensor::randn(0f32, 1.0, (1000, 16), &device)? * 0.25)?.to_dtype(DType::BF16)?;
+/// let targets = Tensor::new(&[7u32, 42, 999, 0], &device)?;
+/// let hidden = HiddenTensors { real_hidden: &real_hidden, masked_hidden: &masked_hidden, lm_head: &lm_head };
+/// let rows = score_hidden_rows(&hidden, &targets, &Params::default(), 256)?;
+/// assert_eq!(rows.dims(), &[5, 4]);
+/// assert!(rows.get(KL)?.to_vec1::<f32>()?.iter().all(|&kl| kl >= 0.0));
+/// # Ok(())
+/// # }
+/// ```
+pub fn score_hidden_rows(
+    hidden: &HiddenTensors<'_>,
+    targets: &Tensor,
+    params: &Params,
+    chunk: usize,
+) -> Result<Tensor> {
+    params.validate()?;
+    let shape = check_hidden_inputs(hidden, targets)?;
+    match hidden.real_hidden.device() {
+        Device::Cpu => {
+            let values = cpu_score_hidden(hidden, targets, &shape, params, chunk)?;
+            rows_tensor(&to_outputs(&values), &Device::Cpu)
+        }
+        other => Err(no_fused_backend(other)),
+    }
+}
+
+/// [`compute`] from hidden states ([`HiddenTensors`]): the rows as [`score_hidden_rows`]
+/// computes them, then the turn means and (with trajectories) the advantages, as the CPU
+/// backend's epilogue computes them from the rows' float64 values. `turns`, `trajectories`
+/// and `credit_start` as for [`compute`]; the layout is checked before any row is scored, and
+/// row errors come before a non-finite turn, as on every backend.
+pub fn compute_hidden(
+    hidden: &HiddenTensors<'_>,
+    targets: &Tensor,
+    turns: Turns<'_>,
+    trajectories: Option<Trajectories<'_>>,
+    credit_start: Option<&[u32]>,
+    params: &Params,
+    chunk: usize,
+) -> Result<BatchOutput> {
+    params.validate()?;
+    let shape = check_hidden_inputs(hidden, targets)?;
+    match hidden.real_hidden.device() {
+        Device::Cpu => {
+            let mut layout = validate::layout(shape.rows, &turns, trajectories.as_ref())?;
+            if let Some(starts) = credit_start {
+                validate::credit_spans(&mut layout, starts)?;
+            }
+            let values = cpu_score_hidden(hidden, targets, &shape, params, chunk)?;
+            output_tensors(&epilogue_of_f64_rows(&values, &layout, params)?, &Device::Cpu)
+        }
+        other => Err(no_fused_backend(other)),
+    }
+}
+
+/// The checked geometry of a fused call.
+struct HiddenShape {
+    rows: usize,
+    hidden: usize,
+    vocab: usize,
+    dtype: Dtype,
+}
+
+fn no_fused_backend(device: &Device) -> Error {
+    match device {
+        Device::Cuda(_) => Error::BackendUnavailable {
+            backend: "cuda",
+            why: "the fused hidden-state path (candle::score_hidden_rows / compute_hidden) does not take CUDA \
+                  tensors yet: move them to the CPU, or compute the logits and call candle::score_rows / compute"
+                .into(),
+        },
+        other => no_backend(other),
+    }
+}
+
+/// The expected-dtype text of a tensor that must match `real_hidden`'s dtype.
+fn same_dtype_as_real_hidden(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => "f32, the dtype of `real_hidden`",
+        Dtype::F16 => "f16, the dtype of `real_hidden`",
+        Dtype::BF16 => "bf16, the dtype of `real_hidden`",
+    }
+}
+
+/// Checks dtypes, devices, shapes and memory layout of the fused inputs, in that order (as
+/// [`check_inputs`] does for logits).
+fn check_hidden_inputs(h: &HiddenTensors<'_>, targets: &Tensor) -> Result<HiddenShape> {
+    let dtype = logit_dtype("real_hidden", h.real_hidden)?;
+    for (name, t) in [("masked_hidden", h.masked_hidden), ("lm_head", h.lm_head)] {
+        if logit_dtype(name, t)? != dtype {
+            return Err(Error::UnsupportedDtype {
+                tensor: name,
+                dtype: t.dtype().as_str().into(),
+                expected: same_dtype_as_real_hidden(dtype),
+            });
+        }
+    }
+    if !matches!(targets.dtype(), DType::U32 | DType::I64) {
+        return Err(Error::UnsupportedDtype {
+            tensor: "targets",
+            dtype: targets.dtype().as_str().into(),
+            expected: TARGET_DTYPES,
+        });
+    }
+    same_device(("real_hidden", h.real_hidden), ("masked_hidden", h.masked_hidden))?;
+    same_device(("real_hidden", h.real_hidden), ("lm_head", h.lm_head))?;
+    same_device(("real_hidden", h.real_hidden), ("targets", targets))?;
+    let &[rows, hidden] = h.real_hidden.dims() else {
+        return Err(Error::shape(format!("`real_hidden` must be [N, D], got {:?}", h.real_hidden.dims())));
+    };
+    if h.masked_hidden.dims() != h.real_hidden.dims() {
+        return Err(Error::shape(format!(
+            "`real_hidden` is {:?} but `masked_hidden` is {:?}",
+            h.real_hidden.dims(),
+            h.masked_hidden.dims()
+        )));
+    }
+    let &[vocab, head_width] = h.lm_head.dims() else {
+        return Err(Error::shape(format!("`lm_head` must be [V, D], got {:?}", h.lm_head.dims())));
+    };
+    if head_width != hidden {
+        return Err(Error::shape(format!(
+            "`real_hidden` is {:?} but `lm_head` is {:?}: the hidden widths D differ ({hidden} vs {head_width})",
+            h.real_hidden.dims(),
+            h.lm_head.dims()
+        )));
+    }
+    if targets.dims() != [rows] {
+        return Err(Error::shape(format!(
+            "`targets` is {:?} but `real_hidden` is {:?}: expected targets [{rows}]",
+            targets.dims(),
+            h.real_hidden.dims()
+        )));
+    }
+    if vocab == 0 {
+        return Err(Error::EmptyVocab);
+    }
+    if hidden == 0 {
+        return Err(Error::shape("the hidden width D of `real_hidden` and `lm_head` is 0"));
+    }
+    if rows > u32::MAX as usize {
+        return Err(Error::shape(format!("{rows} rows exceed the 2^32 - 1 supported")));
+    }
+    contiguous_range("real_hidden", h.real_hidden.layout())?;
+    contiguous_range("masked_hidden", h.masked_hidden.layout())?;
+    contiguous_range("lm_head", h.lm_head.layout())?;
+    contiguous_range("targets", targets.layout())?;
+    Ok(HiddenShape { rows, hidden, vocab, dtype })
+}
+
+/// [`crate::fused::score_hidden`] on borrowed views of checked CPU tensors.
+fn cpu_score_hidden(
+    h: &HiddenTensors<'_>,
+    targets: &Tensor,
+    shape: &HiddenShape,
+    params: &Params,
+    chunk: usize,
+) -> Result<Vec<RowValues>> {
+    fn typed<T: WithDType + LogitElement>(
+        h: &HiddenTensors<'_>,
+        ids: &[i64],
+        shape: &HiddenShape,
+        params: &Params,
+        chunk: usize,
+    ) -> Result<Vec<RowValues>> {
+        let (real_storage, real_layout) = h.real_hidden.storage_and_layout();
+        let (masked_storage, masked_layout) = h.masked_hidden.storage_and_layout();
+        let (head_storage, head_layout) = h.lm_head.storage_and_layout();
+        let inputs = HiddenInputs {
+            real_hidden: cpu_elements::<T>("real_hidden", &real_storage, real_layout)?,
+            masked_hidden: cpu_elements::<T>("masked_hidden", &masked_storage, masked_layout)?,
+            lm_head: cpu_elements::<T>("lm_head", &head_storage, head_layout)?,
+            rows: shape.rows,
+            hidden: shape.hidden,
+            vocab: shape.vocab,
+        };
+        fused::score_hidden(0, &inputs, ids, params, chunk)
+    }
+    let (targets_storage, targets_layout) = targets.storage_and_layout();
+    let ids = cpu_targets(&targets_storage, targets_layout, targets.dtype())?;
+    match shape.dtype {
+        Dtype::F32 => typed::<f32>(h, &ids, shape, params, chunk),
+        Dtype::F16 => typed::<half::f16>(h, &ids, shape, params, chunk),
+        Dtype::BF16 => typed::<half::bf16>(h, &ids, shape, params, chunk),
+    }
+}
+
+/// Turn means and advantages from the rows' float64 values, as the CPU backend computes them
+/// (`Cpu::compute` on one micro-batch): a non-finite estimator in a batch with trajectories is
+/// [`Error::NonFiniteTurn`] naming its turn and row.
+fn epilogue_of_f64_rows(values: &[RowValues], layout: &validate::Layout, params: &Params) -> Result<Output> {
+    let estimates = estimator_values(values, params.estimator);
+    if layout.groups.is_some() {
+        if let Some(row) = estimates.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFiniteTurn { turn: turn_of_row(&layout.turn_offsets, row), row: Some(row) });
+        }
+    }
+    let mut turns = TurnAccumulator::for_layout(layout);
+    turns.add_rows(layout, 0, &estimates)?;
+    let info = turns.info();
+    let advantages = match layout.groups {
+        Some(_) => Some(advantages(&info, layout, params)?),
+        None => None,
+    };
+    Ok(Output { rows: to_outputs(values), turn_info: Some(info), advantages })
 }
 
 /// The CUDA path: candle's stream, candle's buffers, the device API of [`crate::cuda`].

@@ -3,12 +3,19 @@
 //! Row outputs are checked against candle's own float64 ops (log-softmax by max-shifted
 //! log-sum-exp, `gather`, a KL sum), the batch against the CPU backend, and every bad input
 //! against its typed error. Inputs are fresh random logits; the seed is printed (run with
-//! `INFOPO_SEED=…` to replay one).
+//! `INFOPO_SEED=…` to replay one). The fused entries (hidden states and the lm_head weight) are
+//! checked against candle's f64 `matmul` followed by the same f64 ops, and the crate's epilogue
+//! on those rows.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use infopo_kernels::candle::{compute, score_rows, ENTROPY_REAL, KL, LOG_RATIO, LSE_MASKED, LSE_REAL, ROW_OUTPUTS};
+use infopo_kernels::candle::{
+    compute, compute_hidden, score_hidden_rows, score_rows, HiddenTensors, ENTROPY_REAL, KL, LOG_RATIO, LSE_MASKED,
+    LSE_REAL, ROW_OUTPUTS,
+};
+use infopo_kernels::epilogue::{advantages, TurnAccumulator};
+use infopo_kernels::fused::DEFAULT_CHUNK;
 use infopo_kernels::synth::{self, Rng, SynthSpec};
-use infopo_kernels::{Backend, Error, Estimator, Params, Trajectories, Turns};
+use infopo_kernels::{Backend, Error, Estimator, Params, RowErrorKind, Trajectories, Turns};
 
 fn fresh_seed() -> u64 {
     let seed = std::env::var("INFOPO_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
@@ -382,6 +389,358 @@ fn batch_layout_errors_are_the_crate_errors() {
     // The tensors are checked as in `score_rows`.
     let e = compute(&real, &masked.to_dtype(DType::BF16).unwrap(), &targets, turns, None, None, &p).unwrap_err();
     assert!(matches!(e, Error::DtypeMismatch { .. }), "{e}");
+}
+
+// ---- Fused linear: hidden states and the lm_head weight --------------------------------------
+
+/// `[rows, d]` values of `dtype` from `rng`: hidden states ~ ±1 (`scale` 1), or lm_head rows of
+/// ±3/√D (logits of a few units, as a trained head gives).
+fn random_matrix(rng: &mut Rng, rows: usize, d: usize, scale: f64, dtype: DType) -> Tensor {
+    let values: Vec<f32> = (0..rows * d).map(|_| ((2.0 * rng.uniform() - 1.0) * scale) as f32).collect();
+    Tensor::from_vec(values, (rows, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+}
+
+/// The masked run's hidden states: the real ones perturbed (as masking the feedback would).
+fn perturbed(rng: &mut Rng, real: &Tensor) -> Tensor {
+    let (rows, d) = real.dims2().unwrap();
+    let noise = random_matrix(rng, rows, d, 0.3, DType::F32);
+    (real.to_dtype(DType::F32).unwrap() + noise).unwrap().to_dtype(real.dtype()).unwrap()
+}
+
+/// The materialised path by candle's own f64 ops: logits = hidden · lm_headᵀ in f64 (of the
+/// inputs' values as stored), then the row outputs of [`candle_f64_reference`].
+fn materialised_f64(h: &HiddenTensors<'_>, targets: &Tensor, temperature: f64) -> Vec<Vec<f64>> {
+    let head_t = h.lm_head.to_dtype(DType::F64).unwrap().t().unwrap().contiguous().unwrap();
+    let logits = |x: &Tensor| x.to_dtype(DType::F64).unwrap().matmul(&head_t).unwrap();
+    candle_f64_reference(&logits(h.real_hidden), &logits(h.masked_hidden), targets, temperature)
+}
+
+#[test]
+fn hidden_rows_match_candle_f64_matmul_then_ops() {
+    let mut rng = Rng::new(fresh_seed());
+    // (rows, D, V, chunk): chunks that divide V, do not, exceed it, and one token id each.
+    let cases = [
+        (1, 1, 1, DEFAULT_CHUNK),
+        (3, 8, 7, 1),
+        (17, 16, 129, 10),
+        (6, 24, 4099, 4099),
+        (9, 32, 50257, DEFAULT_CHUNK),
+        (5, 20, 32003, 3000),
+    ];
+    for (case, &(rows, d, vocab, chunk)) in cases.iter().enumerate() {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let target_dtype = if case % 2 == 0 { DType::U32 } else { DType::I64 };
+            // Extra rows around the batch (a row slice starting mid-storage) and a padded
+            // lm_head whose first `vocab` rows are the real vocabulary.
+            let (before, after, pad) = (1 + rng.below(4) as usize, rng.below(3) as usize, rng.below(5) as usize);
+            let all_rows = before + rows + after;
+            let real = random_matrix(&mut rng, all_rows, d, 1.0, dtype);
+            let masked = perturbed(&mut rng, &real);
+            let padded_head = random_matrix(&mut rng, vocab + pad, d, 3.0 / (d as f64).sqrt(), dtype);
+            let lm_head = padded_head.narrow(0, 0, vocab).unwrap();
+            let ids: Vec<u32> = (0..all_rows).map(|_| rng.below(vocab as u64) as u32).collect();
+            let targets = Tensor::new(ids, &Device::Cpu).unwrap().to_dtype(target_dtype).unwrap();
+            let temperature = [1.0, 0.7, 1.3][case % 3];
+            let params = Params { temperature, ..Params::default() };
+            let what = format!(
+                "{dtype:?} N={rows} D={d} V={vocab} (+{pad} padding) chunk {chunk} targets {target_dtype:?} τs {temperature}"
+            );
+
+            let whole = HiddenTensors { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
+            let got = score_hidden_rows(&whole, &targets, &params, chunk).unwrap();
+            assert_eq!(got.dims(), &[5, all_rows], "{what}");
+            assert_rows_match(&got, &materialised_f64(&whole, &targets, temperature), &what);
+
+            let slice = |t: &Tensor| t.narrow(0, before, rows).unwrap();
+            let (real_rows, masked_rows, target_rows) = (slice(&real), slice(&masked), slice(&targets));
+            assert_eq!(real_rows.layout().start_offset(), before * d, "the slice starts mid-storage");
+            let sliced = HiddenTensors { real_hidden: &real_rows, masked_hidden: &masked_rows, lm_head: &lm_head };
+            let got = score_hidden_rows(&sliced, &target_rows, &params, chunk).unwrap();
+            assert_eq!(got.dims(), &[5, rows], "{what}");
+            assert_rows_match(
+                &got,
+                &materialised_f64(&sliced, &target_rows, temperature),
+                &format!("{what}, rows {before}..{}", before + rows),
+            );
+        }
+    }
+}
+
+#[test]
+fn hidden_rows_do_not_depend_on_the_chunk() {
+    // Chunking only regroups the f64 merge: every chunk gives the same values to f64 rounding,
+    // so the f32 outputs agree to a few f32 ulps.
+    let mut rng = Rng::new(fresh_seed());
+    let (rows, d, vocab) = (7, 12, 2053);
+    let real = random_matrix(&mut rng, rows, d, 1.0, DType::BF16);
+    let masked = perturbed(&mut rng, &real);
+    let lm_head = random_matrix(&mut rng, vocab, d, 3.0 / (d as f64).sqrt(), DType::BF16);
+    let targets = Tensor::new((0..rows as u32).map(|r| r * 293).collect::<Vec<_>>(), &Device::Cpu).unwrap();
+    let h = HiddenTensors { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
+    let p = Params::default();
+    let one_chunk = score_hidden_rows(&h, &targets, &p, vocab).unwrap().to_vec2::<f32>().unwrap();
+    for chunk in [1, 2, 64, 1000, 2052, 5000] {
+        let got = score_hidden_rows(&h, &targets, &p, chunk).unwrap().to_vec2::<f32>().unwrap();
+        for (k, (g, w)) in got.iter().zip(&one_chunk).enumerate() {
+            for (r, (&g, &w)) in g.iter().zip(w).enumerate() {
+                assert!((g - w).abs() <= 1e-6 + 1e-6 * w.abs(), "chunk {chunk} {} row {r}: {g} vs {w}", ROW_OUTPUTS[k]);
+            }
+        }
+    }
+}
+
+/// Relative-or-absolute closeness of two f64 slices.
+fn assert_f64s_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{what}[{i}]: got {g}, want {w}");
+    }
+}
+
+#[test]
+fn hidden_batch_matches_the_epilogue_of_candle_f64_rows() {
+    let seed = fresh_seed();
+    for (k, (dtype, estimator, with_trajectories, with_credit)) in [
+        (DType::BF16, Estimator::LogRatio, true, true),
+        (DType::F32, Estimator::Kl, true, false),
+        (DType::F16, Estimator::LogRatio, false, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // The synthetic batch's turn layout and trajectories (its logits are not used).
+        let spec =
+            SynthSpec { rows: 40 + 9 * k, vocab: 3, groups: 2, trajectories_per_group: 3, seed: seed + k as u64 };
+        let b = synth::batch::<f32>(spec);
+        let mut rng = Rng::new(seed ^ (0x5eed + k as u64));
+        let (d, vocab) = (16, 1009 + 2 * k);
+        let real = random_matrix(&mut rng, b.rows, d, 1.0, dtype);
+        let masked = perturbed(&mut rng, &real);
+        let lm_head = random_matrix(&mut rng, vocab, d, 3.0 / (d as f64).sqrt(), dtype);
+        let ids: Vec<i64> = (0..b.rows).map(|_| rng.below(vocab as u64) as i64).collect();
+        let targets = Tensor::new(ids, &Device::Cpu).unwrap();
+        let h = HiddenTensors { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
+        let params = Params { estimator, ..Params::default() };
+        let turns =
+            Turns { offsets: &b.turn_offsets, trajectory: &b.turn_trajectory, credit_tokens: &b.turn_credit_tokens };
+        let trajectories =
+            Trajectories { group: &b.trajectory_group, outcome: &b.trajectory_outcome, tokens: &b.trajectory_tokens };
+        let trajectories = with_trajectories.then_some(trajectories);
+        // Each trajectory's turns credit consecutive spans after 3 prompt-echo tokens.
+        let mut next = vec![3u32; b.trajectory_tokens.len()];
+        let starts: Vec<u32> = b
+            .turn_trajectory
+            .iter()
+            .zip(&b.turn_credit_tokens)
+            .map(|(&i, &c)| {
+                let start = next[i as usize];
+                next[i as usize] += c;
+                start
+            })
+            .collect();
+        let credit_start = with_credit.then_some(&starts[..]);
+        let what = format!("{dtype:?} {estimator:?} trajectories {with_trajectories} credit {with_credit}");
+
+        let out = compute_hidden(&h, &targets, turns, trajectories, credit_start, &params, 100).unwrap();
+
+        // The reference: candle's f64 rows, their estimator through the crate's epilogue.
+        let rows = materialised_f64(&h, &targets, params.temperature);
+        assert_rows_match(&out.rows, &rows, &what);
+        let estimates = match estimator {
+            Estimator::LogRatio => &rows[LOG_RATIO],
+            Estimator::Kl => &rows[KL],
+        };
+        let mut layout = infopo_kernels::validate::layout(b.rows, &turns, trajectories.as_ref()).unwrap();
+        if let Some(s) = credit_start {
+            infopo_kernels::validate::credit_spans(&mut layout, s).unwrap();
+        }
+        let mut acc = TurnAccumulator::for_layout(&layout);
+        acc.add_rows(&layout, 0, estimates).unwrap();
+        let info = acc.info();
+        let got = out.to_output().unwrap();
+        assert_f64s_close(got.turn_info.as_ref().unwrap(), &info, 1e-9, &format!("{what} turn_info"));
+        assert_eq!(got.advantages.is_some(), with_trajectories, "{what}");
+        if let Some(g) = &got.advantages {
+            let w = advantages(&info, &layout, &params).unwrap();
+            for (name, g, w) in [
+                ("turn_intrinsic", &g.turn_intrinsic, &w.turn_intrinsic),
+                ("turn_intrinsic_norm", &g.turn_intrinsic_norm, &w.turn_intrinsic_norm),
+                ("turn_bonus", &g.turn_bonus, &w.turn_bonus),
+                ("trajectory_advantage", &g.trajectory_advantage, &w.trajectory_advantage),
+                ("trajectory_gate", &g.trajectory_gate, &w.trajectory_gate),
+            ] {
+                assert_f64s_close(g, w, 1e-8, &format!("{what} {name}"));
+            }
+            assert_f64s_close(
+                &[g.outcome_std, g.intrinsic_std, g.magnitude_ratio],
+                &[w.outcome_std, w.intrinsic_std, w.magnitude_ratio],
+                1e-8,
+                &format!("{what} batch stats"),
+            );
+            match (&g.token_advantage, &w.token_advantage) {
+                (Some(g), Some(w)) => assert_f64s_close(g, w, 1e-8, &format!("{what} token_advantage")),
+                (None, None) => assert!(!with_credit, "{what}"),
+                (g, w) => panic!("{what}: token_advantage {} vs {}", g.is_some(), w.is_some()),
+            }
+        }
+        // The rows are those of `score_hidden_rows`, bit for bit.
+        let alone = score_hidden_rows(&h, &targets, &params, 100).unwrap();
+        assert_eq!(out.rows.to_vec2::<f32>().unwrap(), alone.to_vec2::<f32>().unwrap(), "{what}");
+    }
+}
+
+/// Small valid fused inputs: [4, 6] hidden states, a [13, 6] lm_head, i64 targets.
+fn small_hidden(rng: &mut Rng) -> (Tensor, Tensor, Tensor, Tensor) {
+    let real = random_matrix(rng, 4, 6, 1.0, DType::F32);
+    let masked = perturbed(rng, &real);
+    let lm_head = random_matrix(rng, 13, 6, 1.0, DType::F32);
+    let targets = Tensor::new(&[0i64, 12, 5, 7], &Device::Cpu).unwrap();
+    (real, masked, lm_head, targets)
+}
+
+fn hidden_err(h: HiddenTensors<'_>, targets: &Tensor, chunk: usize) -> Error {
+    expect_err(score_hidden_rows(&h, targets, &Params::default(), chunk))
+}
+
+#[test]
+fn hidden_bad_dtypes_are_typed_errors_naming_the_tensor() {
+    let (real, masked, lm_head, targets) = small_hidden(&mut Rng::new(fresh_seed()));
+    let h = HiddenTensors { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
+    assert!(score_hidden_rows(&h, &targets, &Params::default(), 4).is_ok());
+    let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+    let (masked_bf16, head_bf16, head_f16) = (bf16(&masked), bf16(&lm_head), lm_head.to_dtype(DType::F16).unwrap());
+    let e = hidden_err(HiddenTensors { masked_hidden: &masked_bf16, ..h }, &targets, 4);
+    assert!(matches!(e, Error::UnsupportedDtype { tensor: "masked_hidden", .. }), "{e}");
+    assert!(e.to_string().contains("bf16") && e.to_string().contains("f32, the dtype of `real_hidden`"), "{e}");
+    let e = hidden_err(HiddenTensors { lm_head: &head_f16, ..h }, &targets, 4);
+    assert!(matches!(&e, Error::UnsupportedDtype { tensor: "lm_head", dtype, .. } if dtype == "f16"), "{e}");
+    // BF16 hidden states with an F32 head: the head is named, with the dtype it should have.
+    let real_bf16 = bf16(&real);
+    let e = hidden_err(
+        HiddenTensors { real_hidden: &real_bf16, masked_hidden: &masked_bf16, lm_head: &lm_head },
+        &targets,
+        4,
+    );
+    assert!(
+        matches!(e, Error::UnsupportedDtype { tensor: "lm_head", expected, .. } if expected.starts_with("bf16")),
+        "{e}"
+    );
+    let both_bf16 = HiddenTensors { real_hidden: &real_bf16, masked_hidden: &masked_bf16, lm_head: &head_bf16 };
+    assert!(score_hidden_rows(&both_bf16, &targets, &Params::default(), 4).is_ok());
+    let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    let (real64, masked64, head64) = (f64s(&real), f64s(&masked), f64s(&lm_head));
+    let e = hidden_err(HiddenTensors { real_hidden: &real64, masked_hidden: &masked64, lm_head: &head64 }, &targets, 4);
+    assert!(matches!(e, Error::UnsupportedDtype { tensor: "real_hidden", .. }), "{e}");
+    for bad in [DType::F32, DType::U8] {
+        let e = hidden_err(h, &targets.to_dtype(bad).unwrap(), 4);
+        assert!(matches!(e, Error::UnsupportedDtype { tensor: "targets", .. }), "{e}");
+    }
+}
+
+#[test]
+fn hidden_bad_shapes_are_typed_errors_naming_both_tensors() {
+    let mut rng = Rng::new(fresh_seed());
+    let (real, masked, lm_head, targets) = small_hidden(&mut rng);
+    let h = HiddenTensors { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
+    let shape_err = |e: Error, needles: &[&str]| {
+        assert!(matches!(e, Error::Shape { .. }), "{e}");
+        for n in needles {
+            assert!(e.to_string().contains(n), "`{e}` should mention {n}");
+        }
+    };
+    // The lm_head's width is not the hidden states' D.
+    let narrow_head = random_matrix(&mut rng, 13, 5, 1.0, DType::F32);
+    shape_err(
+        hidden_err(HiddenTensors { lm_head: &narrow_head, ..h }, &targets, 4),
+        &["`real_hidden` is [4, 6]", "`lm_head` is [13, 5]", "6 vs 5"],
+    );
+    let wider = random_matrix(&mut rng, 4, 7, 1.0, DType::F32);
+    shape_err(
+        hidden_err(HiddenTensors { masked_hidden: &wider, ..h }, &targets, 4),
+        &["`real_hidden` is [4, 6]", "`masked_hidden` is [4, 7]"],
+    );
+    let taller = random_matrix(&mut rng, 5, 6, 1.0, DType::F32);
+    shape_err(hidden_err(HiddenTensors { masked_hidden: &taller, ..h }, &targets, 4), &["`masked_hidden` is [5, 6]"]);
+    shape_err(hidden_err(h, &targets.narrow(0, 0, 3).unwrap(), 4), &["`targets` is [3]", "`real_hidden` is [4, 6]"]);
+    let flat_head = lm_head.flatten_all().unwrap();
+    shape_err(hidden_err(HiddenTensors { lm_head: &flat_head, ..h }, &targets, 4), &["[V, D]", "[78]"]);
+    let cube = real.reshape((2, 2, 6)).unwrap();
+    shape_err(hidden_err(HiddenTensors { real_hidden: &cube, masked_hidden: &cube, ..h }, &targets, 4), &["[N, D]"]);
+    shape_err(hidden_err(h, &targets, 0), &["chunk"]);
+    let empty_head = Tensor::zeros((0, 6), DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(hidden_err(HiddenTensors { lm_head: &empty_head, ..h }, &targets, 4), Error::EmptyVocab));
+    let no_width = Tensor::zeros((4, 0), DType::F32, &Device::Cpu).unwrap();
+    let no_width_head = Tensor::zeros((13, 0), DType::F32, &Device::Cpu).unwrap();
+    let zero_d = HiddenTensors { real_hidden: &no_width, masked_hidden: &no_width, lm_head: &no_width_head };
+    shape_err(hidden_err(zero_d, &targets, 4), &["hidden width D"]);
+    // An empty batch is not an error.
+    let none = Tensor::zeros((0, 6), DType::F32, &Device::Cpu).unwrap();
+    let no_targets = Tensor::zeros(0, DType::U32, &Device::Cpu).unwrap();
+    let empty = HiddenTensors { real_hidden: &none, masked_hidden: &none, lm_head: &lm_head };
+    assert_eq!(score_hidden_rows(&empty, &no_targets, &Params::default(), 4).unwrap().dims(), &[5, 0]);
+}
+
+#[test]
+fn hidden_non_row_contiguous_inputs_are_typed_errors() {
+    let mut rng = Rng::new(fresh_seed());
+    let (real, masked, lm_head, targets) = small_hidden(&mut rng);
+    let h = HiddenTensors { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
+    // A [D, V] weight passed transposed: the right shape, columns in memory.
+    let head_t = random_matrix(&mut rng, 6, 13, 1.0, DType::F32).t().unwrap();
+    let e = hidden_err(HiddenTensors { lm_head: &head_t, ..h }, &targets, 4);
+    assert!(matches!(e, Error::NotContiguous { tensor: "lm_head", .. }), "{e}");
+    assert!(e.to_string().contains("contiguous()"), "{e}");
+    // Column slices of wider hidden states: rows contiguous but not adjacent.
+    let wide = random_matrix(&mut rng, 4, 9, 1.0, DType::F32);
+    let cols = wide.narrow(1, 2, 6).unwrap();
+    let e = hidden_err(HiddenTensors { real_hidden: &cols, ..h }, &targets, 4);
+    assert!(matches!(e, Error::NotContiguous { tensor: "real_hidden", .. }), "{e}");
+    let e = hidden_err(HiddenTensors { masked_hidden: &cols, ..h }, &targets, 4);
+    assert!(matches!(e, Error::NotContiguous { tensor: "masked_hidden", .. }), "{e}");
+    let square = random_matrix(&mut rng, 6, 6, 1.0, DType::F32);
+    let (rows_t, square_t) = (real.narrow(0, 0, 4).unwrap(), square.t().unwrap().narrow(0, 0, 4).unwrap());
+    assert!(score_hidden_rows(&HiddenTensors { real_hidden: &rows_t, ..h }, &targets, &Params::default(), 4).is_ok());
+    let e = hidden_err(HiddenTensors { real_hidden: &square_t, ..h }, &targets, 4);
+    assert!(matches!(e, Error::NotContiguous { tensor: "real_hidden", .. }), "{e}");
+    let pairs = Tensor::stack(&[&targets, &targets], 1).unwrap();
+    let e = hidden_err(h, &pairs.i((.., 1)).unwrap(), 4);
+    assert!(matches!(e, Error::NotContiguous { tensor: "targets", .. }), "{e}");
+    // `.contiguous()` is the way out, and gives the numbers of the copy.
+    let fixed = cols.contiguous().unwrap();
+    let h_fixed = HiddenTensors { real_hidden: &fixed, ..h };
+    let got = score_hidden_rows(&h_fixed, &targets, &Params::default(), 4).unwrap();
+    assert_rows_match(&got, &materialised_f64(&h_fixed, &targets, 1.0), "contiguous copy of a column slice");
+}
+
+#[test]
+fn hidden_row_data_and_layout_errors_are_the_crate_errors() {
+    let mut rng = Rng::new(fresh_seed());
+    let (real, masked, lm_head, targets) = small_hidden(&mut rng);
+    let h = HiddenTensors { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
+    let p = Params::default();
+    let out_of_range = Tensor::new(&[0u32, 1, 13, 2], &Device::Cpu).unwrap();
+    let e = expect_err(score_hidden_rows(&h, &out_of_range, &p, 4));
+    assert!(matches!(e, Error::Row { row: 2, kind: RowErrorKind::TargetOutOfRange, target: Some(13) }), "{e}");
+    // A NaN in row 3's real hidden state makes every real logit of the row NaN.
+    let mut values = real.to_vec2::<f32>().unwrap();
+    values[3][1] = f32::NAN;
+    let nan = Tensor::new(values, &Device::Cpu).unwrap();
+    let e = expect_err(score_hidden_rows(&HiddenTensors { real_hidden: &nan, ..h }, &targets, &p, 4));
+    assert!(matches!(e, Error::Row { row: 3, kind: RowErrorKind::RealNotFinite, .. }), "{e}");
+    let e = expect_err(score_hidden_rows(&h, &targets, &Params { temperature: -1.0, ..p }, 4));
+    assert!(matches!(e, Error::Param { name: "temperature", .. }), "{e}");
+    // The layout is checked before the rows: a bad layout wins over a bad row.
+    let bad_turns = Turns { offsets: &[0, 2, 5], trajectory: &[0, 0], credit_tokens: &[1, 1] };
+    let e = compute_hidden(&h, &out_of_range, bad_turns, None, None, &p, 4).unwrap_err();
+    assert!(matches!(e, Error::Turns { .. }), "{e}");
+    let turns = Turns { offsets: &[0, 2, 4], trajectory: &[0, 0], credit_tokens: &[1, 1] };
+    let e = compute_hidden(&h, &out_of_range, turns, None, None, &p, 4).unwrap_err();
+    assert!(matches!(e, Error::Row { row: 2, .. }), "{e}");
+    let e = compute_hidden(&h, &targets, turns, None, Some(&[0, 1]), &p, 4).unwrap_err();
+    assert!(matches!(e, Error::Trajectories { .. }), "{e}");
+    let out = compute_hidden(&h, &targets, turns, None, None, &p, 4).unwrap();
+    assert_eq!(out.turn_info.dims(), &[2]);
+    assert!(out.advantages.is_none());
 }
 
 /// CUDA tensors, with this crate built with `--features candle,cuda`: the same numbers as the
