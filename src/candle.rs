@@ -52,7 +52,6 @@
 use crate::backend::Backend;
 use crate::batch::{Advantages, Batch, Output, RowOutputs, Trajectories, Turns};
 use crate::cpu::{estimator_values, to_outputs, Cpu};
-use crate::epilogue::{advantages, turn_of_row, TurnAccumulator};
 use crate::error::{Error, Result};
 use crate::fused::{self, HiddenInputs};
 use crate::logits::{Dtype, LogitElement, Logits};
@@ -473,7 +472,9 @@ pub fn compute_hidden(
                 validate::credit_spans(&mut layout, starts)?;
             }
             let values = cpu_score_hidden(hidden, targets, &shape, params, chunk)?;
-            output_tensors(&epilogue_of_f64_rows(&values, &layout, params)?, &Device::Cpu)
+            // The CPU backend's fused epilogue: turn means and advantages from the f64 rows.
+            let estimates = estimator_values(&values, params.estimator);
+            output_tensors(&fused::epilogue(to_outputs(&values), Some(layout), &estimates, params)?, &Device::Cpu)
         }
         other => Err(no_fused_backend(other)),
     }
@@ -609,26 +610,6 @@ fn cpu_score_hidden(
         Dtype::F16 => typed::<half::f16>(h, &ids, shape, params, chunk),
         Dtype::BF16 => typed::<half::bf16>(h, &ids, shape, params, chunk),
     }
-}
-
-/// Turn means and advantages from the rows' float64 values, as the CPU backend computes them
-/// (`Cpu::compute` on one micro-batch): a non-finite estimator in a batch with trajectories is
-/// [`Error::NonFiniteTurn`] naming its turn and row.
-fn epilogue_of_f64_rows(values: &[RowValues], layout: &validate::Layout, params: &Params) -> Result<Output> {
-    let estimates = estimator_values(values, params.estimator);
-    if layout.groups.is_some() {
-        if let Some(row) = estimates.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFiniteTurn { turn: turn_of_row(&layout.turn_offsets, row), row: Some(row) });
-        }
-    }
-    let mut turns = TurnAccumulator::for_layout(layout);
-    turns.add_rows(layout, 0, &estimates)?;
-    let info = turns.info();
-    let advantages = match layout.groups {
-        Some(_) => Some(advantages(&info, layout, params)?),
-        None => None,
-    };
-    Ok(Output { rows: to_outputs(values), turn_info: Some(info), advantages })
 }
 
 /// The CUDA path: candle's stream, candle's buffers, the device API of [`crate::cuda`].
