@@ -422,8 +422,24 @@ impl Backend for Emulated {
         self.micro_batched(batch, params, cuts)
     }
 
-    /// f32 chunk GEMMs, then the kernel in partial-state mode per chunk
-    /// ([`crate::fused::score_hidden_emulated`]).
+    /// The CUDA fused path's computation: f32 chunk GEMMs, the kernel in partial-state mode per
+    /// chunk, then the kernel's merge mode with the turns and the epilogue in the same launch
+    /// ([`crate::fused::compute_hidden_emulated`]).
+    fn compute_hidden(&self, batch: &crate::fused::HiddenBatch<'_>, params: &Params, chunk: usize) -> Result<Output> {
+        params.validate()?;
+        let layout = batch.validate()?;
+        crate::fused::compute_hidden_tensors_emulated(
+            self,
+            0,
+            &batch.tensors,
+            batch.targets,
+            layout.as_ref(),
+            params,
+            chunk,
+        )
+    }
+
+    /// Rows only, through the same device-merge path as [`Backend::compute_hidden`].
     fn score_hidden_rows(
         &self,
         first_row: usize,
@@ -432,8 +448,8 @@ impl Backend for Emulated {
         params: &Params,
         chunk: usize,
     ) -> Result<RowOutputs> {
-        let values = crate::fused::score_hidden_tensors_emulated(self, first_row, tensors, targets, params, chunk)?;
-        Ok(crate::cpu::to_outputs(&values))
+        crate::fused::compute_hidden_tensors_emulated(self, first_row, tensors, targets, None, params, chunk)
+            .map(|out| out.rows)
     }
 }
 

@@ -243,6 +243,22 @@ pub fn score_hidden_tensors(
     with_inputs!(tensors, |inputs| score_hidden(first_row, &inputs, targets, params, chunk))
 }
 
+/// `compute_hidden_emulated` on dtype-erased tensors (feature `emulator`).
+#[cfg(feature = "emulator")]
+pub fn compute_hidden_tensors_emulated(
+    emulator: &crate::emulated::Emulated,
+    first_row: usize,
+    tensors: &HiddenTensors<'_>,
+    targets: &[i64],
+    layout: Option<&Layout>,
+    params: &Params,
+    chunk: usize,
+) -> Result<Output> {
+    with_inputs!(tensors, |inputs| compute_hidden_emulated(
+        emulator, first_row, &inputs, targets, layout, params, chunk
+    ))
+}
+
 /// `score_hidden_emulated` on dtype-erased tensors (feature `emulator`).
 #[cfg(feature = "emulator")]
 pub fn score_hidden_tensors_emulated(
@@ -494,6 +510,24 @@ fn fold_chunks<T: LogitElement, E: GemmElement>(
     chunk: usize,
     mut states_of: impl FnMut(VocabRange, &mut [E], &mut [E]) -> Result<RangeStates>,
 ) -> Result<Vec<RowValues>> {
+    let mut fold = RangeFold::new(inputs.rows);
+    for_each_chunk::<T, E>(inputs, targets, params, chunk, |range, real, masked| {
+        fold.push(&states_of(range, real, masked)?, targets)
+    })?;
+    fold.finish(first_row, targets, inputs.vocab)
+}
+
+/// The chunk walk itself: validates, widens the hidden states to `E` once, then for each chunk
+/// of token ids in vocabulary order widens its lm_head rows and hands both chunks of unscaled
+/// logits (`[rows, len]` in `E`) to `visit`. Extra memory: the widened hidden states, one
+/// widened lm_head chunk and two chunks of logits.
+fn for_each_chunk<T: LogitElement, E: GemmElement>(
+    inputs: &HiddenInputs<'_, T>,
+    targets: &[i64],
+    params: &Params,
+    chunk: usize,
+    mut visit: impl FnMut(VocabRange, &mut [E], &mut [E]) -> Result<()>,
+) -> Result<()> {
     params.validate()?;
     inputs.validate(targets)?;
     if chunk == 0 {
@@ -506,7 +540,6 @@ fn fold_chunks<T: LogitElement, E: GemmElement>(
     let mut weight = vec![E::ZERO; c * d];
     let mut real_l = vec![E::ZERO; n * c];
     let mut masked_l = vec![E::ZERO; n * c];
-    let mut fold = RangeFold::new(n);
     let mut start = 0;
     while start < v {
         let len = c.min(v - start);
@@ -515,11 +548,45 @@ fn fold_chunks<T: LogitElement, E: GemmElement>(
         let (rl, ml) = (&mut real_l[..n * len], &mut masked_l[..n * len]);
         chunk_logits(&real_h, w, rl, n, d, len);
         chunk_logits(&masked_h, w, ml, n, d, len);
-        let range = VocabRange::new(start, len);
-        fold.push(&states_of(range, rl, ml)?, targets)?;
+        visit(VocabRange::new(start, len), rl, ml)?;
         start += len;
     }
-    fold.finish(first_row, targets, v)
+    Ok(())
+}
+
+/// The GPU path's whole computation, emulated, as [`crate::Backend::compute_hidden`] on the
+/// emulated backend runs it: per chunk an f32 GEMM and the kernel source in partial-state mode,
+/// each chunk's `[N, 8]` states appended to one `[K, N, 8]` buffer (what the CUDA path keeps on
+/// the device), then ONE launch of the kernel's merge mode
+/// ([`crate::emulated::Emulated::merge_range_states`]): the ordered f32 merge, the row
+/// outputs, and with `layout` the turn means and the epilogue, in the kernel. Row errors name
+/// global row `first_row + i`.
+#[cfg(feature = "emulator")]
+pub fn compute_hidden_emulated<T: LogitElement>(
+    emulator: &crate::emulated::Emulated,
+    first_row: usize,
+    inputs: &HiddenInputs<'_, T>,
+    targets: &[i64],
+    layout: Option<&Layout>,
+    params: &Params,
+    chunk: usize,
+) -> Result<Output> {
+    use crate::logits::Logits;
+    use crate::partial::{emulated_range_states, RangeInput};
+    let rows = targets.len();
+    let mut states: Vec<f32> = Vec::new();
+    let mut parts = 0;
+    for_each_chunk::<T, f32>(inputs, targets, params, chunk, |range, real, masked| {
+        let input =
+            RangeInput::shard(Logits::new(real, rows, range.len)?, Logits::new(masked, rows, range.len)?, range);
+        states.extend(emulated_range_states(emulator, &input, targets, params)?);
+        parts += 1;
+        Ok(())
+    })?;
+    emulator.merge_range_states(&states, parts, targets, inputs.vocab, layout, params).map_err(|e| match e {
+        Error::Row { row, kind, target } => Error::Row { row: first_row + row, kind, target },
+        other => other,
+    })
 }
 
 /// [`score_hidden`], rounded to the f32 row outputs of the logits path.

@@ -443,7 +443,21 @@ fn fused_two_stage_micro_batches_match_one_call() {
         let adv = advantages(&info, &layout, &params).unwrap();
         let want = whole.advantages.as_ref().unwrap();
         if !b.epilogue_reads_f64_rows() {
-            assert_eq!(&adv, want, "{}: the same f32 rows give the same advantages", b.name());
+            // The same f32 rows; the kernel's epilogue (run in the merge launch) and the host's
+            // sum them in different orders, so they agree to f64 rounding, not bit for bit.
+            let name = b.name();
+            assert_close(&format!("{name} turn_intrinsic"), &adv.turn_intrinsic, &want.turn_intrinsic, 0.0, 1e-12);
+            assert_close(&format!("{name} turn_bonus"), &adv.turn_bonus, &want.turn_bonus, 0.0, 1e-12);
+            assert_close(
+                &format!("{name} advantage"),
+                &adv.trajectory_advantage,
+                &want.trajectory_advantage,
+                0.0,
+                1e-12,
+            );
+            assert_close(&format!("{name} gate"), &adv.trajectory_gate, &want.trajectory_gate, 0.0, 1e-12);
+            let (got, exp) = (adv.token_advantage.as_ref().unwrap(), want.token_advantage.as_ref().unwrap());
+            assert_close(&format!("{name} token_advantage"), got, exp, 0.0, 1e-12);
         }
     }
 }
