@@ -21,11 +21,11 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, De
 use half::bf16;
 use infopo_kernels::cuda::fused::{chunk_ranges, cublas_present, DeviceHiddenInputs};
 use infopo_kernels::cuda::CudaBackend;
+use infopo_kernels::synth::{batch, SynthSpec};
+use infopo_kernels::{validate, LogitElement, Params};
 use rayon::prelude::*;
 use std::ffi::{c_int, c_void};
 use std::sync::Arc;
-use infopo_kernels::synth::{batch, SynthSpec};
-use infopo_kernels::{validate, LogitElement, Params};
 use std::time::{Duration, Instant};
 
 /// More than twice the 50 MB L2 of an H100/H200.
