@@ -18,7 +18,7 @@ mod common;
 use common::kernel::{compare_rows, generate, Spec};
 use common::{to_dtype, to_f64};
 use half::{bf16, f16};
-use infopo_kernels::cuda::fused::chunk_ranges;
+use infopo_kernels::cuda::fused::{chunk_ranges, shard_chunk_ranges, DeviceHiddenInputs};
 use infopo_kernels::cuda::range::RangeColumns;
 use infopo_kernels::cuda::CudaBackend;
 use infopo_kernels::fused::{score_hidden, HiddenInputs};
@@ -46,6 +46,31 @@ fn chunk_ranges_tile_the_vocabulary() {
         }
         assert_eq!(next, vocab);
     }
+}
+
+#[test]
+fn shard_chunks_have_equal_counts_and_tile_the_vocabulary() {
+    for (vocab, world, chunk) in [(50257usize, 8usize, 1000usize), (32003, 3, 4096), (10, 3, 3), (7, 8, 2), (100, 1, 7)]
+    {
+        let per_rank: Vec<Vec<VocabRange>> =
+            (0..world).map(|rank| shard_chunk_ranges(vocab, world, rank, chunk).unwrap()).collect();
+        let k = vocab.div_ceil(world).div_ceil(chunk);
+        let mut next = 0;
+        for (rank, ranges) in per_rank.iter().enumerate() {
+            assert_eq!(ranges.len(), k, "V={vocab} P={world} chunk={chunk} rank {rank}: chunk count");
+            for r in ranges {
+                assert_eq!(r.start, next, "V={vocab} P={world} chunk={chunk} rank {rank}: gap or overlap");
+                assert!(r.len <= chunk);
+                next = r.end();
+            }
+        }
+        assert_eq!(next, vocab);
+    }
+    // A chunk at least the shard width: one range per rank, its shard.
+    assert_eq!(shard_chunk_ranges(10, 3, 2, 4).unwrap(), shard_ranges(10, 3).unwrap()[2..].to_vec());
+    assert!(matches!(shard_chunk_ranges(10, 3, 3, 4), Err(Error::Shape { .. })));
+    assert!(matches!(shard_chunk_ranges(10, 3, 0, 0), Err(Error::Shape { .. })));
+    assert!(matches!(shard_chunk_ranges(0, 3, 0, 4), Err(Error::EmptyVocab)));
 }
 
 #[test]
@@ -240,6 +265,56 @@ fn fused_matches_the_f64_reference() {
     }
 }
 
+/// Vocabulary-parallel fused path, P ranks simulated on one GPU: each "rank" scores its padded
+/// lm_head shard (padding rows NaN, never read) into its [K, N, 8] slice of one [P, K, N, 8]
+/// buffer (what the all-gather assembles), and the merge of all P · K ranges gives the float64
+/// reference's outputs to the kernels' tolerance: p ∈ {1, 2, 3, 8}, chunks smaller and larger
+/// than a shard.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_fused -- --include-ignored"]
+fn fused_shards_match_the_f64_reference() {
+    let gpu = gpu();
+    let s = gpu.stream().clone();
+    let (n, d, v) = (40usize, 32usize, 32003usize);
+    let c = case(n, d, v, 41);
+    let (real, masked, head) = (to_dtype::<bf16>(&c.real), to_dtype::<bf16>(&c.masked), to_dtype::<bf16>(&c.head));
+    let (x, y) = (logits(&real, &head, n, d, v), logits(&masked, &head, n, d, v));
+    let params = Params { temperature: 0.8, ..Params::default() };
+    let (dr, dm, dt) =
+        (s.clone_htod(&real).unwrap(), s.clone_htod(&masked).unwrap(), s.clone_htod(&c.targets).unwrap());
+    for world in [1usize, 2, 3, 8] {
+        let width = v.div_ceil(world);
+        for chunk in [1500usize, 4096, width + 1] {
+            let k = width.div_ceil(chunk);
+            let mut states = s.alloc_zeros::<f32>(world * k * n * 8).unwrap();
+            let mut ranges = Vec::new();
+            for (rank, shard) in shard_ranges(v, world).unwrap().into_iter().enumerate() {
+                let mut padded = vec![bf16::NAN; width * d];
+                padded[..shard.len * d].copy_from_slice(&head[shard.start * d..shard.end() * d]);
+                let dh = s.clone_htod(&padded).unwrap();
+                let inputs = DeviceHiddenInputs {
+                    real_hidden: dr.as_view(),
+                    masked_hidden: dm.as_view(),
+                    lm_head: dh.as_view(),
+                    rows: n,
+                    hidden: d,
+                    vocab: width,
+                };
+                let per_rank = k * n * 8;
+                let mut slot = states.slice_mut(rank * per_rank..(rank + 1) * per_rank);
+                let got = gpu
+                    .score_hidden_shard_states(&inputs, v, (rank, world), &dt.as_view(), &params, chunk, &mut slot)
+                    .unwrap();
+                assert_eq!(got, shard_chunk_ranges(v, world, rank, chunk).unwrap());
+                ranges.extend(got);
+            }
+            let out = gpu.merge_range_states(&states.as_view(), &ranges, &dt.as_view(), v, &params).unwrap();
+            let what = format!("cuda fused shards bf16 N={n} D={d} V={v} P={world} chunk={chunk}");
+            compare_rows(&out, &x, &y, &c.targets, v, params.temperature, &what);
+        }
+    }
+}
+
 /// The same outputs as the CPU fused reference to the kernels' tolerance, and the same row
 /// error (row and kind) when a hidden state holds a NaN or a target is out of range.
 #[test]
@@ -347,8 +422,28 @@ fn nccl_single_rank_gather_and_merge() {
         &mut local.as_view_mut(),
     )
     .unwrap();
-    let got = gpu.gather_merge_shards(&comm, &local.as_view(), &targets.as_view(), v, &params).unwrap();
+    let got = gpu.gather_merge_shards(&comm, &local.as_view(), &targets.as_view(), v, width, &params).unwrap();
     compare_rows(&got, &to_f64(&r), &to_f64(&m), &t, v, 1.0, "nccl one rank");
+    // The fused path on the (one) lm_head shard, in chunks: K states gathered and merged.
+    let c = case(n, 16, v, 5);
+    let (hr, hm, hh) =
+        (s.clone_htod(&c.real).unwrap(), s.clone_htod(&c.masked).unwrap(), s.clone_htod(&c.head).unwrap());
+    let inputs = DeviceHiddenInputs {
+        real_hidden: hr.as_view(),
+        masked_hidden: hm.as_view(),
+        lm_head: hh.as_view(),
+        rows: n,
+        hidden: 16,
+        vocab: v,
+    };
+    let ct = s.clone_htod(&c.targets).unwrap();
+    let chunk = 5000;
+    let mut states = s.alloc_zeros::<f32>(v.div_ceil(chunk) * n * 8).unwrap();
+    gpu.score_hidden_shard_states(&inputs, v, (0, 1), &ct.as_view(), &params, chunk, &mut states.as_view_mut())
+        .unwrap();
+    let got = gpu.gather_merge_shards(&comm, &states.as_view(), &ct.as_view(), v, chunk, &params).unwrap();
+    let (x, y) = (logits(&c.real, &c.head, n, 16, v), logits(&c.masked, &c.head, n, 16, v));
+    compare_rows(&got, &x, &y, &c.targets, v, 1.0, "nccl one rank, fused shard");
     // A gather buffer of the wrong size is a typed error, nothing launched.
     let mut small = s.alloc_zeros::<f32>(n * 8 - 8).unwrap();
     assert!(matches!(

@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::fused::HiddenInputs;
 use crate::logits::{Dtype, LogitElement};
 use crate::params::Params;
-use crate::partial::VocabRange;
+use crate::partial::{shard_ranges, VocabRange};
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 use std::ffi::{c_int, c_void};
@@ -196,10 +196,59 @@ impl CudaBackend {
         chunk: usize,
         states: &mut CudaViewMut<'_, f32>,
     ) -> Result<Vec<VocabRange>> {
-        params.validate()?;
         inputs.validate(targets.len(), chunk)?;
-        let (n, d) = (inputs.rows, inputs.hidden);
         let ranges = chunk_ranges(inputs.vocab, chunk);
+        self.chunk_loop(inputs, &ranges, 0, targets, params, states)?;
+        Ok(ranges)
+    }
+
+    /// The chunk loop of one rank of a vocabulary-parallel lm_head (Megatron/vLLM shards,
+    /// [`crate::partial::shard_ranges`]): `inputs.lm_head` is rank `rank`'s padded shard
+    /// `[⌈V / P⌉, D]` (P = `world`, V = `vocab`), its row `j` token id `shard.start + j`; rows
+    /// past the shard's valid length are padding, never read. Writes the
+    /// [`shard_chunk_ranges`]`(vocab, world, rank, chunk)` states (`K = ⌈⌈V / P⌉ / chunk⌉`
+    /// chunks on every rank, trailing ones empty on a short last shard) into `states`, ready for
+    /// an all-gather ([`CudaBackend::gather_merge_shards`] with the same `chunk`).
+    /// Asynchronous. Returns the ranges.
+    #[allow(clippy::too_many_arguments)]
+    pub fn score_hidden_shard_states<T: LogitElement + DeviceRepr>(
+        &self,
+        inputs: &DeviceHiddenInputs<'_, T>,
+        vocab: usize,
+        (rank, world): (usize, usize),
+        targets: &CudaView<'_, i64>,
+        params: &Params,
+        chunk: usize,
+        states: &mut CudaViewMut<'_, f32>,
+    ) -> Result<Vec<VocabRange>> {
+        inputs.validate(targets.len(), chunk)?;
+        let ranges = shard_chunk_ranges(vocab, world, rank, chunk)?;
+        if inputs.vocab != vocab.div_ceil(world) {
+            return Err(Error::shape(format!(
+                "an lm_head shard of {} rows, expected the padded width ceil({vocab} / {world}) = {}",
+                inputs.vocab,
+                vocab.div_ceil(world)
+            )));
+        }
+        let first_id = shard_ranges(vocab, world)?[rank].start;
+        self.chunk_loop(inputs, &ranges, first_id, targets, params, states)?;
+        Ok(ranges)
+    }
+
+    /// Scores `ranges` (token ids; lm_head row `id - first_id`, all inside `inputs.lm_head`)
+    /// into consecutive `[N, 8]` slices of `states`: per range two chunk GEMMs and one
+    /// partial-state launch (an empty range writes the empty state).
+    fn chunk_loop<T: LogitElement + DeviceRepr>(
+        &self,
+        inputs: &DeviceHiddenInputs<'_, T>,
+        ranges: &[VocabRange],
+        first_id: usize,
+        targets: &CudaView<'_, i64>,
+        params: &Params,
+        states: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        params.validate()?;
+        let (n, d) = (inputs.rows, inputs.hidden);
         let per_chunk = n * crate::launch::RANGE_STATE_FLOATS;
         if ranges.len().checked_mul(per_chunk).is_none_or(|f| f > states.len()) {
             return Err(Error::shape(format!(
@@ -209,20 +258,25 @@ impl CudaBackend {
                 crate::launch::RANGE_STATE_FLOATS
             )));
         }
-        if n == 0 {
-            return Ok(ranges);
+        debug_assert!(ranges.iter().all(|r| r.start >= first_id && r.end() - first_id <= inputs.vocab));
+        let c = ranges.iter().map(|r| r.len).max().unwrap_or(0);
+        if n == 0 || ranges.is_empty() {
+            return Ok(());
         }
         let blas = self.blas()?;
         let s = self.stream();
-        let c = chunk.min(inputs.vocab);
-        let mut real_logits = s.alloc_zeros::<f32>(n * c).map_err(cuda_err)?;
-        let mut masked_logits = s.alloc_zeros::<f32>(n * c).map_err(cuda_err)?;
+        let mut real_logits = s.alloc_zeros::<f32>((n * c).max(1)).map_err(cuda_err)?;
+        let mut masked_logits = s.alloc_zeros::<f32>((n * c).max(1)).map_err(cuda_err)?;
         for (k, range) in ranges.iter().enumerate() {
-            let weight = inputs.lm_head.slice(range.start * d..range.end() * d);
             let cells = n * range.len;
-            for (hidden, out) in [(&inputs.real_hidden, &mut real_logits), (&inputs.masked_hidden, &mut masked_logits)]
-            {
-                chunk_gemm(&blas, s, T::DTYPE, &weight, hidden, &mut out.slice_mut(..cells), range.len, n, d)?;
+            if range.len > 0 {
+                let row0 = range.start - first_id;
+                let weight = inputs.lm_head.slice(row0 * d..(row0 + range.len) * d);
+                for (hidden, out) in
+                    [(&inputs.real_hidden, &mut real_logits), (&inputs.masked_hidden, &mut masked_logits)]
+                {
+                    chunk_gemm(&blas, s, T::DTYPE, &weight, hidden, &mut out.slice_mut(..cells), range.len, n, d)?;
+                }
             }
             self.score_range_into(
                 &real_logits.slice(..cells),
@@ -233,8 +287,33 @@ impl CudaBackend {
                 &mut states.slice_mut(k * per_chunk..(k + 1) * per_chunk),
             )?;
         }
-        Ok(ranges)
+        Ok(())
     }
+}
+
+/// The chunks of rank `rank`'s Megatron shard (`shard_ranges(vocab, world)[rank]`, padded width
+/// `W = ⌈V / P⌉`): `⌈W / chunk⌉` ranges of `chunk` token ids over the padded width, clipped to
+/// the shard's valid ids (so the last ones may be shorter or empty). Every rank gets the same
+/// count, which an all-gather needs; concatenated over the ranks they tile `[0, vocab)` in
+/// order. `chunk ≥ W` gives one range per rank: its shard.
+pub fn shard_chunk_ranges(vocab: usize, world: usize, rank: usize, chunk: usize) -> Result<Vec<VocabRange>> {
+    if vocab == 0 {
+        return Err(Error::EmptyVocab);
+    }
+    if chunk == 0 {
+        return Err(Error::shape("the vocabulary chunk must hold at least one token id"));
+    }
+    let shards = shard_ranges(vocab, world)?;
+    let Some(shard) = shards.get(rank) else {
+        return Err(Error::shape(format!("rank {rank} of a world of {world}")));
+    };
+    let width = vocab.div_ceil(world);
+    Ok((0..width.div_ceil(chunk))
+        .map(|k| {
+            let offset = (k * chunk).min(shard.len);
+            VocabRange::new(shard.start + offset, chunk.min(shard.len - offset))
+        })
+        .collect())
 }
 
 /// `out [n, len]` (row-major f32) = `hidden [n, d]` · `weight [len, d]`ᵀ on `blas`'s stream

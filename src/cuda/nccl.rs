@@ -1,9 +1,12 @@
 //! Vocabulary-parallel InfoPO across GPUs (feature `nccl`): each rank holds a contiguous shard
 //! of the lm_head (Megatron/vLLM style, [`crate::partial::shard_ranges`]: `⌈V / P⌉` token ids
-//! per rank, the last shard padded), scores its shard's logits into `[N, 8]` range states
-//! ([`CudaBackend::score_range_into`] with [`RangeColumns::shard`]), and
-//! [`CudaBackend::gather_merge_shards`] all-gathers the ranks' states into `[P, N, 8]` with one
-//! NCCL collective on a `cudarc::nccl::Comm` (32 · N · P bytes, 1 MiB at N = 4096, P = 8) and
+//! per rank, the last shard padded), scores its shard into range states — `[N, 8]` from its
+//! shard's logits ([`CudaBackend::score_range_into`] with [`RangeColumns::shard`]), or `[K, N, 8]`
+//! from the hidden states and its lm_head shard, the logits never stored
+//! ([`CudaBackend::score_hidden_shard_states`]) — and
+//! [`CudaBackend::gather_merge_shards`] all-gathers the ranks' states into `[P, K, N, 8]` with one
+//! NCCL collective on a `cudarc::nccl::Comm` (32 · K · N · P bytes, 1 MiB at N = 4096, P = 8,
+//! K = 1) and
 //! merges them into every rank's row outputs — the same on every rank, bitwise, since the merge
 //! folds the ranges in vocabulary order.
 //!
@@ -20,7 +23,8 @@
 //! let mut local = gpu.stream().alloc_zeros::<f32>(rows * 8).unwrap();
 //! let columns = RangeColumns::shard(width, ranges[comm.rank()]);
 //! gpu.score_range_into(&shard_real, &shard_masked, &targets, columns, &params, &mut local.as_view_mut())?;
-//! let outputs = gpu.gather_merge_shards(comm, &local.as_view(), &targets, vocab, &params)?;
+//! // One state per rank (chunk ≥ the shard width); the fused path on an lm_head shard gives K.
+//! let outputs = gpu.gather_merge_shards(comm, &local.as_view(), &targets, vocab, width, &params)?;
 //! # Ok(()) }
 //! ```
 //!
@@ -29,12 +33,12 @@
 //!
 //! [`RangeColumns::shard`]: super::range::RangeColumns::shard
 
+use super::fused::shard_chunk_ranges;
 use super::{cuda_err, CudaBackend};
 use crate::batch::RowOutputs;
 use crate::error::{Error, Result};
 use crate::launch::RANGE_STATE_FLOATS;
 use crate::params::Params;
-use crate::partial::shard_ranges;
 use cudarc::driver::{CudaView, CudaViewMut};
 use cudarc::nccl::Comm;
 use std::sync::OnceLock;
@@ -103,36 +107,41 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Vocabulary-parallel row outputs: `local` holds this rank's `[N, 8]` states over its
-    /// shard `shard_ranges(vocab, P)[rank]` (P = `comm.world_size()`); one all-gather
-    /// ([`CudaBackend::all_gather_states`]) and the merge of the `P` shards
-    /// ([`CudaBackend::merge_range_states`]) give every rank every row's outputs, with row errors
-    /// (targets outside `[0, vocab)`, non-finite logits) decided on the whole rows. Waits for
-    /// the stream (the host merge).
+    /// Vocabulary-parallel row outputs: `local` holds this rank's `[K, N, 8]` states over its
+    /// shard `shard_ranges(vocab, P)[rank]` (P = `comm.world_size()`) in the chunks of
+    /// [`shard_chunk_ranges`]`(vocab, P, rank, chunk)` — from
+    /// [`CudaBackend::score_hidden_shard_states`] with the same `chunk`, or, with
+    /// `chunk ≥ ⌈V / P⌉` (K = 1), from one [`CudaBackend::score_range_into`] over the shard's
+    /// logits. One all-gather ([`CudaBackend::all_gather_states`]) and the merge of the `P · K`
+    /// ranges ([`CudaBackend::merge_range_states`]) give every rank every row's outputs, with
+    /// row errors (targets outside `[0, vocab)`, non-finite logits) decided on whole rows.
+    /// Waits for the stream (the host merge).
     pub fn gather_merge_shards(
         &self,
         comm: &Comm,
         local: &CudaView<'_, f32>,
         targets: &CudaView<'_, i64>,
         vocab: usize,
+        chunk: usize,
         params: &Params,
     ) -> Result<RowOutputs> {
         params.validate()?;
-        if vocab == 0 {
-            return Err(Error::EmptyVocab);
-        }
-        let rows = targets.len();
-        if rows.checked_mul(RANGE_STATE_FLOATS) != Some(local.len()) {
+        let (rows, world) = (targets.len(), comm.world_size());
+        let ranges =
+            (0..world).map(|rank| shard_chunk_ranges(vocab, world, rank, chunk)).collect::<Result<Vec<_>>>()?.concat();
+        let per_rank = ranges.len() / world.max(1) * rows * RANGE_STATE_FLOATS;
+        if local.len() != per_rank {
             return Err(Error::shape(format!(
-                "{} local state floats for {rows} targets (needs {RANGE_STATE_FLOATS} per row)",
-                local.len()
+                "{} local state floats, expected {} chunks x {rows} rows x {RANGE_STATE_FLOATS}",
+                local.len(),
+                ranges.len() / world.max(1)
             )));
         }
-        let ranges = shard_ranges(vocab, comm.world_size())?;
         if rows == 0 {
-            return self.merge_range_states(local, &ranges, targets, vocab, params);
+            let none = self.stream().alloc_zeros::<f32>(1).map_err(cuda_err)?;
+            return self.merge_range_states(&none.slice(..0), &ranges, targets, vocab, params);
         }
-        let mut gathered = self.stream().alloc_zeros::<f32>(local.len() * ranges.len()).map_err(cuda_err)?;
+        let mut gathered = self.stream().alloc_zeros::<f32>(per_rank * world).map_err(cuda_err)?;
         self.all_gather_states(comm, local, &mut gathered.as_view_mut())?;
         self.merge_range_states(&gathered.as_view(), &ranges, targets, vocab, params)
     }
