@@ -62,8 +62,8 @@ pub fn cublas_present() -> bool {
 
 /// The fused path's inputs on the device, row-major, one element type (f32, f16 or bf16):
 /// `real_hidden` and `masked_hidden` `[rows, hidden]`, `lm_head` `[vocab, hidden]`, row `j` the
-/// weights of token id `j` (the whole vocabulary: a rank's shard of the lm_head, whose ids start
-/// at its shard offset, is not a case of this type yet).
+/// weights of token id `j` — or, for [`CudaBackend::score_hidden_shard_states`], one rank's
+/// padded lm_head shard, `vocab` its padded width and row `j` token id `shard.start + j`.
 #[derive(Debug)]
 pub struct DeviceHiddenInputs<'a, T> {
     pub real_hidden: CudaView<'a, T>,
