@@ -13,7 +13,9 @@
 //! - `outputs/c`: [`CudaBackend::score_hidden_device`] end to end, with today's host merge
 //!   (one download of the states; wall clock, since it waits).
 //!
-//! `CUDA_FUSED_ONLY=1` skips the logits benches (the fused group alone takes ~1 min).
+//! Chunks from 1024 ids (2 · N · c f32 = 32 MiB of chunk logits at N = 4096, inside an H100's
+//! 50 MB L2, so the kernel may read them back from L2) to 16384 (512 MiB).
+//! `CUDA_FUSED_ONLY=1` skips the logits benches.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
@@ -201,7 +203,7 @@ fn bench_fused(c: &mut Criterion, gpu: &CudaBackend) {
             })
         });
     }
-    for chunk in [2048usize, 4096, 8192, 16384] {
+    for chunk in [1024usize, 2048, 4096, 8192, 16384] {
         let ranges = chunk_ranges(v, chunk);
         {
             let mut out = s.alloc_zeros::<f32>(n * chunk).expect("alloc chunk");
