@@ -173,7 +173,8 @@ fn text_output_names_time_and_memory() {
 
 #[test]
 fn refuses_what_it_cannot_time() {
-    // No CUDA entry point for the fused path: a typed error, exit 2, not a timing of something else.
+    // No CUDA backend in this build (or no GPU with it): a typed error, exit 2, not a timing of
+    // something else.
     let run = infopo(&["bench", "--fused-linear", "--backend", "cuda", "--rows", "2", "--hidden", "4", "--vocab", "9"]);
     assert_eq!(run.status.code(), Some(2), "{}", stderr(&run));
     let err = stderr(&run);

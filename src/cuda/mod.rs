@@ -51,7 +51,11 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock};
 
+pub mod fused;
 mod merge;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+pub mod range;
 pub mod raw;
 
 /// The cudarc this crate is built against (its `CudaView`s and streams appear in the API).
@@ -118,6 +122,8 @@ pub struct CudaBackend {
     kernels: Arc<Kernels>,
     sm_count: u32,
     scratch: Mutex<Scratch>,
+    /// The cuBLAS handle of the fused hidden-state path ([`fused`]), on `stream`, made on first use.
+    blas: Mutex<Option<Arc<cudarc::cublas::CudaBlas>>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -177,7 +183,7 @@ impl CudaBackend {
             grid_ticket: stream.alloc_zeros::<u32>(1).map_err(cuda_err)?,
             partials: stream.alloc_zeros::<f32>(1).map_err(cuda_err)?,
         };
-        Ok(CudaBackend { stream, kernels, sm_count, scratch: Mutex::new(scratch) })
+        Ok(CudaBackend { stream, kernels, sm_count, scratch: Mutex::new(scratch), blas: Mutex::new(None) })
     }
 
     /// The stream every launch and copy of this backend goes on.
@@ -414,16 +420,7 @@ impl CudaBackend {
             Some(_) => launch::merge_shape(rows, vocab),
             None => launch_shape(rows, vocab, dtype, self.sm_count),
         };
-        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        let scratch = &mut *guard;
         let s = &self.stream;
-        if scratch.row_tickets.len() < rows {
-            scratch.row_tickets = s.alloc_zeros::<u32>(rows).map_err(cuda_err)?;
-        }
-        let partials = launch::partials_len(rows, shape.splits);
-        if shape.splits > 1 && scratch.partials.len() < partials {
-            scratch.partials = s.alloc_zeros::<f32>(partials).map_err(cuda_err)?;
-        }
         let mut args = KernelArgs {
             real: pointers.real as *const c_void,
             masked: pointers.masked as *const c_void,
@@ -443,13 +440,7 @@ impl CudaBackend {
         args.turn_sum = carried as *mut f64;
         args.turn_count = (carried + 8 * turns) as *mut f64;
         let error_word = carried + 16 * turns;
-        let (partials_ptr, _g1) = scratch.partials.device_ptr_mut(s);
-        let (row_tickets, _g2) = scratch.row_tickets.device_ptr_mut(s);
-        let (grid_ticket, _g3) = scratch.grid_ticket.device_ptr_mut(s);
         args.error_word = error_word as *mut u64;
-        args.partials = partials_ptr as *mut f32;
-        args.row_tickets = row_tickets as *mut u32;
-        args.grid_ticket = grid_ticket as *mut u32;
         let mut guards = Vec::new();
         if let Some(l) = batch.layout {
             args.n_turns = l.layout.turns() as i64;
@@ -509,15 +500,45 @@ impl CudaBackend {
             args.token_advantage = a as *mut f64;
             out_guards.push(g);
         }
-        let cfg = LaunchConfig { grid_dim: (shape.grid, 1, 1), block_dim: (shape.threads, 1, 1), shared_mem_bytes: 0 };
-        let func = match merge {
-            Some(_) => &self.kernels.merge,
-            None => self.kernels.get(dtype),
-        };
         // SAFETY: every pointer in `args` is a live device buffer of the documented length on
         // this stream (lengths checked in `score_into`/`begin`, or promised by the caller of
-        // `score_raw`), the scratch is exclusively ours (mutex) and serial (one stream), and
-        // the struct matches the kernel's parameter.
+        // `score_raw`); the guards above keep them ordered until the launch is enqueued.
+        unsafe { self.launch_on_scratch(dtype, &shape, args) }
+    }
+
+    /// Grows this backend's scratch for a launch of `shape` over `args.n_rows` rows, points
+    /// `args` at it (row tickets, grid ticket, split partials) and launches on the stream the
+    /// `dtype` entry point, or the merge entry point when `args.merge_states` is set: the one
+    /// launch site of every mode (rows, epilogue, partial states, merge).
+    ///
+    /// # Safety
+    /// Every other pointer in `args` is a live device buffer of this context, of the length
+    /// `kernels/args.h` states for the launch's mode, kept alive and ordered on this stream (the
+    /// caller holds cudarc's guards across the call); `shape` is the launch shape `args` was
+    /// made for.
+    unsafe fn launch_on_scratch(&self, dtype: Dtype, shape: &launch::LaunchShape, mut args: KernelArgs) -> Result<()> {
+        let rows = args.n_rows as usize;
+        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let scratch = &mut *guard;
+        let s = &self.stream;
+        if scratch.row_tickets.len() < rows {
+            scratch.row_tickets = s.alloc_zeros::<u32>(rows).map_err(cuda_err)?;
+        }
+        let partials = launch::partials_len(rows, shape.splits);
+        if shape.splits > 1 && scratch.partials.len() < partials {
+            scratch.partials = s.alloc_zeros::<f32>(partials).map_err(cuda_err)?;
+        }
+        let (partials_ptr, _g1) = scratch.partials.device_ptr_mut(s);
+        let (row_tickets, _g2) = scratch.row_tickets.device_ptr_mut(s);
+        let (grid_ticket, _g3) = scratch.grid_ticket.device_ptr_mut(s);
+        args.partials = partials_ptr as *mut f32;
+        args.row_tickets = row_tickets as *mut u32;
+        args.grid_ticket = grid_ticket as *mut u32;
+        let cfg = LaunchConfig { grid_dim: (shape.grid, 1, 1), block_dim: (shape.threads, 1, 1), shared_mem_bytes: 0 };
+        let func = if args.merge_states.is_null() { self.kernels.get(dtype) } else { &self.kernels.merge };
+        // SAFETY: the caller vouches for the pointers it set; the scratch is exclusively ours
+        // (mutex) and serial (one stream), sized above for this shape; the struct matches the
+        // kernel's parameter.
         unsafe { s.launch_builder(func).arg(&args).launch(cfg) }.map_err(cuda_err)?;
         Ok(())
     }
@@ -681,6 +702,26 @@ impl Backend for CudaBackend {
             }
             (x, y) => Err(Error::DtypeMismatch { real: x.dtype().name(), masked: y.dtype().name() }),
         }
+    }
+
+    /// cuBLAS chunk GEMMs, the kernel in partial-state mode per chunk, then one merge launch
+    /// with the turns and the epilogue ([`fused`]).
+    fn compute_hidden(&self, batch: &crate::fused::HiddenBatch<'_>, params: &Params, chunk: usize) -> Result<Output> {
+        params.validate()?;
+        let layout = batch.validate()?;
+        self.compute_hidden_tensors(0, &batch.tensors, batch.targets, layout.as_ref(), params, chunk)
+    }
+
+    /// Rows only, through the same device path as [`Backend::compute_hidden`].
+    fn score_hidden_rows(
+        &self,
+        first_row: usize,
+        tensors: &crate::fused::HiddenTensors<'_>,
+        targets: &[i64],
+        params: &Params,
+        chunk: usize,
+    ) -> Result<RowOutputs> {
+        self.compute_hidden_tensors(first_row, tensors, targets, None, params, chunk).map(|out| out.rows)
     }
 }
 

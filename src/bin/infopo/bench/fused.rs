@@ -11,7 +11,7 @@ use half::{bf16, f16};
 use infopo_kernels::fused::{self, HiddenInputs};
 use infopo_kernels::state::RowValues;
 use infopo_kernels::synth::{self, HiddenSpec};
-use infopo_kernels::{Error, LogitElement, Params};
+use infopo_kernels::{LogitElement, Params};
 use std::time::Instant;
 
 /// Seed of the synthetic inputs; `bench/compare_fused.py` rebuilds the same tensors from it.
@@ -49,16 +49,62 @@ fn path<'a, T: LogitElement>(
             call: Box::new(move || fused::score_hidden(0, inputs, targets, params, chunk)),
         }),
         BackendArg::Emulated => emulated(inputs, targets, params, chunk),
-        // No CUDA entry point for the fused path yet (issue 9 §2: cuBLAS chunk GEMMs then the
-        // kernel in partial-state mode); refuse rather than time something else.
-        BackendArg::Cuda => Err(Error::BackendUnavailable {
-            backend: "cuda",
-            why: "the fused-linear path (--fused-linear) has no CUDA implementation in this build; \
-                  use --backend cpu or emulated"
-                .into(),
-        }
-        .into()),
+        BackendArg::Cuda => cuda(inputs, targets, params, chunk),
     }
+}
+
+/// The CUDA fused path (cuBLAS chunk GEMMs, the kernel per chunk, the device merge), timed
+/// from the host: each call uploads the inputs and downloads the rows, so this is the
+/// end-to-end time of the CUDA backend's `Backend::score_hidden_rows`; the device-only
+/// times against cuBLAS's GEMMs alone are `benches/cuda.rs`'s. The memory figures are the
+/// host's, not the GPU's.
+#[cfg(feature = "cuda")]
+fn cuda<'a, T: LogitElement>(
+    inputs: &'a HiddenInputs<'a, T>,
+    targets: &'a [i64],
+    params: &'a Params,
+    chunk: usize,
+) -> Result<FusedPath<'a>, Failure> {
+    use infopo_kernels::{Backend, LogitData};
+    let gpu = infopo_kernels::cuda::CudaBackend::new(0)?;
+    let tensors = fused::HiddenTensors::new(
+        LogitData::from_slice(inputs.real_hidden),
+        LogitData::from_slice(inputs.masked_hidden),
+        LogitData::from_slice(inputs.lm_head),
+        inputs.rows,
+        inputs.hidden,
+        inputs.vocab,
+    )?;
+    Ok(FusedPath {
+        name: "cuda",
+        gemm_bytes: 4,
+        call: Box::new(move || {
+            let rows = gpu.score_hidden_rows(0, &tensors, targets, params, chunk)?;
+            Ok((0..rows.len())
+                .map(|i| RowValues {
+                    lse_real: rows.lse_real[i] as f64,
+                    lse_masked: rows.lse_masked[i] as f64,
+                    log_ratio: rows.log_ratio[i] as f64,
+                    kl: rows.kl[i] as f64,
+                    entropy_real: rows.entropy_real[i] as f64,
+                })
+                .collect())
+        }),
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda<'a, T: LogitElement>(
+    _: &'a HiddenInputs<'a, T>,
+    _: &'a [i64],
+    _: &'a Params,
+    _: usize,
+) -> Result<FusedPath<'a>, Failure> {
+    Err(infopo_kernels::Error::BackendUnavailable {
+        backend: "cuda",
+        why: "--fused-linear on cuda needs a build with the CUDA backend (--features cuda)".into(),
+    }
+    .into())
 }
 
 #[cfg(feature = "emulator")]
@@ -83,7 +129,7 @@ fn emulated<'a, T: LogitElement>(
     _: &'a Params,
     _: usize,
 ) -> Result<FusedPath<'a>, Failure> {
-    Err(Error::BackendUnavailable {
+    Err(infopo_kernels::Error::BackendUnavailable {
         backend: "emulated",
         why: "this build has no emulated kernel (rebuild with --features emulator)".into(),
     }

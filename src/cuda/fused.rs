@@ -1,0 +1,450 @@
+//! InfoPO from hidden states and the lm_head weight on the GPU, the `[N, V]` logits never
+//! stored (issue 9 §2; the CPU reference is [`crate::fused::score_hidden`]).
+//!
+//! For each chunk of `chunk` token ids `[v0, v0 + c)`, on the backend's one stream:
+//! 1. two cuBLAS GEMMs (`cublasGemmEx`, fp32 compute; bf16/f16 inputs on the tensor cores, f32
+//!    inputs in full fp32) write the chunk's logits `hidden · lm_head[v0..v0+c]ᵀ` for the real
+//!    and the masked hidden states into two f32 `[N, c]` buffers — kept in f32, not rounded to
+//!    the input dtype;
+//! 2. the kernel in partial-state mode ([`CudaBackend::score_range_into`]) folds them into the
+//!    rows' states over the chunk, written to slice `k` of a `[K, N, 8]` f32 states buffer
+//!    (÷ τs as on the logits path);
+//! 3. after the last chunk, the merge turns the `K` chunk states into the row outputs
+//!    and, through [`crate::Backend::compute_hidden`], the turn means and the epilogue: one
+//!    launch of the kernel's merge mode ([`CudaBackend::merge_range_states`],
+//!    [`CudaBackend::merge_states`]), then one download of the outputs.
+//!
+//! **Memory beyond the inputs**: `2 · N · c` f32 of chunk logits, `K · N · 8` f32 of states
+//! (`K = ⌈V / c⌉`), the kernel's split workspace (only for few rows) and cuBLAS's own workspace
+//! (a few MiB per handle) — O(N·c), never O(N·V).
+//!
+//! The chunk buffers are used in turn by one stream, so chunk `k + 1`'s GEMMs wait for chunk
+//! `k`'s reduction. Overlapping them needs a second stream and a second pair of buffers; that is
+//! only worth its memory if a GPU measurement shows the reduction is not already hidden behind
+//! the GEMMs (it reads `2 · N · c` f32 per chunk against the GEMMs' `4 · N · c · D` flops), so
+//! it is not done here (see `benches/cuda.rs`, which times the GEMMs alone against the path).
+
+use super::range::RangeColumns;
+use super::{cuda_err, nonempty, CudaBackend};
+use crate::batch::RowOutputs;
+use crate::error::{Error, Result};
+use crate::fused::HiddenInputs;
+use crate::logits::{Dtype, LogitElement};
+use crate::params::Params;
+use crate::partial::{shard_ranges, VocabRange};
+use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
+use std::ffi::{c_int, c_void};
+use std::sync::{Arc, OnceLock};
+
+/// File names of the cuBLAS library that cudarc's run-time loader tries (the ones a CUDA 11–13
+/// toolkit or the `nvidia-cublas` wheels install).
+const CUBLAS_LIBRARIES: &[&str] = if cfg!(windows) {
+    &["cublas64_13.dll", "cublas64_12.dll", "cublas64_11.dll", "cublas.dll"]
+} else {
+    &["libcublas.so.13", "libcublas.so.12", "libcublas.so.11", "libcublas.so"]
+};
+
+/// Whether the cuBLAS library can be loaded. cudarc's `fallback-dynamic-loading` loads it on
+/// the first cuBLAS call and panics when it is missing, so the fused path asks first (as
+/// [`super::driver_present`] does for the driver). When cudarc links cuBLAS instead (a
+/// `dynamic-linking` build such as candle's), the library is already in the process and the
+/// probe finds it by name.
+pub fn cublas_present() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    *PRESENT.get_or_init(|| {
+        CUBLAS_LIBRARIES.iter().any(|name| {
+            // SAFETY: loads the cuBLAS library (its initialisers are the ones any cuBLAS program
+            // runs); the handle is dropped at once (cudarc loads or links it for itself).
+            unsafe { libloading::Library::new(*name) }.is_ok()
+        })
+    })
+}
+
+/// The fused path's inputs on the device, row-major, one element type (f32, f16 or bf16):
+/// `real_hidden` and `masked_hidden` `[rows, hidden]`, `lm_head` `[vocab, hidden]`, row `j` the
+/// weights of token id `j` — or, for [`CudaBackend::score_hidden_shard_states`], one rank's
+/// padded lm_head shard, `vocab` its padded width and row `j` token id `shard.start + j`.
+#[derive(Debug)]
+pub struct DeviceHiddenInputs<'a, T> {
+    pub real_hidden: CudaView<'a, T>,
+    pub masked_hidden: CudaView<'a, T>,
+    pub lm_head: CudaView<'a, T>,
+    pub rows: usize,
+    pub hidden: usize,
+    pub vocab: usize,
+}
+
+impl<T> DeviceHiddenInputs<'_, T> {
+    fn validate(&self, targets: usize, chunk: usize) -> Result<()> {
+        if self.vocab == 0 {
+            return Err(Error::EmptyVocab);
+        }
+        if self.hidden == 0 {
+            return Err(Error::shape("hidden width D is 0"));
+        }
+        if chunk == 0 {
+            return Err(Error::shape("the vocabulary chunk must hold at least one token id"));
+        }
+        let want = |what: &str, len: usize, a: usize, b: usize| -> Result<()> {
+            match a.checked_mul(b) {
+                Some(n) if n == len => Ok(()),
+                _ => Err(Error::shape(format!("{what} holds {len} elements, expected [{a}, {b}]"))),
+            }
+        };
+        want("real_hidden", self.real_hidden.len(), self.rows, self.hidden)?;
+        want("masked_hidden", self.masked_hidden.len(), self.rows, self.hidden)?;
+        want("lm_head", self.lm_head.len(), self.vocab, self.hidden)?;
+        if targets != self.rows {
+            return Err(Error::shape(format!("{targets} targets for {} rows", self.rows)));
+        }
+        // cuBLAS takes 32-bit dimensions and leading dimensions.
+        let c = chunk.min(self.vocab);
+        for (what, n) in [("rows", self.rows), ("hidden width", self.hidden), ("vocabulary chunk", c)] {
+            if c_int::try_from(n).is_err() {
+                return Err(Error::shape(format!("{what} {n} exceeds cuBLAS's 32-bit dimensions")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The chunks of token ids the fused path walks: `[0, vocab)` in ranges of `chunk` (the last
+/// one shorter), in vocabulary order; chunk `k`'s states are slice `k` of the states buffer.
+pub fn chunk_ranges(vocab: usize, chunk: usize) -> Vec<VocabRange> {
+    let chunk = chunk.max(1);
+    (0..vocab.div_ceil(chunk)).map(|k| VocabRange::new(k * chunk, chunk.min(vocab - k * chunk))).collect()
+}
+
+impl CudaBackend {
+    /// This backend's cuBLAS handle (created on first use, on the backend's stream), or
+    /// [`Error::BackendUnavailable`] when the cuBLAS library cannot be loaded.
+    fn blas(&self) -> Result<Arc<CudaBlas>> {
+        if !cublas_present() {
+            return Err(Error::BackendUnavailable {
+                backend: "cuda",
+                why: format!(
+                    "the fused hidden-state path needs cuBLAS, and no cuBLAS library ({}) loads on this machine",
+                    CUBLAS_LIBRARIES.join(" or ")
+                ),
+            });
+        }
+        let mut slot = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = &*slot {
+            return Ok(b.clone());
+        }
+        let b = Arc::new(CudaBlas::new(self.stream().clone()).map_err(|e| Error::Cuda(format!("cuBLAS: {e:?}")))?);
+        *slot = Some(b.clone());
+        Ok(b)
+    }
+
+    /// Every row's outputs from host hidden states and lm_head ([`HiddenInputs`]), computed on
+    /// the GPU over vocabulary chunks of `chunk` token ids (see the module docs): uploads the
+    /// inputs once, then [`CudaBackend::score_hidden_device`]. Agrees with the float64
+    /// reference [`crate::fused::score_hidden`] to the kernels' tolerance, with the same row
+    /// errors (global rows from 0).
+    pub fn score_hidden<T: LogitElement + DeviceRepr>(
+        &self,
+        inputs: &HiddenInputs<'_, T>,
+        targets: &[i64],
+        params: &Params,
+        chunk: usize,
+    ) -> Result<RowOutputs> {
+        let s = self.stream();
+        let up = |v: &[T]| s.clone_htod(&nonempty(v)).map_err(cuda_err);
+        let (real, masked, head) = (up(inputs.real_hidden)?, up(inputs.masked_hidden)?, up(inputs.lm_head)?);
+        let t = s.clone_htod(&nonempty(targets)).map_err(cuda_err)?;
+        let device = DeviceHiddenInputs {
+            real_hidden: real.slice(..inputs.real_hidden.len()),
+            masked_hidden: masked.slice(..inputs.masked_hidden.len()),
+            lm_head: head.slice(..inputs.lm_head.len()),
+            rows: inputs.rows,
+            hidden: inputs.hidden,
+            vocab: inputs.vocab,
+        };
+        self.score_hidden_device(&device, &t.slice(..targets.len()), params, chunk)
+    }
+
+    /// [`CudaBackend::score_hidden`] on device inputs (a trainer's own buffers, on or ordered
+    /// before this backend's stream): the chunk loop of [`CudaBackend::score_hidden_states`]
+    /// into a `[K, N, 8]` buffer it allocates, then the merge
+    /// on the device ([`CudaBackend::merge_range_states`]), then one download of the rows.
+    pub fn score_hidden_device<T: LogitElement + DeviceRepr>(
+        &self,
+        inputs: &DeviceHiddenInputs<'_, T>,
+        targets: &CudaView<'_, i64>,
+        params: &Params,
+        chunk: usize,
+    ) -> Result<RowOutputs> {
+        inputs.validate(targets.len(), chunk)?;
+        let ranges = chunk_ranges(inputs.vocab, chunk);
+        let floats = ranges.len() * inputs.rows * crate::launch::RANGE_STATE_FLOATS;
+        let mut states = self.stream().alloc_zeros::<f32>(floats.max(1)).map_err(cuda_err)?;
+        self.score_hidden_states(inputs, targets, params, chunk, &mut states.as_view_mut())?;
+        self.merge_range_states(&states.slice(..floats), &ranges, targets, inputs.vocab, params)
+    }
+
+    /// The chunk loop alone, asynchronous on the backend's stream: chunk `k` of
+    /// [`chunk_ranges`]`(vocab, chunk)` is scored into `states[k·N·8 .. (k+1)·N·8]` (the
+    /// kernel's f32 units, see [`CudaBackend::score_range_into`]). `states` holds at least
+    /// `K · N · 8` f32. Returns the ranges, for the merge. Allocates the two `[N, c]` f32 chunk
+    /// buffers (stream-ordered) and nothing else.
+    pub fn score_hidden_states<T: LogitElement + DeviceRepr>(
+        &self,
+        inputs: &DeviceHiddenInputs<'_, T>,
+        targets: &CudaView<'_, i64>,
+        params: &Params,
+        chunk: usize,
+        states: &mut CudaViewMut<'_, f32>,
+    ) -> Result<Vec<VocabRange>> {
+        inputs.validate(targets.len(), chunk)?;
+        let ranges = chunk_ranges(inputs.vocab, chunk);
+        self.chunk_loop(inputs, &ranges, 0, targets, params, states)?;
+        Ok(ranges)
+    }
+
+    /// The chunk loop of one rank of a vocabulary-parallel lm_head (Megatron/vLLM shards,
+    /// [`crate::partial::shard_ranges`]): `inputs.lm_head` is rank `rank`'s padded shard
+    /// `[⌈V / P⌉, D]` (P = `world`, V = `vocab`), its row `j` token id `shard.start + j`; rows
+    /// past the shard's valid length are padding, never read. Writes the
+    /// [`shard_chunk_ranges`]`(vocab, world, rank, chunk)` states (`K = ⌈⌈V / P⌉ / chunk⌉`
+    /// chunks on every rank, trailing ones empty on a short last shard) into `states`, ready for
+    /// an all-gather ([`CudaBackend::gather_merge_shards`] with the same `chunk`).
+    /// Asynchronous. Returns the ranges.
+    #[allow(clippy::too_many_arguments)]
+    pub fn score_hidden_shard_states<T: LogitElement + DeviceRepr>(
+        &self,
+        inputs: &DeviceHiddenInputs<'_, T>,
+        vocab: usize,
+        (rank, world): (usize, usize),
+        targets: &CudaView<'_, i64>,
+        params: &Params,
+        chunk: usize,
+        states: &mut CudaViewMut<'_, f32>,
+    ) -> Result<Vec<VocabRange>> {
+        inputs.validate(targets.len(), chunk)?;
+        let ranges = shard_chunk_ranges(vocab, world, rank, chunk)?;
+        if inputs.vocab != vocab.div_ceil(world) {
+            return Err(Error::shape(format!(
+                "an lm_head shard of {} rows, expected the padded width ceil({vocab} / {world}) = {}",
+                inputs.vocab,
+                vocab.div_ceil(world)
+            )));
+        }
+        let first_id = shard_ranges(vocab, world)?[rank].start;
+        self.chunk_loop(inputs, &ranges, first_id, targets, params, states)?;
+        Ok(ranges)
+    }
+
+    /// Scores `ranges` (token ids; lm_head row `id - first_id`, all inside `inputs.lm_head`)
+    /// into consecutive `[N, 8]` slices of `states`: per range two chunk GEMMs and one
+    /// partial-state launch (an empty range writes the empty state).
+    fn chunk_loop<T: LogitElement + DeviceRepr>(
+        &self,
+        inputs: &DeviceHiddenInputs<'_, T>,
+        ranges: &[VocabRange],
+        first_id: usize,
+        targets: &CudaView<'_, i64>,
+        params: &Params,
+        states: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        params.validate()?;
+        let (n, d) = (inputs.rows, inputs.hidden);
+        let per_chunk = n * crate::launch::RANGE_STATE_FLOATS;
+        if ranges.len().checked_mul(per_chunk).is_none_or(|f| f > states.len()) {
+            return Err(Error::shape(format!(
+                "the states buffer holds {} f32, needs {} chunks x {n} rows x {}",
+                states.len(),
+                ranges.len(),
+                crate::launch::RANGE_STATE_FLOATS
+            )));
+        }
+        debug_assert!(ranges.iter().all(|r| r.start >= first_id && r.end() - first_id <= inputs.vocab));
+        let c = ranges.iter().map(|r| r.len).max().unwrap_or(0);
+        if n == 0 || ranges.is_empty() {
+            return Ok(());
+        }
+        let blas = self.blas()?;
+        let s = self.stream();
+        let mut real_logits = s.alloc_zeros::<f32>((n * c).max(1)).map_err(cuda_err)?;
+        let mut masked_logits = s.alloc_zeros::<f32>((n * c).max(1)).map_err(cuda_err)?;
+        for (k, range) in ranges.iter().enumerate() {
+            let cells = n * range.len;
+            if range.len > 0 {
+                let row0 = range.start - first_id;
+                let weight = inputs.lm_head.slice(row0 * d..(row0 + range.len) * d);
+                for (hidden, out) in
+                    [(&inputs.real_hidden, &mut real_logits), (&inputs.masked_hidden, &mut masked_logits)]
+                {
+                    chunk_gemm(&blas, s, T::DTYPE, &weight, hidden, &mut out.slice_mut(..cells), range.len, n, d)?;
+                }
+            }
+            self.score_range_into(
+                &real_logits.slice(..cells),
+                &masked_logits.slice(..cells),
+                targets,
+                RangeColumns::shard(range.len, *range),
+                params,
+                &mut states.slice_mut(k * per_chunk..(k + 1) * per_chunk),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The chunks of rank `rank`'s Megatron shard (`shard_ranges(vocab, world)[rank]`, padded width
+/// `W = ⌈V / P⌉`): `⌈W / chunk⌉` ranges of `chunk` token ids over the padded width, clipped to
+/// the shard's valid ids (so the last ones may be shorter or empty). Every rank gets the same
+/// count, which an all-gather needs; concatenated over the ranks they tile `[0, vocab)` in
+/// order. `chunk ≥ W` gives one range per rank: its shard.
+pub fn shard_chunk_ranges(vocab: usize, world: usize, rank: usize, chunk: usize) -> Result<Vec<VocabRange>> {
+    if vocab == 0 {
+        return Err(Error::EmptyVocab);
+    }
+    if chunk == 0 {
+        return Err(Error::shape("the vocabulary chunk must hold at least one token id"));
+    }
+    let shards = shard_ranges(vocab, world)?;
+    let Some(shard) = shards.get(rank) else {
+        return Err(Error::shape(format!("rank {rank} of a world of {world}")));
+    };
+    let width = vocab.div_ceil(world);
+    Ok((0..width.div_ceil(chunk))
+        .map(|k| {
+            let offset = (k * chunk).min(shard.len);
+            VocabRange::new(shard.start + offset, chunk.min(shard.len - offset))
+        })
+        .collect())
+}
+
+/// `out [n, len]` (row-major f32) = `hidden [n, d]` · `weight [len, d]`ᵀ on `blas`'s stream
+/// (`stream`, the backend's: the handle was created on it), fp32
+/// compute. cuBLAS is column-major, so this is `outᵀ [len, n] = weight · hiddenᵀ` with `weight`
+/// read transposed (`op(A) = Aᵀ`, `lda = d`) and `hidden` as is (`ldb = d`), `ldc = len`.
+#[allow(clippy::too_many_arguments)]
+fn chunk_gemm<T: DeviceRepr>(
+    blas: &CudaBlas,
+    stream: &Arc<CudaStream>,
+    dtype: Dtype,
+    weight: &CudaView<'_, T>,
+    hidden: &CudaView<'_, T>,
+    out: &mut CudaViewMut<'_, f32>,
+    len: usize,
+    n: usize,
+    d: usize,
+) -> Result<()> {
+    assert!(weight.len() == len * d && hidden.len() == n * d && out.len() == n * len);
+    let input_type = match dtype {
+        Dtype::F32 => blas_sys::cudaDataType_t::CUDA_R_32F,
+        Dtype::F16 => blas_sys::cudaDataType_t::CUDA_R_16F,
+        Dtype::BF16 => blas_sys::cudaDataType_t::CUDA_R_16BF,
+    };
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let (w, _g0) = weight.device_ptr(stream);
+    let (h, _g1) = hidden.device_ptr(stream);
+    let (o, _g2) = out.device_ptr_mut(stream);
+    // The casts are checked by `DeviceHiddenInputs::validate` (rows, d, chunk fit in c_int).
+    let (m, nn, k) = (len as c_int, n as c_int, d as c_int);
+    // SAFETY: the three device buffers hold exactly the elements these dimensions and leading
+    // dimensions address (asserted above), in this handle's context; `out` does not alias the
+    // inputs (a separate allocation); alpha/beta are host f32, as CUBLAS_COMPUTE_32F reads them
+    // in the default host pointer mode; the guards order the buffers on the handle's stream.
+    unsafe {
+        blas_result::gemm_ex(
+            *blas.handle(),
+            blas_sys::cublasOperation_t::CUBLAS_OP_T,
+            blas_sys::cublasOperation_t::CUBLAS_OP_N,
+            m,
+            nn,
+            k,
+            (&alpha) as *const f32 as *const c_void,
+            w as *const c_void,
+            input_type,
+            k,
+            h as *const c_void,
+            input_type,
+            k,
+            (&beta) as *const f32 as *const c_void,
+            o as *mut c_void,
+            blas_sys::cudaDataType_t::CUDA_R_32F,
+            m,
+            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| Error::Cuda(format!("cuBLAS GEMM of a vocabulary chunk: {e:?}")))
+}
+
+/// The fused path through the [`crate::Backend`] trait (`infopo compute --backend cuda` on a
+/// hidden-state file): host inputs uploaded once, the chunk loop, then ONE merge launch that
+/// also runs the turn means and the epilogue of `layout` on the device, as a logit launch does.
+impl CudaBackend {
+    pub(crate) fn compute_hidden_tensors(
+        &self,
+        first_row: usize,
+        tensors: &crate::fused::HiddenTensors<'_>,
+        targets: &[i64],
+        layout: Option<&crate::validate::Layout>,
+        params: &Params,
+        chunk: usize,
+    ) -> Result<crate::batch::Output> {
+        let out = match tensors.dtype() {
+            Dtype::F32 => self.compute_hidden_host(&tensors.typed::<f32>()?, targets, layout, params, chunk),
+            Dtype::F16 => self.compute_hidden_host(&tensors.typed::<half::f16>()?, targets, layout, params, chunk),
+            Dtype::BF16 => self.compute_hidden_host(&tensors.typed::<half::bf16>()?, targets, layout, params, chunk),
+        };
+        out.map_err(|e| match e {
+            Error::Row { row, kind, .. } => {
+                Error::Row { row: first_row + row, kind, target: targets.get(row).copied() }
+            }
+            other => other,
+        })
+    }
+
+    fn compute_hidden_host<T: LogitElement + DeviceRepr>(
+        &self,
+        inputs: &HiddenInputs<'_, T>,
+        targets: &[i64],
+        layout: Option<&crate::validate::Layout>,
+        params: &Params,
+        chunk: usize,
+    ) -> Result<crate::batch::Output> {
+        params.validate()?;
+        let s = self.stream();
+        let up = |v: &[T]| s.clone_htod(&nonempty(v)).map_err(cuda_err);
+        let (real, masked, head) = (up(inputs.real_hidden)?, up(inputs.masked_hidden)?, up(inputs.lm_head)?);
+        let t = s.clone_htod(&nonempty(targets)).map_err(cuda_err)?;
+        let device = DeviceHiddenInputs {
+            real_hidden: real.slice(..inputs.real_hidden.len()),
+            masked_hidden: masked.slice(..inputs.masked_hidden.len()),
+            lm_head: head.slice(..inputs.lm_head.len()),
+            rows: inputs.rows,
+            hidden: inputs.hidden,
+            vocab: inputs.vocab,
+        };
+        device.validate(targets.len(), chunk)?;
+        let rows = inputs.rows;
+        let ranges = chunk_ranges(inputs.vocab, chunk);
+        let floats = ranges.len() * rows * crate::launch::RANGE_STATE_FLOATS;
+        let mut states = s.alloc_zeros::<f32>(floats.max(1)).map_err(cuda_err)?;
+        let device_layout = layout.map(|l| self.upload_layout(l)).transpose()?;
+        let mut batch = self.begin(device_layout.as_ref(), params)?;
+        let row_out = if rows == 0 {
+            // Only the epilogue (empty turns) is left to run.
+            self.finish(&mut batch)?;
+            None
+        } else {
+            let t = t.slice(..rows);
+            self.score_hidden_states(&device, &t, params, chunk, &mut states.as_view_mut())?;
+            Some(self.merge_states(&mut batch, &states.slice(..floats), ranges.len(), &t, inputs.vocab, true)?)
+        };
+        let (turn_info, advantages) = batch.to_host()?;
+        // The stream is idle now: a cheap check that the launches left the tickets clean.
+        self.check_scratch()?;
+        let rows_out = match row_out {
+            Some(r) => super::rows_to_host(s, &r, rows)?,
+            None => RowOutputs::with_len(0),
+        };
+        Ok(crate::batch::Output { rows: rows_out, turn_info, advantages })
+    }
+}
