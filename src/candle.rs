@@ -410,8 +410,10 @@ pub struct HiddenTensors<'a> {
 /// order, so no `[N, V]` tensor exists. `targets` as for [`score_rows`].
 ///
 /// CPU tensors run [`crate::fused::score_hidden`]: the chunk logits in float64 (the reference),
-/// extra memory 8·(2·N·D + chunk·D + 2·N·chunk) bytes. CUDA tensors are an
-/// [`Error::BackendUnavailable`] until the CUDA fused path is wired to candle.
+/// extra memory 8·(2·N·D + chunk·D + 2·N·chunk) bytes. CUDA tensors (feature `cuda`) run the
+/// CUDA fused path zero-copy on candle's stream: cuBLAS chunk GEMMs into two `[N, chunk]` f32
+/// buffers, the kernel per chunk, then one merge launch (`CudaBackend::score_hidden_batch`);
+/// extra device memory 4·(2·N·chunk + 8·K·N) bytes plus cuBLAS's workspace.
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
@@ -445,7 +447,9 @@ pub fn score_hidden_rows(
             let values = cpu_score_hidden(hidden, targets, &shape, params, chunk)?;
             rows_tensor(&to_outputs(&values), &Device::Cpu)
         }
-        other => Err(no_fused_backend(other)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(device) => on_cuda::score_hidden_rows(device, hidden, targets, &shape, params, chunk),
+        other => Err(no_backend(other)),
     }
 }
 
@@ -476,7 +480,11 @@ pub fn compute_hidden(
             let estimates = estimator_values(&values, params.estimator);
             output_tensors(&fused::epilogue(to_outputs(&values), Some(layout), &estimates, params)?, &Device::Cpu)
         }
-        other => Err(no_fused_backend(other)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(device) => {
+            on_cuda::compute_hidden(device, hidden, targets, &shape, turns, trajectories, credit_start, params, chunk)
+        }
+        other => Err(no_backend(other)),
     }
 }
 
@@ -486,18 +494,6 @@ struct HiddenShape {
     hidden: usize,
     vocab: usize,
     dtype: Dtype,
-}
-
-fn no_fused_backend(device: &Device) -> Error {
-    match device {
-        Device::Cuda(_) => Error::BackendUnavailable {
-            backend: "cuda",
-            why: "the fused hidden-state path (candle::score_hidden_rows / compute_hidden) does not take CUDA \
-                  tensors yet: move them to the CPU, or compute the logits and call candle::score_rows / compute"
-                .into(),
-        },
-        other => no_backend(other),
-    }
 }
 
 /// The expected-dtype text of a tensor that must match `real_hidden`'s dtype.
@@ -664,22 +660,14 @@ mod on_cuda {
             backend.finish(batch)?;
             return Ok(None);
         }
-        // The kernels read i64 ids: U32 targets are widened by candle on its stream.
-        let widened;
-        let targets = if targets.dtype() == DType::I64 {
-            targets
-        } else {
-            widened = targets.to_dtype(DType::I64)?;
-            &widened
-        };
-        let (targets_storage, targets_layout) = targets.storage_and_layout();
-        let ids = view::<i64>("targets", &targets_storage, targets_layout)?;
-        let row_out = match shape.dtype {
-            Dtype::F32 => launch_typed::<f32>(backend, batch, real, masked, &ids, shape)?,
-            Dtype::F16 => launch_typed::<half::f16>(backend, batch, real, masked, &ids, shape)?,
-            Dtype::BF16 => launch_typed::<half::bf16>(backend, batch, real, masked, &ids, shape)?,
-        };
-        Ok(Some(row_out))
+        with_ids(targets, |ids| {
+            let row_out = match shape.dtype {
+                Dtype::F32 => launch_typed::<f32>(backend, batch, real, masked, ids, shape)?,
+                Dtype::F16 => launch_typed::<half::f16>(backend, batch, real, masked, ids, shape)?,
+                Dtype::BF16 => launch_typed::<half::bf16>(backend, batch, real, masked, ids, shape)?,
+            };
+            Ok(Some(row_out))
+        })
     }
 
     fn launch_typed<T: LogitElement + DeviceRepr + CudaDType>(
@@ -743,8 +731,18 @@ mod on_cuda {
         let mut batch = backend.begin(Some(&device_layout), params)?;
         let row_out = launch(&backend, &mut batch, real, masked, targets, shape)?;
         batch.check()?;
+        batch_output(device, &layout, batch, row_out, shape.rows)
+    }
+
+    /// The outputs of a finished device batch as tensors: its buffers become the tensors (no copy).
+    fn batch_output(
+        device: &CudaDevice,
+        layout: &validate::Layout,
+        batch: DeviceBatch<'_>,
+        row_out: Option<CudaSlice<f32>>,
+        rows: usize,
+    ) -> Result<BatchOutput> {
         let (t, b) = (layout.turns(), layout.groups.as_ref().map_or(0, |g| g.trajectory_group.len()));
-        // The device batch's output buffers become the tensors (no copy).
         let advantages = match &layout.groups {
             None => None,
             Some(g) => Some(AdvantageTensors {
@@ -761,9 +759,110 @@ mod on_cuda {
             }),
         };
         Ok(BatchOutput {
-            rows: rows_tensor(row_out, shape.rows, device)?,
+            rows: rows_tensor(row_out, rows, device)?,
             turn_info: wrap(batch.turn_info, t, device)?,
             advantages,
         })
+    }
+
+    /// `f` of the i64 ids of `targets` (the kernels read i64: U32 targets are widened by candle
+    /// on its stream).
+    fn with_ids<R>(targets: &Tensor, f: impl FnOnce(&CudaView<'_, i64>) -> Result<R>) -> Result<R> {
+        let widened;
+        let targets = if targets.dtype() == DType::I64 {
+            targets
+        } else {
+            widened = targets.to_dtype(DType::I64)?;
+            &widened
+        };
+        let (targets_storage, targets_layout) = targets.storage_and_layout();
+        let ids = view::<i64>("targets", &targets_storage, targets_layout)?;
+        f(&ids)
+    }
+
+    /// The fused path on candle's stream, one micro-batch of `batch` (finalising it): cuBLAS
+    /// chunk GEMMs and the kernel per chunk, then the merge launch
+    /// ([`CudaBackend::score_hidden_batch`]), the hidden states and lm_head read in place.
+    fn launch_hidden(
+        backend: &CudaBackend,
+        batch: &mut DeviceBatch<'_>,
+        h: &HiddenTensors<'_>,
+        targets: &Tensor,
+        shape: &HiddenShape,
+        chunk: usize,
+    ) -> Result<Option<CudaSlice<f32>>> {
+        if shape.rows == 0 {
+            backend.finish(batch)?;
+            return Ok(None);
+        }
+        with_ids(targets, |ids| {
+            let row_out = match shape.dtype {
+                Dtype::F32 => launch_hidden_typed::<f32>(backend, batch, h, ids, shape, chunk)?,
+                Dtype::F16 => launch_hidden_typed::<half::f16>(backend, batch, h, ids, shape, chunk)?,
+                Dtype::BF16 => launch_hidden_typed::<half::bf16>(backend, batch, h, ids, shape, chunk)?,
+            };
+            Ok(Some(row_out))
+        })
+    }
+
+    fn launch_hidden_typed<T: LogitElement + DeviceRepr + CudaDType>(
+        backend: &CudaBackend,
+        batch: &mut DeviceBatch<'_>,
+        h: &HiddenTensors<'_>,
+        ids: &CudaView<'_, i64>,
+        shape: &HiddenShape,
+        chunk: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let (real_storage, real_layout) = h.real_hidden.storage_and_layout();
+        let (masked_storage, masked_layout) = h.masked_hidden.storage_and_layout();
+        let (head_storage, head_layout) = h.lm_head.storage_and_layout();
+        let inputs = crate::cuda::fused::DeviceHiddenInputs {
+            real_hidden: view::<T>("real_hidden", &real_storage, real_layout)?,
+            masked_hidden: view::<T>("masked_hidden", &masked_storage, masked_layout)?,
+            lm_head: view::<T>("lm_head", &head_storage, head_layout)?,
+            rows: shape.rows,
+            hidden: shape.hidden,
+            vocab: shape.vocab,
+        };
+        backend.score_hidden_batch(batch, &inputs, ids, chunk, true)
+    }
+
+    pub(super) fn score_hidden_rows(
+        device: &CudaDevice,
+        h: &HiddenTensors<'_>,
+        targets: &Tensor,
+        shape: &HiddenShape,
+        params: &Params,
+        chunk: usize,
+    ) -> Result<Tensor> {
+        let backend = CudaBackend::with_stream(device.cuda_stream())?;
+        let mut batch = backend.begin(None, params)?;
+        let row_out = launch_hidden(&backend, &mut batch, h, targets, shape, chunk)?;
+        batch.check()?;
+        rows_tensor(row_out, shape.rows, device)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn compute_hidden(
+        device: &CudaDevice,
+        h: &HiddenTensors<'_>,
+        targets: &Tensor,
+        shape: &HiddenShape,
+        turns: Turns<'_>,
+        trajectories: Option<Trajectories<'_>>,
+        credit_start: Option<&[u32]>,
+        params: &Params,
+        chunk: usize,
+    ) -> Result<BatchOutput> {
+        let mut layout = validate::layout(shape.rows, &turns, trajectories.as_ref())?;
+        if let Some(starts) = credit_start {
+            validate::credit_spans(&mut layout, starts)?;
+        }
+        let backend = CudaBackend::with_stream(device.cuda_stream())?;
+        let device_layout = backend.upload_layout(&layout)?;
+        let mut batch = backend.begin(Some(&device_layout), params)?;
+        let row_out = launch_hidden(&backend, &mut batch, h, targets, shape, chunk)?;
+        batch.check()?;
+        batch_output(device, &layout, batch, row_out, shape.rows)
     }
 }

@@ -25,7 +25,7 @@
 //! it is not done here (see `benches/cuda.rs`, which times the GEMMs alone against the path).
 
 use super::range::RangeColumns;
-use super::{cuda_err, nonempty, CudaBackend};
+use super::{cuda_err, nonempty, CudaBackend, DeviceBatch};
 use crate::batch::RowOutputs;
 use crate::error::{Error, Result};
 use crate::fused::HiddenInputs;
@@ -33,7 +33,7 @@ use crate::logits::{Dtype, LogitElement};
 use crate::params::Params;
 use crate::partial::{shard_ranges, VocabRange};
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
-use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 use std::ffi::{c_int, c_void};
 use std::sync::{Arc, OnceLock};
 
@@ -401,6 +401,37 @@ impl CudaBackend {
         })
     }
 
+    /// The fused path as one micro-batch of a [`DeviceBatch`] (its τs, its turn layout): the
+    /// chunk loop ([`CudaBackend::score_hidden_states`]) into a `[K, N, 8]` states buffer, then
+    /// ONE merge-mode launch ([`CudaBackend::merge_states`]) that gives the rows, adds them to
+    /// the batch's turns and, with `finalize`, runs the epilogue. Asynchronous on the stream;
+    /// returns the `[5 × N]` row outputs (one padding element when there are no rows: then
+    /// only the epilogue runs, when `finalize`). Check errors with [`DeviceBatch::check`] or
+    /// [`DeviceBatch::to_host`].
+    pub fn score_hidden_batch<T: LogitElement + DeviceRepr>(
+        &self,
+        batch: &mut DeviceBatch<'_>,
+        inputs: &DeviceHiddenInputs<'_, T>,
+        targets: &CudaView<'_, i64>,
+        chunk: usize,
+        finalize: bool,
+    ) -> Result<CudaSlice<f32>> {
+        inputs.validate(targets.len(), chunk)?;
+        let rows = inputs.rows;
+        if rows == 0 {
+            if finalize {
+                self.finish(batch)?;
+            }
+            return self.stream().alloc_zeros::<f32>(1).map_err(cuda_err);
+        }
+        let params = batch.params;
+        let ranges = chunk_ranges(inputs.vocab, chunk);
+        let floats = ranges.len() * rows * crate::launch::RANGE_STATE_FLOATS;
+        let mut states = self.stream().alloc_zeros::<f32>(floats).map_err(cuda_err)?;
+        self.score_hidden_states(inputs, targets, &params, chunk, &mut states.as_view_mut())?;
+        self.merge_states(batch, &states.as_view(), ranges.len(), targets, inputs.vocab, finalize)
+    }
+
     fn compute_hidden_host<T: LogitElement + DeviceRepr>(
         &self,
         inputs: &HiddenInputs<'_, T>,
@@ -422,29 +453,16 @@ impl CudaBackend {
             hidden: inputs.hidden,
             vocab: inputs.vocab,
         };
+        // Before slicing the targets to the rows: a count mismatch is a typed error.
         device.validate(targets.len(), chunk)?;
-        let rows = inputs.rows;
-        let ranges = chunk_ranges(inputs.vocab, chunk);
-        let floats = ranges.len() * rows * crate::launch::RANGE_STATE_FLOATS;
-        let mut states = s.alloc_zeros::<f32>(floats.max(1)).map_err(cuda_err)?;
         let device_layout = layout.map(|l| self.upload_layout(l)).transpose()?;
         let mut batch = self.begin(device_layout.as_ref(), params)?;
-        let row_out = if rows == 0 {
-            // Only the epilogue (empty turns) is left to run.
-            self.finish(&mut batch)?;
-            None
-        } else {
-            let t = t.slice(..rows);
-            self.score_hidden_states(&device, &t, params, chunk, &mut states.as_view_mut())?;
-            Some(self.merge_states(&mut batch, &states.slice(..floats), ranges.len(), &t, inputs.vocab, true)?)
-        };
+        let rows = inputs.rows;
+        let row_out = self.score_hidden_batch(&mut batch, &device, &t.slice(..rows), chunk, true)?;
         let (turn_info, advantages) = batch.to_host()?;
         // The stream is idle now: a cheap check that the launches left the tickets clean.
         self.check_scratch()?;
-        let rows_out = match row_out {
-            Some(r) => super::rows_to_host(s, &r, rows)?,
-            None => RowOutputs::with_len(0),
-        };
+        let rows_out = if rows == 0 { RowOutputs::with_len(0) } else { super::rows_to_host(s, &row_out, rows)? };
         Ok(crate::batch::Output { rows: rows_out, turn_info, advantages })
     }
 }
