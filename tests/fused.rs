@@ -379,16 +379,43 @@ fn emulated_file_case<T: LogitElement>(
     with_turns: bool,
     chunk: usize,
 ) {
-    use infopo_kernels::emulated::Emulated;
-    let b = Emulated::new();
+    kernel_file_case::<T>(&infopo_kernels::emulated::Emulated::new(), dir, (n, d, v), with_turns, chunk);
+}
+
+/// A fused-linear file through a kernel backend's `compute_hidden` (f32 chunk GEMMs, the kernel
+/// per chunk, its merge launch with the turns and the epilogue) against the f64 oracle.
+fn kernel_file_case<T: LogitElement>(
+    b: &dyn Backend,
+    dir: &std::path::Path,
+    (n, d, v): (usize, usize, usize),
+    with_turns: bool,
+    chunk: usize,
+) {
     let fc = FileCase::<T>::new(n, d, v, with_turns, 3 * (v + d) as u64 + with_turns as u64);
     let owned = fc.through_file(dir);
     let params = params_for(with_turns);
     let out = b.compute_hidden(&owned.as_batch().unwrap(), &params, chunk).unwrap();
-    let what = format!("emulated {} V={v} turns={with_turns} chunk={chunk}", T::DTYPE);
-    fc.check(&b, &out, &params, &what, |out| {
+    let what = format!("{} {} V={v} turns={with_turns} chunk={chunk}", b.name(), T::DTYPE);
+    fc.check(b, &out, &params, &what, |out| {
         compare_rows(&out.rows, &fc.real_logits, &fc.masked_logits, &fc.c.targets, v, params.temperature, &what)
     });
+}
+
+/// The same cases on the GPU: cuBLAS chunk GEMMs, the kernel per chunk, the device merge.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --release --features cuda --test fused -- --include-ignored"]
+fn fused_linear_files_match_the_f64_reference_on_cuda() {
+    let gpu = infopo_kernels::cuda::CudaBackend::new(0).expect("a CUDA GPU");
+    let dir = tempfile::tempdir().unwrap();
+    for ((v, bf, with_turns), chunk) in file_cases().into_iter().zip([8192, 10_000, 9000, 16_384]) {
+        if bf {
+            kernel_file_case::<bf16>(&gpu, dir.path(), (6, 24, v), with_turns, chunk);
+        } else {
+            kernel_file_case::<f32>(&gpu, dir.path(), (6, 24, v), with_turns, chunk);
+        }
+    }
+    kernel_file_case::<bf16>(&gpu, dir.path(), (64, 2048, 32003), true, DEFAULT_CHUNK);
 }
 
 #[test]
