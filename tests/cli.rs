@@ -633,6 +633,16 @@ fn compute_and_verify_fused_linear_files() {
             }
         }
     }
+    // bench: a hidden-state file times the fused path (compute_hidden) on each backend.
+    for backend in ["cpu", "emulated"] {
+        let args = ["bench", "--input", s(&input), "--backend", backend, "--chunk", "10", "--iters", "1", "--json"];
+        let run = infopo(&args);
+        assert!(run.status.success(), "{backend}: {}", stderr(&run));
+        let json = stdout(&run);
+        for needle in ["\"path\":\"fused-linear\"", "\"chunk\":10", "\"hidden\":8", "median_ms"] {
+            assert!(json.contains(needle), "{backend}: `{needle}` not in {json}");
+        }
+    }
     // --chunk must be at least 1 (a usage error).
     let run = infopo(&["compute", s(&input), s(&output), "--chunk", "0"]);
     assert_eq!(run.status.code(), Some(2), "{}", stderr(&run));

@@ -65,6 +65,8 @@ impl RunArgs {
 }
 
 #[derive(Args, Debug)]
+// `--chunk` needs a fused path to chunk: --fused-linear, or an --input file (of hidden states).
+#[command(group(clap::ArgGroup::new("chunked").args(["fused_linear", "input"])))]
 pub struct BenchArgs {
     /// Backend to time.
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
@@ -102,8 +104,9 @@ pub struct BenchArgs {
     /// Hidden width D of the fused path.
     #[arg(long, default_value_t = 1024, requires = "fused_linear", value_parser = clap::value_parser!(u32).range(1..))]
     pub hidden: u32,
-    /// Token ids per vocabulary chunk of the fused path.
-    #[arg(long, default_value_t = infopo_kernels::fused::DEFAULT_CHUNK as u32, requires = "fused_linear",
+    /// Token ids per vocabulary chunk of the fused path (--fused-linear, or an --input file of
+    /// hidden states).
+    #[arg(long, default_value_t = infopo_kernels::fused::DEFAULT_CHUNK as u32, requires = "chunked",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub chunk: u32,
 }

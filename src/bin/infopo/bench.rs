@@ -8,16 +8,21 @@ use crate::args::{BenchArgs, DtypeArg};
 use crate::timing::{median, time_compute};
 use crate::{emit, open, Failure, Outcome};
 use half::{bf16, f16};
+use infopo_kernels::fused::HiddenBatch;
+use infopo_kernels::io::Input;
 use infopo_kernels::synth::{self, SynthSpec};
 use infopo_kernels::{Batch, LogitElement, Params};
+use std::time::Instant;
 
 pub fn run(args: &BenchArgs) -> Outcome {
     if args.fused_linear {
         return fused::run(args);
     }
     if let Some(path) = &args.input {
-        let input = infopo_kernels::io::read_input(path)?;
-        return bench_batch(args, &input.as_batch()?);
+        return match infopo_kernels::io::read_any_input(path)? {
+            Input::Logits(input) => bench_batch(args, &input.as_batch()?),
+            Input::Hidden(input) => bench_hidden(args, &input.as_batch()?),
+        };
     }
     match args.dtype {
         DtypeArg::Bf16 => bench_typed::<bf16>(args),
@@ -86,6 +91,56 @@ fn bench_batch(args: &BenchArgs, batch: &Batch<'_>) -> Outcome {
             min * 1e3,
             gbps,
             rows_per_s
+        ));
+    }
+    Ok(())
+}
+
+/// Times `Backend::compute_hidden` on a hidden-state file (the whole fused path: rows, turns,
+/// advantages) with the wall clock, `--chunk` token ids per chunk; on CUDA this includes the
+/// upload of the inputs and the download of the outputs (`--fused-linear` reports memory;
+/// `benches/cuda.rs` the device-only times).
+fn bench_hidden(args: &BenchArgs, batch: &HiddenBatch<'_>) -> Outcome {
+    let rows_only = HiddenBatch::rows(batch.tensors, batch.targets);
+    let batch = if args.rows_only { &rows_only } else { batch };
+    let backend = open(args.backend)?;
+    let params = Params::default();
+    let chunk = args.chunk as usize;
+    for _ in 0..args.warmup {
+        backend.compute_hidden(batch, &params, chunk)?;
+    }
+    let mut times = Vec::with_capacity(args.iters as usize);
+    for _ in 0..args.iters {
+        let start = Instant::now();
+        backend.compute_hidden(batch, &params, chunk)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let (med, min) = (median(&times), times[0]);
+    let t = &batch.tensors;
+    let (rows, hidden, vocab, dtype) = (t.rows(), t.hidden(), t.vocab(), t.dtype());
+    if args.json {
+        emit(&format!(
+            "{{\"path\":\"fused-linear\",\"backend\":\"{}\",\"dtype\":\"{}\",\"rows\":{rows},\"hidden\":{hidden},\
+             \"vocab\":{vocab},\"chunk\":{chunk},\"iters\":{},\"median_ms\":{},\"min_ms\":{},\"rows_only\":{}}}\n",
+            backend.name(),
+            dtype.name(),
+            args.iters,
+            json_number(med * 1e3),
+            json_number(min * 1e3),
+            args.rows_only,
+        ));
+    } else {
+        emit(&format!(
+            "bench: fused-linear file on the {} backend, {rows} rows x hidden {hidden} x vocab {vocab} {}, \
+             chunk {chunk}, {} iters after {} warmup\nmedian {:.3} ms   min {:.3} ms   {:.0} rows/s\n",
+            backend.name(),
+            dtype.name(),
+            args.iters,
+            args.warmup,
+            med * 1e3,
+            min * 1e3,
+            rows as f64 / med,
         ));
     }
     Ok(())

@@ -78,18 +78,7 @@ fn cuda<'a, T: LogitElement>(
     Ok(FusedPath {
         name: "cuda",
         gemm_bytes: 4,
-        call: Box::new(move || {
-            let rows = gpu.score_hidden_rows(0, &tensors, targets, params, chunk)?;
-            Ok((0..rows.len())
-                .map(|i| RowValues {
-                    lse_real: rows.lse_real[i] as f64,
-                    lse_masked: rows.lse_masked[i] as f64,
-                    log_ratio: rows.log_ratio[i] as f64,
-                    kl: rows.kl[i] as f64,
-                    entropy_real: rows.entropy_real[i] as f64,
-                })
-                .collect())
-        }),
+        call: Box::new(move || Ok(values_of(&gpu.score_hidden_rows(0, &tensors, targets, params, chunk)?))),
     })
 }
 
@@ -107,6 +96,20 @@ fn cuda<'a, T: LogitElement>(
     .into())
 }
 
+/// The f32 row outputs of a kernel backend as values (for the JSON head and sums).
+#[cfg(any(feature = "emulator", feature = "cuda"))]
+fn values_of(rows: &infopo_kernels::RowOutputs) -> Vec<RowValues> {
+    (0..rows.len())
+        .map(|i| RowValues {
+            lse_real: rows.lse_real[i] as f64,
+            lse_masked: rows.lse_masked[i] as f64,
+            log_ratio: rows.log_ratio[i] as f64,
+            kl: rows.kl[i] as f64,
+            entropy_real: rows.entropy_real[i] as f64,
+        })
+        .collect()
+}
+
 #[cfg(feature = "emulator")]
 fn emulated<'a, T: LogitElement>(
     inputs: &'a HiddenInputs<'a, T>,
@@ -118,7 +121,11 @@ fn emulated<'a, T: LogitElement>(
     Ok(FusedPath {
         name: "emulated",
         gemm_bytes: 4,
-        call: Box::new(move || fused::score_hidden_emulated(&emulator, 0, inputs, targets, params, chunk)),
+        // The CUDA path's launches: the kernel per chunk, then its merge mode.
+        call: Box::new(move || {
+            let out = fused::compute_hidden_emulated(&emulator, 0, inputs, targets, None, params, chunk)?;
+            Ok(values_of(&out.rows))
+        }),
     })
 }
 
