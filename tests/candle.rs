@@ -818,17 +818,24 @@ mod on_cuda {
         let mut rng = Rng::new(seed);
         let spec = SynthSpec { rows: 61, vocab: 3, groups: 2, trajectories_per_group: 3, seed };
         let b = synth::batch::<f32>(spec);
-        for (dtype, d, vocab, chunk) in [(DType::BF16, 64, 50257, 4096), (DType::F32, 24, 32003, 5000), (DType::F16, 8, 129, 7)]
+        for (dtype, d, vocab, chunk) in
+            [(DType::BF16, 64, 50257, 4096), (DType::F32, 24, 32003, 5000), (DType::F16, 8, 129, 7)]
         {
             let real = random_matrix(&mut rng, b.rows + 2, d, 1.0, dtype);
             let masked = perturbed(&mut rng, &real);
             let padded_head = random_matrix(&mut rng, vocab + 3, d, 3.0 / (d as f64).sqrt(), dtype);
             let ids: Vec<u32> = (0..b.rows + 2).map(|_| rng.below(vocab as u64) as u32).collect();
             let targets = Tensor::new(ids, &Device::Cpu).unwrap();
-            let turns =
-                Turns { offsets: &b.turn_offsets, trajectory: &b.turn_trajectory, credit_tokens: &b.turn_credit_tokens };
-            let traj =
-                Trajectories { group: &b.trajectory_group, outcome: &b.trajectory_outcome, tokens: &b.trajectory_tokens };
+            let turns = Turns {
+                offsets: &b.turn_offsets,
+                trajectory: &b.turn_trajectory,
+                credit_tokens: &b.turn_credit_tokens,
+            };
+            let traj = Trajectories {
+                group: &b.trajectory_group,
+                outcome: &b.trajectory_outcome,
+                tokens: &b.trajectory_tokens,
+            };
             let p = Params::default();
             let rows_of = |t: &Tensor| t.narrow(0, 2, b.rows).unwrap();
             let head = |t: &Tensor| t.narrow(0, 0, vocab).unwrap();
@@ -836,7 +843,8 @@ mod on_cuda {
             let cpu = HiddenTensors { real_hidden: &r, masked_hidden: &m, lm_head: &w };
             let want = compute_hidden(&cpu, &t, turns, Some(traj), None, &p, chunk).unwrap().to_output().unwrap();
             let g = |x: &Tensor| x.to_device(&gpu()).unwrap();
-            let (gr, gm, gw, gt) = (rows_of(&g(&real)), rows_of(&g(&masked)), head(&g(&padded_head)), rows_of(&g(&targets)));
+            let (gr, gm, gw, gt) =
+                (rows_of(&g(&real)), rows_of(&g(&masked)), head(&g(&padded_head)), rows_of(&g(&targets)));
             let on_gpu = HiddenTensors { real_hidden: &gr, masked_hidden: &gm, lm_head: &gw };
             let out = compute_hidden(&on_gpu, &gt, turns, Some(traj), None, &p, chunk).unwrap();
             assert!(out.rows.device().is_cuda() && out.turn_info.device().is_cuda());

@@ -140,7 +140,8 @@ impl CudaBackend {
 
     /// Every row's outputs from host hidden states and lm_head ([`HiddenInputs`]), computed on
     /// the GPU over vocabulary chunks of `chunk` token ids (see the module docs): uploads the
-    /// inputs once, then [`CudaBackend::score_hidden_device`]. Agrees with the float64
+    /// inputs once, then the chunk loop and one merge launch ([`CudaBackend::score_hidden_batch`]).
+    /// Agrees with the float64
     /// reference [`crate::fused::score_hidden`] to the kernels' tolerance, with the same row
     /// errors (global rows from 0).
     pub fn score_hidden<T: LogitElement + DeviceRepr>(
@@ -150,19 +151,7 @@ impl CudaBackend {
         params: &Params,
         chunk: usize,
     ) -> Result<RowOutputs> {
-        let s = self.stream();
-        let up = |v: &[T]| s.clone_htod(&nonempty(v)).map_err(cuda_err);
-        let (real, masked, head) = (up(inputs.real_hidden)?, up(inputs.masked_hidden)?, up(inputs.lm_head)?);
-        let t = s.clone_htod(&nonempty(targets)).map_err(cuda_err)?;
-        let device = DeviceHiddenInputs {
-            real_hidden: real.slice(..inputs.real_hidden.len()),
-            masked_hidden: masked.slice(..inputs.masked_hidden.len()),
-            lm_head: head.slice(..inputs.lm_head.len()),
-            rows: inputs.rows,
-            hidden: inputs.hidden,
-            vocab: inputs.vocab,
-        };
-        self.score_hidden_device(&device, &t.slice(..targets.len()), params, chunk)
+        Ok(self.compute_hidden_host(inputs, targets, None, params, chunk)?.rows)
     }
 
     /// [`CudaBackend::score_hidden`] on device inputs (a trainer's own buffers, on or ordered

@@ -65,16 +65,9 @@ fn cuda<'a, T: LogitElement>(
     params: &'a Params,
     chunk: usize,
 ) -> Result<FusedPath<'a>, Failure> {
-    use infopo_kernels::{Backend, LogitData};
+    use infopo_kernels::Backend;
     let gpu = infopo_kernels::cuda::CudaBackend::new(0)?;
-    let tensors = fused::HiddenTensors::new(
-        LogitData::from_slice(inputs.real_hidden),
-        LogitData::from_slice(inputs.masked_hidden),
-        LogitData::from_slice(inputs.lm_head),
-        inputs.rows,
-        inputs.hidden,
-        inputs.vocab,
-    )?;
+    let tensors = fused::HiddenTensors::from_inputs(inputs)?;
     Ok(FusedPath {
         name: "cuda",
         gemm_bytes: 4,
