@@ -95,7 +95,7 @@ impl<'a> RangeInput<'a> {
         RangeInput { real, masked, first_col: 0, range }
     }
 
-    fn validate(&self, targets: &[i64], params: &Params) -> Result<()> {
+    pub(crate) fn validate(&self, targets: &[i64], params: &Params) -> Result<()> {
         params.validate()?;
         let (r, m) = (self.real, self.masked);
         if r.rows() != m.rows() || r.vocab() != m.vocab() || targets.len() != r.rows() {

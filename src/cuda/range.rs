@@ -141,17 +141,9 @@ impl CudaBackend {
     /// [`CudaBackend::score_range_into`], downloads the `[rows, 8]` states (waits for the
     /// stream) and converts them with [`RangeStates::from_kernel`].
     pub fn score_range(&self, input: &RangeInput<'_>, targets: &[i64], params: &Params) -> Result<RangeStates> {
+        // The host input's own checks (shapes, dtypes, the column range, params) first.
+        input.validate(targets, params)?;
         let (r, m) = (input.real, input.masked);
-        if r.rows() != m.rows() || r.vocab() != m.vocab() || targets.len() != r.rows() {
-            return Err(Error::shape(format!(
-                "real [{}, {}], masked [{}, {}] and {} targets do not match",
-                r.rows(),
-                r.vocab(),
-                m.rows(),
-                m.vocab(),
-                targets.len()
-            )));
-        }
         let columns = RangeColumns { width: r.vocab(), first_col: input.first_col, range: input.range };
         let raw = match (r.data(), m.data()) {
             (LogitData::F32(x), LogitData::F32(y)) => self.range_host(x, y, targets, columns, params)?,
