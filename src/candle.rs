@@ -703,11 +703,7 @@ mod on_cuda {
         shape: &InputShape,
         params: &Params,
     ) -> Result<Tensor> {
-        let backend = CudaBackend::with_stream(device.cuda_stream())?;
-        let mut batch = backend.begin(None, params)?;
-        let row_out = launch(&backend, &mut batch, real, masked, targets, shape)?;
-        batch.check()?;
-        rows_tensor(row_out, shape.rows, device)
+        rows_on(device, shape.rows, params, |b, batch| launch(b, batch, real, masked, targets, shape))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -722,16 +718,48 @@ mod on_cuda {
         credit_start: Option<&[u32]>,
         params: &Params,
     ) -> Result<BatchOutput> {
-        let mut layout = validate::layout(shape.rows, &turns, trajectories.as_ref())?;
+        batch_on(device, shape.rows, turns, trajectories, credit_start, params, |b, batch| {
+            launch(b, batch, real, masked, targets, shape)
+        })
+    }
+
+    /// Rows only: a device batch without turns on candle's stream, `launch` (one micro-batch,
+    /// finalising it), a wait for the error word, the rows as a `[5, N]` tensor.
+    fn rows_on(
+        device: &CudaDevice,
+        rows: usize,
+        params: &Params,
+        launch: impl FnOnce(&CudaBackend, &mut DeviceBatch<'_>) -> Result<Option<CudaSlice<f32>>>,
+    ) -> Result<Tensor> {
+        let backend = CudaBackend::with_stream(device.cuda_stream())?;
+        let mut batch = backend.begin(None, params)?;
+        let row_out = launch(&backend, &mut batch)?;
+        batch.check()?;
+        rows_tensor(row_out, rows, device)
+    }
+
+    /// With turns: the layout validated (before any launch) and uploaded, a device batch over it
+    /// on candle's stream, `launch` (finalising it), a wait for the error word, every output as
+    /// a tensor.
+    fn batch_on(
+        device: &CudaDevice,
+        rows: usize,
+        turns: Turns<'_>,
+        trajectories: Option<Trajectories<'_>>,
+        credit_start: Option<&[u32]>,
+        params: &Params,
+        launch: impl FnOnce(&CudaBackend, &mut DeviceBatch<'_>) -> Result<Option<CudaSlice<f32>>>,
+    ) -> Result<BatchOutput> {
+        let mut layout = validate::layout(rows, &turns, trajectories.as_ref())?;
         if let Some(starts) = credit_start {
             validate::credit_spans(&mut layout, starts)?;
         }
         let backend = CudaBackend::with_stream(device.cuda_stream())?;
         let device_layout = backend.upload_layout(&layout)?;
         let mut batch = backend.begin(Some(&device_layout), params)?;
-        let row_out = launch(&backend, &mut batch, real, masked, targets, shape)?;
+        let row_out = launch(&backend, &mut batch)?;
         batch.check()?;
-        batch_output(device, &layout, batch, row_out, shape.rows)
+        batch_output(device, &layout, batch, row_out, rows)
     }
 
     /// The outputs of a finished device batch as tensors: its buffers become the tensors (no copy).
@@ -835,11 +863,7 @@ mod on_cuda {
         params: &Params,
         chunk: usize,
     ) -> Result<Tensor> {
-        let backend = CudaBackend::with_stream(device.cuda_stream())?;
-        let mut batch = backend.begin(None, params)?;
-        let row_out = launch_hidden(&backend, &mut batch, h, targets, shape, chunk)?;
-        batch.check()?;
-        rows_tensor(row_out, shape.rows, device)
+        rows_on(device, shape.rows, params, |b, batch| launch_hidden(b, batch, h, targets, shape, chunk))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -854,15 +878,8 @@ mod on_cuda {
         params: &Params,
         chunk: usize,
     ) -> Result<BatchOutput> {
-        let mut layout = validate::layout(shape.rows, &turns, trajectories.as_ref())?;
-        if let Some(starts) = credit_start {
-            validate::credit_spans(&mut layout, starts)?;
-        }
-        let backend = CudaBackend::with_stream(device.cuda_stream())?;
-        let device_layout = backend.upload_layout(&layout)?;
-        let mut batch = backend.begin(Some(&device_layout), params)?;
-        let row_out = launch_hidden(&backend, &mut batch, h, targets, shape, chunk)?;
-        batch.check()?;
-        batch_output(device, &layout, batch, row_out, shape.rows)
+        batch_on(device, shape.rows, turns, trajectories, credit_start, params, |b, batch| {
+            launch_hidden(b, batch, h, targets, shape, chunk)
+        })
     }
 }
