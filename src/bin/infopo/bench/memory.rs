@@ -119,8 +119,12 @@ mod tests {
         std::hint::black_box(&buffer);
         drop(buffer);
         let peak = probe.finish();
-        // Upper bound with room for the other unit tests of this binary, which run in parallel.
-        assert!(peak.heap >= 64 << 20 && peak.heap < 72 << 20, "heap peak {}", peak.heap);
+        // The other unit tests of this binary run in parallel and the count is process-wide: they
+        // may allocate inside the section (raising the peak) or free memory they allocated
+        // before it (lowering it; CI once saw 24 bytes under 64 MiB). A MiB either way is far
+        // more than they touch and far less than the buffer, so a broken count still fails.
+        let (buffer_bytes, slack) = (64u64 << 20, 1u64 << 20);
+        assert!(peak.heap + slack >= buffer_bytes && peak.heap < buffer_bytes + 8 * slack, "heap peak {}", peak.heap);
         if cfg!(target_os = "linux") {
             let rss = peak.rss.expect("Linux can reset VmHWM");
             assert!(rss >= 60 << 20, "a touched 64 MiB buffer is resident: rss peak {rss}");
