@@ -309,7 +309,8 @@ impl Emulated {
 }
 
 /// The checks of [`Emulated::merge_range_states`]: [`launch::check_merge_states`], and a layout
-/// must cover exactly `rows` rows and have valid credited spans (the kernel writes through them).
+/// must cover exactly `rows` rows and be consistent ([`validate::layout_consistent`]: the
+/// kernel indexes with every offset and id in it and writes through its credited spans).
 fn check_merge_input(
     states_len: usize,
     parts: usize,
@@ -323,7 +324,8 @@ fn check_merge_input(
         if covered != rows {
             return Err(Error::turns(format!("the layout covers {covered} rows, the merge has {rows}")));
         }
-        validate::layout_spans(l)?;
+        // The emulated kernel indexes host buffers with every offset and id of the layout.
+        validate::layout_consistent(l)?;
     }
     Ok(())
 }

@@ -153,7 +153,7 @@ fn pool_mean_std(m: &Moments) -> (f64, f64) {
 pub fn advantages(info: &[f64], layout: &Layout, params: &Params) -> Result<Advantages> {
     params.validate()?;
     let groups = layout.groups.as_ref().ok_or_else(|| Error::trajectories("advantages need trajectories"))?;
-    crate::validate::layout_spans(layout)?;
+    crate::validate::layout_consistent(layout)?;
     if info.len() != layout.turns() {
         return Err(Error::turns(format!("{} info values for {} turns", info.len(), layout.turns())));
     }

@@ -355,3 +355,32 @@ fn bucket(buckets: usize, items: impl Iterator<Item = (u32, u32)> + Clone) -> (V
     }
     (offsets, out)
 }
+
+/// Checks that `layout` is exactly the layout [`batch_layout`] builds from its own turns,
+/// trajectories (`trajectory_group` as the group ids) and credit starts, over the rows
+/// `turn_offsets` ends at. [`Layout`]'s fields are public, so one built or edited by hand can
+/// reach the kernels' epilogues, which index device (or emulated) buffers with every offset and
+/// id in it: CSR offsets out of order, a turn of a trajectory past `B`, group lists that miss or
+/// repeat members would read and write out of bounds. Rebuilding it through the validating
+/// constructor covers every invariant with the one copy of the rules; a layout that
+/// [`batch`]/[`layout`]/[`credit_spans`] produced always passes. O(T + B).
+pub fn layout_consistent(layout: &Layout) -> Result<()> {
+    let rows = layout.turn_offsets.last().map_or(0, |&r| r as usize);
+    let turns =
+        Turns { offsets: &layout.turn_offsets, trajectory: &layout.turn_trajectory, credit_tokens: &layout.turn_credit };
+    let groups = layout.groups.as_ref();
+    let trajectories = groups.map(|g| Trajectories {
+        group: &g.trajectory_group,
+        outcome: &g.trajectory_outcome,
+        tokens: &g.trajectory_tokens,
+    });
+    let starts = groups.and_then(|g| g.turn_credit_start.as_deref());
+    let rebuilt = batch_layout(rows, Some(turns), trajectories, starts)?;
+    if rebuilt.as_ref() != Some(layout) {
+        return Err(Error::turns(
+            "the layout's derived fields (dense group ids, group CSR lists, token totals or offsets) disagree \
+             with its turns and trajectories: build a Layout with validate::batch or validate::layout, not by hand",
+        ));
+    }
+    Ok(())
+}

@@ -235,8 +235,10 @@ impl CudaBackend {
     /// Uploads a validated layout (see [`validate::layout`], and [`validate::credit_spans`] for
     /// `token_advantage`) for the batches that use it.
     pub fn upload_layout(&self, layout: &Layout) -> Result<DeviceLayout> {
-        // The kernel writes token_advantage through the credited spans: re-check them.
-        validate::layout_spans(layout)?;
+        // Layout's fields are public: the kernel's epilogue indexes device buffers with every
+        // offset and id in it (and writes token_advantage through the credited spans), so a
+        // hand-built layout is re-derived and compared before anything is uploaded.
+        validate::layout_consistent(layout)?;
         let s = &self.stream;
         let up32 = |v: &[u32]| s.clone_htod(&nonempty(v)).map_err(cuda_err);
         let groups = match &layout.groups {
