@@ -240,7 +240,7 @@ impl CudaBackend {
         // hand-built layout is re-derived and compared before anything is uploaded.
         validate::layout_consistent(layout)?;
         let s = &self.stream;
-        let up32 = |v: &[u32]| s.clone_htod(&nonempty(v)).map_err(cuda_err);
+        let up32 = |v: &[u32]| s.clone_htod(&*nonempty(v)).map_err(cuda_err);
         let groups = match &layout.groups {
             None => None,
             Some(g) => Some(DeviceGroups {
@@ -680,9 +680,17 @@ impl DeviceBatch<'_> {
     }
 }
 
-/// Copies [5 × rows] device row outputs to host [`RowOutputs`].
+/// Copies [5 × rows] device row outputs to host [`RowOutputs`] (waits for `stream`). `row_out`
+/// may be longer (a reused buffer): only its first 5 × rows f32 are copied; a shorter one is
+/// [`Error::Shape`].
 pub fn rows_to_host(stream: &Arc<CudaStream>, row_out: &CudaSlice<f32>, rows: usize) -> Result<RowOutputs> {
-    let v = stream.clone_dtoh(row_out).map_err(cuda_err)?;
+    let needed = rows.checked_mul(launch::ROW_OUTPUTS).filter(|&n| n <= row_out.len()).ok_or_else(|| {
+        Error::shape(format!("row_out holds {} f32, needs {} x {rows}", row_out.len(), launch::ROW_OUTPUTS))
+    })?;
+    if rows == 0 {
+        return Ok(RowOutputs::with_len(0));
+    }
+    let v = stream.clone_dtoh(&row_out.slice(..needed)).map_err(cuda_err)?;
     let part = |k: usize| v[k * rows..(k + 1) * rows].to_vec();
     Ok(RowOutputs { lse_real: part(0), lse_masked: part(1), log_ratio: part(2), kl: part(3), entropy_real: part(4) })
 }
@@ -742,9 +750,9 @@ impl CudaBackend {
         let (n, vocab) = (batch.real.rows(), batch.real.vocab());
         let device_layout = layout.map(|l| self.upload_layout(l)).transpose()?;
         let mut state = self.begin(device_layout.as_ref(), params)?;
-        let real = s.clone_htod(&nonempty(real)).map_err(cuda_err)?;
-        let masked = s.clone_htod(&nonempty(masked)).map_err(cuda_err)?;
-        let targets = s.clone_htod(&nonempty(batch.targets)).map_err(cuda_err)?;
+        let real = s.clone_htod(&*nonempty(real)).map_err(cuda_err)?;
+        let masked = s.clone_htod(&*nonempty(masked)).map_err(cuda_err)?;
+        let targets = s.clone_htod(&*nonempty(batch.targets)).map_err(cuda_err)?;
         let mut row_out = s.alloc_zeros::<f32>((5 * n).max(1)).map_err(cuda_err)?;
         let launches = bounds.len() - 1;
         for (k, w) in bounds.windows(2).enumerate() {
@@ -785,12 +793,13 @@ impl CudaBackend {
     }
 }
 
-/// A one-element placeholder for empty arrays (cudarc cannot allocate 0 elements).
-fn nonempty<T: bytemuck::Zeroable + Copy>(v: &[T]) -> Vec<T> {
+/// `v` itself, or a one-element placeholder when it is empty (cudarc cannot allocate 0
+/// elements). Borrowed otherwise: the uploads of whole logit tensors make no host copy.
+fn nonempty<T: bytemuck::Zeroable + Copy>(v: &[T]) -> std::borrow::Cow<'_, [T]> {
     if v.is_empty() {
-        vec![T::zeroed()]
+        std::borrow::Cow::Owned(vec![T::zeroed()])
     } else {
-        v.to_vec()
+        std::borrow::Cow::Borrowed(v)
     }
 }
 
@@ -837,11 +846,11 @@ impl CudaBackend {
         let copies = ROTATION_BYTES.div_ceil(batch.logit_bytes().max(1)).clamp(1, 16);
         let mut inputs = Vec::with_capacity(copies);
         for _ in 0..copies {
-            let x = s.clone_htod(&nonempty(real)).map_err(cuda_err)?;
-            let y = s.clone_htod(&nonempty(masked)).map_err(cuda_err)?;
+            let x = s.clone_htod(&*nonempty(real)).map_err(cuda_err)?;
+            let y = s.clone_htod(&*nonempty(masked)).map_err(cuda_err)?;
             inputs.push((x, y));
         }
-        let targets = s.clone_htod(&nonempty(batch.targets)).map_err(cuda_err)?;
+        let targets = s.clone_htod(&*nonempty(batch.targets)).map_err(cuda_err)?;
         let device_layout = layout.map(|l| self.upload_layout(l)).transpose()?;
         let mut state = self.begin(device_layout.as_ref(), params)?;
         let mut row_out = s.alloc_zeros::<f32>((5 * rows).max(1)).map_err(cuda_err)?;

@@ -169,7 +169,7 @@ impl CudaBackend {
             return Ok(Vec::new());
         }
         let s = self.stream();
-        let up = |v: &[T]| s.clone_htod(&super::nonempty(v)).map_err(cuda_err);
+        let up = |v: &[T]| s.clone_htod(&*super::nonempty(v)).map_err(cuda_err);
         let (x, y) = (up(real)?, up(masked)?);
         let t = s.clone_htod(targets).map_err(cuda_err)?;
         let mut out = s.alloc_zeros::<f32>(rows * RANGE_STATE_FLOATS).map_err(cuda_err)?;
