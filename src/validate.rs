@@ -366,8 +366,11 @@ fn bucket(buckets: usize, items: impl Iterator<Item = (u32, u32)> + Clone) -> (V
 /// [`batch`]/[`layout`]/[`credit_spans`] produced always passes. O(T + B).
 pub fn layout_consistent(layout: &Layout) -> Result<()> {
     let rows = layout.turn_offsets.last().map_or(0, |&r| r as usize);
-    let turns =
-        Turns { offsets: &layout.turn_offsets, trajectory: &layout.turn_trajectory, credit_tokens: &layout.turn_credit };
+    let turns = Turns {
+        offsets: &layout.turn_offsets,
+        trajectory: &layout.turn_trajectory,
+        credit_tokens: &layout.turn_credit,
+    };
     let groups = layout.groups.as_ref();
     let trajectories = groups.map(|g| Trajectories {
         group: &g.trajectory_group,

@@ -18,7 +18,7 @@ mod common;
 use common::kernel::{compare_rows, generate, Spec};
 use common::{to_dtype, to_f64};
 use half::{bf16, f16};
-use infopo_kernels::cuda::fused::{chunk_ranges, shard_chunk_ranges, DeviceHiddenInputs};
+use infopo_kernels::cuda::fused::{chunk_ranges, shard_chunk_ranges, ChunkGemm, DeviceHiddenInputs};
 use infopo_kernels::cuda::range::RangeColumns;
 use infopo_kernels::cuda::CudaBackend;
 use infopo_kernels::fused::{score_hidden, HiddenInputs};
@@ -91,6 +91,81 @@ fn range_columns_are_validated_without_a_gpu() {
     assert!(shard.validate(2, 26, 26, 16).is_ok());
     shape(RangeColumns::shard(13, VocabRange::new(39, 14)).validate(2, 26, 26, 16), "outside the 13 columns");
     shape(RangeColumns::shard(4, VocabRange::new(usize::MAX - 1, 4)).validate(1, 4, 4, 8), "overflows");
+}
+
+/// `C (m x n) = op(A) · op(B)` exactly as cuBLAS reads column-major buffers with these
+/// arguments (element (i, j) of a column-major matrix of leading dimension ld at i + j·ld), run
+/// by the `gemm` crate through strides, in f64.
+fn column_major_gemm(g: &ChunkGemm, a: &[f64], b: &[f64], c: &mut [f64]) {
+    let (m, n, k) = (g.m as usize, g.n as usize, g.k as usize);
+    let (lda, ldb, ldc) = (g.lda as isize, g.ldb as isize, g.ldc as isize);
+    // op(X)(i, j) = X(j, i) when transposed: the row and column strides swap.
+    let (a_rs, a_cs) = if g.transpose_a { (lda, 1) } else { (1, lda) };
+    let (b_rs, b_cs) = if g.transpose_b { (ldb, 1) } else { (1, ldb) };
+    // Every element the arguments address lies inside the buffers (as cuBLAS would read them).
+    let last = |rows: usize, cols: usize, rs: isize, cs: isize| (rows as isize - 1) * rs + (cols as isize - 1) * cs;
+    assert!(last(m, k, a_rs, a_cs) < a.len() as isize && last(k, n, b_rs, b_cs) < b.len() as isize);
+    assert!(last(m, n, 1, ldc) < c.len() as isize);
+    // SAFETY: the strides address only elements inside the three buffers (asserted above); `c`
+    // is written only and does not alias the inputs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            ldc,
+            1,
+            false,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// The chunk GEMM's cuBLAS arguments, fed the row-major lm_head chunk and hidden states as the
+/// GPU feeds them, give the row-major `[n, len]` logits `hidden · weightᵀ`.
+#[test]
+fn chunk_gemm_arguments_give_row_major_logits() {
+    let mut rng = StdRng::seed_from_u64(3);
+    for &(len, n, d) in &[(1usize, 1usize, 1usize), (7, 3, 5), (64, 1, 9), (33, 17, 128), (5, 40, 2)] {
+        let weight: Vec<f64> = (0..len * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let hidden: Vec<f64> = (0..n * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let g = ChunkGemm::new(len, n, d).unwrap();
+        let mut out = vec![f64::NAN; n * len];
+        column_major_gemm(&g, &weight, &hidden, &mut out);
+        for r in 0..n {
+            for j in 0..len {
+                let want: f64 = (0..d).map(|i| hidden[r * d + i] * weight[j * d + i]).sum();
+                let got = out[r * len + j];
+                assert!(
+                    (got - want).abs() <= 1e-12 * (1.0 + want.abs()),
+                    "[{len}, {n}, {d}] out[{r}][{j}] {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+/// Dimensions are checked into cuBLAS's 32-bit int before any cast.
+#[test]
+fn chunk_gemm_dimensions_are_checked() {
+    let big = i32::MAX as usize + 1;
+    for (len, n, d) in [(big, 1, 1), (1, big, 1), (1, 1, big), (0, 1, 1), (1, 0, 1), (1, 1, 0)] {
+        assert!(matches!(ChunkGemm::new(len, n, d), Err(Error::Shape { .. })), "[{len}, {n}, {d}]");
+    }
+    let g = ChunkGemm::new(i32::MAX as usize, 2, 3).unwrap();
+    assert_eq!((g.m, g.n, g.k, g.lda, g.ldb, g.ldc), (i32::MAX, 2, 3, 3, 3, i32::MAX));
 }
 
 // ---- Range states on the GPU ----------------------------------------------------------------

@@ -121,12 +121,14 @@ fn hand_edited_layouts_are_typed_errors_on_every_path() {
             edit(&mut bad);
             assert_ne!(bad, good, "{what}: the edit changed nothing");
             let err = validate::layout_consistent(&bad).expect_err(what);
-            assert!(matches!(err, Error::Turns { .. } | Error::Trajectories { .. } | Error::CreditSpan { .. }), "{what}: {err:?}");
+            assert!(
+                matches!(err, Error::Turns { .. } | Error::Trajectories { .. } | Error::CreditSpan { .. }),
+                "{what}: {err:?}"
+            );
             let err = advantages(&info, &bad, &params).expect_err(what);
             assert!(!matches!(err, Error::Row { .. }), "{what}: {err:?}");
-            let err = emulated
-                .merge_range_states(&states, parts, &targets, vocab, Some(&bad), &params)
-                .expect_err(what);
+            let err =
+                emulated.merge_range_states(&states, parts, &targets, vocab, Some(&bad), &params).expect_err(what);
             assert!(!matches!(err, Error::Row { .. }), "{what}: {err:?}");
         }
     }

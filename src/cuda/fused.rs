@@ -306,10 +306,45 @@ pub fn shard_chunk_ranges(vocab: usize, world: usize, rank: usize, chunk: usize)
         .collect())
 }
 
-/// `out [n, len]` (row-major f32) = `hidden [n, d]` · `weight [len, d]`ᵀ on `blas`'s stream
-/// (`stream`, the backend's: the handle was created on it), fp32
-/// compute. cuBLAS is column-major, so this is `outᵀ [len, n] = weight · hiddenᵀ` with `weight`
-/// read transposed (`op(A) = Aᵀ`, `lda = d`) and `hidden` as is (`ldb = d`), `ldc = len`.
+/// The `cublasGemmEx` arguments of one chunk GEMM, `out [n, len]` (row-major) =
+/// `hidden [n, d]` · `weight [len, d]`ᵀ (both row-major, `weight` the lm_head rows of the chunk's
+/// token ids). cuBLAS is column-major, and a row-major `[r, c]` matrix is the column-major
+/// `[c, r]` one with leading dimension `c`: so this is `outᵀ [len, n] = weight · hiddenᵀ`, with
+/// `A` = the column-major `[d, len]` (`weight`) read transposed (`op(A) = Aᵀ`, `lda = d`), `B` =
+/// the column-major `[d, n]` (`hidden`) as is (`ldb = d`) and `C` = the column-major `[len, n]`
+/// (`out`, `ldc = len`). Every dimension is checked into cuBLAS's 32-bit `int` here, before any
+/// cast; `tests/cuda_fused.rs` runs these arguments through a column-major GEMM on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkGemm {
+    /// `op(A) = Aᵀ` (`CUBLAS_OP_T`) when true.
+    pub transpose_a: bool,
+    /// `op(B) = Bᵀ` (`CUBLAS_OP_T`) when true.
+    pub transpose_b: bool,
+    pub m: c_int,
+    pub n: c_int,
+    pub k: c_int,
+    pub lda: c_int,
+    pub ldb: c_int,
+    pub ldc: c_int,
+}
+
+impl ChunkGemm {
+    /// The arguments for a chunk of `len` token ids, `rows` rows and hidden width `hidden`
+    /// (all ≥ 1 and at most `i32::MAX`, else [`Error::Shape`]).
+    pub fn new(len: usize, rows: usize, hidden: usize) -> Result<Self> {
+        let dim = |what: &str, v: usize| -> Result<c_int> {
+            match c_int::try_from(v) {
+                Ok(x) if x > 0 => Ok(x),
+                _ => Err(Error::shape(format!("{what} {v} is not in cuBLAS's 1..=2^31 - 1"))),
+            }
+        };
+        let (m, n, k) = (dim("vocabulary chunk", len)?, dim("rows", rows)?, dim("hidden width", hidden)?);
+        Ok(ChunkGemm { transpose_a: true, transpose_b: false, m, n, k, lda: k, ldb: k, ldc: m })
+    }
+}
+
+/// One chunk GEMM ([`ChunkGemm`]) on `blas`'s stream (`stream`, the backend's: the handle was
+/// created on it), fp32 compute, f32 output.
 #[allow(clippy::too_many_arguments)]
 fn chunk_gemm<T: DeviceRepr>(
     blas: &CudaBlas,
@@ -322,41 +357,52 @@ fn chunk_gemm<T: DeviceRepr>(
     n: usize,
     d: usize,
 ) -> Result<()> {
-    assert!(weight.len() == len * d && hidden.len() == n * d && out.len() == n * len);
+    let g = ChunkGemm::new(len, n, d)?;
+    if weight.len() != len * d || hidden.len() != n * d || out.len() != n * len {
+        return Err(Error::shape(format!(
+            "chunk GEMM buffers of {}, {} and {} elements for [{len}, {d}], [{n}, {d}] and [{n}, {len}]",
+            weight.len(),
+            hidden.len(),
+            out.len()
+        )));
+    }
     let input_type = match dtype {
         Dtype::F32 => blas_sys::cudaDataType_t::CUDA_R_32F,
         Dtype::F16 => blas_sys::cudaDataType_t::CUDA_R_16F,
         Dtype::BF16 => blas_sys::cudaDataType_t::CUDA_R_16BF,
     };
+    let op =
+        |t: bool| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
     let (alpha, beta) = (1.0f32, 0.0f32);
+    // cuBLAS works in the context current on the calling thread: make it the handle's.
+    stream.context().bind_to_thread().map_err(cuda_err)?;
     let (w, _g0) = weight.device_ptr(stream);
     let (h, _g1) = hidden.device_ptr(stream);
     let (o, _g2) = out.device_ptr_mut(stream);
-    // The casts are checked by `DeviceHiddenInputs::validate` (rows, d, chunk fit in c_int).
-    let (m, nn, k) = (len as c_int, n as c_int, d as c_int);
     // SAFETY: the three device buffers hold exactly the elements these dimensions and leading
-    // dimensions address (asserted above), in this handle's context; `out` does not alias the
+    // dimensions address (checked above), in this handle's context; `out` does not alias the
     // inputs (a separate allocation); alpha/beta are host f32, as CUBLAS_COMPUTE_32F reads them
-    // in the default host pointer mode; the guards order the buffers on the handle's stream.
+    // in the handle's pointer mode (host: cudarc's default, never changed on this private
+    // handle); the guards order the buffers on the handle's stream and are held across the call.
     unsafe {
         blas_result::gemm_ex(
             *blas.handle(),
-            blas_sys::cublasOperation_t::CUBLAS_OP_T,
-            blas_sys::cublasOperation_t::CUBLAS_OP_N,
-            m,
-            nn,
-            k,
+            op(g.transpose_a),
+            op(g.transpose_b),
+            g.m,
+            g.n,
+            g.k,
             (&alpha) as *const f32 as *const c_void,
             w as *const c_void,
             input_type,
-            k,
+            g.lda,
             h as *const c_void,
             input_type,
-            k,
+            g.ldb,
             (&beta) as *const f32 as *const c_void,
             o as *mut c_void,
             blas_sys::cudaDataType_t::CUDA_R_32F,
-            m,
+            g.ldc,
             blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
@@ -431,9 +477,9 @@ impl CudaBackend {
     ) -> Result<crate::batch::Output> {
         params.validate()?;
         let s = self.stream();
-        let up = |v: &[T]| s.clone_htod(&nonempty(v)).map_err(cuda_err);
+        let up = |v: &[T]| s.clone_htod(&*nonempty(v)).map_err(cuda_err);
         let (real, masked, head) = (up(inputs.real_hidden)?, up(inputs.masked_hidden)?, up(inputs.lm_head)?);
-        let t = s.clone_htod(&nonempty(targets)).map_err(cuda_err)?;
+        let t = s.clone_htod(&*nonempty(targets)).map_err(cuda_err)?;
         let device = DeviceHiddenInputs {
             real_hidden: real.slice(..inputs.real_hidden.len()),
             masked_hidden: masked.slice(..inputs.masked_hidden.len()),
