@@ -251,6 +251,21 @@ const CODE_ESTIMATOR_NOT_FINITE: u64 = 8;
 const CODE_BITS: u32 = 4;
 /// The class bit of an error key: set for code 8, so every row error (class 0) wins over it.
 const CLASS_BIT: u32 = 40;
+/// Global rows a batch's error word can name (`row · 16` must stay below the class bit): the
+/// device API refuses a launch whose rows would reach past it (a batch without a layout has no
+/// other bound on the rows of its micro-batches).
+pub const MAX_GLOBAL_ROWS: usize = 1 << (CLASS_BIT - CODE_BITS);
+
+/// Checks that a launch of `rows` rows after `first_row` rows of its batch stays within the
+/// global rows the error word can name ([`MAX_GLOBAL_ROWS`]).
+pub fn check_global_rows(first_row: usize, rows: usize) -> Result<()> {
+    if first_row.checked_add(rows).is_none_or(|end| end > MAX_GLOBAL_ROWS) {
+        return Err(Error::shape(format!(
+            "rows {first_row}..{first_row}+{rows} of one batch go past the {MAX_GLOBAL_ROWS} rows its error word can name"
+        )));
+    }
+    Ok(())
+}
 
 /// What a non-zero error word reports (global rows).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -400,6 +415,15 @@ mod tests {
         // Rows beyond 2^32 (global rows of many micro-batches) still decode.
         let big = (1u64 << 33) + 7;
         assert_eq!(decode_error_word(!(big * 16 + 7)).unwrap(), row(big as usize, RowErrorKind::MaskedTargetNegInf));
+        // The last global row the word can name decodes as a row error, not as class 1.
+        let last = MAX_GLOBAL_ROWS as u64 - 1;
+        assert_eq!(
+            decode_error_word(!(last * 16 + 1)).unwrap(),
+            row(last as usize, RowErrorKind::from_code(1).unwrap())
+        );
+        assert!(check_global_rows(MAX_GLOBAL_ROWS - 5, 5).is_ok());
+        assert!(matches!(check_global_rows(MAX_GLOBAL_ROWS - 5, 6), Err(Error::Shape { .. })));
+        assert!(matches!(check_global_rows(usize::MAX, 1), Err(Error::Shape { .. })));
         let est = !((1u64 << 40) + 9 * 16 + 8);
         assert_eq!(decode_error_word(est).unwrap(), Some(KernelFault::NonFiniteEstimator { row: 9 }));
         // The class bit makes any row error (larger !key) win the kernel's atomicMax.

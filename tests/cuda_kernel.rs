@@ -410,6 +410,27 @@ fn launch_discipline_is_checked() {
     a.check_scratch().unwrap();
 }
 
+/// A layout edited by hand out of consistency is refused before anything reaches the device
+/// (the kernel's epilogue indexes device buffers with its offsets and ids), and a row_out
+/// shorter than 5 x rows is a typed error on the download.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn hand_edited_layouts_and_short_row_buffers_are_typed_errors() {
+    let a = gpu();
+    let l = kernel::layout();
+    let good = infopo_kernels::validate::layout(64, &l.turns(), Some(&l.trajectories())).unwrap();
+    a.upload_layout(&good).unwrap();
+    let mut bad = good.clone();
+    bad.turn_trajectory[0] = 99;
+    assert!(matches!(a.upload_layout(&bad), Err(Error::Turns { .. })));
+    let mut bad = good.clone();
+    bad.groups.as_mut().unwrap().group_turns[0] = 1000;
+    assert!(matches!(a.upload_layout(&bad), Err(Error::Turns { .. })));
+    let row_out = a.stream().alloc_zeros::<f32>(5 * 3).unwrap();
+    assert!(matches!(cuda::rows_to_host(a.stream(), &row_out, 4), Err(Error::Shape { .. })));
+    assert_eq!(cuda::rows_to_host(a.stream(), &row_out, 2).unwrap().kl.len(), 2);
+}
+
 // ---- Numerics independent of the launch shape (shared bodies) -------------------------------
 
 #[test]

@@ -374,6 +374,7 @@ impl CudaBackend {
         if batch.finalized {
             return Err(Error::turns("this batch was already finalised"));
         }
+        launch::check_global_rows(batch.rows_seen, rows)?;
         if let Some(l) = batch.layout {
             let total = *l.layout.turn_offsets.last().unwrap_or(&0) as usize;
             if batch.rows_seen + rows > total {
