@@ -287,6 +287,7 @@ impl CudaBackend {
             token_advantage: zeros(tokens)?,
             rows_seen: 0,
             finalized: false,
+            epilogue_shape: (Dtype::F32, 1),
         })
     }
 
@@ -395,13 +396,16 @@ impl CudaBackend {
     }
 
     /// Finalises a batch whose rows all went through [`CudaBackend::score`] without `finalize`:
-    /// one epilogue-only launch.
+    /// one epilogue-only launch, in blocks of the size of the batch's last launch with rows (the
+    /// epilogue's f64 reductions follow the block size; the emulated backend sizes its
+    /// epilogue-only launch from the batch's vocabulary and dtype too).
     pub fn finish(&self, batch: &mut DeviceBatch<'_>) -> Result<()> {
         if batch.finalized {
             return Ok(());
         }
         self.check_batch(batch, 0, true)?;
-        self.launch(batch, Dtype::F32, 0, 1, true, RowPointers::default(), None)?;
+        let (dtype, vocab) = batch.epilogue_shape;
+        self.launch(batch, dtype, 0, vocab, true, RowPointers::default(), None)?;
         batch.finalized = true;
         Ok(())
     }
@@ -423,6 +427,10 @@ impl CudaBackend {
             Some(_) => launch::merge_shape(rows, vocab),
             None => launch_shape(rows, vocab, dtype, self.sm_count),
         };
+        if rows > 0 {
+            // Merge mode sizes its blocks as an f32 launch of the same vocabulary does.
+            batch.epilogue_shape = (if merge.is_some() { Dtype::F32 } else { dtype }, vocab);
+        }
         let s = &self.stream;
         let mut args = KernelArgs {
             real: pointers.real as *const c_void,
@@ -615,6 +623,8 @@ pub struct DeviceBatch<'l> {
     pub token_advantage: CudaSlice<f64>,
     rows_seen: usize,
     finalized: bool,
+    /// (dtype, vocab) of the last launch with rows: the block size of [`CudaBackend::finish`].
+    epilogue_shape: (Dtype, usize),
 }
 
 impl DeviceBatch<'_> {

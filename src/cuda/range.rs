@@ -197,6 +197,8 @@ impl CudaBackend {
         params.validate()?;
         check_tiling(ranges, vocab)?;
         let rows = targets.len();
+        // The shape checks run for no rows too (as on the emulated backend).
+        crate::launch::check_merge_states(states.len(), ranges.len(), rows, vocab)?;
         if rows == 0 {
             // No rows and no turn layout: nothing to launch.
             return Ok(RowOutputs::with_len(0));
