@@ -33,7 +33,7 @@ use crate::logits::{Dtype, LogitElement};
 use crate::params::Params;
 use crate::partial::{shard_ranges, VocabRange};
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice};
 use std::ffi::{c_int, c_void};
 use std::sync::{Arc, OnceLock};
 
@@ -253,6 +253,11 @@ impl CudaBackend {
         if n == 0 || ranges.is_empty() {
             return Ok(());
         }
+        self.check_context(&[
+            ("real_hidden", inputs.real_hidden.stream()),
+            ("masked_hidden", inputs.masked_hidden.stream()),
+            ("lm_head", inputs.lm_head.stream()),
+        ])?;
         let blas = self.blas()?;
         let s = self.stream();
         let mut real_logits = s.alloc_zeros::<f32>((n * c).max(1)).map_err(cuda_err)?;

@@ -9,7 +9,7 @@ use super::{cuda_err, CudaBackend, DeviceBatch, MergeSource, RowPointers};
 use crate::error::{Error, Result};
 use crate::launch;
 use crate::logits::Dtype;
-use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceSlice};
 
 impl CudaBackend {
     /// One merge-mode launch over the next `targets.len()` rows of the batch: each row's state is
@@ -54,6 +54,11 @@ impl CudaBackend {
         if row_out.len() < 5 * rows {
             return Err(Error::shape(format!("row_out holds {} f32, needs 5 x {rows}", row_out.len())));
         }
+        self.check_context(&[
+            ("states", states.stream()),
+            ("targets", targets.stream()),
+            ("row_out", row_out.stream()),
+        ])?;
         self.check_batch(batch, rows, finalize)?;
         // The guards keep cudarc's stream ordering (events) around the launch.
         let (states_ptr, _g0) = states.device_ptr(&self.stream);

@@ -43,8 +43,8 @@ use crate::logits::{Dtype, LogitData, LogitElement};
 use crate::params::Params;
 use crate::validate::{self, Layout};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, DriverError,
-    LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice,
+    DriverError, LaunchConfig, PushKernelArg,
 };
 use raw::RowShape;
 use std::collections::HashMap;
@@ -189,6 +189,25 @@ impl CudaBackend {
     /// The stream every launch and copy of this backend goes on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// Checks that device buffers (named by `what`, each given by the stream it was allocated
+    /// or is used on) live in this backend's CUDA context: a launch would otherwise dereference
+    /// another device's addresses (an illegal address that poisons the context, or a silent
+    /// peer read), which no other check sees.
+    fn check_context(&self, buffers: &[(&str, &Arc<CudaStream>)]) -> Result<()> {
+        let ours = self.stream.context();
+        for (what, stream) in buffers {
+            let theirs = stream.context();
+            if theirs.cu_ctx() != ours.cu_ctx() {
+                return Err(Error::Cuda(format!(
+                    "device buffer `{what}` lives on CUDA device {} (another context), this backend on device {}",
+                    theirs.ordinal(),
+                    ours.ordinal()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Zeroes the ticket scratch (on the stream, ordered after everything enqueued before),
@@ -336,6 +355,12 @@ impl CudaBackend {
         if row_out.len() < 5 * rows {
             return Err(Error::shape(format!("row_out holds {} f32, needs 5 x {rows}", row_out.len())));
         }
+        self.check_context(&[
+            ("real", real.stream()),
+            ("masked", masked.stream()),
+            ("targets", targets.stream()),
+            ("row_out", row_out.stream()),
+        ])?;
         let shape = RowShape { rows, vocab, row_stride: vocab, dtype: T::DTYPE };
         // The guards keep cudarc's stream ordering (events) around the launch.
         let (real_ptr, _g0) = real.device_ptr(&self.stream);

@@ -40,7 +40,7 @@ use crate::batch::RowOutputs;
 use crate::error::{Error, Result};
 use crate::launch::RANGE_STATE_FLOATS;
 use crate::params::Params;
-use cudarc::driver::{CudaView, CudaViewMut};
+use cudarc::driver::{CudaView, CudaViewMut, DeviceSlice};
 use cudarc::nccl::Comm;
 use std::sync::OnceLock;
 
@@ -86,6 +86,7 @@ impl CudaBackend {
                 local.len()
             )));
         }
+        self.check_context(&[("local", local.stream()), ("gathered", gathered.stream())])?;
         let ours = self.stream();
         let theirs = comm.stream();
         if theirs.context().cu_ctx() != ours.context().cu_ctx() {

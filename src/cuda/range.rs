@@ -22,7 +22,7 @@ use crate::launch::{launch_shape, KernelArgs, RANGE_STATE_FLOATS};
 use crate::logits::{LogitData, LogitElement};
 use crate::params::Params;
 use crate::partial::{RangeInput, RangeStates, VocabRange};
-use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice};
 use std::ffi::c_void;
 
 /// Where a vocabulary range lies in rows of device logits: rows are `width` elements apart and
@@ -107,6 +107,12 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
+        self.check_context(&[
+            ("real", real.stream()),
+            ("masked", masked.stream()),
+            ("targets", targets.stream()),
+            ("states", states.stream()),
+        ])?;
         let s = self.stream();
         if columns.range.len == 0 {
             let empty: Vec<f32> = EMPTY_STATE.iter().copied().cycle().take(rows * RANGE_STATE_FLOATS).collect();
