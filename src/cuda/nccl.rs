@@ -118,6 +118,11 @@ impl CudaBackend {
     /// ranges ([`CudaBackend::merge_range_states`]) give every rank every row's outputs, with
     /// row errors (targets outside `[0, vocab)`, non-finite logits) decided on whole rows.
     /// Waits for the stream (the download of the row outputs).
+    ///
+    /// Collective: every rank must call it with the same `vocab`, `chunk` and row count. An
+    /// argument error found on one rank's own inputs (a `local` of the wrong length, say)
+    /// returns before that rank joins the all-gather, and NCCL then waits for it on the other
+    /// ranks: check the shapes the same way on every rank, or abort the communicator on error.
     pub fn gather_merge_shards(
         &self,
         comm: &Comm,
