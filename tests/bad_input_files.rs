@@ -300,6 +300,22 @@ fn valid_containers_with_bad_tensors() {
         ("targets", Dtype::I64, vec![0], vec![]),
     ];
     pipeline(&serialize(&empty_rows)).expect("zero rows are a valid batch");
+    // Zero rows hold no bytes whatever the vocabulary: one of 2^62 token ids, with a layout,
+    // is still an empty batch on both CPU-side backends.
+    let mut huge_vocab: Raw = vec![
+        ("real_logits", Dtype::BF16, vec![0, 1 << 62], vec![]),
+        ("masked_logits", Dtype::BF16, vec![0, 1 << 62], vec![]),
+        ("targets", Dtype::I64, vec![0], vec![]),
+    ];
+    huge_vocab.extend(raw_batch().into_iter().filter(|t| t.0.starts_with("traj")));
+    huge_vocab.extend([
+        ("turn_offsets", Dtype::I64, vec![2], i64_bytes(&[0, 0])),
+        ("turn_trajectory", Dtype::I64, vec![1], i64_bytes(&[1])),
+        ("turn_credit_tokens", Dtype::I64, vec![1], i64_bytes(&[2])),
+    ]);
+    let bytes = serialize(&huge_vocab);
+    pipeline_on(&Cpu, &bytes).expect("cpu: zero rows of a huge vocabulary");
+    pipeline_on(&infopo_kernels::emulated::Emulated::new(), &bytes).expect("emulated: zero rows of a huge vocabulary");
     bad(
         "vocabulary 0",
         vec![
