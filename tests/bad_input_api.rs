@@ -768,3 +768,169 @@ fn zero_rows_are_valid_and_agree() {
         outs[1].advantages.as_ref().unwrap().trajectory_advantage
     );
 }
+
+/// A random small batch, often invalid in one place: shapes, targets, special logits, turn
+/// offsets, trajectories, credit starts and micro-batch cuts, all from `seed`.
+struct RandomCase {
+    rows: usize,
+    vocab: usize,
+    real: Vec<f32>,
+    masked: Vec<f32>,
+    targets: Vec<i64>,
+    offsets: Vec<u32>,
+    trajectory: Vec<u32>,
+    credit: Vec<u32>,
+    group: Vec<u32>,
+    outcome: Vec<f64>,
+    tokens: Vec<u32>,
+    starts: Option<Vec<u32>>,
+    with_turns: bool,
+    with_trajectories: bool,
+    cuts: Vec<usize>,
+}
+
+fn random_case(seed: u64) -> RandomCase {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (rows, vocab) = (rng.gen_range(0..6usize), rng.gen_range(1..7usize));
+    // Each kind of fault is rare, so that most cases reach the backends' row and epilogue code.
+    let value = |rng: &mut StdRng| match rng.gen_range(0..200) {
+        0 => f32::NAN,
+        1 => f32::NEG_INFINITY,
+        2 => f32::INFINITY,
+        3 => -f32::MAX,
+        _ => rng.gen_range(-5.0..5.0),
+    };
+    let real = (0..rows * vocab).map(|_| value(&mut rng)).collect();
+    let masked = (0..rows * vocab).map(|_| value(&mut rng)).collect();
+    let targets = (0..rows)
+        .map(|_| match rng.gen_range(0..100) {
+            0 => -1,
+            1 => vocab as i64,
+            _ => rng.gen_range(0..vocab as i64),
+        })
+        .collect();
+    let turns = if rows == 0 { rng.gen_range(0..3usize) } else { rng.gen_range(1..4usize) };
+    let b = rng.gen_range(1..4usize);
+    let mut offsets: Vec<u32> = (0..turns.saturating_sub(1)).map(|_| rng.gen_range(0..=rows as u32)).collect();
+    offsets.sort_unstable();
+    offsets.insert(0, 0);
+    if turns > 0 {
+        offsets.push(rows as u32);
+    }
+    if rng.gen_bool(0.05) {
+        let last = offsets.len() - 1;
+        offsets.swap(0, last);
+    }
+    if rng.gen_bool(0.05) {
+        offsets.pop();
+    }
+    let trajectory = (0..turns)
+        .map(|_| {
+            let past = rng.gen_bool(0.05) as u32;
+            rng.gen_range(0..b as u32 + past)
+        })
+        .collect();
+    let credit = (0..turns).map(|_| if rng.gen_bool(0.05) { 0 } else { rng.gen_range(1..4) }).collect();
+    let group = (0..b).map(|_| rng.gen_range(0..3)).collect();
+    let outcome = (0..b).map(|_| if rng.gen_bool(0.03) { f64::NAN } else { rng.gen_range(0.0..1.0) }).collect();
+    let tokens = (0..b).map(|_| rng.gen_range(0..14)).collect();
+    let extra_start = rng.gen_bool(0.05) as usize;
+    let starts = rng.gen_bool(0.4).then(|| (0..turns + extra_start).map(|_| rng.gen_range(0..6)).collect());
+    let past_end = rng.gen_bool(0.05) as usize;
+    let mut cuts: Vec<usize> = (0..rng.gen_range(0..3)).map(|_| rng.gen_range(0..=rows + past_end)).collect();
+    if rng.gen_bool(0.95) {
+        cuts.sort_unstable();
+    }
+    RandomCase {
+        rows,
+        vocab,
+        real,
+        masked,
+        targets,
+        offsets,
+        trajectory,
+        credit,
+        group,
+        outcome,
+        tokens,
+        starts,
+        with_turns: rng.gen_bool(0.9),
+        with_trajectories: rng.gen_bool(0.7),
+        cuts,
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { failure_persistence: None, ..Default::default() })]
+
+    /// Random small batches, valid or not in one or more places, through `compute_micro_batched`
+    /// with random cuts: never a panic, and the emulated kernel fails exactly where the float64
+    /// reference does, with the same error (what `infopo verify` requires).
+    #[test]
+    fn random_batches_fail_alike_on_every_backend(seed in proptest::prelude::any::<u64>()) {
+        let c = random_case(seed);
+        let real = Logits::new(&c.real, c.rows, c.vocab).unwrap();
+        let masked = Logits::new(&c.masked, c.rows, c.vocab).unwrap();
+        let mut batch = Batch::rows(real, masked, &c.targets);
+        if c.with_turns {
+            batch = batch.with_turns(Turns { offsets: &c.offsets, trajectory: &c.trajectory, credit_tokens: &c.credit });
+        }
+        if c.with_trajectories {
+            batch = batch.with_trajectories(Trajectories { group: &c.group, outcome: &c.outcome, tokens: &c.tokens });
+        }
+        batch.credit_start = c.starts.as_deref();
+        let p = Params::default();
+        let results: Vec<_> = backends()
+            .iter()
+            .map(|b| catch_unwind(AssertUnwindSafe(|| b.compute_micro_batched(&batch, &p, &c.cuts))).map_err(|_| b.name()))
+            .collect();
+        match (&results[0], &results[1]) {
+            (Err(name), _) | (_, Err(name)) => proptest::prop_assert!(false, "{} panicked", name),
+            (Ok(Ok(_)), Ok(Ok(_))) => {}
+            (Ok(Err(a)), Ok(Err(b))) => proptest::prop_assert_eq!(a.to_string(), b.to_string()),
+            (Ok(a), Ok(b)) => proptest::prop_assert!(false, "cpu {:?} but emulated {:?}", a.as_ref().err(), b.as_ref().err()),
+        }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { failure_persistence: None, ..Default::default() })]
+
+    /// Random sets of vocabulary ranges (gaps, overlaps, duplicates, empty ranges, any order)
+    /// merged by `partial::merge`: a shape error exactly when the sorted ranges do not tile
+    /// [0, V), else the unsplit reference's rows; never a panic.
+    #[test]
+    fn random_range_sets_merge_or_fail_cleanly(
+        vocab in 1usize..9,
+        ranges in proptest::collection::vec((0usize..10, 0usize..5), 0..5),
+    ) {
+        let rows = 3;
+        let real: Vec<f32> = (0..rows * 12).map(|i| (i as f32 * 0.7).sin()).collect();
+        let masked: Vec<f32> = (0..rows * 12).map(|i| (i as f32 * 0.3).cos()).collect();
+        let targets = [0i64, vocab as i64 - 1, (vocab / 2) as i64];
+        let p = Params::default();
+        let (real, masked) = (Logits::new(&real, rows, 12).unwrap(), Logits::new(&masked, rows, 12).unwrap());
+        let parts: Vec<RangeStates> = ranges
+            .iter()
+            .map(|&(start, len)| {
+                partial::score_range(&RangeInput::of_full(real, masked, VocabRange::new(start, len.min(12 - start.min(12)))), &targets, &p)
+            })
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let mut sorted: Vec<VocabRange> = parts.iter().map(|p| p.range()).collect();
+        sorted.sort_by_key(|r| (r.start, r.len));
+        let mut covered = 0;
+        let tiles = sorted.iter().all(|r| {
+            let ok = r.start == covered;
+            covered = r.end();
+            ok
+        }) && covered == vocab;
+        let merged = partial::merge(0, &parts, &targets, vocab);
+        match merged {
+            Ok(_) => proptest::prop_assert!(tiles, "{:?} do not tile [0, {}) but merged", sorted, vocab),
+            Err(Error::Shape { .. }) => proptest::prop_assert!(!tiles, "{:?} tile [0, {}) but failed", sorted, vocab),
+            Err(e) => proptest::prop_assert!(false, "unexpected {:?}", e),
+        }
+    }
+}
