@@ -611,7 +611,7 @@ fn vocabulary_ranges_and_merges() {
         )
     });
     c.err("merge: gap", "cover [0, 2) of 4 rows, not [0, 5)", is_shape, || {
-        partial::merge(0, &[a.clone()], &targets, 5)
+        partial::merge(0, std::slice::from_ref(&a), &targets, 5)
     });
     c.err("merge: overlap", "must tile", is_shape, || {
         partial::merge(0, &[a.clone(), b.clone(), all.clone()], &targets, 5)
@@ -621,12 +621,14 @@ fn vocabulary_ranges_and_merges() {
     });
     c.err("merge: no parts", "cover [0, 0)", is_shape, || partial::merge(0, &[], &targets, 5));
     c.err("merge: V 0", "vocabulary size is 0", is_empty_vocab, || partial::merge(0, &[], &targets, 0));
-    c.err("merge: targets short", "3 targets given", is_shape, || partial::merge(0, &[all.clone()], &targets[..3], 5));
+    c.err("merge: targets short", "3 targets given", is_shape, || {
+        partial::merge(0, std::slice::from_ref(&all), &targets[..3], 5)
+    });
     c.err("merge: first_row overflows", "global rows overflow", is_shape, || {
-        partial::merge(usize::MAX, &[all.clone()], &targets, 5)
+        partial::merge(usize::MAX, std::slice::from_ref(&all), &targets, 5)
     });
     c.err("merge: target out of range", "outside 0..vocab", is_row(7, RowErrorKind::TargetOutOfRange), || {
-        partial::merge(6, &[all.clone()], &[0, 9, 0, 0], 5)
+        partial::merge(6, std::slice::from_ref(&all), &[0, 9, 0, 0], 5)
     });
     c.err("states not rows of 8", "not rows of 8", is_shape, || {
         RangeStates::from_values(VocabRange::new(0, 5), vec![0.0; 9])

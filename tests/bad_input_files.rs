@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output as Run};
 
 type Raw = Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)>;
+/// A tensor's dtype, shape and little-endian bytes.
+type Tensor = (Dtype, Vec<usize>, Vec<u8>);
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
@@ -54,7 +56,7 @@ fn raw_hidden_batch() -> Raw {
 }
 
 /// `tensors` with `name` replaced (or removed with `None`).
-fn with(mut tensors: Raw, name: &str, replacement: Option<(Dtype, Vec<usize>, Vec<u8>)>) -> Raw {
+fn with(mut tensors: Raw, name: &str, replacement: Option<Tensor>) -> Raw {
     let i = tensors.iter().position(|t| t.0 == name).expect("known tensor");
     match replacement {
         Some((d, s, b)) => tensors[i] = (tensors[i].0, d, s, b),
@@ -608,7 +610,7 @@ fn structured(seed: u64) -> Raw {
         (dtype, vec![values.len()], bytes)
     };
     let dtype = [Dtype::F32, Dtype::F16, Dtype::BF16][rng.gen_range(0..3)];
-    let mut t: Vec<(&'static str, (Dtype, Vec<usize>, Vec<u8>))> = Vec::new();
+    let mut t: Vec<(&'static str, Tensor)> = Vec::new();
     if rng.gen_bool(0.5) {
         t.push(("real_logits", float(&mut rng, vec![n, v], dtype)));
         let masked_shape = if rare(&mut rng) { vec![n, v + 1] } else { vec![n, v] };
