@@ -7,6 +7,11 @@ use crate::error::{Error, Result};
 /// A validated turn/trajectory layout in the form the epilogues (CPU and kernel) read.
 /// Members of a group are listed in increasing index order, so every reduction over a group
 /// has one fixed order.
+///
+/// Build it with [`layout`] (and [`credit_spans`]); the fields are public for reading. The
+/// entries that take a `Layout` ([`crate::epilogue::advantages`], the kernels' merge mode, the
+/// CUDA layout upload) re-check that it is exactly what those build ([`layout_consistent`]) and
+/// reject one built or edited by hand that is not.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Layout {
     /// `[T+1]` CSR row offsets of the turns.

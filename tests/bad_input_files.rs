@@ -474,6 +474,12 @@ fn bench_chunk_with_a_logits_file_is_a_usage_error() {
         "{}",
         String::from_utf8_lossy(&run.stdout)
     );
+    // A bad --input file is bad input for bench too.
+    let garbage = dir.path().join("garbage.safetensors");
+    std::fs::write(&garbage, b"not a safetensors file").unwrap();
+    let run = bench(&garbage, &[]);
+    assert_eq!(run.status.code(), Some(2), "{}", stderr(&run));
+    assert!(stderr(&run).contains(NOT_SAFETENSORS) && stderr(&run).trim_end().lines().count() == 1, "{}", stderr(&run));
 }
 
 // ---- Random corruptions -----------------------------------------------------------------
