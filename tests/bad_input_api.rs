@@ -936,3 +936,37 @@ proptest::proptest! {
         }
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { failure_persistence: None, ..Default::default() })]
+
+    /// Range states of any values (NaN, ±inf, huge, negative sums: what a corrupted all-gather
+    /// would deliver) through the kernel's merge mode and the float64 merge: any result, a row
+    /// error at worst, never a panic or an out-of-bounds access.
+    #[test]
+    fn garbage_range_states_never_panic(
+        parts in 1usize..4,
+        values in proptest::collection::vec(
+            proptest::prop_oneof![
+                proptest::num::f32::ANY,
+                proptest::prelude::Just(f32::NAN),
+                proptest::prelude::Just(f32::INFINITY),
+                proptest::prelude::Just(-f32::MAX),
+                -10.0f32..10.0,
+            ],
+            24,
+        ),
+    ) {
+        let rows = 24 / 8 / parts.min(3);
+        let states = &values[..parts * rows * 8];
+        let targets: Vec<i64> = (0..rows as i64).collect();
+        let p = Params::default();
+        let _ = Emulated::new().merge_range_states(states, parts, &targets, 5, None, &p);
+        let split: Vec<RangeStates> = states
+            .chunks(rows * 8)
+            .enumerate()
+            .map(|(k, s)| RangeStates::from_kernel(VocabRange::new(k * 2, if k + 1 == parts { 5 - 2 * k } else { 2 }), s, &p).unwrap())
+            .collect();
+        let _ = partial::merge(0, &split, &targets, 5);
+    }
+}
