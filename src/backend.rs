@@ -53,6 +53,7 @@ pub trait Backend: Send + Sync {
         targets: &[i64],
         params: &Params,
     ) -> Result<RowOutputs> {
+        crate::validate::global_rows(first_row, real.rows())?;
         let out = self.compute(&Batch::rows(real, masked, targets), params).map_err(|e| match e {
             Error::Row { row, kind, target } => Error::Row { row: first_row + row, kind, target },
             other => other,

@@ -145,16 +145,20 @@ impl BatchOutput {
         let advantages = match &self.advantages {
             None => None,
             Some(a) => {
-                let stats = f64s(&a.batch_stats)?;
+                // The fields are public: an edited tensor is an error, not an index panic.
+                let [outcome_std, intrinsic_std, magnitude_ratio]: [f64; 3] =
+                    f64s(&a.batch_stats)?.try_into().map_err(|v: Vec<f64>| {
+                        Error::shape(format!("BatchOutput batch_stats holds {} values, not 3", v.len()))
+                    })?;
                 Some(Advantages {
                     turn_intrinsic: f64s(&a.turn_intrinsic)?,
                     turn_intrinsic_norm: f64s(&a.turn_intrinsic_norm)?,
                     turn_bonus: f64s(&a.turn_bonus)?,
                     trajectory_advantage: f64s(&a.trajectory_advantage)?,
                     trajectory_gate: f64s(&a.trajectory_gate)?,
-                    outcome_std: stats[0],
-                    intrinsic_std: stats[1],
-                    magnitude_ratio: stats[2],
+                    outcome_std,
+                    intrinsic_std,
+                    magnitude_ratio,
                     token_advantage: a.token_advantage.as_ref().map(f64s).transpose()?,
                 })
             }

@@ -135,6 +135,7 @@ pub fn score(
     params: &Params,
 ) -> Result<Vec<RowValues>> {
     params.validate()?;
+    validate::global_rows(first_row, real.rows())?;
     if real.rows() != masked.rows() || real.vocab() != masked.vocab() || targets.len() != real.rows() {
         return Err(Error::shape(format!(
             "real [{}, {}], masked [{}, {}] and {} targets do not match",

@@ -72,9 +72,22 @@ impl TurnAccumulator {
         self.sum.len()
     }
 
+    /// `sum` and `count` (public fields) must have one entry per turn each.
+    fn check_lengths(&self) -> Result<()> {
+        if self.sum.len() != self.count.len() {
+            return Err(Error::turns(format!(
+                "TurnAccumulator has {} sums but {} counts: it needs one of each per turn",
+                self.sum.len(),
+                self.count.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// Adds the estimator values of global rows `first_row..first_row + values.len()` of the
     /// batch whose validated layout is `layout` (the one given to [`advantages`] later).
     pub fn add_rows<V: Copy + Into<f64>>(&mut self, layout: &Layout, first_row: usize, values: &[V]) -> Result<()> {
+        self.check_lengths()?;
         let offsets = &layout.turn_offsets;
         if offsets.len() != self.turns() + 1 {
             return Err(Error::turns(format!(
@@ -83,13 +96,16 @@ impl TurnAccumulator {
                 offsets.len().saturating_sub(1)
             )));
         }
-        let end = first_row + values.len();
-        if end > *offsets.last().unwrap_or(&0) as usize {
-            return Err(Error::turns(format!(
-                "rows {first_row}..{end} extend past the layout's {} rows",
-                offsets.last().unwrap_or(&0)
-            )));
-        }
+        let layout_rows = *offsets.last().unwrap_or(&0) as usize;
+        let end = match first_row.checked_add(values.len()) {
+            Some(end) if end <= layout_rows => end,
+            _ => {
+                return Err(Error::turns(format!(
+                    "rows {first_row}..{first_row}+{} extend past the layout's {layout_rows} rows",
+                    values.len()
+                )))
+            }
+        };
         // The first turn whose rows end after first_row.
         let mut t = offsets.partition_point(|&o| (o as usize) <= first_row).saturating_sub(1);
         while t < self.turns() && (offsets[t] as usize) < end {
@@ -105,6 +121,8 @@ impl TurnAccumulator {
     }
 
     pub fn merge(&mut self, other: &TurnAccumulator) -> Result<()> {
+        self.check_lengths()?;
+        other.check_lengths()?;
         if other.turns() != self.turns() {
             return Err(Error::turns(format!(
                 "cannot merge accumulators of {} and {} turns",

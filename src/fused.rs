@@ -574,6 +574,7 @@ pub fn compute_hidden_emulated<T: LogitElement>(
     use crate::logits::Logits;
     use crate::partial::{emulated_range_states, RangeInput};
     let rows = targets.len();
+    crate::validate::global_rows(first_row, rows)?;
     let mut states: Vec<f32> = Vec::new();
     let mut parts = 0;
     for_each_chunk::<T, f32>(inputs, targets, params, chunk, |range, real, masked| {

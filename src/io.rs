@@ -508,7 +508,13 @@ fn describe(e: &SafeTensorError) -> String {
         InvalidHeader | InvalidHeaderStart => "the header is not valid UTF-8 JSON".to_string(),
         InvalidHeaderDeserialization | JsonError(_) => "the header is not a valid tensor table".to_string(),
         MetadataIncompleteBuffer => "the tensor data does not match the header's offsets (truncated?)".to_string(),
-        InvalidOffset(name) => format!("tensor `{name}` has invalid data offsets"),
+        InvalidOffset(name) => {
+            format!("tensor `{name}` has invalid data offsets (they must be in order, contiguous and not overlap)")
+        }
+        TensorInvalidInfo => {
+            "a tensor's data offsets span another byte count than its shape and dtype need".to_string()
+        }
+        ValidationOverflow => "a tensor's shape (times its dtype's size) overflows the address space".to_string(),
         other => format!("{other:?}"),
     };
     format!("not a valid safetensors file: {what}")

@@ -111,6 +111,13 @@ impl<'a> RangeInput<'a> {
         if r.dtype() != m.dtype() {
             return Err(Error::DtypeMismatch { real: r.dtype().name(), masked: m.dtype().name() });
         }
+        // Token ids are i64 in the kernels (and the targets): the range must end by i64::MAX.
+        if self.range.start.checked_add(self.range.len).is_none_or(|e| e > i64::MAX as usize) {
+            return Err(Error::shape(format!(
+                "the range {}..{}+{} of token ids extends past i64::MAX",
+                self.range.start, self.range.start, self.range.len
+            )));
+        }
         if self.first_col.checked_add(self.range.len).is_none_or(|e| e > r.vocab()) {
             return Err(Error::shape(format!(
                 "columns {}..{}+{} of the range lie outside the {} columns of the logits",
@@ -365,6 +372,7 @@ impl RangeFold {
         if vocab == 0 {
             return Err(Error::EmptyVocab);
         }
+        crate::validate::global_rows(first_row, targets.len())?;
         if self.covered != vocab || targets.len() != self.states.len() {
             return Err(Error::shape(format!(
                 "vocabulary ranges cover [0, {}) of {} rows, not [0, {vocab}) of {} rows",

@@ -7,6 +7,11 @@ use crate::error::{Error, Result};
 /// A validated turn/trajectory layout in the form the epilogues (CPU and kernel) read.
 /// Members of a group are listed in increasing index order, so every reduction over a group
 /// has one fixed order.
+///
+/// Build it with [`layout`] (and [`credit_spans`]); the fields are public for reading. The
+/// entries that take a `Layout` ([`crate::epilogue::advantages`], the kernels' merge mode, the
+/// CUDA layout upload) re-check that it is exactly what those build ([`layout_consistent`]) and
+/// reject one built or edited by hand that is not.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Layout {
     /// `[T+1]` CSR row offsets of the turns.
@@ -132,39 +137,56 @@ pub fn credit_spans(layout: &mut Layout, starts: &[u32]) -> Result<()> {
     Ok(())
 }
 
-/// Re-checks the credited spans a [`Layout`] carries (its fields are public, so one built by
-/// hand reaches the epilogues unvalidated): the kernels write `token_advantage` through them.
+/// Re-checks a [`Layout`] before an epilogue reads it (what [`crate::epilogue::advantages`],
+/// the kernels' merge mode and the CUDA layout upload call): [`layout_consistent`]. Its fields
+/// are public, so a layout built or edited by hand would otherwise reach them unvalidated, and
+/// the kernels index memory through every one of its arrays (group and turn lists, trajectory
+/// ids, credited spans, through which they write `token_advantage`).
 pub fn layout_spans(layout: &Layout) -> Result<()> {
-    match layout.groups.as_ref() {
-        Some(GroupLayout { turn_credit_start: Some(starts), trajectory_tokens, trajectory_token_offsets, .. }) => {
-            let mut sum = 0u64;
-            let prefix = std::iter::once(0).chain(trajectory_tokens.iter().map(|&n| {
-                sum += n as u64;
-                sum
-            }));
-            if !prefix.eq(trajectory_token_offsets.iter().copied()) {
-                return Err(Error::trajectories(
-                    "trajectory_token_offsets are not the prefix sums of trajectory_tokens",
-                ));
-            }
-            if starts.len() != layout.turns() || layout.turn_credit.len() != layout.turns() {
-                return Err(Error::turns(format!(
-                    "the layout has {} credit starts and {} credits for {} turns",
-                    starts.len(),
-                    layout.turn_credit.len(),
-                    layout.turns()
-                )));
-            }
-            if let Some(t) = layout.turn_trajectory.iter().position(|&i| i as usize >= trajectory_tokens.len()) {
-                return Err(Error::turns(format!(
-                    "turn {t} belongs to trajectory {}, but there are {} trajectories",
-                    layout.turn_trajectory[t],
-                    trajectory_tokens.len()
-                )));
-            }
-            check_spans(&layout.turn_trajectory, &layout.turn_credit, trajectory_tokens, starts)
-        }
-        _ => Ok(()),
+    layout_consistent(layout)
+}
+
+/// Checks that `layout` is what [`layout`] builds from its own primary fields (turn offsets,
+/// trajectories and credits; trajectory groups, outcomes and tokens; credit starts), derived
+/// fields included (dense group ids in order of first appearance, the group lists, the token
+/// offsets and total): a layout built or edited by hand that is not is an error, never an
+/// out-of-bounds read in an epilogue. O(T + B).
+pub fn layout_consistent(layout: &Layout) -> Result<()> {
+    let Some(&rows) = layout.turn_offsets.last() else {
+        return Err(Error::turns("Layout::turn_offsets is empty: it needs turns + 1 entries"));
+    };
+    let turns = Turns {
+        offsets: &layout.turn_offsets,
+        trajectory: &layout.turn_trajectory,
+        credit_tokens: &layout.turn_credit,
+    };
+    let trajectories = layout.groups.as_ref().map(|g| Trajectories {
+        group: &g.trajectory_group,
+        outcome: &g.trajectory_outcome,
+        tokens: &g.trajectory_tokens,
+    });
+    let mut rebuilt = self::layout(rows as usize, &turns, trajectories.as_ref())?;
+    if let Some(starts) = layout.groups.as_ref().and_then(|g| g.turn_credit_start.as_deref()) {
+        credit_spans(&mut rebuilt, starts)?;
+    }
+    if rebuilt != *layout {
+        return Err(Error::turns(
+            "the Layout's derived fields (dense group ids in order of first appearance, group lists, \
+             token offsets) are not those validate::layout builds from its turns and trajectories: \
+             build the Layout with validate::layout rather than by hand",
+        ));
+    }
+    Ok(())
+}
+
+/// The global rows `first_row .. first_row + rows` of a micro-batch (row errors name
+/// `first_row + i`) must be representable: their end must fit in `usize`.
+pub fn global_rows(first_row: usize, rows: usize) -> Result<()> {
+    match first_row.checked_add(rows) {
+        Some(_) => Ok(()),
+        None => Err(Error::shape(format!(
+            "a micro-batch of {rows} rows starting at global row {first_row}: its global rows overflow usize"
+        ))),
     }
 }
 

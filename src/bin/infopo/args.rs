@@ -105,10 +105,16 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1024, requires = "fused_linear", value_parser = clap::value_parser!(u32).range(1..))]
     pub hidden: u32,
     /// Token ids per vocabulary chunk of the fused path (--fused-linear, or an --input file of
-    /// hidden states).
-    #[arg(long, default_value_t = infopo_kernels::fused::DEFAULT_CHUNK as u32, requires = "chunked",
-          value_parser = clap::value_parser!(u32).range(1..))]
-    pub chunk: u32,
+    /// hidden states; an --input file of logits has no chunks: a usage error). Default 4096.
+    #[arg(long, requires = "chunked", value_parser = clap::value_parser!(u32).range(1..))]
+    pub chunk: Option<u32>,
+}
+
+impl BenchArgs {
+    /// `--chunk` as a count of token ids, [`infopo_kernels::fused::DEFAULT_CHUNK`] when not given.
+    pub fn chunk(&self) -> usize {
+        self.chunk.map_or(infopo_kernels::fused::DEFAULT_CHUNK, |c| c as usize)
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

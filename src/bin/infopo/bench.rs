@@ -20,6 +20,13 @@ pub fn run(args: &BenchArgs) -> Outcome {
     }
     if let Some(path) = &args.input {
         return match infopo_kernels::io::read_any_input(path)? {
+            // Logits have no vocabulary chunks: silently ignoring --chunk would time something
+            // other than what was asked for.
+            Input::Logits(_) if args.chunk.is_some() => Err(Failure::Input(format!(
+                "--chunk applies to hidden-state inputs (real_hidden, masked_hidden, lm_head) and \
+                 --fused-linear, but {} holds logits: drop --chunk",
+                path.display()
+            ))),
             Input::Logits(input) => bench_batch(args, &input.as_batch()?),
             Input::Hidden(input) => bench_hidden(args, &input.as_batch()?),
         };
@@ -105,7 +112,7 @@ fn bench_hidden(args: &BenchArgs, batch: &HiddenBatch<'_>) -> Outcome {
     let batch = if args.rows_only { &rows_only } else { batch };
     let backend = open(args.backend)?;
     let params = Params::default();
-    let chunk = args.chunk as usize;
+    let chunk = args.chunk();
     for _ in 0..args.warmup {
         backend.compute_hidden(batch, &params, chunk)?;
     }

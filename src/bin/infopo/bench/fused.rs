@@ -138,7 +138,7 @@ fn emulated<'a, T: LogitElement>(
 
 fn run_typed<T: LogitElement>(args: &BenchArgs) -> Outcome {
     let (rows, hidden, vocab) = (args.rows as usize, args.hidden as usize, args.vocab as usize);
-    let chunk = args.chunk as usize;
+    let chunk = args.chunk();
     let elements = vocab
         .checked_mul(hidden)
         .zip(rows.checked_mul(hidden).and_then(|b| b.checked_mul(2)))
