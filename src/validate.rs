@@ -137,15 +137,6 @@ pub fn credit_spans(layout: &mut Layout, starts: &[u32]) -> Result<()> {
     Ok(())
 }
 
-/// Re-checks a [`Layout`] before an epilogue reads it (what [`crate::epilogue::advantages`],
-/// the kernels' merge mode and the CUDA layout upload call): [`layout_consistent`]. Its fields
-/// are public, so a layout built or edited by hand would otherwise reach them unvalidated, and
-/// the kernels index memory through every one of its arrays (group and turn lists, trajectory
-/// ids, credited spans, through which they write `token_advantage`).
-pub fn layout_spans(layout: &Layout) -> Result<()> {
-    layout_consistent(layout)
-}
-
 /// Checks that `layout` is what [`layout`] builds from its own primary fields (turn offsets,
 /// trajectories and credits; trajectory groups, outcomes and tokens; credit starts), derived
 /// fields included (dense group ids in order of first appearance, the group lists, the token
@@ -376,36 +367,4 @@ fn bucket(buckets: usize, items: impl Iterator<Item = (u32, u32)> + Clone) -> (V
         fill[k as usize] += 1;
     }
     (offsets, out)
-}
-
-/// Checks that `layout` is exactly the layout [`batch_layout`] builds from its own turns,
-/// trajectories (`trajectory_group` as the group ids) and credit starts, over the rows
-/// `turn_offsets` ends at. [`Layout`]'s fields are public, so one built or edited by hand can
-/// reach the kernels' epilogues, which index device (or emulated) buffers with every offset and
-/// id in it: CSR offsets out of order, a turn of a trajectory past `B`, group lists that miss or
-/// repeat members would read and write out of bounds. Rebuilding it through the validating
-/// constructor covers every invariant with the one copy of the rules; a layout that
-/// [`batch`]/[`layout`]/[`credit_spans`] produced always passes. O(T + B).
-pub fn layout_consistent(layout: &Layout) -> Result<()> {
-    let rows = layout.turn_offsets.last().map_or(0, |&r| r as usize);
-    let turns = Turns {
-        offsets: &layout.turn_offsets,
-        trajectory: &layout.turn_trajectory,
-        credit_tokens: &layout.turn_credit,
-    };
-    let groups = layout.groups.as_ref();
-    let trajectories = groups.map(|g| Trajectories {
-        group: &g.trajectory_group,
-        outcome: &g.trajectory_outcome,
-        tokens: &g.trajectory_tokens,
-    });
-    let starts = groups.and_then(|g| g.turn_credit_start.as_deref());
-    let rebuilt = batch_layout(rows, Some(turns), trajectories, starts)?;
-    if rebuilt.as_ref() != Some(layout) {
-        return Err(Error::turns(
-            "the layout's derived fields (dense group ids, group CSR lists, token totals or offsets) disagree \
-             with its turns and trajectories: build a Layout with validate::batch or validate::layout, not by hand",
-        ));
-    }
-    Ok(())
 }
