@@ -428,6 +428,8 @@ impl CudaBackend {
         params: &Params,
         chunk: usize,
     ) -> Result<crate::batch::Output> {
+        // Row errors name global rows (`first_row + row`), as on the other backends.
+        crate::validate::global_rows(first_row, targets.len())?;
         let out = match tensors.dtype() {
             Dtype::F32 => self.compute_hidden_host(&tensors.typed::<f32>()?, targets, layout, params, chunk),
             Dtype::F16 => self.compute_hidden_host(&tensors.typed::<half::f16>()?, targets, layout, params, chunk),
