@@ -165,6 +165,10 @@ pub fn batch<T: LogitElement>(spec: SynthSpec) -> SynthBatch<T> {
 
 impl<T: LogitElement> SynthBatch<T> {
     /// Borrowed views for [`crate::Backend::compute`].
+    ///
+    /// # Panics
+    /// When the batch was generated with `vocab == 0` (no logit view has an empty vocabulary):
+    /// synthetic data is for tests and benches, whose shapes are the caller's constants.
     pub fn as_batch(&self) -> crate::Batch<'_> {
         let real = crate::Logits::new(&self.real, self.rows, self.vocab).expect("synthetic shape");
         let masked = crate::Logits::new(&self.masked, self.rows, self.vocab).expect("synthetic shape");
