@@ -51,6 +51,8 @@ NOTES = [
     "torch-gemms keeps both outputs in the input dtype (bf16 for bf16): cheaper than the crate's f32 chunk "
     "logits; the ≤ 1.15× goal is against cuBLAS's two GEMMs with f32 outputs, benches/cuda.rs (criterion, "
     "scripts/gpu-check's bench-fused step).",
+    "TF32 is off (torch.backends.cuda.matmul.allow_tf32 = False): the f32 GEMMs of every side run in full fp32, "
+    "as the crate's cuBLAS calls (CUBLAS_COMPUTE_32F) do.",
     "CUDA events around each call include the host's submission gaps; both sides synchronise after every "
     "call (for the memory probe), so neither overlaps calls.",
     "Memory beyond the inputs counts what each side's allocator hands out (PyTorch's caching allocator; the "

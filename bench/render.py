@@ -57,7 +57,7 @@ def header(doc, path, readme):
         title = f"GPU: {gpu.get('name', doc.get('device'))} — {doc.get('date')}"
         dev = [f"driver {gpu['driver']}" if gpu.get("driver") else None,
                f"CUDA runtime {gpu['cuda_runtime']}" if gpu.get("cuda_runtime") else None,
-               f"{gpu.get('memory_gib')} GiB", f"L2 {gpu.get('l2_bytes', 0) / 2**20:.0f} MiB" if gpu.get("l2_bytes") else None]
+               f"{gpu['memory_gib']} GiB" if gpu.get("memory_gib") else None, f"L2 {gpu.get('l2_bytes', 0) / 2**20:.0f} MiB" if gpu.get("l2_bytes") else None]
     else:
         title = f"CPU: {host.get('cpu', doc.get('device'))} — {doc.get('date')}"
         dev = [f"{host.get('cores')} cores", f"{host.get('torch_threads')} torch threads",
