@@ -1,6 +1,7 @@
 //! `infopo bench --fused-linear`: the fused path (hidden states × lm_head over vocabulary
 //! chunks, the logits never stored) timed on synthetic inputs, with its peak memory beyond the
-//! inputs ([`super::memory`]).
+//! inputs: the host's on `cpu`/`emulated` ([`super::memory`]), the device's on `cuda`, where the
+//! inputs stay on the GPU and each call is timed with CUDA events ([`super::fused_cuda`]).
 
 use super::json_number;
 use super::memory::{Peak, Probe};
