@@ -25,6 +25,7 @@ CPU_IMPLS = ("torch-rows", "torch-pipeline", "crate-cpu")
 GPU_IMPLS = ("torch-eager", "torch-compile", "liger", "crate")
 CRATE = {"cpu": "crate-cpu", "gpu": "crate"}
 FUSED = "fused-memory"  # bench/compare_fused.py
+FUSED_GPU = "fused-gpu"  # bench/compare_fused_gpu.py
 
 
 def num(v, spec):
@@ -51,12 +52,12 @@ def header(doc, path, readme):
     parts += [f"{k} {sw[k]}" for k in ("torch", "triton", "liger_kernel") if sw.get(k)]
     if sw.get("infopo"):
         parts.append(f"{sw['infopo']}")
-    if doc["kind"] == "gpu":
+    if doc["kind"] in ("gpu", FUSED_GPU):
         gpu = doc.get("gpu", {})
         title = f"GPU: {gpu.get('name', doc.get('device'))} — {doc.get('date')}"
         dev = [f"driver {gpu['driver']}" if gpu.get("driver") else None,
                f"CUDA runtime {gpu['cuda_runtime']}" if gpu.get("cuda_runtime") else None,
-               f"{gpu.get('memory_gib')} GiB", f"L2 {gpu.get('l2_bytes', 0) / 2**20:.0f} MiB" if gpu.get("l2_bytes") else None]
+               f"{gpu['memory_gib']} GiB" if gpu.get("memory_gib") else None, f"L2 {gpu.get('l2_bytes', 0) / 2**20:.0f} MiB" if gpu.get("l2_bytes") else None]
     else:
         title = f"CPU: {host.get('cpu', doc.get('device'))} — {doc.get('date')}"
         dev = [f"{host.get('cores')} cores", f"{host.get('torch_threads')} torch threads",
@@ -133,10 +134,58 @@ def render_fused(doc, path, readme):
     return out
 
 
+def render_fused_gpu(doc, path, readme):
+    """A `compare_fused_gpu.py` result: device memory one call adds beyond its inputs and time,
+    PyTorch's materialised logits (and its GEMMs alone, and Liger's fused linear CE where
+    installed) against the crate's fused path on the GPU."""
+    out = header(doc, path, readme)
+    out[0] = out[0].replace("### GPU: ", "### GPU, fused path (hidden states × lm_head): ", 1)
+    out += [f"Peak device memory one call adds beyond its inputs ({doc.get('memory_method', '?')}); time: median "
+            f"of {doc.get('iters')} calls timed with CUDA events after {doc.get('warmup')} warm-up. "
+            f"Inputs: {doc.get('inputs', '?')}.", ""]
+    cols = ["N", "D", "V", "dtype", "impl", "chunk", "peak beyond inputs", "PyTorch ÷ crate", "median", "crate ÷ PyTorch"]
+    out.append("| " + " | ".join(cols) + " |")
+    out.append("|" + "|".join("---:" for _ in cols) + "|")
+    mib = lambda v: "—" if v is None else f"{v:.1f} MiB"  # noqa: E731
+    for r in doc.get("results", []):
+        lead = f"| {r['rows']} | {r['hidden']} | {r['vocab']} | {r['dtype']} | {r['impl']} | {r.get('chunk') or '—'} |"
+        if r.get("status") != "ok":
+            out.append(f"{lead} {'skipped' if str(r.get('status', '')).startswith('skipped') else 'failed'} | — | — | — |")
+            continue
+        peak = r.get("peak_beyond_inputs_mib")
+        memory = mib(peak) if peak is not None or not r.get("device_pool_unavailable") else "unavailable"
+        ratio, speed = r.get("memory_ratio"), r.get("time_vs_torch")
+        out.append(f"{lead} {memory} | {'**' + format(ratio, '.1f') + '×**' if ratio else '—'} | "
+                   f"{ms(r.get('median_ms'))} ms | {format(speed, '.2f') + '×' if speed else '—'} |")
+    out.append("")
+    notes = []
+    goal = doc.get("time_goal")
+    if goal:
+        n, d, v, dt = goal["shape"]
+        times = lambda v: "—" if v is None else f"{v:.2f}×"  # noqa: E731
+        notes.append(f"At N={n}, D={d}, V={v} {dt} the crate takes {ms(goal.get('crate_median_ms'))} ms: "
+                     f"{times(goal.get('vs_torch_materialised'))} PyTorch's materialised path, "
+                     f"{times(goal.get('vs_torch_gemms'))} its two GEMMs alone ({goal.get('note', '')}).")
+    unavailable = {r["device_pool_unavailable"] for r in doc.get("results", []) if r.get("device_pool_unavailable")}
+    notes += [f"Crate memory unavailable: {why}." for why in sorted(unavailable)]
+    checks = doc.get("checks", [])
+    if checks:
+        same = sum(1 for c in checks if c.get("same_inputs"))
+        worst = max(max(c["max_abs_err_kl"], c["max_abs_err_log_ratio"]) for c in checks)
+        notes.append(f"Same inputs on both sides: {same}/{len(checks)} crate runs match PyTorch float32 on the first "
+                     f"rows (max abs error of kl and log-ratio {worst:.1e}).")
+    notes += doc.get("notes", [])
+    out += [f"- {n}" for n in notes]
+    out.append("")
+    return out
+
+
 def render_doc(doc, path, readme):
     kind = doc["kind"]
     if kind == FUSED:
         return render_fused(doc, path, readme)
+    if kind == FUSED_GPU:
+        return render_fused_gpu(doc, path, readme)
     impls = GPU_IMPLS if kind == "gpu" else CPU_IMPLS
     crate = CRATE[kind]
     table, present = shape_rows(doc, impls)
@@ -195,12 +244,12 @@ def load(results_dir):
         except (OSError, json.JSONDecodeError) as e:
             print(f"render: skipping {p}: {e}", file=sys.stderr)
             continue
-        if doc.get("dry_run") or doc.get("kind") not in (*CRATE, FUSED) or "results" not in doc:
+        if doc.get("dry_run") or doc.get("kind") not in (*CRATE, FUSED, FUSED_GPU) or "results" not in doc:
             print(f"render: skipping {p.name} (not a CPU/GPU/fused comparison)", file=sys.stderr)
             continue
         docs.append((p, doc))
     # Newest first; GPU before CPU on the same day.
-    docs.sort(key=lambda pd: (pd[1].get("timestamp", ""), pd[1]["kind"] == "gpu", pd[0].name), reverse=True)
+    docs.sort(key=lambda pd: (pd[1].get("timestamp", ""), pd[1]["kind"] in ("gpu", FUSED_GPU), pd[0].name), reverse=True)
     return docs
 
 

@@ -98,7 +98,9 @@ pub struct BenchArgs {
     pub json: bool,
     /// Time the fused path instead: synthetic hidden states [N, D] (real and masked) and an
     /// lm_head [V, D], the logits computed chunk by chunk and never stored (rows only); also
-    /// reports the peak memory beyond the inputs.
+    /// reports the peak memory beyond the inputs. With --backend cuda the inputs are uploaded
+    /// once, each call is timed with CUDA events and the memory is the device's (the JSON keys
+    /// are listed in bench/README.md).
     #[arg(long, conflicts_with_all = ["input", "rows_only"])]
     pub fused_linear: bool,
     /// Hidden width D of the fused path.

@@ -1,6 +1,7 @@
 //! `infopo bench --fused-linear`: the fused path (hidden states × lm_head over vocabulary
 //! chunks, the logits never stored) timed on synthetic inputs, with its peak memory beyond the
-//! inputs ([`super::memory`]).
+//! inputs: the host's on `cpu`/`emulated` ([`super::memory`]), the device's on `cuda`, where the
+//! inputs stay on the GPU and each call is timed with CUDA events ([`super::fused_cuda`]).
 
 use super::json_number;
 use super::memory::{Peak, Probe};
@@ -20,6 +21,9 @@ pub const SEED: u64 = 2026;
 const HEAD_ROWS: usize = 8;
 
 pub fn run(args: &BenchArgs) -> Outcome {
+    if args.backend == BackendArg::Cuda {
+        return run_cuda(args);
+    }
     match args.dtype {
         DtypeArg::Bf16 => run_typed::<bf16>(args),
         DtypeArg::F16 => run_typed::<f16>(args),
@@ -49,44 +53,9 @@ fn path<'a, T: LogitElement>(
             call: Box::new(move || fused::score_hidden(0, inputs, targets, params, chunk)),
         }),
         BackendArg::Emulated => emulated(inputs, targets, params, chunk),
-        BackendArg::Cuda => cuda(inputs, targets, params, chunk),
+        // Timed on the device instead (`run_cuda`).
+        BackendArg::Cuda => Err(Failure::Input("the cuda fused path is timed by run_cuda".into())),
     }
-}
-
-/// The CUDA fused path (cuBLAS chunk GEMMs, the kernel per chunk, the device merge), timed
-/// from the host: each call uploads the inputs and downloads the rows, so this is the
-/// end-to-end time of the CUDA backend's `Backend::score_hidden_rows`; the device-only
-/// times against cuBLAS's GEMMs alone are `benches/cuda.rs`'s. The memory figures are the
-/// host's, not the GPU's.
-#[cfg(feature = "cuda")]
-fn cuda<'a, T: LogitElement>(
-    inputs: &'a HiddenInputs<'a, T>,
-    targets: &'a [i64],
-    params: &'a Params,
-    chunk: usize,
-) -> Result<FusedPath<'a>, Failure> {
-    use infopo_kernels::Backend;
-    let gpu = infopo_kernels::cuda::CudaBackend::new(0)?;
-    let tensors = fused::HiddenTensors::from_inputs(inputs)?;
-    Ok(FusedPath {
-        name: "cuda",
-        gemm_bytes: 4,
-        call: Box::new(move || Ok(values_of(&gpu.score_hidden_rows(0, &tensors, targets, params, chunk)?))),
-    })
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda<'a, T: LogitElement>(
-    _: &'a HiddenInputs<'a, T>,
-    _: &'a [i64],
-    _: &'a Params,
-    _: usize,
-) -> Result<FusedPath<'a>, Failure> {
-    Err(infopo_kernels::Error::BackendUnavailable {
-        backend: "cuda",
-        why: "--fused-linear on cuda needs a build with the CUDA backend (--features cuda)".into(),
-    }
-    .into())
 }
 
 /// The f32 row outputs of a kernel backend as values (for the JSON head and sums).
@@ -136,9 +105,9 @@ fn emulated<'a, T: LogitElement>(
     .into())
 }
 
-fn run_typed<T: LogitElement>(args: &BenchArgs) -> Outcome {
+/// The synthetic inputs of `args` (seed [`SEED`]), or an input error when they are too large.
+fn synth_data<T: LogitElement>(args: &BenchArgs) -> Result<synth::SynthHidden<T>, Failure> {
     let (rows, hidden, vocab) = (args.rows as usize, args.hidden as usize, args.vocab as usize);
-    let chunk = args.chunk();
     let elements = vocab
         .checked_mul(hidden)
         .zip(rows.checked_mul(hidden).and_then(|b| b.checked_mul(2)))
@@ -146,7 +115,30 @@ fn run_typed<T: LogitElement>(args: &BenchArgs) -> Outcome {
     if !matches!(elements, Some(n) if n <= isize::MAX as usize / 8) {
         return Err(Failure::Input(format!("{rows} rows, hidden {hidden}, vocab {vocab} is too large")));
     }
-    let data = synth::hidden_inputs::<T>(HiddenSpec { rows, hidden, vocab, seed: SEED });
+    Ok(synth::hidden_inputs::<T>(HiddenSpec { rows, hidden, vocab, seed: SEED }))
+}
+
+/// The JSON fields of the first rows' values and the sums (a leading comma): what
+/// `bench/compare_fused.py` and `bench/compare_fused_gpu.py` check against PyTorch on the same
+/// inputs.
+fn values_json(values: &[RowValues]) -> String {
+    let list = |v: &[f64]| v.iter().map(|&x| json_number(x)).collect::<Vec<_>>().join(",");
+    let head = &values[..values.len().min(HEAD_ROWS)];
+    let sum_kl: f64 = values.iter().map(|v| v.kl).sum();
+    let sum_log_ratio: f64 = values.iter().map(|v| v.log_ratio).sum();
+    format!(
+        ",\"sum_kl\":{},\"sum_log_ratio\":{},\"head_kl\":[{}],\"head_log_ratio\":[{}]",
+        json_number(sum_kl),
+        json_number(sum_log_ratio),
+        list(&head.iter().map(|v| v.kl).collect::<Vec<_>>()),
+        list(&head.iter().map(|v| v.log_ratio).collect::<Vec<_>>()),
+    )
+}
+
+fn run_typed<T: LogitElement>(args: &BenchArgs) -> Outcome {
+    let (rows, hidden, vocab) = (args.rows as usize, args.hidden as usize, args.vocab as usize);
+    let chunk = args.chunk();
+    let data = synth_data::<T>(args)?;
     let inputs = data.inputs();
     let params = Params::default();
     let fused = path(args.backend, &inputs, &data.targets, &params, chunk)?;
@@ -177,11 +169,6 @@ fn run_typed<T: LogitElement>(args: &BenchArgs) -> Outcome {
     // (u128: rows × chunk and rows × vocab are not bounded by the size check above.)
     let (n, d, c128) = (rows as u128, hidden as u128, c as u128);
     let working_set = fused.gemm_bytes as u128 * (2 * n * d + c128 * d + 2 * n * c128);
-    // The first rows' values and the sums: what `bench/compare_fused.py` checks against PyTorch
-    // on the same inputs.
-    let head = &values[..values.len().min(HEAD_ROWS)];
-    let sum_kl: f64 = values.iter().map(|v| v.kl).sum();
-    let sum_log_ratio: f64 = values.iter().map(|v| v.log_ratio).sum();
     let logits_bytes = 2 * n * vocab as u128 * 4;
     let mib = |b: u128| b as f64 / (1u64 << 20) as f64;
     if args.json {
@@ -192,8 +179,7 @@ fn run_typed<T: LogitElement>(args: &BenchArgs) -> Outcome {
              \"vocab\":{vocab},\"chunk\":{c},\"seed\":{SEED},\"iters\":{},\"warmup\":{},\"median_ms\":{},\
              \"min_ms\":{},\"times_ms\":[{}],\"input_bytes\":{},\"peak_rss_beyond_inputs_bytes\":{},\
              \"first_call_rss_beyond_inputs_bytes\":{},\"peak_heap_beyond_inputs_bytes\":{heap},\
-             \"working_set_bytes\":{working_set},\"f32_logits_bytes\":{logits_bytes},\
-             \"sum_kl\":{},\"sum_log_ratio\":{},\"head_kl\":[{}],\"head_log_ratio\":[{}]}}\n",
+             \"working_set_bytes\":{working_set},\"f32_logits_bytes\":{logits_bytes}{}}}\n",
             fused.name,
             T::DTYPE.name(),
             args.iters,
@@ -204,10 +190,7 @@ fn run_typed<T: LogitElement>(args: &BenchArgs) -> Outcome {
             data.bytes(),
             opt(rss),
             opt(peaks[0].rss),
-            json_number(sum_kl),
-            json_number(sum_log_ratio),
-            list(&head.iter().map(|v| v.kl).collect::<Vec<_>>()),
-            list(&head.iter().map(|v| v.log_ratio).collect::<Vec<_>>()),
+            values_json(&values),
         ));
     } else {
         let rss_text =
@@ -228,6 +211,82 @@ fn run_typed<T: LogitElement>(args: &BenchArgs) -> Outcome {
             rows as f64 / med,
             mib(heap as u128),
             mib(working_set),
+            mib(logits_bytes),
+        ));
+    }
+    Ok(())
+}
+
+/// `--backend cuda`: the inputs uploaded once, each call timed on the device with CUDA events
+/// and its device memory beyond the inputs probed ([`super::fused_cuda`]).
+#[cfg(feature = "cuda")]
+fn run_cuda(args: &BenchArgs) -> Outcome {
+    match args.dtype {
+        DtypeArg::Bf16 => run_cuda_typed::<bf16>(args),
+        DtypeArg::F16 => run_cuda_typed::<f16>(args),
+        DtypeArg::F32 => run_cuda_typed::<f32>(args),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_: &BenchArgs) -> Outcome {
+    Err(infopo_kernels::Error::BackendUnavailable {
+        backend: "cuda",
+        why: "--fused-linear on cuda needs a build with the CUDA backend (--features cuda)".into(),
+    }
+    .into())
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda_typed<T: LogitElement + cudarc::driver::DeviceRepr>(args: &BenchArgs) -> Outcome {
+    use super::fused_cuda::{measure, working_set_bytes};
+    let (rows, hidden, vocab) = (args.rows as usize, args.hidden as usize, args.vocab as usize);
+    let chunk = args.chunk();
+    let data = synth_data::<T>(args)?;
+    let params = Params::default();
+    let (report, out) = measure(&data, &params, chunk, args.warmup, args.iters)?;
+    let values = values_of(&out);
+    let times_ms = report.times_ms.clone();
+    let mut sorted = times_ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    let (med, min) = (median(&sorted), sorted[0]);
+    let c = chunk.min(vocab);
+    let working_set = working_set_bytes(rows, vocab, chunk);
+    let logits_bytes = 2 * rows as u128 * vocab as u128 * 4;
+    let mib = |b: u128| b as f64 / (1u64 << 20) as f64;
+    if args.json {
+        let list = |v: &[f64]| v.iter().map(|&x| json_number(x)).collect::<Vec<_>>().join(",");
+        emit(&format!(
+            "{{\"path\":\"fused-linear\",\"backend\":\"cuda\",\"dtype\":\"{}\",\"rows\":{rows},\"hidden\":{hidden},\
+             \"vocab\":{vocab},\"chunk\":{c},\"chunks\":{},\"seed\":{SEED},\"iters\":{},\"warmup\":{},\
+             \"median_ms\":{},\"min_ms\":{},\"times_ms\":[{}],\"input_bytes\":{},\
+             \"working_set_bytes\":{working_set},\"f32_logits_bytes\":{logits_bytes}{}{}}}\n",
+            T::DTYPE.name(),
+            vocab.div_ceil(chunk.max(1)),
+            args.iters,
+            args.warmup,
+            json_number(med),
+            json_number(min),
+            list(&times_ms),
+            data.bytes(),
+            report.json_fields(),
+            values_json(&values),
+        ));
+    } else {
+        emit(&format!(
+            "bench: fused-linear on the cuda backend ({}), {rows} rows x hidden {hidden} x vocab {vocab} {} \
+             ({:.1} MB of inputs, uploaded once), chunk {c}, {} iters after {} warmup\n\
+             median {:.3} ms   min {:.3} ms   {:.0} rows/s (CUDA events around each call)\n{}\
+             (the two f32 logit tensors it never stores: {:.1} MiB)\n",
+            report.device,
+            T::DTYPE.name(),
+            data.bytes() as f64 / 1e6,
+            args.iters,
+            args.warmup,
+            med,
+            min,
+            rows as f64 / (med / 1e3),
+            report.text(mib(working_set)),
             mib(logits_bytes),
         ));
     }
