@@ -3,42 +3,16 @@
 //! line on stderr and no OUT (nor temporary file) left behind. A proptest feeds the readers,
 //! and the CPU backend behind them, random corruptions of a valid file and random headers.
 
+mod common;
+
+use common::files::{
+    entries, f32_bytes, i64_bytes, infopo, raw_batch, s, serialize, stderr, with, Raw, RawTensor as Tensor,
+};
 use infopo_kernels::io::{self, Input};
 use infopo_kernels::{cpu::Cpu, Backend, Error, Params};
 use proptest::prelude::*;
-use safetensors::tensor::TensorView;
 use safetensors::Dtype;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output as Run};
-
-type Raw = Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)>;
-/// A tensor's dtype, shape and little-endian bytes.
-type Tensor = (Dtype, Vec<usize>, Vec<u8>);
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn i64_bytes(v: &[i64]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// A small valid batch: 6 rows of 5 logits, 3 turns, 2 trajectories.
-fn raw_batch() -> Raw {
-    let real: Vec<f32> = (0..30).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
-    let masked: Vec<f32> = (0..30).map(|i| (i as f32 * 0.53).cos() * 2.0).collect();
-    vec![
-        ("real_logits", Dtype::F32, vec![6, 5], f32_bytes(&real)),
-        ("masked_logits", Dtype::F32, vec![6, 5], f32_bytes(&masked)),
-        ("targets", Dtype::I64, vec![6], i64_bytes(&[0, 1, 2, 3, 4, 0])),
-        ("turn_offsets", Dtype::I64, vec![4], i64_bytes(&[0, 2, 4, 6])),
-        ("turn_trajectory", Dtype::I64, vec![3], i64_bytes(&[0, 0, 1])),
-        ("turn_credit_tokens", Dtype::I64, vec![3], i64_bytes(&[3, 4, 5])),
-        ("trajectory_group", Dtype::I64, vec![2], i64_bytes(&[0, 0])),
-        ("trajectory_tokens", Dtype::I64, vec![2], i64_bytes(&[10, 12])),
-        ("trajectory_outcome", Dtype::F64, vec![2], [1.0f64, 0.0].iter().flat_map(|x| x.to_le_bytes()).collect()),
-    ]
-}
+use std::path::Path;
 
 /// The same layout with hidden states [6, 4] and an lm_head [5, 4] instead of the logits.
 fn raw_hidden_batch() -> Raw {
@@ -53,25 +27,6 @@ fn raw_hidden_batch() -> Raw {
         ("lm_head", Dtype::F32, vec![5, 4], f32_bytes(&head)),
     ]);
     t
-}
-
-/// `tensors` with `name` replaced (or removed with `None`).
-fn with(mut tensors: Raw, name: &str, replacement: Option<Tensor>) -> Raw {
-    let i = tensors.iter().position(|t| t.0 == name).expect("known tensor");
-    match replacement {
-        Some((d, s, b)) => tensors[i] = (tensors[i].0, d, s, b),
-        None => {
-            tensors.remove(i);
-        }
-    }
-    tensors
-}
-
-/// The safetensors bytes of raw tensors (written by safetensors itself: a valid container).
-fn serialize(tensors: &Raw) -> Vec<u8> {
-    let views: Vec<(&str, TensorView<'_>)> =
-        tensors.iter().map(|(n, d, s, b)| (*n, TensorView::new(*d, s.clone(), b).unwrap())).collect();
-    safetensors::serialize(views, &None).unwrap()
 }
 
 /// A container from a header text and data bytes, as a hostile writer would make it.
@@ -348,24 +303,6 @@ fn valid_containers_with_bad_tensors() {
 
 // ---- The command line -------------------------------------------------------------------
 
-fn infopo(args: &[&str]) -> Run {
-    Command::new(env!("CARGO_BIN_EXE_infopo")).args(args).output().expect("run infopo")
-}
-
-fn stderr(run: &Run) -> String {
-    String::from_utf8_lossy(&run.stderr).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
-fn entries(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
-    v.sort();
-    v
-}
-
 /// `compute` and `verify` on a bad file: exit 2, one line on stderr holding `needle`, and the
 /// folder unchanged (no OUT, no temporary file).
 fn cli_rejects(label: &str, bytes: &[u8], needle: &str) {
@@ -422,7 +359,7 @@ fn cli_exits_2_on_every_kind_of_bad_file_and_writes_nothing() {
     cli_rejects("hidden width 0", &serialize(&no_width), "hidden width D is 0");
     cli_rejects(
         "vocabulary 0",
-        &serialize(&vec![
+        &serialize(&[
             ("real_logits", Dtype::F32, vec![2, 0], vec![]),
             ("masked_logits", Dtype::F32, vec![2, 0], vec![]),
             ("targets", Dtype::I64, vec![2], i64_bytes(&[0; 2])),
@@ -484,25 +421,27 @@ fn bench_chunk_with_a_logits_file_is_a_usage_error() {
 
 // ---- Random corruptions -----------------------------------------------------------------
 
+/// Every tensor name an input file may hold.
+const INPUT_NAMES: &[&str] = &[
+    "real_logits",
+    "masked_logits",
+    "targets",
+    "real_hidden",
+    "masked_hidden",
+    "lm_head",
+    "turn_offsets",
+    "turn_trajectory",
+    "turn_credit_tokens",
+    "trajectory_group",
+    "trajectory_tokens",
+    "trajectory_outcome",
+    "turn_credit_start",
+];
+
 /// A JSON header of 1 to 4 entries named like the input tensors, with random dtypes, shapes
 /// and offsets (often inconsistent with each other and with the data that follows).
 fn random_header() -> impl Strategy<Value = (String, usize)> {
-    let names = prop::sample::select(vec![
-        "real_logits",
-        "masked_logits",
-        "targets",
-        "real_hidden",
-        "masked_hidden",
-        "lm_head",
-        "turn_offsets",
-        "turn_trajectory",
-        "turn_credit_tokens",
-        "trajectory_group",
-        "trajectory_tokens",
-        "trajectory_outcome",
-        "turn_credit_start",
-        "__metadata__",
-    ]);
+    let names = prop::sample::select([INPUT_NAMES, &["__metadata__"]].concat());
     let dtypes = prop::sample::select(vec!["F32", "F16", "BF16", "F64", "I64", "I32", "U64", "U8", "BOOL", "X9"]);
     let entry = (names, dtypes, prop::collection::vec(0usize..5, 0..3), 0usize..64, 0usize..64);
     (prop::collection::vec(entry, 1..5), 0usize..160).prop_map(|(entries, data)| {
@@ -519,21 +458,7 @@ fn random_header() -> impl Strategy<Value = (String, usize)> {
 /// safetensors layer accepts it and the crate's own checks (sets, dtypes, shapes, values,
 /// layouts, row data) are what decide.
 fn random_container() -> impl Strategy<Value = Vec<u8>> {
-    let names = prop::sample::select(vec![
-        "real_logits",
-        "masked_logits",
-        "targets",
-        "real_hidden",
-        "masked_hidden",
-        "lm_head",
-        "turn_offsets",
-        "turn_trajectory",
-        "turn_credit_tokens",
-        "trajectory_group",
-        "trajectory_tokens",
-        "trajectory_outcome",
-        "turn_credit_start",
-    ]);
+    let names = prop::sample::select(INPUT_NAMES.to_vec());
     let dtypes = prop::sample::select(vec![
         ("F32", 4),
         ("F16", 2),

@@ -1,29 +1,14 @@
 //! End-to-end tests of the `infopo` binary on files written into a temporary folder.
 
+mod common;
+
+use common::files::{entries, f32_bytes, i64_bytes, infopo, raw_batch, raw_file, s, stderr, stdout, with};
 use half::bf16;
 use infopo_kernels::fused::{HiddenBatch, HiddenTensors};
 use infopo_kernels::synth::{self, SynthSpec};
 use infopo_kernels::{cpu::Cpu, io, Backend, Batch, Logits, Output, Params, Trajectories, Turns};
-use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output as Run};
-
-fn infopo(args: &[&str]) -> Run {
-    Command::new(env!("CARGO_BIN_EXE_infopo")).args(args).output().expect("run infopo")
-}
-
-fn stderr(run: &Run) -> String {
-    String::from_utf8_lossy(&run.stderr).into_owned()
-}
-
-fn stdout(run: &Run) -> String {
-    String::from_utf8_lossy(&run.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
+use std::path::Path;
 
 fn small_spec() -> SynthSpec {
     SynthSpec { rows: 40, vocab: 97, groups: 2, trajectories_per_group: 3, seed: 11 }
@@ -72,13 +57,6 @@ fn check_output(path: &Path, want: &Output) {
         let got: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         assert_eq!(got, values, "{name}");
     }
-}
-
-/// Files in `dir` other than the inputs the test wrote: none may be left by a failed run.
-fn entries(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
-    v.sort();
-    v
 }
 
 #[test]
@@ -179,57 +157,6 @@ fn verify_emulated_passes() {
             assert_eq!(run.status.code(), Some(0), "{} {estimator}: {}{}", input.display(), stdout(&run), stderr(&run));
         }
     }
-}
-
-/// Writes a safetensors file of raw tensors (name, dtype, shape, little-endian bytes).
-fn raw_file(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
-    let views: Vec<(&str, TensorView<'_>)> =
-        tensors.iter().map(|(n, d, s, b)| (*n, TensorView::new(*d, s.clone(), b).unwrap())).collect();
-    safetensors::serialize_to_file(views, &None, path).unwrap();
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn i64_bytes(v: &[i64]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// A small valid batch as raw tensors: 6 rows of 5 logits, 3 turns, 2 trajectories.
-fn raw_batch() -> Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)> {
-    let real: Vec<f32> = (0..30).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
-    let masked: Vec<f32> = (0..30).map(|i| (i as f32 * 0.53).cos() * 2.0).collect();
-    vec![
-        ("real_logits", Dtype::F32, vec![6, 5], f32_bytes(&real)),
-        ("masked_logits", Dtype::F32, vec![6, 5], f32_bytes(&masked)),
-        ("targets", Dtype::I64, vec![6], i64_bytes(&[0, 1, 2, 3, 4, 0])),
-        ("turn_offsets", Dtype::I64, vec![4], i64_bytes(&[0, 2, 4, 6])),
-        ("turn_trajectory", Dtype::I64, vec![3], i64_bytes(&[0, 0, 1])),
-        ("turn_credit_tokens", Dtype::I64, vec![3], i64_bytes(&[3, 4, 5])),
-        ("trajectory_group", Dtype::I64, vec![2], i64_bytes(&[0, 0])),
-        ("trajectory_tokens", Dtype::I64, vec![2], i64_bytes(&[10, 12])),
-        ("trajectory_outcome", Dtype::F64, vec![2], [1.0f64, 0.0].iter().flat_map(|x| x.to_le_bytes()).collect()),
-    ]
-}
-
-fn with(
-    mut tensors: Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)>,
-    name: &str,
-    replacement: Option<(Dtype, Vec<usize>, Vec<u8>)>,
-) -> Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)> {
-    let i = tensors.iter().position(|t| t.0 == name).expect("known tensor");
-    match replacement {
-        Some((d, s, b)) => {
-            tensors[i].1 = d;
-            tensors[i].2 = s;
-            tensors[i].3 = b;
-        }
-        None => {
-            tensors.remove(i);
-        }
-    }
-    tensors
 }
 
 /// Runs `compute` on a bad input: exit 2, one line on stderr containing every `needle`, no OUT

@@ -2,6 +2,8 @@
 //! two passes and explicit repetition (no online state, no Welford), plus shared test helpers.
 #![allow(dead_code)]
 
+/// Raw safetensors inputs and the `infopo` binary (CLI and bad-file tests).
+pub mod files;
 /// Kernel test bodies shared by every backend (`&dyn Backend`), checked against this oracle.
 pub mod kernel;
 
