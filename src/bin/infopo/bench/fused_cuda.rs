@@ -2,7 +2,7 @@
 //! The inputs are uploaded once and stay on the device; each call is
 //! `CudaBackend::score_hidden_batch` (the chunk GEMMs, the partial-state launches, the merge
 //! launch; the row outputs stay on the device), timed with CUDA events around the call, and its
-//! device memory beyond the inputs measured by [`super::device_memory`]. Every call, warm-up
+//! device memory beyond the inputs measured by the `device_memory` probe (cuda builds). Every call, warm-up
 //! included, is memory-probed; the times are those after the warm-up.
 //!
 //! The JSON keys (beside the ones every `--fused-linear` run prints) are documented in
