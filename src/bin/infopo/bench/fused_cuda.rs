@@ -2,8 +2,8 @@
 //! The inputs are uploaded once and stay on the device; each call is
 //! `CudaBackend::score_hidden_batch` (the chunk GEMMs, the partial-state launches, the merge
 //! launch; the row outputs stay on the device), timed with CUDA events around the call, and its
-//! device memory beyond the inputs measured by the `device_memory` probe (cuda builds). Every call, warm-up
-//! included, is memory-probed; the times are those after the warm-up.
+//! device memory beyond the inputs measured by the `device_memory` probe (cuda builds). Every
+//! call, warm-up included, is memory-probed; the times are those after the warm-up.
 //!
 //! The JSON keys (beside the ones every `--fused-linear` run prints) are documented in
 //! bench/README.md; a number that could not be measured is `null`, with the reason.
