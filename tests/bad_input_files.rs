@@ -6,28 +6,14 @@
 mod common;
 
 use common::files::{
-    entries, f32_bytes, i64_bytes, infopo, raw_batch, s, serialize, stderr, with, Raw, RawTensor as Tensor,
+    entries, f32_bytes, i64_bytes, infopo, raw_batch, raw_hidden_batch, s, serialize, stderr, with, Raw,
+    RawTensor as Tensor,
 };
 use infopo_kernels::io::{self, Input};
 use infopo_kernels::{cpu::Cpu, Backend, Error, Params};
 use proptest::prelude::*;
 use safetensors::Dtype;
 use std::path::Path;
-
-/// The same layout with hidden states [6, 4] and an lm_head [5, 4] instead of the logits.
-fn raw_hidden_batch() -> Raw {
-    let real: Vec<f32> = (0..24).map(|i| (i as f32 * 0.41).sin()).collect();
-    let masked: Vec<f32> = (0..24).map(|i| (i as f32 * 0.29).cos()).collect();
-    let head: Vec<f32> = (0..20).map(|i| (i as f32 * 0.77).sin() * 2.0).collect();
-    let mut t = raw_batch();
-    t.retain(|x| !x.0.ends_with("_logits"));
-    t.extend([
-        ("real_hidden", Dtype::F32, vec![6, 4], f32_bytes(&real)),
-        ("masked_hidden", Dtype::F32, vec![6, 4], f32_bytes(&masked)),
-        ("lm_head", Dtype::F32, vec![5, 4], f32_bytes(&head)),
-    ]);
-    t
-}
 
 /// A container from a header text and data bytes, as a hostile writer would make it.
 fn container(header: &str, data: &[u8]) -> Vec<u8> {

@@ -2,7 +2,9 @@
 
 mod common;
 
-use common::files::{entries, f32_bytes, i64_bytes, infopo, raw_batch, raw_file, s, stderr, stdout, with};
+use common::files::{
+    entries, f32_bytes, i64_bytes, infopo, raw_batch, raw_file, raw_hidden_batch, s, stderr, stdout, with,
+};
 use half::bf16;
 use infopo_kernels::fused::{HiddenBatch, HiddenTensors};
 use infopo_kernels::synth::{self, SynthSpec};
@@ -573,22 +575,6 @@ fn compute_and_verify_fused_linear_files() {
     // --chunk must be at least 1 (a usage error).
     let run = infopo(&["compute", s(&input), s(&output), "--chunk", "0"]);
     assert_eq!(run.status.code(), Some(2), "{}", stderr(&run));
-}
-
-/// A small valid fused-linear file as raw tensors: the layout and targets of [`raw_batch`]
-/// (6 rows, V = 5) with hidden states [6, 4] and an lm_head [5, 4] in place of the logits.
-fn raw_hidden_batch() -> Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)> {
-    let real: Vec<f32> = (0..24).map(|i| (i as f32 * 0.41).sin()).collect();
-    let masked: Vec<f32> = (0..24).map(|i| (i as f32 * 0.29).cos()).collect();
-    let head: Vec<f32> = (0..20).map(|i| (i as f32 * 0.77).sin() * 2.0).collect();
-    let mut t = raw_batch();
-    t.retain(|x| !x.0.ends_with("_logits"));
-    t.extend([
-        ("real_hidden", Dtype::F32, vec![6, 4], f32_bytes(&real)),
-        ("masked_hidden", Dtype::F32, vec![6, 4], f32_bytes(&masked)),
-        ("lm_head", Dtype::F32, vec![5, 4], f32_bytes(&head)),
-    ]);
-    t
 }
 
 #[test]

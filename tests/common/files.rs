@@ -36,6 +36,22 @@ pub fn raw_batch() -> Raw {
     ]
 }
 
+/// A small valid fused-linear file as raw tensors: the layout and targets of [`raw_batch`]
+/// (6 rows, V = 5) with hidden states [6, 4] and an lm_head [5, 4] in place of the logits.
+pub fn raw_hidden_batch() -> Raw {
+    let real: Vec<f32> = (0..24).map(|i| (i as f32 * 0.41).sin()).collect();
+    let masked: Vec<f32> = (0..24).map(|i| (i as f32 * 0.29).cos()).collect();
+    let head: Vec<f32> = (0..20).map(|i| (i as f32 * 0.77).sin() * 2.0).collect();
+    let mut t = raw_batch();
+    t.retain(|x| !x.0.ends_with("_logits"));
+    t.extend([
+        ("real_hidden", Dtype::F32, vec![6, 4], f32_bytes(&real)),
+        ("masked_hidden", Dtype::F32, vec![6, 4], f32_bytes(&masked)),
+        ("lm_head", Dtype::F32, vec![5, 4], f32_bytes(&head)),
+    ]);
+    t
+}
+
 /// `tensors` with `name` replaced (or removed with `None`).
 pub fn with(mut tensors: Raw, name: &str, replacement: Option<RawTensor>) -> Raw {
     let i = tensors.iter().position(|t| t.0 == name).expect("known tensor");
