@@ -604,9 +604,12 @@ proptest! {
         let _ = pipeline(&bytes);
     }
 
-    /// Truncated or extended files, and files whose header length is off.
+    /// Truncated or extended files, and files whose header length is off: always an error,
+    /// except where the file keeps its length and header (the tail of the data overwritten by
+    /// as many 0x20 bytes: other values of the last tensor, `trajectory_outcome`, still valid).
     #[test]
     fn resized_files_never_panic(cut in any::<prop::sample::Index>(), extra in 0usize..16, len_delta in -16i64..16) {
+        let original = serialize(&raw_batch()).len();
         let mut bytes = serialize(&raw_batch());
         let keep = cut.index(bytes.len() + 1);
         bytes.truncate(keep);
@@ -615,7 +618,7 @@ proptest! {
             let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as i64 + len_delta;
             bytes[..8].copy_from_slice(&(n.max(0) as u64).to_le_bytes());
         }
-        prop_assert!(pipeline(&bytes).is_err() || (keep == serialize(&raw_batch()).len() && extra == 0 && len_delta == 0));
+        prop_assert!(pipeline(&bytes).is_err() || (bytes.len() == original && len_delta == 0));
     }
 
     /// Containers safetensors accepts, with random tensors: any outcome but a panic.
