@@ -91,6 +91,17 @@ def cell(r, with_frac=False):
     return s
 
 
+def same_inputs_notes(doc):
+    """The fused comparisons' check that the crate and PyTorch saw the same inputs, as a note."""
+    checks = doc.get("checks", [])
+    if not checks:
+        return []
+    same = sum(1 for c in checks if c.get("same_inputs"))
+    worst = max(max(c["max_abs_err_kl"], c["max_abs_err_log_ratio"]) for c in checks)
+    return [f"Same inputs on both sides: {same}/{len(checks)} crate runs match PyTorch float32 on the first "
+            f"rows (max abs error of kl and log-ratio {worst:.1e})."]
+
+
 def render_fused(doc, path, readme):
     """A `compare_fused.py` result: peak memory beyond the inputs (and time), PyTorch's
     materialised logits against the crate's fused path per chunk size."""
@@ -122,12 +133,7 @@ def render_fused(doc, path, readme):
         n, d, v = goal["shape"]
         notes.append(f"Goal (≥ {goal['target']:g}× less peak memory beyond the inputs than PyTorch at N={n}, D={d}, "
                      f"V={v}, chunk {goal['chunk']}): **{goal['ratio']:.1f}× — {'met' if goal['met'] else 'not met'}**.")
-    checks = doc.get("checks", [])
-    if checks:
-        same = sum(1 for c in checks if c.get("same_inputs"))
-        worst = max(max(c["max_abs_err_kl"], c["max_abs_err_log_ratio"]) for c in checks)
-        notes.append(f"Same inputs on both sides: {same}/{len(checks)} crate runs match PyTorch float32 on the first "
-                     f"rows (max abs error of kl and log-ratio {worst:.1e}).")
+    notes += same_inputs_notes(doc)
     notes += doc.get("notes", [])
     out += [f"- {n}" for n in notes]
     out.append("")
@@ -168,12 +174,7 @@ def render_fused_gpu(doc, path, readme):
                      f"{times(goal.get('vs_torch_gemms'))} its two GEMMs alone ({goal.get('note', '')}).")
     unavailable = {r["device_pool_unavailable"] for r in doc.get("results", []) if r.get("device_pool_unavailable")}
     notes += [f"Crate memory unavailable: {why}." for why in sorted(unavailable)]
-    checks = doc.get("checks", [])
-    if checks:
-        same = sum(1 for c in checks if c.get("same_inputs"))
-        worst = max(max(c["max_abs_err_kl"], c["max_abs_err_log_ratio"]) for c in checks)
-        notes.append(f"Same inputs on both sides: {same}/{len(checks)} crate runs match PyTorch float32 on the first "
-                     f"rows (max abs error of kl and log-ratio {worst:.1e}).")
+    notes += same_inputs_notes(doc)
     notes += doc.get("notes", [])
     out += [f"- {n}" for n in notes]
     out.append("")

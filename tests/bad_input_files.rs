@@ -15,6 +15,14 @@ use proptest::prelude::*;
 use safetensors::Dtype;
 use std::path::Path;
 
+/// The valid fused-linear file with hidden width D = 0 (every hidden tensor empty).
+fn hidden_width_0() -> Raw {
+    let empty = |rows| Some((Dtype::F32, vec![rows, 0], vec![]));
+    let t = with(raw_hidden_batch(), "real_hidden", empty(6));
+    let t = with(t, "masked_hidden", empty(6));
+    with(t, "lm_head", empty(5))
+}
+
 /// A container from a header text and data bytes, as a hostile writer would make it.
 fn container(header: &str, data: &[u8]) -> Vec<u8> {
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
@@ -269,15 +277,7 @@ fn valid_containers_with_bad_tensors() {
         "vocabulary size is 0",
         &|e| matches!(e, Error::EmptyVocab),
     );
-    let no_width = with(
-        with(
-            with(raw_hidden_batch(), "real_hidden", Some((Dtype::F32, vec![6, 0], vec![]))),
-            "masked_hidden",
-            Some((Dtype::F32, vec![6, 0], vec![])),
-        ),
-        "lm_head",
-        Some((Dtype::F32, vec![5, 0], vec![])),
-    );
+    let no_width = hidden_width_0();
     bad("hidden width 0", no_width, "hidden width D is 0", &shape);
     bad(
         "lm_head of 0 rows",
@@ -333,15 +333,7 @@ fn cli_exits_2_on_every_kind_of_bad_file_and_writes_nothing() {
         &serialize(&with(raw_batch(), "targets", Some((Dtype::F32, vec![6], vec![0; 24])))),
         "targets",
     );
-    let no_width = with(
-        with(
-            with(raw_hidden_batch(), "real_hidden", Some((Dtype::F32, vec![6, 0], vec![]))),
-            "masked_hidden",
-            Some((Dtype::F32, vec![6, 0], vec![])),
-        ),
-        "lm_head",
-        Some((Dtype::F32, vec![5, 0], vec![])),
-    );
+    let no_width = hidden_width_0();
     cli_rejects("hidden width 0", &serialize(&no_width), "hidden width D is 0");
     cli_rejects(
         "vocabulary 0",
