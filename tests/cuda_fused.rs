@@ -526,3 +526,112 @@ fn nccl_single_rank_gather_and_merge() {
         Err(Error::Shape { .. })
     ));
 }
+
+/// P ranks in one process (a thread each, device `rank`, the communicator made with
+/// `Comm::from_rank` as separate processes make it), uneven and padded shards: every rank's
+/// `gather_merge_shards` is bitwise the merge of all P shard states on one device (the
+/// unsharded fold), and that matches the f64 reference. Odd ranks run the collective on a stream
+/// of their own (the join path), even ranks on the backend's. P = 3 also gathers the fused
+/// path's K chunk states per rank.
+#[cfg(feature = "nccl")]
+#[test]
+#[ignore = "needs CUDA GPUs and libnccl (8 devices, or the CPU stand-in): cargo test --features cuda,nccl --test cuda_fused -- --include-ignored"]
+fn nccl_ranks_agree_bitwise_with_the_unsharded_merge() {
+    use cudarc::driver::CudaContext;
+    use cudarc::nccl::{Comm, Id};
+    for (world, n, v) in [(2usize, 19usize, 32003usize), (3, 11, 1000), (8, 5, 50257)] {
+        let (r, m, t) = generate(&Spec { neg_inf: 0.05, ..Spec::new(n, v) }, 40 + world as u64);
+        let (r, m) = (to_dtype::<bf16>(&r), to_dtype::<bf16>(&m));
+        let ranges = shard_ranges(v, world).unwrap();
+        let width = v.div_ceil(world);
+        let params = Params::default();
+        // The fused shard path's inputs (P = 3 only): hidden states and the whole lm_head.
+        let c = case(n, 16, v, 7);
+        let chunk = 150;
+        // The unsharded fold: every shard's states on device 0, merged there.
+        let gpu0 = gpu();
+        let s0 = gpu0.stream().clone();
+        let targets0 = s0.clone_htod(&t).unwrap();
+        let mut all = Vec::new();
+        for range in &ranges {
+            let (x, y) = (shard_buffer(&r, n, v, *range, width), shard_buffer(&m, n, v, *range, width));
+            let (x, y) = (s0.clone_htod(&x).unwrap(), s0.clone_htod(&y).unwrap());
+            let mut states = s0.alloc_zeros::<f32>(n * 8).unwrap();
+            let columns = RangeColumns::shard(width, *range);
+            gpu0.score_range_into(&x.as_view(), &y.as_view(), &targets0.as_view(), columns, &params, &mut states.as_view_mut())
+                .unwrap();
+            all.extend(s0.clone_dtoh(&states).unwrap());
+        }
+        let all = s0.clone_htod(&all).unwrap();
+        let unsharded = gpu0.merge_range_states(&all.as_view(), &ranges, &targets0.as_view(), v, &params).unwrap();
+        compare_rows(&unsharded, &to_f64(&r), &to_f64(&m), &t, v, 1.0, &format!("unsharded fold, P = {world}"));
+
+        let id = Id::new().unwrap();
+        let per_rank: Vec<(RowOutputs, Option<RowOutputs>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..world)
+                .map(|rank| {
+                    let (r, m, t, c, ranges, params) = (&r, &m, &t, &c, &ranges, &params);
+                    scope.spawn(move || {
+                        let ctx = CudaContext::new(rank).unwrap();
+                        let gpu = CudaBackend::with_stream(ctx.default_stream()).unwrap();
+                        let s = gpu.stream().clone();
+                        let comm_stream = if rank % 2 == 1 { ctx.new_stream().unwrap() } else { s.clone() };
+                        let comm = Comm::from_rank(comm_stream, rank, world, id).unwrap();
+                        let range = ranges[rank];
+                        let (x, y) = (shard_buffer(r, n, v, range, width), shard_buffer(m, n, v, range, width));
+                        let (x, y, tg) = (s.clone_htod(&x).unwrap(), s.clone_htod(&y).unwrap(), s.clone_htod(t).unwrap());
+                        let mut local = s.alloc_zeros::<f32>(n * 8).unwrap();
+                        gpu.score_range_into(
+                            &x.as_view(),
+                            &y.as_view(),
+                            &tg.as_view(),
+                            RangeColumns::shard(width, range),
+                            params,
+                            &mut local.as_view_mut(),
+                        )
+                        .unwrap();
+                        let got = gpu.gather_merge_shards(&comm, &local.as_view(), &tg.as_view(), v, width, params).unwrap();
+                        let fused = (world == 3).then(|| {
+                            // This rank's lm_head rows, in its padded shard width (padding zero).
+                            let mut head = vec![0.0f32; width * c.d];
+                            head[..range.len * c.d]
+                                .copy_from_slice(&c.head[range.start * c.d..range.end() * c.d]);
+                            let (hr, hm, hh) =
+                                (s.clone_htod(&c.real).unwrap(), s.clone_htod(&c.masked).unwrap(), s.clone_htod(&head).unwrap());
+                            let inputs = DeviceHiddenInputs {
+                                real_hidden: hr.as_view(),
+                                masked_hidden: hm.as_view(),
+                                lm_head: hh.as_view(),
+                                rows: n,
+                                hidden: c.d,
+                                vocab: width,
+                            };
+                            let ct = s.clone_htod(&c.targets).unwrap();
+                            let k = shard_chunk_ranges(v, world, rank, chunk).unwrap().len();
+                            let mut states = s.alloc_zeros::<f32>(k * n * 8).unwrap();
+                            gpu.score_hidden_shard_states(&inputs, v, (rank, world), &ct.as_view(), params, chunk, &mut states.as_view_mut())
+                                .unwrap();
+                            gpu.gather_merge_shards(&comm, &states.as_view(), &ct.as_view(), v, chunk, params).unwrap()
+                        });
+                        (got, fused)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let bits = |o: &RowOutputs| {
+            [&o.lse_real, &o.lse_masked, &o.log_ratio, &o.kl, &o.entropy_real]
+                .iter()
+                .flat_map(|v| v.iter().map(|x| x.to_bits()))
+                .collect::<Vec<u32>>()
+        };
+        for (rank, (got, fused)) in per_rank.iter().enumerate() {
+            assert_eq!(bits(got), bits(&unsharded), "P = {world}: rank {rank} differs from the unsharded fold");
+            if let Some(f) = fused {
+                assert_eq!(bits(f), bits(&per_rank[0].1.clone().unwrap()), "P = {world}: fused, rank {rank} vs rank 0");
+                let (x, y) = (logits(&c.real, &c.head, n, c.d, v), logits(&c.masked, &c.head, n, c.d, v));
+                compare_rows(f, &x, &y, &c.targets, v, 1.0, &format!("fused shards, P = {world}, rank {rank}"));
+            }
+        }
+    }
+}
