@@ -113,7 +113,8 @@ inline dim3 gridDim;
 // How a launch runs (mirrored by src/emulated.rs).
 struct InfopoEmulation {
     uint32_t blocks_at_once; // 1 = serial; at most INFOPO_EMU_MAX_BLOCKS_AT_ONCE
-    uint32_t reserved;
+    uint32_t blocks_run; // 0 = every block; else only the first blocks_run blocks drawn run, as in
+                         // a launch aborted half-way (the CPU stand-in of the driver, ci/fake-cuda)
     uint64_t seed; // of the random yields (concurrent mode)
 };
 
@@ -270,7 +271,7 @@ void launch(unsigned grid, unsigned threads, const InfopoEmulation &opt, F &&bod
                     if (t == 0) me.drawn = next_block.fetch_add(1u, std::memory_order_relaxed);
                     me.block.arrive_and_wait();
                     const unsigned b = me.drawn;
-                    if (b >= grid) break;
+                    if (b >= grid || (opt.blocks_run != 0u && b >= opt.blocks_run)) break;
                     blockIdx = dim3{b, 0, 0};
                     maybe_yield();
                     body(k);

@@ -735,7 +735,7 @@ mod on_cuda {
         params: &Params,
         launch: impl FnOnce(&CudaBackend, &mut DeviceBatch<'_>) -> Result<Option<CudaSlice<f32>>>,
     ) -> Result<Tensor> {
-        let backend = CudaBackend::with_stream(device.cuda_stream())?;
+        let backend = CudaBackend::shared(&device.cuda_stream())?;
         let mut batch = backend.begin(None, params)?;
         let row_out = launch(&backend, &mut batch)?;
         batch.check()?;
@@ -758,7 +758,7 @@ mod on_cuda {
         if let Some(starts) = credit_start {
             validate::credit_spans(&mut layout, starts)?;
         }
-        let backend = CudaBackend::with_stream(device.cuda_stream())?;
+        let backend = CudaBackend::shared(&device.cuda_stream())?;
         let device_layout = backend.upload_layout(&layout)?;
         let mut batch = backend.begin(Some(&device_layout), params)?;
         let row_out = launch(&backend, &mut batch)?;

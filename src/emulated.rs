@@ -35,7 +35,8 @@ use std::sync::Mutex;
 #[derive(Debug, Clone, Copy)]
 struct Emulation {
     blocks_at_once: u32,
-    reserved: u32,
+    /// 0: every block (the only value this backend uses; the driver stand-in cuts launches).
+    blocks_run: u32,
     seed: u64,
 }
 
@@ -156,7 +157,7 @@ impl Emulated {
     fn next_emulation(&self) -> Emulation {
         Emulation {
             blocks_at_once: self.blocks_at_once,
-            reserved: 0,
+            blocks_run: 0,
             seed: self.seed.wrapping_add(self.launches.fetch_add(1, Ordering::Relaxed)),
         }
     }

@@ -637,3 +637,37 @@ fn malformed_fused_linear_files() {
     let head: Vec<u8> = (0..20).flat_map(|i| (i as f64).to_le_bytes()).collect();
     bad(&with(raw_hidden_batch(), "lm_head", Some((Dtype::F64, vec![5, 4], head))), &["lm_head", "F64"]);
 }
+
+/// The CLI with `--backend cuda` in a CUDA build, as smoke steps: `compute` and `verify` (against
+/// the CPU reference) on a logits file and a fused-linear file, `bench` and
+/// `bench --fused-linear`, and the main job on `auto` (which picks the GPU).
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU (or the CPU stand-in of the driver): cargo test --features cuda --test cli -- --include-ignored cuda"]
+fn cuda_backend_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let logits = dir.path().join("logits.safetensors");
+    io::write_input(&logits, &synth::batch::<bf16>(small_spec()).as_batch()).unwrap();
+    let hidden = dir.path().join("hidden.safetensors");
+    let (data, tensors) = hidden_inputs::<bf16>();
+    io::write_hidden_input(&hidden, &hidden_batch(&data, &tensors)).unwrap();
+    for input in [&logits, &hidden] {
+        let out = dir.path().join("out.safetensors");
+        let run = infopo(&["compute", s(input), s(&out), "--backend", "cuda"]);
+        assert_eq!(run.status.code(), Some(0), "compute {}: {}", input.display(), stderr(&run));
+        assert!(out.exists());
+        let run = infopo(&["verify", s(input), "--backend", "cuda"]);
+        assert_eq!(run.status.code(), Some(0), "verify {}: {}{}", input.display(), stdout(&run), stderr(&run));
+    }
+    let base =
+        ["bench", "--backend", "cuda", "--rows", "8", "--vocab", "3000", "--iters", "2", "--warmup", "1", "--json"];
+    let run = infopo(&base);
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    assert_eq!(json_field(stdout(&run).trim(), "backend"), "\"cuda\"");
+    let run = infopo(&[&base[..], &["--fused-linear", "--hidden", "16", "--chunk", "1000"]].concat());
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    assert!(stdout(&run).contains("fused-linear"), "{}", stdout(&run));
+    let run = infopo(&[]);
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    assert!(stdout(&run).contains("cuda"), "the main job did not pick the GPU: {}", stdout(&run));
+}

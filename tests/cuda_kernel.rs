@@ -320,9 +320,15 @@ fn raw_stream_without_driver_is_a_typed_error() {
 
 /// The raw entry on a second backend that borrows the first one's stream, against the safe
 /// device API on the same device buffers: bit for bit, at element offsets that misalign rows.
-fn raw_matches_safe<T: LogitElement + cudarc::driver::DeviceRepr>(n: usize, v: usize, pad: usize) {
+fn raw_matches_safe<T: LogitElement + cudarc::driver::DeviceRepr>(n: usize, v: usize, pad: usize, own_stream: bool) {
     use cudarc::driver::{DevicePtr, DevicePtrMut};
     let safe = gpu();
+    // The device's default stream, or one the caller created (another runtime's stream).
+    let safe = if own_stream {
+        CudaBackend::with_stream(safe.stream().context().new_stream().unwrap()).unwrap()
+    } else {
+        safe
+    };
     let s = safe.stream().clone();
     // SAFETY: `s` outlives `raw` (declared before it, dropped after it).
     let raw = unsafe { CudaBackend::from_raw_stream(0, s.cu_stream()) }.unwrap();
@@ -375,9 +381,186 @@ fn raw_matches_safe<T: LogitElement + cudarc::driver::DeviceRepr>(n: usize, v: u
 #[test]
 #[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
 fn raw_pointers_match_the_device_api() {
-    raw_matches_safe::<bf16>(5, 50_257, 3);
-    raw_matches_safe::<f16>(7, 1000, 1);
-    raw_matches_safe::<f32>(3, 151_936, 0);
+    raw_matches_safe::<bf16>(5, 50_257, 3, false);
+    raw_matches_safe::<f16>(7, 1000, 1, false);
+    raw_matches_safe::<f32>(3, 151_936, 0, false);
+}
+
+/// The raw entry on a stream the caller created (not the default stream): the same bits.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn raw_entry_on_a_stream_the_caller_created() {
+    raw_matches_safe::<bf16>(6, 50_257, 5, true);
+    raw_matches_safe::<f32>(4, 3000, 0, true);
+}
+
+/// One trainer run through the device API: the layout uploaded once, one [`DeviceBatch`]
+/// restarted every step, each step new logits in two micro-batches cut inside a turn. Every
+/// step equals a fresh one-call batch of its logits: rows bit for bit (V = 31: one block per
+/// row whatever the launch), turns and advantages to 1e-12.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn device_batch_restarts_step_after_step() {
+    use infopo_kernels::{Backend, Batch, Logits};
+    let gpu = gpu();
+    let s = gpu.stream().clone();
+    let l = kernel::layout();
+    let (n, v) = (64usize, 31usize);
+    let layout = infopo_kernels::validate::layout(n, &l.turns(), Some(&l.trajectories())).unwrap();
+    let device_layout = gpu.upload_layout(&layout).unwrap();
+    let params = Params::default();
+    let mut batch = gpu.begin(Some(&device_layout), &params).unwrap();
+    for step in 0..4u64 {
+        if step > 0 {
+            batch.restart().unwrap();
+        }
+        let (r, m, t) = generate(&Spec::new(n, v), 90 + step);
+        let (r, m) = (to_dtype::<bf16>(&r), to_dtype::<bf16>(&m));
+        let mut rows = Vec::new();
+        // One upload, sliced: each row keeps the alignment it has in the one-call batch.
+        let (x, y, tg) = (s.clone_htod(&r).unwrap(), s.clone_htod(&m).unwrap(), s.clone_htod(&t).unwrap());
+        for (r0, r1, last) in [(0usize, 10usize, false), (10, n, true)] {
+            let (x, y, tg) = (x.slice(r0 * v..r1 * v), y.slice(r0 * v..r1 * v), tg.slice(r0..r1));
+            let out = gpu.score(&mut batch, &x, &y, &tg, v, last).unwrap();
+            rows.push(cuda::rows_to_host(&s, &out, r1 - r0).unwrap());
+        }
+        let (info, adv) = batch.to_host().unwrap();
+        let one = gpu
+            .compute(
+                &Batch::rows(Logits::new(&r, n, v).unwrap(), Logits::new(&m, n, v).unwrap(), &t)
+                    .with_turns(l.turns())
+                    .with_trajectories(l.trajectories()),
+                &params,
+            )
+            .unwrap();
+        let kl: Vec<u32> = rows.iter().flat_map(|o| o.kl.iter().map(|x| x.to_bits())).collect();
+        assert_eq!(kl, one.rows.kl.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "step {step}: rows");
+        let close = |a: &[f64], b: &[f64], what: &str| {
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-12 * (1.0 + y.abs()), "step {step}: {what} {x} vs {y}");
+            }
+        };
+        close(&info.unwrap(), one.turn_info.as_ref().unwrap(), "turn_info");
+        let (adv, want) = (adv.unwrap(), one.advantages.unwrap());
+        close(&adv.turn_bonus, &want.turn_bonus, "turn_bonus");
+        close(&adv.trajectory_advantage, &want.trajectory_advantage, "trajectory_advantage");
+    }
+    gpu.check_scratch().unwrap();
+}
+
+/// A launch cut short (the stand-in runs only its first block; a cancelled graph replay does
+/// the like on a GPU) leaves row tickets drawn: `check_scratch` names them, `reset_scratch`
+/// clears them, and the next launch is right again. On a real driver only the clean half runs.
+#[test]
+#[ignore = "needs a CUDA GPU or the CPU stand-in: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+fn reset_scratch_after_an_aborted_launch() {
+    let gpu = gpu();
+    let s = gpu.stream().clone();
+    // Few rows of a large vocabulary: split rows, so a cut launch leaves row tickets drawn.
+    let (n, v) = (3usize, 151_936usize);
+    let (r, m, t) = generate(&Spec::new(n, v), 17);
+    let (x, y, tg) = (s.clone_htod(&r).unwrap(), s.clone_htod(&m).unwrap(), s.clone_htod(&t).unwrap());
+    let run = || {
+        let mut batch = gpu.begin(None, &Params::default()).unwrap();
+        let out = gpu.score(&mut batch, &x.slice(..), &y.slice(..), &tg.slice(..), v, true).unwrap();
+        batch.check().map(|_| cuda::rows_to_host(&s, &out, n).unwrap())
+    };
+    if let Some(lib) = common::stand_in::stand_in() {
+        common::stand_in::abort_next_launch(&lib, 1);
+        let _ = run(); // whatever the cut launch left in its outputs
+        match gpu.check_scratch() {
+            Err(Error::Cuda(what)) => assert!(what.contains("tickets left drawn"), "{what}"),
+            other => panic!("an aborted launch left no tickets drawn: {other:?}"),
+        }
+        gpu.reset_scratch().unwrap();
+    } else {
+        eprintln!("a real driver: no launch can be cut here; checking the clean path only");
+    }
+    gpu.check_scratch().unwrap();
+    let got = run().unwrap();
+    for row in 0..n {
+        check_row(
+            &got,
+            row,
+            &to_f64(&r)[row * v..(row + 1) * v],
+            &to_f64(&m)[row * v..(row + 1) * v],
+            t[row] as usize,
+            1.0,
+            "after reset",
+        );
+    }
+    gpu.check_scratch().unwrap();
+}
+
+/// A trainer's steps through the device API and the fused path: after the first step, no
+/// module load, no cuBLAS handle, no growth of the scratch, and the same stream-ordered
+/// allocations every step (the per-step buffers: row outputs, chunk logits, states), counted
+/// by the CPU stand-in of the driver. On a real driver it only runs the steps.
+#[test]
+#[ignore = "needs the CPU stand-in of the driver to count calls (ci/fake-cuda); runs the steps on a GPU"]
+fn steady_state_steps_load_nothing_and_allocate_the_same() {
+    use infopo_kernels::cuda::fused::DeviceHiddenInputs;
+    let lib = common::stand_in::stand_in();
+    let count = |name: &str| lib.as_ref().map_or(0, |l| common::stand_in::calls(l, name));
+    let names = ["cuModuleLoadData", "cublasCreate_v2", "cuMemAllocAsync", "cuMemAlloc_v2", "cuStreamCreate"];
+    let snapshot = || names.map(count);
+    let gpu = gpu();
+    let s = gpu.stream().clone();
+    let l = kernel::layout();
+    let (n, v, d, chunk) = (64usize, 3000usize, 16usize, 1024usize);
+    let layout = infopo_kernels::validate::layout(n, &l.turns(), Some(&l.trajectories())).unwrap();
+    let device_layout = gpu.upload_layout(&layout).unwrap();
+    let mut batch = gpu.begin(Some(&device_layout), &Params::default()).unwrap();
+    let head: Vec<f32> = generate(&Spec::new(v, d), 5).0;
+    let head = s.clone_htod(&to_dtype::<bf16>(&head)).unwrap();
+    let mut per_step = Vec::new();
+    for step in 0..4u64 {
+        let before = snapshot();
+        // Logits path: two micro-batches.
+        batch.restart().unwrap();
+        let (r, m, t) = generate(&Spec::new(n, v), 300 + step);
+        let (x, y, tg) = (
+            s.clone_htod(&to_dtype::<bf16>(&r)).unwrap(),
+            s.clone_htod(&to_dtype::<bf16>(&m)).unwrap(),
+            s.clone_htod(&t).unwrap(),
+        );
+        gpu.score(&mut batch, &x.slice(..20 * v), &y.slice(..20 * v), &tg.slice(..20), v, false).unwrap();
+        gpu.score(&mut batch, &x.slice(20 * v..), &y.slice(20 * v..), &tg.slice(20..), v, true).unwrap();
+        batch.to_host().unwrap();
+        // Fused path: hidden states in, one micro-batch.
+        batch.restart().unwrap();
+        let (hr, hm, _) = generate(&Spec::new(n, d), 400 + step);
+        let (hr, hm) = (s.clone_htod(&to_dtype::<bf16>(&hr)).unwrap(), s.clone_htod(&to_dtype::<bf16>(&hm)).unwrap());
+        let inputs = DeviceHiddenInputs {
+            real_hidden: hr.as_view(),
+            masked_hidden: hm.as_view(),
+            lm_head: head.as_view(),
+            rows: n,
+            hidden: d,
+            vocab: v,
+        };
+        gpu.score_hidden_batch(&mut batch, &inputs, &tg.as_view(), chunk, true).unwrap();
+        batch.to_host().unwrap();
+        let after = snapshot();
+        per_step.push(std::array::from_fn::<u64, 5, _>(|k| after[k] - before[k]));
+    }
+    gpu.check_scratch().unwrap();
+    let Some(_) = lib else {
+        eprintln!("a real driver: the steps ran; call counts need the CPU stand-in (ci/fake-cuda)");
+        return;
+    };
+    eprintln!("calls per step ({names:?}): {per_step:?}");
+    for (step, calls) in per_step.iter().enumerate().skip(1) {
+        assert_eq!(calls[0], 0, "step {step} loaded a module");
+        assert_eq!(calls[1], 0, "step {step} created a cuBLAS handle");
+        assert_eq!(calls[3], 0, "step {step} made a synchronous allocation");
+        assert_eq!(calls[4], 0, "step {step} created a stream");
+        assert_eq!(calls[2], per_step[1][2], "step {step}: stream-ordered allocations differ from step 1's");
+    }
+    // The steady per-step allocations are the documented per-call buffers, not growth: inputs
+    // (7 uploads), 2 row outputs, 2 chunk logit buffers, the states and the merge's row outputs.
+    assert!(per_step[1][2] <= 16, "{} allocations per step", per_step[1][2]);
 }
 
 #[test]

@@ -23,8 +23,10 @@
 //
 // Environment: FAKE_CUDA_DEVICES (8), FAKE_CUDA_SMS (132), FAKE_CUDA_MEM_GIB (80),
 // FAKE_CUDA_BLOCKS_AT_ONCE (1: serial emulation; up to 4), FAKE_CUDA_SEED, FAKE_CUDA_IMMEDIATE,
-// FAKE_CUDA_LOG=path (every call with its arguments), FAKE_CUDA_ABORT=1 (abort on the first
-// fault instead of a sticky error). Counts of calls: fake_cuda_call_count(name).
+// FAKE_CUDA_LAUNCH_DELAY_US (1000: each kernel starts that late on its stream, so work on
+// another stream that was not made to wait for it runs first), FAKE_CUDA_LOG=path (every call
+// with its arguments), FAKE_CUDA_ABORT=1 (abort on the first fault instead of a sticky error).
+// Counts of calls: fake_cuda_call_count(name); fake_cuda_abort_next_launch(blocks).
 // Event timing is host time and means nothing.
 
 #include "emulator.cpp"
@@ -75,6 +77,7 @@ struct Config {
     unsigned blocks_at_once = (unsigned)env_long("FAKE_CUDA_BLOCKS_AT_ONCE", 1);
     uint64_t seed = (uint64_t)env_long("FAKE_CUDA_SEED", 1);
     bool immediate = env_long("FAKE_CUDA_IMMEDIATE", 0) != 0;
+    long launch_delay_us = env_long("FAKE_CUDA_LAUNCH_DELAY_US", 1000);
     bool abort_on_fault = env_long("FAKE_CUDA_ABORT", 0) != 0;
     FILE *log = nullptr;
     Config() {
@@ -482,9 +485,12 @@ std::vector<Buffer> launch_buffers(const InfopoArgs &a, Entry e) {
     return b;
 }
 
-void emulate(Entry e, const InfopoArgs &a, unsigned grid, unsigned block) {
-    const InfopoEmulation opt{std::min(std::max(cfg().blocks_at_once, 1u), (unsigned)INFOPO_EMU_MAX_BLOCKS_AT_ONCE), 0u,
-                              cfg().seed};
+// fake_cuda_abort_next_launch: the next launch runs only this many blocks (0: none pending).
+std::atomic<unsigned> abort_after{0};
+
+void emulate(Entry e, const InfopoArgs &a, unsigned grid, unsigned block, unsigned blocks_run) {
+    const InfopoEmulation opt{std::min(std::max(cfg().blocks_at_once, 1u), (unsigned)INFOPO_EMU_MAX_BLOCKS_AT_ONCE),
+                              blocks_run, cfg().seed};
     switch (e) {
     case Entry::F32: infopo_emulate_f32(&a, grid, block, &opt); break;
     case Entry::F16: infopo_emulate_f16(&a, grid, block, &opt); break;
@@ -559,6 +565,9 @@ uint64_t fake_cuda_call_count(const char *name) {
     return it == counts().end() ? 0 : it->second;
 }
 int fake_cuda_is_stand_in(void) { return 1; }
+// The next kernel launch (on any stream) runs only its first `blocks` blocks and then stops
+// without an error, as a launch cut short (a cancelled graph replay, say) leaves its tickets.
+void fake_cuda_abort_next_launch(unsigned blocks) { abort_after.store(blocks == 0 ? 1 : blocks); }
 
 // ---------------------------------------------------------------- driver: init, devices, contexts
 
@@ -719,7 +728,14 @@ CUresult cuStreamDestroy_v2(Stream *h) {
         s->ctx->streams.erase(s);
         all_streams.erase(s);
     }
-    delete s;
+    // The worker ends, the object stays: an event recorded on this stream may still be waited
+    // on, and then finds its work complete.
+    {
+        std::lock_guard<std::mutex> l(s->mu);
+        s->stop = true;
+        s->cv.notify_all();
+    }
+    if (s->worker.joinable()) s->worker.join();
     return CUDA_SUCCESS;
 }
 CUresult cuStreamSynchronize(Stream *h) {
@@ -1052,10 +1068,13 @@ CUresult cuLaunchKernel(Function *f, unsigned gx, unsigned gy, unsigned gz, unsi
     const Entry e = f->entry;
     if (CUresult r = check_buffers(ctx, f->name.c_str(), launch_buffers(args, e))) return r;
     const std::string name = f->name;
-    enqueue(s, [ctx, e, args, gx, bx, name] {
+    const unsigned blocks_run = abort_after.exchange(0);
+    enqueue(s, [ctx, e, args, gx, bx, name, blocks_run] {
         if (ctx->sticky.load()) return; // a faulted context runs nothing more
         if (check_buffers(ctx, (name + " (when run)").c_str(), launch_buffers(args, e)) != CUDA_SUCCESS) return;
-        emulate(e, args, gx, bx);
+        // A kernel takes a while: work on another stream that does not wait for it runs first.
+        if (cfg().launch_delay_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(cfg().launch_delay_us));
+        emulate(e, args, gx, bx, blocks_run);
     });
     return CUDA_SUCCESS;
 }

@@ -186,6 +186,25 @@ impl CudaBackend {
         Ok(CudaBackend { stream, kernels, sm_count, scratch: Mutex::new(scratch), blas: Mutex::new(None) })
     }
 
+    /// The backend of `stream`, made on the first call for its (context, stream) and shared
+    /// by every later call: an adapter handed a stream per call (the candle entries) then
+    /// looks up the module, allocates the scratch and creates the cuBLAS handle once, not per
+    /// step. The cache keeps each such stream alive until the process ends (a trainer has a
+    /// few); launches through the shared backend stay ordered by its stream and host mutex.
+    #[cfg(feature = "candle")]
+    pub(crate) fn shared(stream: &Arc<CudaStream>) -> Result<Arc<CudaBackend>> {
+        type Key = (usize, usize);
+        static CACHE: OnceLock<Mutex<HashMap<Key, Arc<CudaBackend>>>> = OnceLock::new();
+        let key = (stream.context().cu_ctx() as usize, stream.cu_stream() as usize);
+        let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = cache.get(&key) {
+            return Ok(b.clone());
+        }
+        let backend = Arc::new(CudaBackend::with_stream(stream.clone())?);
+        cache.insert(key, backend.clone());
+        Ok(backend)
+    }
+
     /// The stream every launch and copy of this backend goes on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream

@@ -6,6 +6,8 @@
 pub mod files;
 /// Kernel test bodies shared by every backend (`&dyn Backend`), checked against this oracle.
 pub mod kernel;
+#[cfg(feature = "cuda")]
+pub mod stand_in;
 
 use infopo_kernels::synth::Rng;
 use infopo_kernels::{GateSource, LogitElement, Params, RowErrorKind, Trajectories, Turns};
