@@ -15,7 +15,7 @@
 //! step's data in an [`OwnedBatch`] (or borrows its own buffers as a [`Batch`]) and calls
 //! [`Backend::compute`]; for rows that arrive in micro-batches, [`Backend::score_rows`] per
 //! micro-batch, [`epilogue::TurnAccumulator`] and [`epilogue::advantages`] (the README's
-//! "Library" section shows both).
+//! "Library" section shows the first, `docs/guide.md` the second).
 //!
 //! Without the logits: from the two hidden states and the lm_head weight, a [`HiddenBatch`] and
 //! [`Backend::compute_hidden`] compute the same outputs over vocabulary chunks, never storing an
@@ -68,6 +68,11 @@ pub mod candle;
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The library guide's examples (`docs/guide.md`), compiled and run by `cargo test` likewise.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/guide.md")]
+pub struct GuideDoctests;
 
 pub use backend::Backend;
 pub use batch::{
