@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""Rewrites the results section of README.md from bench/results/*.json.
+"""Rewrites the results section of docs/results.md from bench/results/*.json.
 
 The section is everything between the lines `<!-- results:begin -->` and `<!-- results:end -->`;
 it is rebuilt from the result files alone (device, date, commit, numbers; nothing typed by hand),
 newest first, with links to each run's PNG and raw log. Idempotent: running it twice changes
 nothing the second time. Standard library only.
 
-    python3 bench/render.py                 # rewrites README.md
-    python3 bench/render.py --check         # exit 1 if README.md is not up to date
+    python3 bench/render.py                 # rewrites docs/results.md
+    python3 bench/render.py --check         # exit 1 if docs/results.md is not up to date
     python3 bench/render.py --readme X.md --results DIR --stdout
+
+Links in the section (plots, logs, JSON, bench/README.md) are written relative to the folder of
+the file it rewrites (`--readme`), so they stay valid wherever that file is.
 """
 
 from __future__ import annotations
@@ -267,9 +270,10 @@ def section(results_dir, readme):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--readme", default=str(REPO / "README.md"))
+    ap.add_argument("--readme", default=str(REPO / "docs" / "results.md"),
+                    help="the Markdown file whose results section is rewritten (default docs/results.md)")
     ap.add_argument("--results", default=str(REPO / "bench" / "results"))
-    ap.add_argument("--check", action="store_true", help="exit 1 if the README is not up to date")
+    ap.add_argument("--check", action="store_true", help="exit 1 if the file is not up to date")
     ap.add_argument("--stdout", action="store_true", help="print the section instead of writing")
     a = ap.parse_args()
     readme = Path(a.readme).resolve()
