@@ -444,7 +444,7 @@ fn train_step(
 const GROUPS_PER_STEP: usize = 16;
 const GROUP_SIZE: usize = 8;
 const LEARNING_RATE: f64 = 0.005;
-/// Without it the policy collapses early onto "ask one question, guess" (50%), see the README.
+/// Without it the policy collapses early onto "ask one question, guess" (50%), see docs/guide.md.
 const ENTROPY_WEIGHT: f64 = 0.05;
 
 #[derive(Parser)]

@@ -1,30 +1,12 @@
-//! Safetensors input and output files (the CLI's file format, see `README.md`).
+//! Safetensors input and output files: the CLI's file format, stated once in `docs/cli.md`
+//! ("File format" and "Hidden-state files": every tensor's name, dtype and shape, and which
+//! outputs are written when).
 //!
-//! Input tensors (names exact; other tensors in the file are ignored):
-//!
-//! | name | dtype | shape | |
-//! | --- | --- | --- | --- |
-//! | `real_logits`, `masked_logits` | F32, F16 or BF16 (the same for both) | `[N, V]` | the logits, or: |
-//! | `real_hidden`, `masked_hidden` | F32, F16 or BF16 (one dtype for the three) | `[N, D]` | the fused-linear set ([`HIDDEN_TENSORS`]) |
-//! | `lm_head` | the dtype of `real_hidden` | `[V, D]` | logits = hidden · lm_headᵀ |
-//! | `targets` | I32 or I64 | `[N]` | required |
-//! | `turn_offsets` | I32 or I64 | `[T+1]` | optional, all three turn tensors or none |
-//! | `turn_trajectory` | I32 or I64 | `[T]` | |
-//! | `turn_credit_tokens` | I32 or I64 | `[T]` | |
-//! | `trajectory_group` | I32 or I64 | `[B]` | optional, all three or none; needs the turns |
-//! | `trajectory_tokens` | I32 or I64 | `[B]` | |
-//! | `trajectory_outcome` | F32 or F64 | `[B]` | |
-//! | [`CREDIT_START_TENSOR`] | I32 or I64 | `[T]` | optional, needs the trajectories: turn t's credited tokens are positions `start_t .. start_t + turn_credit_tokens_t` of its trajectory's response |
-//!
-//! A file holds exactly one of the two sets, the logits ([`LOGIT_TENSORS`]) or the hidden states
-//! and lm_head ([`HIDDEN_TENSORS`], read by [`read_any_input`] as an
-//! [`crate::fused::OwnedHiddenBatch`]); both, neither or part of a set is an error, as is a width
-//! D that differs between the three hidden tensors.
-//!
-//! Integer tensors may also be U32 or U64. Output tensors are all F32: [`ROW_OUTPUTS`] of shape
-//! `[N]`; `turn_info` `[T]` with turns; with trajectories also [`TURN_OUTPUTS`] `[T]`,
-//! [`TRAJECTORY_OUTPUTS`] `[B]` and [`SCALAR_OUTPUTS`] of shape `[1]`; with
-//! `turn_credit_start` also [`TOKEN_OUTPUT`] `[M]` (M = Σ trajectory_tokens, trajectory-major).
+//! The tensor names are the constants below: the logits ([`LOGIT_TENSORS`]) or the fused-linear
+//! set ([`HIDDEN_TENSORS`]), [`TURN_TENSORS`], [`TRAJECTORY_TENSORS`] and [`CREDIT_START_TENSOR`]
+//! in; [`ROW_OUTPUTS`], [`TURN_OUTPUTS`], [`TRAJECTORY_OUTPUTS`], [`SCALAR_OUTPUTS`] and
+//! [`TOKEN_OUTPUT`] out. [`read_input`] reads a logit file, [`read_any_input`] either kind (a
+//! hidden-state file as an [`crate::fused::OwnedHiddenBatch`]).
 //!
 //! Input files are memory-mapped, not read: a tensor whose bytes in the file are aligned for its
 //! element type (safetensors' own writers align every tensor) is viewed in place, and only a

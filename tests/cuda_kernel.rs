@@ -287,7 +287,7 @@ fn raw_rows_are_validated_without_a_gpu() {
     shape_error(raw_rows(u32::MAX as usize + 1, 1, BF16), "2^32");
     raw_rows(u32::MAX as usize, 1, BF16).validate().unwrap();
     shape_error(RawRows { row_stride: 99, ..raw_rows(4, 100, F32) }, "rows would overlap");
-    // A padded stride is refused until the kernel takes one (README, "Raw pointers").
+    // A padded stride is refused until the kernel takes one (docs/guide.md, "Raw pointers").
     shape_error(RawRows { row_stride: 128, ..raw_rows(4, 100, F32) }, "does not pass a stride");
     shape_error(raw_rows(usize::MAX / 2, 4, F32), "2^32");
     for (rows, name) in [

@@ -2,7 +2,7 @@
 //!
 //! - `infopo` with no arguments runs the main job: a synthetic InfoPO batch of Qwen-sized bf16
 //!   logits through the whole pipeline on the best backend available, printed as tables.
-//! - `infopo compute IN OUT`, `infopo verify IN`, `infopo bench`: see `--help` and `README.md`.
+//! - `infopo compute IN OUT`, `infopo verify IN`, `infopo bench`: see `--help` and `docs/cli.md`.
 //!
 //! Exit codes: 0 success, 1 verification failed, 2 bad input or usage (one line on stderr);
 //! the mapping from errors to codes is [`Failure`] and `main`, here and nowhere else.
