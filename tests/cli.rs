@@ -123,8 +123,8 @@ fn compute_turns_only_and_rows_only() {
         let input = dir.path().join(format!("{name}.safetensors"));
         let output = dir.path().join(format!("{name}.out.safetensors"));
         io::write_input(&input, &batch).unwrap();
-        // The default backend (auto) on a build without CUDA is the CPU.
-        let run = infopo(&["compute", s(&input), s(&output)]);
+        // The CPU, named: `auto` picks the GPU in a CUDA build with a driver.
+        let run = infopo(&["compute", s(&input), s(&output), "--backend", "cpu"]);
         assert!(run.status.success(), "{name}: {}", stderr(&run));
         let want = Cpu.compute(&batch, &Params::default()).unwrap();
         assert_eq!(want.turn_info.is_some(), name == "turns");
@@ -184,7 +184,7 @@ fn the_raw_batch_is_valid() {
     let dir = tempfile::tempdir().unwrap();
     let (input, output) = (dir.path().join("in.safetensors"), dir.path().join("out.safetensors"));
     raw_file(&input, &raw_batch());
-    let run = infopo(&["compute", s(&input), s(&output)]);
+    let run = infopo(&["compute", s(&input), s(&output), "--backend", "cpu"]);
     assert!(run.status.success(), "{}", stderr(&run));
     let batch = io::read_input(&input).unwrap();
     check_output(&output, &Cpu.compute(&batch.as_batch().unwrap(), &Params::default()).unwrap());

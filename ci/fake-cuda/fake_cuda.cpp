@@ -18,15 +18,19 @@
 // concurrently with the host and with other streams as on a GPU: events complete when the
 // queue reaches them, cuStreamWaitEvent and the synchronise calls really wait, frees are
 // stream-ordered, host-to-device copies of pageable memory return once the source is staged,
-// device-to-host copies return when done. A missing wait therefore shows up as a wrong result
-// or a use-after-free report. FAKE_CUDA_IMMEDIATE=1 runs everything on the calling thread.
+// device-to-host copies return when done. On top of that every access is checked against the
+// happens-before order of streams, events and host synchronisation (vector clocks, see `Clock`),
+// so a missing wait is reported whichever stream happened to run first, not only when the
+// timing exposes it. FAKE_CUDA_IMMEDIATE=1 runs everything on the calling thread.
 //
 // Environment: FAKE_CUDA_DEVICES (8), FAKE_CUDA_SMS (132), FAKE_CUDA_MEM_GIB (80),
 // FAKE_CUDA_BLOCKS_AT_ONCE (1: serial emulation; up to 4), FAKE_CUDA_SEED, FAKE_CUDA_IMMEDIATE,
 // FAKE_CUDA_LAUNCH_DELAY_US (1000: each kernel starts that late on its stream, so work on
-// another stream that was not made to wait for it runs first), FAKE_CUDA_LOG=path (every call
+// another stream that was not made to wait for it runs first), FAKE_CUDA_ORDER_CHECK (1),
+// FAKE_CUDA_LOG=path (every call
 // with its arguments), FAKE_CUDA_ABORT=1 (abort on the first fault instead of a sticky error).
-// Counts of calls: fake_cuda_call_count(name); fake_cuda_abort_next_launch(blocks).
+// Counts of calls: fake_cuda_call_count(name) (the process's), fake_cuda_thread_call_count(name)
+// (the calling thread's); fake_cuda_abort_next_launch(blocks).
 // Event timing is host time and means nothing.
 
 #include "emulator.cpp"
@@ -95,8 +99,12 @@ std::unordered_map<std::string, uint64_t> &counts() {
     return c;
 }
 
+// Calls made by this thread (tests run in parallel in one process: each counts its own).
+thread_local std::unordered_map<std::string, uint64_t> thread_counts;
+
 // Counts the call and, with FAKE_CUDA_LOG, writes it with its arguments.
 void called(const char *name, const char *fmt = "", ...) {
+    ++thread_counts[name];
     std::lock_guard<std::mutex> g(counts_mu);
     ++counts()[name];
     if (FILE *f = cfg().log) {
@@ -164,6 +172,11 @@ struct Alloc {
     bool live = true;
     bool pooled = false; // cuMemAllocAsync: counted in the device's pool
     const char *freed_by = "";
+    // Ordering check (see `ordered_access`): the last writer and the last read of each stream,
+    // as (stream, sequence number on it).
+    const void *writer = nullptr;
+    uint64_t written = 0;
+    std::vector<std::pair<const void *, uint64_t>> reads;
 };
 std::mutex mem_mu;
 std::map<uintptr_t, Alloc> allocs;
@@ -213,6 +226,7 @@ struct Buffer {
     const char *name;
     uintptr_t ptr;
     size_t bytes;
+    bool write = false; // for the ordering check (a read otherwise)
 };
 
 CUresult check_buffers(Ctx *ctx, const char *call, const std::vector<Buffer> &bufs) {
@@ -230,7 +244,11 @@ uintptr_t allocate(size_t bytes, int dev, bool pooled) {
     if (!p) return 0;
     poison(p, bytes);
     std::lock_guard<std::mutex> g(mem_mu);
-    allocs[(uintptr_t)p] = Alloc{bytes, dev, true, pooled, ""};
+    Alloc a;
+    a.size = bytes;
+    a.dev = dev;
+    a.pooled = pooled;
+    allocs[(uintptr_t)p] = std::move(a);
     if (pooled) {
         PoolStats &s = pools[dev];
         s.used += bytes;
@@ -268,6 +286,12 @@ CUresult release(Ctx *ctx, uintptr_t p, const char *call) {
 
 // ---------------------------------------------------------------- streams and events
 
+// The work running on this worker thread: its stream, sequence number and clock (`Clock`).
+using Clock = std::unordered_map<const void *, uint64_t>;
+thread_local const void *running_stream = nullptr;
+thread_local uint64_t running_seq = 0;
+thread_local const Clock *running_clock = nullptr;
+
 struct Stream {
     Ctx *ctx;
     bool blocking; // synchronises with the legacy default stream (flags 0)
@@ -287,6 +311,8 @@ struct Stream {
             cv.wait(l, [this] { return stop || !queue.empty(); });
             if (queue.empty()) return;
             auto op = std::move(queue.front());
+            running_stream = this;
+            running_seq = completed + 1;
             l.unlock();
             op();
             l.lock();
@@ -298,6 +324,11 @@ struct Stream {
     // Enqueues `op`; returns its sequence number (complete when completed >= it).
     uint64_t push(std::function<void()> op) {
         if (cfg().immediate) {
+            running_stream = this;
+            {
+                std::lock_guard<std::mutex> l(mu);
+                running_seq = enqueued + 1;
+            }
             op();
             std::lock_guard<std::mutex> l(mu);
             ++completed;
@@ -330,13 +361,90 @@ struct Stream {
     }
 };
 
+// Happens-before between streams, as vector clocks (stream -> sequence number): what a stream's
+// next work is ordered after (its own earlier work, the events it waited for, what the host had
+// seen complete when it enqueued). Every access a stream's work makes is checked against the
+// last writer (and, for a write, the last readers) of the allocation: an access that is not
+// ordered after them is reported whatever the timing was, so a missing wait cannot pass by luck.
+std::mutex clock_mu; // guards every stream's and event's clock
+thread_local Clock host_clock; // what this host thread has seen complete
+std::unordered_map<const void *, Clock> stream_clocks;
+
+void join(Clock &into, const Clock &from) {
+    for (const auto &[k, v] : from) {
+        uint64_t &x = into[k];
+        if (x < v) x = v;
+    }
+}
+
+
 struct Event {
     Stream *stream = nullptr; // of the last record
     uint64_t seq = 0;
     std::atomic<double> ms{0.0};
+    Clock clock; // the recording stream's clock at the record (under clock_mu)
 };
 std::set<Stream *> all_streams;
 std::set<Event *> all_events;
+
+bool check_order = env_long("FAKE_CUDA_ORDER_CHECK", 1) != 0;
+
+// The ordering check of one access by the work running on this thread (see `Clock`): returns
+// a description of the unordered earlier access, or nothing. Updates the allocation's record.
+std::string ordered_access(const Buffer &b) {
+    if (!check_order || !running_clock || b.bytes == 0) return {};
+    std::lock_guard<std::mutex> g(mem_mu);
+    auto it = allocs.upper_bound(b.ptr);
+    if (it == allocs.begin()) return {};
+    --it;
+    Alloc &a = it->second;
+    auto ordered = [](const void *stream, uint64_t seq) {
+        if (stream == nullptr || stream == running_stream || seq == 0) return true;
+        auto c = running_clock->find(stream);
+        return c != running_clock->end() && c->second >= seq;
+    };
+    char buf[320];
+    if (!ordered(a.writer, a.written)) {
+        std::snprintf(buf, sizeof buf, "%s allocation 0x%" PRIxPTR " last written by stream %p's work #%llu, which this "
+                      "stream (%p, work #%llu) was never made to wait for (a missing event wait or synchronisation)",
+                      b.write ? "writes" : "reads", it->first, a.writer, (unsigned long long)a.written, running_stream,
+                      (unsigned long long)running_seq);
+        return buf;
+    }
+    if (b.write) {
+        for (const auto &[stream, seq] : a.reads)
+            if (!ordered(stream, seq)) {
+                std::snprintf(buf, sizeof buf, "overwrites allocation 0x%" PRIxPTR " still read by stream %p's work #%llu, "
+                              "which this stream (%p, work #%llu) was never made to wait for", it->first, stream,
+                              (unsigned long long)seq, running_stream, (unsigned long long)running_seq);
+                return buf;
+            }
+        a.writer = running_stream;
+        a.written = running_seq;
+        a.reads.clear();
+    } else {
+        bool found = false;
+        for (auto &[stream, seq] : a.reads)
+            if (stream == running_stream) {
+                seq = running_seq;
+                found = true;
+            }
+        if (!found) a.reads.push_back({running_stream, running_seq});
+    }
+    return {};
+}
+
+// The checks of work as its stream runs it: every buffer still live and in bounds, and each
+// access ordered after the accesses it depends on.
+CUresult run_checks(Ctx *ctx, const std::string &call, const std::vector<Buffer> &bufs) {
+    const std::string when = call + " (when run)";
+    if (CUresult r = check_buffers(ctx, when.c_str(), bufs)) return r;
+    for (const Buffer &b : bufs)
+        if (std::string why = ordered_access(b); !why.empty())
+            return fault(ctx, CUDA_ERROR_ILLEGAL_ADDRESS, "%s: %s = 0x%" PRIxPTR ": unordered: %s", call.c_str(), b.name,
+                         b.ptr, why.c_str());
+    return CUDA_SUCCESS;
+}
 
 Stream *null_stream(Ctx *ctx) {
     std::lock_guard<std::mutex> g(handles_mu);
@@ -372,15 +480,37 @@ uint64_t enqueue(Stream *s, std::function<void()> op) {
             }
         }
         for (auto &d : deps) d.second = d.first->tail();
-        if (!deps.empty())
+        if (!deps.empty()) {
             s->push([deps] {
                 for (auto &d : deps) d.first->wait_for(d.second);
             });
+            std::lock_guard<std::mutex> g(clock_mu);
+            for (auto &d : deps) join(stream_clocks[s], stream_clocks[d.first]);
+        }
     }
-    return s->push(std::move(op));
+    auto clock = std::make_shared<Clock>();
+    {
+        std::lock_guard<std::mutex> g(clock_mu);
+        Clock &vc = stream_clocks[s];
+        join(vc, host_clock); // host order: what the host saw complete comes before
+        *clock = vc;
+    }
+    const uint64_t seq = s->push([op = std::move(op), clock] {
+        running_clock = clock.get();
+        op();
+        running_clock = nullptr;
+    });
+    std::lock_guard<std::mutex> g(clock_mu);
+    uint64_t &own = stream_clocks[s][s];
+    own = std::max(own, seq);
+    return seq;
 }
 
-void sync_stream(Stream *s) { s->wait_for(s->tail()); }
+void sync_stream(Stream *s) {
+    s->wait_for(s->tail());
+    std::lock_guard<std::mutex> g(clock_mu);
+    join(host_clock, stream_clocks[s]);
+}
 
 void sync_ctx(Ctx *ctx) {
     std::vector<Stream *> ss;
@@ -442,23 +572,23 @@ std::vector<Buffer> launch_buffers(const InfopoArgs &a, Entry e) {
             b.push_back({"real", (uintptr_t)a.real, span});
             b.push_back({"masked", (uintptr_t)a.masked, span});
             if (a.splits > 1) {
-                b.push_back({"partials", (uintptr_t)a.partials, rows * a.splits * INFOPO_STATE_FLOATS * 4});
-                b.push_back({"row_tickets", (uintptr_t)a.row_tickets, rows * 4});
+                b.push_back({"partials", (uintptr_t)a.partials, rows * a.splits * INFOPO_STATE_FLOATS * 4, true});
+                b.push_back({"row_tickets", (uintptr_t)a.row_tickets, rows * 4, true});
             }
         }
         if (partial) {
-            b.push_back({"state_out", (uintptr_t)a.state_out, rows * INFOPO_RANGE_STATE_FLOATS * 4});
+            b.push_back({"state_out", (uintptr_t)a.state_out, rows * INFOPO_RANGE_STATE_FLOATS * 4, true});
         } else {
-            b.push_back({"row_out", (uintptr_t)a.row_out, rows * INFOPO_ROW_OUTPUTS * 4});
-            b.push_back({"error_word", (uintptr_t)a.error_word, 8});
+            b.push_back({"row_out", (uintptr_t)a.row_out, rows * INFOPO_ROW_OUTPUTS * 4, true});
+            b.push_back({"error_word", (uintptr_t)a.error_word, 8, true});
         }
     }
     if (T > 0 && !partial) {
-        if (rows > 0) b.push_back({"grid_ticket", (uintptr_t)a.grid_ticket, 4});
+        if (rows > 0) b.push_back({"grid_ticket", (uintptr_t)a.grid_ticket, 4, true});
         b.push_back({"turn_offsets", (uintptr_t)a.turn_offsets, (T + 1) * 4});
-        b.push_back({"turn_sum", (uintptr_t)a.turn_sum, T * 8});
-        b.push_back({"turn_count", (uintptr_t)a.turn_count, T * 8});
-        b.push_back({"turn_info", (uintptr_t)a.turn_info, T * 8});
+        b.push_back({"turn_sum", (uintptr_t)a.turn_sum, T * 8, true});
+        b.push_back({"turn_count", (uintptr_t)a.turn_count, T * 8, true});
+        b.push_back({"turn_info", (uintptr_t)a.turn_info, T * 8, true});
         if (a.finalize && B > 0) {
             b.push_back({"turn_trajectory", (uintptr_t)a.turn_trajectory, T * 4});
             b.push_back({"turn_credit", (uintptr_t)a.turn_credit, T * 4});
@@ -468,15 +598,15 @@ std::vector<Buffer> launch_buffers(const InfopoArgs &a, Entry e) {
             b.push_back({"group_trajectories", (uintptr_t)a.group_trajectories, B * 4});
             b.push_back({"group_turn_offsets", (uintptr_t)a.group_turn_offsets, (G + 1) * 4});
             b.push_back({"group_turns", (uintptr_t)a.group_turns, T * 4});
-            b.push_back({"turn_intrinsic", (uintptr_t)a.turn_intrinsic, T * 8});
-            b.push_back({"turn_norm", (uintptr_t)a.turn_norm, T * 8});
-            b.push_back({"turn_bonus", (uintptr_t)a.turn_bonus, T * 8});
-            b.push_back({"traj_advantage", (uintptr_t)a.traj_advantage, B * 8});
-            b.push_back({"traj_gate", (uintptr_t)a.traj_gate, B * 8});
-            b.push_back({"scalars", (uintptr_t)a.scalars, 3 * 8});
+            b.push_back({"turn_intrinsic", (uintptr_t)a.turn_intrinsic, T * 8, true});
+            b.push_back({"turn_norm", (uintptr_t)a.turn_norm, T * 8, true});
+            b.push_back({"turn_bonus", (uintptr_t)a.turn_bonus, T * 8, true});
+            b.push_back({"traj_advantage", (uintptr_t)a.traj_advantage, B * 8, true});
+            b.push_back({"traj_gate", (uintptr_t)a.traj_gate, B * 8, true});
+            b.push_back({"scalars", (uintptr_t)a.scalars, 3 * 8, true});
             if (a.token_advantage) {
                 const double m = a.total_tokens;
-                b.push_back({"token_advantage", (uintptr_t)a.token_advantage, m > 0 ? (size_t)m * 8 : 0});
+                b.push_back({"token_advantage", (uintptr_t)a.token_advantage, m > 0 ? (size_t)m * 8 : 0, true});
                 b.push_back({"trajectory_token_offsets", (uintptr_t)a.trajectory_token_offsets, (B + 1) * 8});
                 b.push_back({"turn_credit_start", (uintptr_t)a.turn_credit_start, T * 4});
             }
@@ -563,6 +693,10 @@ uint64_t fake_cuda_call_count(const char *name) {
     std::lock_guard<std::mutex> g(counts_mu);
     auto it = counts().find(name);
     return it == counts().end() ? 0 : it->second;
+}
+uint64_t fake_cuda_thread_call_count(const char *name) {
+    auto it = thread_counts.find(name);
+    return it == thread_counts.end() ? 0 : it->second;
 }
 int fake_cuda_is_stand_in(void) { return 1; }
 // The next kernel launch (on any stream) runs only its first `blocks` blocks and then stops
@@ -788,16 +922,25 @@ CUresult cuEventRecord(Event *e, Stream *h) {
     const uint64_t seq = enqueue(s, [e] { e->ms.store(now_ms()); });
     e->stream = s;
     e->seq = seq;
+    std::lock_guard<std::mutex> g(clock_mu);
+    e->clock = stream_clocks[s];
     return CUDA_SUCCESS;
 }
 CUresult cuEventQuery(Event *e) {
     called("cuEventQuery", "%p", (void *)e);
     if (!e->stream) return CUDA_SUCCESS;
-    return e->stream->done(e->seq) ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
+    if (!e->stream->done(e->seq)) return CUDA_ERROR_NOT_READY;
+    std::lock_guard<std::mutex> g(clock_mu);
+    join(host_clock, e->clock);
+    return CUDA_SUCCESS;
 }
 CUresult cuEventSynchronize(Event *e) {
     called("cuEventSynchronize", "%p", (void *)e);
     if (e->stream) e->stream->wait_for(e->seq);
+    {
+        std::lock_guard<std::mutex> g(clock_mu);
+        join(host_clock, e->clock);
+    }
     return e->stream ? e->stream->ctx->sticky.load() : CUDA_SUCCESS;
 }
 CUresult cuEventElapsedTime(float *ms, Event *a, Event *b) {
@@ -815,7 +958,11 @@ CUresult cuStreamWaitEvent(Stream *h, Event *e, unsigned flags) {
     // Waits for the event's most recent record at the time of this call, as CUDA does.
     Stream *src = e->stream;
     const uint64_t seq = e->seq;
-    if (src && src != s) enqueue(s, [src, seq] { src->wait_for(seq); });
+    if (src && src != s) {
+        enqueue(s, [src, seq] { src->wait_for(seq); });
+        std::lock_guard<std::mutex> g(clock_mu);
+        join(stream_clocks[s], e->clock);
+    }
     return CUDA_SUCCESS;
 }
 
@@ -839,14 +986,19 @@ CUresult cuMemAllocAsync(CUdeviceptr *p, size_t bytes, Stream *h) {
     called("cuMemAllocAsync", "%zu, %p", bytes, (void *)h);
     NEED_CTX(ctx);
     STREAM_OR_FAIL(s, h, ctx);
-    (void)s;
     if (bytes == 0) { // what current drivers answer (cuMemAlloc_v2 refuses 0 bytes instead)
         *p = 0;
         return CUDA_SUCCESS;
     }
     if (pools[ctx->dev].live + bytes > cfg().mem) return CUDA_ERROR_OUT_OF_MEMORY;
     *p = allocate(bytes, ctx->dev, true);
-    return *p ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
+    if (!*p) return CUDA_ERROR_OUT_OF_MEMORY;
+    // Stream-ordered: usable after the stream's work so far; another stream must wait for it.
+    const uint64_t tail = s->tail();
+    std::lock_guard<std::mutex> g(mem_mu);
+    allocs[(uintptr_t)*p].writer = s;
+    allocs[(uintptr_t)*p].written = tail;
+    return CUDA_SUCCESS;
 }
 CUresult cuMemFreeAsync(CUdeviceptr p, Stream *h) {
     called("cuMemFreeAsync", "0x%llx, %p", p, (void *)h);
@@ -855,7 +1007,11 @@ CUresult cuMemFreeAsync(CUdeviceptr p, Stream *h) {
     if (p == 0) return CUDA_SUCCESS; // the null pointer of a zero-byte allocation
     if (std::string why = check_range((uintptr_t)p, 1, ctx->dev); !why.empty())
         return fault(ctx, CUDA_ERROR_INVALID_VALUE, "cuMemFreeAsync: 0x%llx: %s", p, why.c_str());
-    enqueue(s, [ctx, p] { release(ctx, (uintptr_t)p, "cuMemFreeAsync"); });
+    enqueue(s, [ctx, p] {
+        // A free is a write: every earlier use on another stream must be ordered before it.
+        if (run_checks(ctx, "cuMemFreeAsync", {{"the freed allocation", (uintptr_t)p, 1, true}})) return;
+        release(ctx, (uintptr_t)p, "cuMemFreeAsync");
+    });
     return CUDA_SUCCESS;
 }
 CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total) {
@@ -913,7 +1069,7 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, Stream
     // Pageable memory: the call returns once the source is staged; the copy runs in order.
     auto staged = std::make_shared<std::vector<unsigned char>>((const unsigned char *)src, (const unsigned char *)src + n);
     enqueue(s, [ctx, dst, n, staged] {
-        if (check_buffers(ctx, "cuMemcpyHtoDAsync_v2 (when run)", {{"dst", (uintptr_t)dst, n}}) == CUDA_SUCCESS && n)
+        if (run_checks(ctx, "cuMemcpyHtoDAsync_v2", {{"dst", (uintptr_t)dst, n, true}}) == CUDA_SUCCESS && n)
             std::memcpy((void *)dst, staged->data(), n);
     });
     return CUDA_SUCCESS;
@@ -925,20 +1081,24 @@ CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, Stream *h) {
     if (CUresult r = check_buffers(ctx, "cuMemcpyDtoHAsync_v2", {{"src", (uintptr_t)src, n}})) return r;
     // Pageable memory: the call returns when the copy is done.
     const uint64_t seq = enqueue(s, [ctx, dst, src, n] {
-        if (check_buffers(ctx, "cuMemcpyDtoHAsync_v2 (when run)", {{"src", (uintptr_t)src, n}}) == CUDA_SUCCESS && n)
+        if (run_checks(ctx, "cuMemcpyDtoHAsync_v2", {{"src", (uintptr_t)src, n}}) == CUDA_SUCCESS && n)
             std::memcpy(dst, (const void *)src, n);
     });
     s->wait_for(seq);
+    {
+        std::lock_guard<std::mutex> g(clock_mu);
+        join(host_clock, stream_clocks[s]);
+    }
     return ctx->sticky.load();
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, Stream *h) {
     called("cuMemcpyDtoDAsync_v2", "0x%llx, 0x%llx, %zu, %p", dst, src, n, (void *)h);
     NEED_CTX(ctx);
     STREAM_OR_FAIL(s, h, ctx);
-    const std::vector<Buffer> bufs{{"dst", (uintptr_t)dst, n}, {"src", (uintptr_t)src, n}};
+    const std::vector<Buffer> bufs{{"src", (uintptr_t)src, n}, {"dst", (uintptr_t)dst, n, true}};
     if (CUresult r = check_buffers(ctx, "cuMemcpyDtoDAsync_v2", bufs)) return r;
     enqueue(s, [ctx, dst, src, n, bufs] {
-        if (check_buffers(ctx, "cuMemcpyDtoDAsync_v2 (when run)", bufs) == CUDA_SUCCESS && n)
+        if (run_checks(ctx, "cuMemcpyDtoDAsync_v2", bufs) == CUDA_SUCCESS && n)
             std::memmove((void *)dst, (const void *)src, n);
     });
     return CUDA_SUCCESS;
@@ -958,7 +1118,7 @@ CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, Stream *h) 
     STREAM_OR_FAIL(s, h, ctx);
     if (CUresult r = check_buffers(ctx, "cuMemsetD8Async", {{"dst", (uintptr_t)dst, n}})) return r;
     enqueue(s, [ctx, dst, v, n] {
-        if (check_buffers(ctx, "cuMemsetD8Async (when run)", {{"dst", (uintptr_t)dst, n}}) == CUDA_SUCCESS && n)
+        if (run_checks(ctx, "cuMemsetD8Async", {{"dst", (uintptr_t)dst, n, true}}) == CUDA_SUCCESS && n)
             std::memset((void *)dst, v, n);
     });
     return CUDA_SUCCESS;
@@ -1071,7 +1231,7 @@ CUresult cuLaunchKernel(Function *f, unsigned gx, unsigned gy, unsigned gz, unsi
     const unsigned blocks_run = abort_after.exchange(0);
     enqueue(s, [ctx, e, args, gx, bx, name, blocks_run] {
         if (ctx->sticky.load()) return; // a faulted context runs nothing more
-        if (check_buffers(ctx, (name + " (when run)").c_str(), launch_buffers(args, e)) != CUDA_SUCCESS) return;
+        if (run_checks(ctx, name, launch_buffers(args, e)) != CUDA_SUCCESS) return;
         // A kernel takes a while: work on another stream that does not wait for it runs first.
         if (cfg().launch_delay_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(cfg().launch_delay_us));
         emulate(e, args, gx, bx, blocks_run);
@@ -1182,13 +1342,13 @@ int cublasGemmEx(Blas *b, int transa, int transb, int m, int n, int k, const voi
     };
     const std::vector<Buffer> bufs{{"A", (uintptr_t)A, k ? extent(lda, a_rows, a_cols, ea) : 0},
                                    {"B", (uintptr_t)B, k ? extent(ldb, b_rows, b_cols, ea) : 0},
-                                   {"C", (uintptr_t)C, extent(ldc, m, n, 4)}};
+                                   {"C", (uintptr_t)C, extent(ldc, m, n, 4), true}};
     if (check_buffers(ctx, "cublasGemmEx", bufs)) return CUBLAS_STATUS_EXECUTION_FAILED;
     Stream *s = resolve(b->stream, ctx);
     if (!s) return CUBLAS_STATUS_INVALID_VALUE;
     const float al = *(const float *)alpha, be = *(const float *)beta; // host pointer mode
     enqueue(s, [=] {
-        if (ctx->sticky.load() || check_buffers(ctx, "cublasGemmEx (when run)", bufs)) return;
+        if (ctx->sticky.load() || run_checks(ctx, "cublasGemmEx", bufs)) return;
         // op(A) as m rows of k, op(B) as n columns of k: each entry of C is one contiguous dot.
         const std::vector<float> a = unpack(A, atype, lda, transa != 0, m, k, true);
         const std::vector<float> bt = unpack(B, btype, ldb, transb != 0, n, k, false);
@@ -1363,12 +1523,12 @@ int ncclAllGather(const void *send, void *recv, size_t count, int dtype, Comm *c
     }
     const int ranks = c->clique->ranks, rank = c->rank;
     const size_t bytes = count * es;
-    const std::vector<Buffer> bufs{{"sendbuff", (uintptr_t)send, bytes}, {"recvbuff", (uintptr_t)recv, bytes * ranks}};
+    const std::vector<Buffer> bufs{{"sendbuff", (uintptr_t)send, bytes}, {"recvbuff", (uintptr_t)recv, bytes * ranks, true}};
     if (check_buffers(ctx, "ncclAllGather", bufs)) return ncclUnhandledCudaError;
     const uint64_t seq = c->next++;
     std::shared_ptr<Clique> q = c->clique;
     enqueue(s, [=] {
-        if (check_buffers(ctx, "ncclAllGather (when run)", bufs)) return;
+        if (run_checks(ctx, "ncclAllGather", bufs)) return;
         std::unique_lock<std::mutex> l(q->mu);
         Clique::Call &call = q->calls[seq];
         if (call.arrived == 0) {

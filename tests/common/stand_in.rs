@@ -14,12 +14,14 @@ pub fn stand_in() -> Option<Library> {
     (unsafe { is() } == 1).then_some(lib)
 }
 
-/// How many times the process has called the driver, cuBLAS or NCCL entry `name`.
+/// How many times this thread has called the driver, cuBLAS or NCCL entry `name` (the tests of
+/// a binary run in parallel in one process, each on its own thread).
 pub fn calls(lib: &Library, name: &str) -> u64 {
     let name = std::ffi::CString::new(name).unwrap();
-    // SAFETY: `fake_cuda_call_count(const char *)` of ci/fake-cuda/fake_cuda.cpp.
+    // SAFETY: `fake_cuda_thread_call_count(const char *)` of ci/fake-cuda/fake_cuda.cpp.
     unsafe {
-        let f: Symbol<unsafe extern "C" fn(*const std::ffi::c_char) -> u64> = lib.get(b"fake_cuda_call_count").unwrap();
+        let f: Symbol<unsafe extern "C" fn(*const std::ffi::c_char) -> u64> =
+            lib.get(b"fake_cuda_thread_call_count").unwrap();
         f(name.as_ptr())
     }
 }
