@@ -479,16 +479,10 @@ fn reset_scratch_after_an_aborted_launch() {
     }
     gpu.check_scratch().unwrap();
     let got = run().unwrap();
-    for row in 0..n {
-        check_row(
-            &got,
-            row,
-            &to_f64(&r)[row * v..(row + 1) * v],
-            &to_f64(&m)[row * v..(row + 1) * v],
-            t[row] as usize,
-            1.0,
-            "after reset",
-        );
+    let (rf, mf) = (to_f64(&r), to_f64(&m));
+    for (row, &target) in t.iter().enumerate() {
+        let cols = row * v..(row + 1) * v;
+        check_row(&got, row, &rf[cols.clone()], &mf[cols], target as usize, 1.0, "after reset");
     }
     gpu.check_scratch().unwrap();
 }
