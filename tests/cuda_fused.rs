@@ -180,6 +180,31 @@ fn shard_buffer<T: LogitElement>(x: &[T], n: usize, v: usize, range: VocabRange,
     s
 }
 
+/// `range`'s padded shard (width `width`) of bf16 logits `r`/`m` ([n, v]), uploaded to `gpu`'s
+/// stream and scored into `[n, 8]` range states there (targets already on that stream): what one
+/// rank of a vocabulary-parallel lm_head holds before the gather.
+#[cfg(feature = "nccl")]
+#[allow(clippy::too_many_arguments)]
+fn shard_states(
+    gpu: &CudaBackend,
+    (r, m): (&[bf16], &[bf16]),
+    targets: &cudarc::driver::CudaView<'_, i64>,
+    (n, v): (usize, usize),
+    range: VocabRange,
+    width: usize,
+    params: &Params,
+) -> cudarc::driver::CudaSlice<f32> {
+    let s = gpu.stream();
+    let (x, y) = (
+        s.clone_htod(&shard_buffer(r, n, v, range, width)).unwrap(),
+        s.clone_htod(&shard_buffer(m, n, v, range, width)).unwrap(),
+    );
+    let mut states = s.alloc_zeros::<f32>(n * 8).unwrap();
+    let columns = RangeColumns::shard(width, range);
+    gpu.score_range_into(&x.as_view(), &y.as_view(), targets, columns, params, &mut states.as_view_mut()).unwrap();
+    states
+}
+
 fn unsplit_outputs<T: LogitElement>(
     r: &[T],
     m: &[T],
@@ -484,19 +509,9 @@ fn nccl_single_rank_gather_and_merge() {
     let (r, m, t) = generate(&Spec { neg_inf: 0.05, ..Spec::new(n, v) }, 31);
     let (r, m) = (to_dtype::<bf16>(&r), to_dtype::<bf16>(&m));
     let range = shard_ranges(v, 1).unwrap()[0];
-    let (rs, ms) = (shard_buffer(&r, n, v, range, width), shard_buffer(&m, n, v, range, width));
     let params = Params::default();
-    let (x, y, targets) = (s.clone_htod(&rs).unwrap(), s.clone_htod(&ms).unwrap(), s.clone_htod(&t).unwrap());
-    let mut local = s.alloc_zeros::<f32>(n * 8).unwrap();
-    gpu.score_range_into(
-        &x.as_view(),
-        &y.as_view(),
-        &targets.as_view(),
-        RangeColumns::shard(width, range),
-        &params,
-        &mut local.as_view_mut(),
-    )
-    .unwrap();
+    let targets = s.clone_htod(&t).unwrap();
+    let local = shard_states(&gpu, (&r, &m), &targets.as_view(), (n, v), range, width, &params);
     let got = gpu.gather_merge_shards(&comm, &local.as_view(), &targets.as_view(), v, width, &params).unwrap();
     compare_rows(&got, &to_f64(&r), &to_f64(&m), &t, v, 1.0, "nccl one rank");
     // The fused path on the (one) lm_head shard, in chunks: K states gathered and merged.
@@ -559,19 +574,7 @@ fn nccl_ranks_agree_bitwise_with_the_unsharded_merge() {
         let targets0 = s0.clone_htod(&t).unwrap();
         let mut all = Vec::new();
         for range in &ranges {
-            let (x, y) = (shard_buffer(&r, n, v, *range, width), shard_buffer(&m, n, v, *range, width));
-            let (x, y) = (s0.clone_htod(&x).unwrap(), s0.clone_htod(&y).unwrap());
-            let mut states = s0.alloc_zeros::<f32>(n * 8).unwrap();
-            let columns = RangeColumns::shard(width, *range);
-            gpu0.score_range_into(
-                &x.as_view(),
-                &y.as_view(),
-                &targets0.as_view(),
-                columns,
-                &params,
-                &mut states.as_view_mut(),
-            )
-            .unwrap();
+            let states = shard_states(&gpu0, (&r, &m), &targets0.as_view(), (n, v), *range, width, &params);
             all.extend(s0.clone_dtoh(&states).unwrap());
         }
         let all = s0.clone_htod(&all).unwrap();
@@ -596,19 +599,8 @@ fn nccl_ranks_agree_bitwise_with_the_unsharded_merge() {
                         let comm_stream = if rank % 2 == 1 { ctx.new_stream().unwrap() } else { s.clone() };
                         let comm = Comm::from_rank(comm_stream, rank, world, id).unwrap();
                         let range = ranges[rank];
-                        let (x, y) = (shard_buffer(r, n, v, range, width), shard_buffer(m, n, v, range, width));
-                        let (x, y, tg) =
-                            (s.clone_htod(&x).unwrap(), s.clone_htod(&y).unwrap(), s.clone_htod(t).unwrap());
-                        let mut local = s.alloc_zeros::<f32>(n * 8).unwrap();
-                        gpu.score_range_into(
-                            &x.as_view(),
-                            &y.as_view(),
-                            &tg.as_view(),
-                            RangeColumns::shard(width, range),
-                            params,
-                            &mut local.as_view_mut(),
-                        )
-                        .unwrap();
+                        let tg = s.clone_htod(t).unwrap();
+                        let local = shard_states(&gpu, (r, m), &tg.as_view(), (n, v), range, width, params);
                         let got =
                             gpu.gather_merge_shards(&comm, &local.as_view(), &tg.as_view(), v, width, params).unwrap();
                         let fused = (world == 3).then(|| {
