@@ -4,7 +4,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
 use infopo_kernels::synth::{batch, SynthSpec};
-use infopo_kernels::{cpu::Cpu, Backend, LogitElement, Params};
+use infopo_kernels::{Backend, Cpu, LogitElement, Params};
 use std::time::Duration;
 
 fn bench_dtype<T: LogitElement>(c: &mut Criterion, rows: &[usize]) {

@@ -1,6 +1,6 @@
 //! The fused path (hidden states × lm_head over vocabulary chunks, the logits never stored) on
-//! the CPU: the float64 reference (`fused::score_hidden`) and the GPU path's computation
-//! emulated (`fused::score_hidden_emulated`: f32 chunk GEMMs, the kernel source in partial-state
+//! the CPU: the float64 reference (`reference::score_hidden`) and the GPU path's computation
+//! emulated (`Emulated::score_hidden`: f32 chunk GEMMs, the kernel source in partial-state
 //! mode), at small shapes and two chunk sizes. Throughput counts rows.
 //! `cargo bench --bench fused`; `infopo bench --fused-linear` times the Qwen-sized shape and
 //! measures memory.
@@ -8,7 +8,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
 use infopo_kernels::emulated::Emulated;
-use infopo_kernels::fused::{score_hidden, score_hidden_emulated};
+use infopo_kernels::reference::score_hidden;
 use infopo_kernels::synth::{hidden_inputs, HiddenSpec};
 use infopo_kernels::Params;
 use std::time::Duration;
@@ -45,10 +45,7 @@ fn fused(c: &mut Criterion) {
     group.throughput(Throughput::Elements(EMULATED_SPEC.rows as u64));
     for chunk in CHUNKS {
         group.bench_with_input(BenchmarkId::new("chunk", chunk), &chunk, |b, &chunk| {
-            b.iter(|| {
-                score_hidden_emulated(&emulator, 0, &inputs, &data.targets, &params, chunk)
-                    .expect("valid synthetic inputs")
-            })
+            b.iter(|| emulator.score_hidden(0, &inputs, &data.targets, &params, chunk).expect("valid synthetic inputs"))
         });
     }
     group.finish();

@@ -49,7 +49,7 @@ struct Args {
     #[arg(long, default_value_t = 50257)]
     vocab: usize,
     /// Token ids per vocabulary chunk of the fused path.
-    #[arg(long, default_value_t = infopo_kernels::fused::DEFAULT_CHUNK)]
+    #[arg(long, default_value_t = infopo_kernels::DEFAULT_CHUNK)]
     chunk: usize,
     /// Dtype of the hidden states and the lm_head: f32, f16 or bf16.
     #[arg(long, default_value = "bf16")]

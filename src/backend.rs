@@ -3,10 +3,10 @@
 //! The backends implement [`Backend`] and depend on this module; choosing one by name is
 //! [`crate::open()`]'s job (`src/open.rs`), so no arrow runs back from here to the backends.
 
-use crate::batch::{Batch, Output, RowOutputs};
+use crate::data::Logits;
+use crate::data::{Batch, Output, RowOutputs};
+use crate::data::{HiddenBatch, HiddenTensors};
 use crate::error::{Error, Result};
-use crate::fused::{HiddenBatch, HiddenTensors};
-use crate::logits::Logits;
 use crate::params::Params;
 
 /// A way to compute the InfoPO contract (`docs/contract.md`).
@@ -29,7 +29,7 @@ pub trait Backend: Send + Sync {
     /// batch is in host memory (and, on the CUDA backend, uploaded to the device whole) for the
     /// call. When the logits of a batch do not fit at once, score the micro-batches as they are
     /// produced with [`Backend::score_rows`] (or the device API) and a
-    /// [`crate::epilogue::TurnAccumulator`], then run [`crate::epilogue::advantages`] once.
+    /// [`crate::math::epilogue::TurnAccumulator`], then run [`crate::math::epilogue::advantages`] once.
     fn compute_micro_batched(&self, batch: &Batch<'_>, params: &Params, cuts: &[usize]) -> Result<Output>;
 
     /// Whether the per-turn means and advantages are computed from the rows' float64 values
@@ -44,7 +44,7 @@ pub trait Backend: Send + Sync {
     /// Per-row outputs only (stage one of the two-stage form) of one micro-batch whose row 0 is
     /// row `first_row` of the whole batch: row errors name global rows (`first_row + i`), as
     /// [`Backend::compute_micro_batched`] does. Feed [`RowOutputs::estimator`] to
-    /// [`crate::epilogue::TurnAccumulator::add_rows`] with the same `first_row`.
+    /// [`crate::math::epilogue::TurnAccumulator::add_rows`] with the same `first_row`.
     fn score_rows(
         &self,
         first_row: usize,
@@ -53,7 +53,7 @@ pub trait Backend: Send + Sync {
         targets: &[i64],
         params: &Params,
     ) -> Result<RowOutputs> {
-        crate::validate::global_rows(first_row, real.rows())?;
+        crate::data::layout::global_rows(first_row, real.rows())?;
         let out = self.compute(&Batch::rows(real, masked, targets), params).map_err(|e| match e {
             Error::Row { row, kind, target } => Error::Row { row: first_row + row, kind, target },
             other => other,
@@ -64,7 +64,7 @@ pub trait Backend: Send + Sync {
     /// The fused-linear path's one-call form (issue 9): [`Backend::compute`] of a batch given as
     /// hidden states and the lm_head weight instead of logits (logits = hidden · lm_headᵀ,
     /// then ÷ τs), computed over vocabulary chunks of `chunk` token ids (≥ 1;
-    /// [`crate::fused::DEFAULT_CHUNK`] when the caller has no preference) so that no `[N, V]`
+    /// [`crate::math::chunks::DEFAULT_CHUNK`] when the caller has no preference) so that no `[N, V]`
     /// tensor is ever stored. The same outputs, to the backend's accuracy, as
     /// [`Backend::compute`] on the materialised logits, and the same errors.
     ///
@@ -76,13 +76,13 @@ pub trait Backend: Send + Sync {
         let layout = batch.validate()?;
         let rows = self.score_hidden_rows(0, &batch.tensors, batch.targets, params, chunk)?;
         let estimator: Vec<f64> = rows.estimator(params.estimator).iter().map(|&v| v as f64).collect();
-        crate::fused::epilogue(rows, layout, &estimator, params)
+        crate::math::epilogue::finish(rows, layout, &estimator, params)
     }
 
     /// Stage one of the fused path: the per-row outputs of one micro-batch of hidden states
     /// (row 0 is row `first_row` of the whole batch, which row errors name), over vocabulary
     /// chunks of `chunk` token ids. Feed [`RowOutputs::estimator`] to
-    /// [`crate::epilogue::TurnAccumulator::add_rows`] as with [`Backend::score_rows`].
+    /// [`crate::math::epilogue::TurnAccumulator::add_rows`] as with [`Backend::score_rows`].
     ///
     /// The default is [`Error::BackendUnavailable`]: a backend without a fused path says so
     /// (the CPU reference and the emulated kernel have one).

@@ -50,14 +50,16 @@
 //! ```
 
 use crate::backend::Backend;
-use crate::batch::{Advantages, Batch, Output, RowOutputs, Trajectories, Turns};
-use crate::cpu::{estimator_values, to_outputs, Cpu};
+use crate::cpu::Cpu;
+use crate::data::layout;
+use crate::data::HiddenInputs;
+use crate::data::{Advantages, Batch, Output, RowOutputs, Trajectories, Turns};
+use crate::data::{Dtype, LogitElement, Logits};
 use crate::error::{Error, Result};
-use crate::fused::{self, HiddenInputs};
-use crate::logits::{Dtype, LogitElement, Logits};
+use crate::math::chunks;
+use crate::math::row::RowValues;
+use crate::math::row::{estimator_values, to_outputs};
 use crate::params::Params;
-use crate::state::RowValues;
-use crate::validate;
 use candle_core::{DType, Device, DeviceLocation, Layout, Storage, Tensor, WithDType};
 use std::borrow::Cow;
 
@@ -410,10 +412,10 @@ pub struct HiddenTensors<'a> {
 
 /// [`score_rows`] from hidden states ([`HiddenTensors`]): the `[5, N]` F32 row outputs of the
 /// logits hidden · lm_headᵀ, computed over vocabulary chunks of `chunk` token ids (≥ 1;
-/// [`crate::fused::DEFAULT_CHUNK`] when in doubt) and folded into the row states in vocabulary
+/// [`crate::math::chunks::DEFAULT_CHUNK`] when in doubt) and folded into the row states in vocabulary
 /// order, so no `[N, V]` tensor exists. `targets` as for [`score_rows`].
 ///
-/// CPU tensors run [`crate::fused::score_hidden`]: the chunk logits in float64 (the reference),
+/// CPU tensors run [`crate::math::chunks::score_hidden`]: the chunk logits in float64 (the reference),
 /// extra memory 8·(2·N·D + chunk·D + 2·N·chunk) bytes. CUDA tensors (feature `cuda`) run the
 /// CUDA fused path zero-copy on candle's stream: cuBLAS chunk GEMMs into two `[N, chunk]` f32
 /// buffers, the kernel per chunk, then one merge launch (`CudaBackend::score_hidden_batch`);
@@ -475,14 +477,17 @@ pub fn compute_hidden(
     let shape = check_hidden_inputs(hidden, targets)?;
     match hidden.real_hidden.device() {
         Device::Cpu => {
-            let mut layout = validate::layout(shape.rows, &turns, trajectories.as_ref())?;
+            let mut layout = layout::layout(shape.rows, &turns, trajectories.as_ref())?;
             if let Some(starts) = credit_start {
-                validate::credit_spans(&mut layout, starts)?;
+                layout::credit_spans(&mut layout, starts)?;
             }
             let values = cpu_score_hidden(hidden, targets, &shape, params, chunk)?;
             // The CPU backend's fused epilogue: turn means and advantages from the f64 rows.
             let estimates = estimator_values(&values, params.estimator);
-            output_tensors(&fused::epilogue(to_outputs(&values), Some(layout), &estimates, params)?, &Device::Cpu)
+            output_tensors(
+                &crate::math::epilogue::finish(to_outputs(&values), Some(layout), &estimates, params)?,
+                &Device::Cpu,
+            )
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(device) => {
@@ -575,7 +580,7 @@ fn check_hidden_inputs(h: &HiddenTensors<'_>, targets: &Tensor) -> Result<Hidden
     Ok(HiddenShape { rows, hidden, vocab, dtype })
 }
 
-/// [`crate::fused::score_hidden`] on borrowed views of checked CPU tensors.
+/// [`crate::math::chunks::score_hidden`] on borrowed views of checked CPU tensors.
 fn cpu_score_hidden(
     h: &HiddenTensors<'_>,
     targets: &Tensor,
@@ -601,7 +606,7 @@ fn cpu_score_hidden(
             hidden: shape.hidden,
             vocab: shape.vocab,
         };
-        fused::score_hidden(0, &inputs, ids, params, chunk)
+        chunks::score_hidden(0, &inputs, ids, params, chunk)
     }
     let (targets_storage, targets_layout) = targets.storage_and_layout();
     let ids = cpu_targets(&targets_storage, targets_layout, targets.dtype())?;
@@ -617,8 +622,8 @@ fn cpu_score_hidden(
 mod on_cuda {
     use super::*;
     use crate::cuda::{CudaBackend, DeviceBatch};
-    use crate::logits::LogitElement;
-    use crate::validate;
+    use crate::data::layout;
+    use crate::data::LogitElement;
     use candle_core::cuda_backend::CudaDType;
     use candle_core::op::BackpropOp;
     use candle_core::{CudaDevice, CudaStorage};
@@ -754,9 +759,9 @@ mod on_cuda {
         params: &Params,
         launch: impl FnOnce(&CudaBackend, &mut DeviceBatch<'_>) -> Result<Option<CudaSlice<f32>>>,
     ) -> Result<BatchOutput> {
-        let mut layout = validate::layout(rows, &turns, trajectories.as_ref())?;
+        let mut layout = layout::layout(rows, &turns, trajectories.as_ref())?;
         if let Some(starts) = credit_start {
-            validate::credit_spans(&mut layout, starts)?;
+            layout::credit_spans(&mut layout, starts)?;
         }
         let backend = CudaBackend::shared(&device.cuda_stream())?;
         let device_layout = backend.upload_layout(&layout)?;
@@ -769,7 +774,7 @@ mod on_cuda {
     /// The outputs of a finished device batch as tensors: its buffers become the tensors (no copy).
     fn batch_output(
         device: &CudaDevice,
-        layout: &validate::Layout,
+        layout: &layout::Layout,
         batch: DeviceBatch<'_>,
         row_out: Option<CudaSlice<f32>>,
         rows: usize,

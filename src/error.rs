@@ -88,7 +88,7 @@ pub enum Error {
     /// With trajectories, a turn whose information gain is not finite (a row's `kl` is +∞: a
     /// masked −∞ where the real policy has mass, e.g. a padded-vocabulary mismatch) would make
     /// every `turn_bonus` of the batch NaN. `row` is the first row of the turn whose estimator is
-    /// not finite; `None` from the two-stage API ([`crate::epilogue::advantages`]), which sees
+    /// not finite; `None` from the two-stage API ([`crate::math::epilogue::advantages`]), which sees
     /// only per-turn values.
     #[error(
         "turn {turn}: its information gain is not finite{}, which would make every turn_bonus NaN \
@@ -99,7 +99,7 @@ pub enum Error {
     NonFiniteTurn { turn: usize, row: Option<usize> },
 
     /// A turn layout ([`crate::Turns`]) that is not a valid CSR over the rows, or that does not
-    /// match the [`crate::epilogue::TurnAccumulator`] or info values given with it.
+    /// match the [`crate::math::epilogue::TurnAccumulator`] or info values given with it.
     #[error("invalid turn layout: {what}")]
     Turns { what: String },
 

@@ -6,7 +6,7 @@
 //! set ([`HIDDEN_TENSORS`]), [`TURN_TENSORS`], [`TRAJECTORY_TENSORS`] and [`CREDIT_START_TENSOR`]
 //! in; [`ROW_OUTPUTS`], [`TURN_OUTPUTS`], [`TRAJECTORY_OUTPUTS`], [`SCALAR_OUTPUTS`] and
 //! [`TOKEN_OUTPUT`] out. [`read_input`] reads a logit file, [`read_any_input`] either kind (a
-//! hidden-state file as an [`crate::fused::OwnedHiddenBatch`]).
+//! hidden-state file as an [`crate::math::chunks::OwnedHiddenBatch`]).
 //!
 //! Input files are memory-mapped, not read: a tensor whose bytes in the file are aligned for its
 //! element type (safetensors' own writers align every tensor) is viewed in place, and only a
@@ -16,10 +16,11 @@
 //! Files are written to a temporary file in the destination's folder and renamed into place,
 //! so a failed write leaves neither the destination nor the temporary file behind.
 
-use crate::batch::{Batch, Output, OwnedBatch};
+use crate::data::{
+    Batch, Dtype, Elements, HiddenBatch, LogitBuf, LogitData, Logits, Output, OwnedBatch, OwnedHiddenBatch,
+    TrajectoryBuf, TurnBuf,
+};
 use crate::error::{Error, Result};
-use crate::fused::{HiddenBatch, OwnedHiddenBatch};
-use crate::logits::{Dtype, LogitData, Logits};
 use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::tensor::TensorView;
@@ -49,160 +50,6 @@ pub const TURN_OUTPUTS: [&str; 3] = ["turn_intrinsic", "turn_intrinsic_norm", "t
 pub const TRAJECTORY_OUTPUTS: [&str; 2] = ["trajectory_advantage", "trajectory_gate"];
 /// Batch scalars, each of shape `[1]`.
 pub const SCALAR_OUTPUTS: [&str; 3] = ["outcome_std", "intrinsic_std", "magnitude_ratio"];
-
-/// The elements of one tensor of an input file: viewed in place in the memory-mapped file when
-/// its bytes there are aligned for `T` (and the host is little-endian), else an owned copy.
-/// Dereferences to `&[T]`; cloning a mapped one shares the mapping.
-#[derive(Clone)]
-pub struct Elements<T: bytemuck::Pod> {
-    storage: Storage<T>,
-}
-
-#[derive(Clone)]
-enum Storage<T> {
-    /// `len` elements of type `T` at byte `start` of `map`; `start` is a multiple of
-    /// `align_of::<T>()` (checked when made, and the mapping itself is page-aligned).
-    Mapped {
-        map: Arc<Mmap>,
-        start: usize,
-        len: usize,
-    },
-    Owned(Vec<T>),
-}
-
-impl<T: bytemuck::Pod> Elements<T> {
-    /// Views `bytes` (a sub-slice of `map`) in place if they are aligned for `T`; `None` if not
-    /// (or if the host is big-endian: the file's little-endian bytes must then be decoded).
-    fn mapped(map: &Arc<Mmap>, bytes: &[u8]) -> Option<Self> {
-        if cfg!(target_endian = "big") {
-            return None;
-        }
-        let elements: &[T] = bytemuck::try_cast_slice(bytes).ok()?;
-        let start = (bytes.as_ptr() as usize).checked_sub(map.as_ptr() as usize)?;
-        (start + bytes.len() <= map.len())
-            .then(|| Elements { storage: Storage::Mapped { map: Arc::clone(map), start, len: elements.len() } })
-    }
-
-    /// The elements as a slice.
-    pub fn as_slice(&self) -> &[T] {
-        match &self.storage {
-            Storage::Mapped { map, start, len } => {
-                let bytes = &map[*start..*start + len * std::mem::size_of::<T>()];
-                bytemuck::try_cast_slice(bytes).expect("alignment and length checked when mapped")
-            }
-            Storage::Owned(v) => v,
-        }
-    }
-
-    /// Whether the elements are viewed in place in the mapped file (no copy was made).
-    pub fn is_mapped(&self) -> bool {
-        matches!(self.storage, Storage::Mapped { .. })
-    }
-}
-
-impl<T: bytemuck::Pod> From<Vec<T>> for Elements<T> {
-    fn from(v: Vec<T>) -> Self {
-        Elements { storage: Storage::Owned(v) }
-    }
-}
-
-impl<T: bytemuck::Pod> std::ops::Deref for Elements<T> {
-    type Target = [T];
-    fn deref(&self) -> &[T] {
-        self.as_slice()
-    }
-}
-
-impl<T: bytemuck::Pod + PartialEq> PartialEq for Elements<T> {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_slice() == other.as_slice()
-    }
-}
-
-impl<T: bytemuck::Pod + PartialEq, const N: usize> PartialEq<[T; N]> for Elements<T> {
-    fn eq(&self, other: &[T; N]) -> bool {
-        self.as_slice() == other
-    }
-}
-
-impl<T: bytemuck::Pod + PartialEq> PartialEq<[T]> for Elements<T> {
-    fn eq(&self, other: &[T]) -> bool {
-        self.as_slice() == other
-    }
-}
-
-impl<T: bytemuck::Pod + std::fmt::Debug> std::fmt::Debug for Elements<T> {
-    /// Small tensors print their elements; large ones (logits) their length and storage.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        const SHOWN: usize = 64;
-        if self.len() <= SHOWN {
-            f.debug_list().entries(self.as_slice()).finish()
-        } else {
-            let storage = if self.is_mapped() { "mapped" } else { "owned" };
-            write!(f, "[{} elements, {storage}]", self.len())
-        }
-    }
-}
-
-/// A logit tensor's elements (see [`Elements`]).
-#[derive(Debug, Clone, PartialEq)]
-pub enum LogitBuf {
-    F32(Elements<f32>),
-    F16(Elements<f16>),
-    BF16(Elements<bf16>),
-}
-
-impl LogitBuf {
-    pub fn dtype(&self) -> Dtype {
-        self.as_data().dtype()
-    }
-
-    pub fn len(&self) -> usize {
-        self.as_data().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Whether the tensor is viewed in place in the mapped file (no copy was made).
-    pub fn is_mapped(&self) -> bool {
-        match self {
-            LogitBuf::F32(v) => v.is_mapped(),
-            LogitBuf::F16(v) => v.is_mapped(),
-            LogitBuf::BF16(v) => v.is_mapped(),
-        }
-    }
-
-    pub fn as_data(&self) -> LogitData<'_> {
-        match self {
-            LogitBuf::F32(v) => LogitData::F32(v),
-            LogitBuf::F16(v) => LogitData::F16(v),
-            LogitBuf::BF16(v) => LogitData::BF16(v),
-        }
-    }
-}
-
-impl From<Vec<f32>> for LogitBuf {
-    fn from(v: Vec<f32>) -> Self {
-        LogitBuf::F32(v.into())
-    }
-}
-
-impl From<Vec<f16>> for LogitBuf {
-    fn from(v: Vec<f16>) -> Self {
-        LogitBuf::F16(v.into())
-    }
-}
-
-impl From<Vec<bf16>> for LogitBuf {
-    fn from(v: Vec<bf16>) -> Self {
-        LogitBuf::BF16(v.into())
-    }
-}
-
-/// The owned turn and trajectory buffers, defined with [`OwnedBatch`] at the crate root.
-pub use crate::batch::{TrajectoryBuf, TurnBuf};
 
 /// A batch read from a file is an [`OwnedBatch`]: its logits and targets are viewed in place in
 /// the mapped file where aligned (see [`Elements`]), and it keeps the file mapped while it lives.
@@ -391,7 +238,7 @@ fn parse_hidden(file: &File<'_, '_>, map: Option<&Arc<Mmap>>) -> Result<OwnedHid
     let real_hidden = logits("real_hidden", real, map)?;
     let masked_hidden = logits("masked_hidden", masked, map)?;
     let lm_head = logits("lm_head", head, map)?;
-    crate::fused::check_dtypes(real_hidden.dtype(), masked_hidden.dtype(), lm_head.dtype())?;
+    crate::data::batch::check_dtypes(real_hidden.dtype(), masked_hidden.dtype(), lm_head.dtype())?;
     let layout = parse_layout(file, &targets, map)?;
     Ok(OwnedHiddenBatch {
         rows,
@@ -445,7 +292,7 @@ fn parse_layout(file: &File<'_, '_>, targets: &TensorView<'_>, map: Option<&Arc<
             outcome: floats(TRAJECTORY_TENSORS[2], &v[2])?,
         }),
     };
-    // Checked against the turns and trajectories by the backends (`validate::batch`).
+    // Checked against the turns and trajectories by the backends (`layout::batch`).
     let credit_start = file.get(CREDIT_START_TENSOR).map(|v| indices(CREDIT_START_TENSOR, &v)).transpose()?;
     Ok(FileLayout { targets, turns, trajectories, credit_start })
 }
@@ -809,7 +656,7 @@ mod tests {
 
     #[test]
     fn hidden_round_trip_and_the_logits_reader_names_the_other() {
-        use crate::fused::{HiddenBatch, HiddenTensors};
+        use crate::data::{HiddenBatch, HiddenTensors};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hidden.safetensors");
         let real: Vec<f16> = (0..6).map(|i| f16::from_f32(i as f32 * 0.25)).collect();

@@ -30,9 +30,13 @@
 //!
 //! A launch with `n_rows = 0` (grid 1) only runs the epilogue (a final micro-batch with no rows).
 
-use crate::epilogue::turn_of_row;
+// The entry-point names and the global-row bound are read by the CUDA backend only; the
+// emulator calls the kernel functions directly.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
+
+use crate::data::Dtype;
 use crate::error::{Error, Result, RowErrorKind};
-use crate::logits::Dtype;
+use crate::math::epilogue::turn_of_row;
 use crate::params::{Estimator, GateSource, Params};
 use std::ffi::c_void;
 use std::ptr;
@@ -217,9 +221,6 @@ pub fn entry_point(dtype: Dtype) -> &'static str {
 /// The merge-mode entry point (one for every logit dtype: range states are f32).
 pub const MERGE_ENTRY_POINT: &str = "infopo_merge";
 
-/// All entry points of the fatbin.
-pub const ENTRY_POINTS: [&str; 4] = ["infopo_f32", "infopo_f16", "infopo_bf16", MERGE_ENTRY_POINT];
-
 /// The fatbin (SASS for the archs of `INFOPO_CUDA_ARCHS`, PTX for the last), for
 /// `cuModuleLoadData` / cudarc `Ptx::from_binary`-style loading.
 #[cfg(feature = "cuda")]
@@ -229,6 +230,9 @@ pub static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/infopo.fatb
 pub const STATE_FLOATS: usize = 6;
 /// f32 per row of `state_out` in partial-state mode (`INFOPO_RANGE_STATE_FLOATS`).
 pub const RANGE_STATE_FLOATS: usize = 8;
+/// The kernel's state of a row over an empty range (no launch covers it): no mass on either
+/// side, no target.
+pub const EMPTY_RANGE_STATE: [f32; RANGE_STATE_FLOATS] = [-f32::MAX, 0.0, -f32::MAX, 0.0, 0.0, 0.0, f32::NAN, f32::NAN];
 /// Row outputs per row in `row_out`.
 pub const ROW_OUTPUTS: usize = 5;
 /// Largest block the kernel is compiled for (`__launch_bounds__`).
@@ -329,6 +333,7 @@ impl LaunchShape {
     /// The same work items (threads, splits) on at most `cap` blocks (at least 1): each block
     /// then takes several items through the kernel's grid-stride loop. The emulator uses it to
     /// reach that loop (`Emulated::with_grid_cap`); results must not change.
+    #[cfg(feature = "emulator")]
     pub fn with_grid_cap(self, cap: u32) -> Self {
         LaunchShape { grid: self.grid.min(cap.max(1)), ..self }
     }

@@ -37,23 +37,18 @@
 //! ```
 #![doc = include_str!("../docs/contract.md")]
 
-pub mod backend;
-pub mod batch;
-pub mod cpu;
-pub mod epilogue;
-pub mod error;
-pub mod fused;
+mod backend;
+mod cpu;
+mod data;
+mod error;
 pub mod io;
-pub mod logits;
+mod math;
 mod open;
-pub mod params;
-pub mod partial;
-pub mod state;
+mod params;
 pub mod synth;
-pub mod validate;
 
 #[cfg(any(feature = "emulator", feature = "cuda"))]
-pub mod launch;
+mod launch;
 
 #[cfg(feature = "emulator")]
 pub mod emulated;
@@ -63,6 +58,25 @@ pub mod cuda;
 
 #[cfg(feature = "candle")]
 pub mod candle;
+
+/// The float64 contract itself, for checking another implementation against it: the row values
+/// of paired logits ([`score`]) or of hidden states over vocabulary chunks ([`score_hidden`]),
+/// the online row state they fold and merge ([`RowState`]), and the parallel moments of the
+/// epilogue's group statistics ([`Moments`]). [`Cpu`] is the backend built on them.
+pub mod reference {
+    pub use crate::math::chunks::score_hidden;
+    pub use crate::math::epilogue::Moments;
+    pub use crate::math::row::{score, to_outputs, RowState, RowValues};
+}
+
+/// Vocabulary-parallel scoring (`docs/guide.md`, "Vocabulary parallel"): each rank scores its
+/// shard of the vocabulary into `[N, 8]` partial states ([`score_range`] on the CPU, the kernel's
+/// partial-state mode on the others), and [`merge`] folds the gathered states in vocabulary order.
+pub mod vocab {
+    pub use crate::math::range::{
+        merge, merge_outputs, score_range, shard_ranges, RangeInput, RangeStates, VocabRange,
+    };
+}
 
 /// The README's examples, compiled and run by `cargo test` so they cannot rot.
 #[cfg(doctest)]
@@ -75,15 +89,17 @@ pub struct ReadmeDoctests;
 pub struct GuideDoctests;
 
 pub use backend::Backend;
-pub use batch::{
-    Advantages, Batch, BatchLayout, LayoutBuilder, Output, OwnedBatch, RowOutputs, Trajectories, TrajectoryBuf,
-    TurnBuf, Turns,
+pub use cpu::Cpu;
+pub use data::{
+    Advantages, Batch, BatchLayout, Dtype, Elements, GroupLayout, HiddenBatch, HiddenInputs, HiddenTensors, Layout,
+    LayoutBuilder, LogitBuf, LogitData, LogitElement, Logits, Output, OwnedBatch, OwnedHiddenBatch, RowOutputs,
+    Trajectories, TrajectoryBuf, TurnBuf, Turns,
 };
 pub use error::{Error, Result, RowErrorKind};
-pub use fused::{HiddenBatch, HiddenTensors, OwnedHiddenBatch};
 /// The `f16`/`bf16` element types of [`LogitData`] and [`OwnedBatch`], re-exported so that a
 /// trainer uses the same `half` version as this crate.
 pub use half;
-pub use logits::{Dtype, LogitData, LogitElement, Logits};
+pub use math::chunks::DEFAULT_CHUNK;
+pub use math::epilogue::{advantages, TurnAccumulator};
 pub use open::{open, BackendKind};
 pub use params::{Estimator, GateSource, Params};

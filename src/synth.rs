@@ -1,7 +1,7 @@
 //! Synthetic InfoPO batches with realistic logits, for the CLI's main job, benches and tests.
 //! Deterministic for a seed; no external randomness.
 
-use crate::logits::LogitElement;
+use crate::data::LogitElement;
 
 /// SplitMix64: small, fast and good enough for synthetic data.
 #[derive(Debug, Clone)]
@@ -268,9 +268,9 @@ pub fn hidden_inputs<T: LogitElement>(spec: HiddenSpec) -> SynthHidden<T> {
 }
 
 impl<T: LogitElement> SynthHidden<T> {
-    /// Borrowed views for the fused path ([`crate::fused::score_hidden`]).
-    pub fn inputs(&self) -> crate::fused::HiddenInputs<'_, T> {
-        crate::fused::HiddenInputs {
+    /// Borrowed views for the fused path ([`crate::math::chunks::score_hidden`]).
+    pub fn inputs(&self) -> crate::data::HiddenInputs<'_, T> {
+        crate::data::HiddenInputs {
             real_hidden: &self.real_hidden,
             masked_hidden: &self.masked_hidden,
             lm_head: &self.lm_head,

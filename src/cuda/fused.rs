@@ -1,5 +1,5 @@
 //! InfoPO from hidden states and the lm_head weight on the GPU, the `[N, V]` logits never
-//! stored (issue 9 §2; the CPU reference is [`crate::fused::score_hidden`]).
+//! stored (issue 9 §2; the CPU reference is [`crate::math::chunks::score_hidden`]).
 //!
 //! For each chunk of `chunk` token ids `[v0, v0 + c)`, on the backend's one stream:
 //! 1. two cuBLAS GEMMs (`cublasGemmEx`, fp32 compute; bf16/f16 inputs on the tensor cores, f32
@@ -26,12 +26,12 @@
 
 use super::range::RangeColumns;
 use super::{cuda_err, nonempty, CudaBackend, DeviceBatch};
-use crate::batch::RowOutputs;
+use crate::data::HiddenInputs;
+use crate::data::RowOutputs;
+use crate::data::{Dtype, LogitElement};
 use crate::error::{Error, Result};
-use crate::fused::HiddenInputs;
-use crate::logits::{Dtype, LogitElement};
+use crate::math::range::{shard_ranges, VocabRange};
 use crate::params::Params;
-use crate::partial::{shard_ranges, VocabRange};
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice};
 use std::ffi::{c_int, c_void};
@@ -142,7 +142,7 @@ impl CudaBackend {
     /// the GPU over vocabulary chunks of `chunk` token ids (see the module docs): uploads the
     /// inputs once, then the chunk loop and one merge launch ([`CudaBackend::score_hidden_batch`]).
     /// Agrees with the float64
-    /// reference [`crate::fused::score_hidden`] to the kernels' tolerance, with the same row
+    /// reference [`crate::math::chunks::score_hidden`] to the kernels' tolerance, with the same row
     /// errors (global rows from 0).
     pub fn score_hidden<T: LogitElement + DeviceRepr>(
         &self,
@@ -193,7 +193,7 @@ impl CudaBackend {
     }
 
     /// The chunk loop of one rank of a vocabulary-parallel lm_head (Megatron/vLLM shards,
-    /// [`crate::partial::shard_ranges`]): `inputs.lm_head` is rank `rank`'s padded shard
+    /// [`crate::math::range::shard_ranges`]): `inputs.lm_head` is rank `rank`'s padded shard
     /// `[⌈V / P⌉, D]` (P = `world`, V = `vocab`), its row `j` token id `shard.start + j`; rows
     /// past the shard's valid length are padding, never read. Writes the
     /// [`shard_chunk_ranges`]`(vocab, world, rank, chunk)` states (`K = ⌈⌈V / P⌉ / chunk⌉`
@@ -422,14 +422,14 @@ impl CudaBackend {
     pub(crate) fn compute_hidden_tensors(
         &self,
         first_row: usize,
-        tensors: &crate::fused::HiddenTensors<'_>,
+        tensors: &crate::data::HiddenTensors<'_>,
         targets: &[i64],
-        layout: Option<&crate::validate::Layout>,
+        layout: Option<&crate::data::layout::Layout>,
         params: &Params,
         chunk: usize,
-    ) -> Result<crate::batch::Output> {
+    ) -> Result<crate::data::Output> {
         // Row errors name global rows (`first_row + row`), as on the other backends.
-        crate::validate::global_rows(first_row, targets.len())?;
+        crate::data::layout::global_rows(first_row, targets.len())?;
         let out = match tensors.dtype() {
             Dtype::F32 => self.compute_hidden_host(&tensors.typed::<f32>()?, targets, layout, params, chunk),
             Dtype::F16 => self.compute_hidden_host(&tensors.typed::<half::f16>()?, targets, layout, params, chunk),
@@ -478,10 +478,10 @@ impl CudaBackend {
         &self,
         inputs: &HiddenInputs<'_, T>,
         targets: &[i64],
-        layout: Option<&crate::validate::Layout>,
+        layout: Option<&crate::data::layout::Layout>,
         params: &Params,
         chunk: usize,
-    ) -> Result<crate::batch::Output> {
+    ) -> Result<crate::data::Output> {
         params.validate()?;
         let s = self.stream();
         let up = |v: &[T]| s.clone_htod(&*nonempty(v)).map_err(cuda_err);
@@ -505,6 +505,6 @@ impl CudaBackend {
         // The stream is idle now: a cheap check that the launches left the tickets clean.
         self.check_scratch()?;
         let rows_out = if rows == 0 { RowOutputs::with_len(0) } else { super::rows_to_host(s, &row_out, rows)? };
-        Ok(crate::batch::Output { rows: rows_out, turn_info, advantages })
+        Ok(crate::data::Output { rows: rows_out, turn_info, advantages })
     }
 }

@@ -6,9 +6,9 @@
 //! [`CudaBackend::score`]: a batch may even mix logit launches and merge launches.
 
 use super::{cuda_err, CudaBackend, DeviceBatch, MergeSource, RowPointers};
+use crate::data::Dtype;
 use crate::error::{Error, Result};
 use crate::launch;
-use crate::logits::Dtype;
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceSlice};
 
 impl CudaBackend {

@@ -36,12 +36,12 @@
 //!   for the stream) and reports tickets left non-zero; the host path runs it after every batch.
 
 use crate::backend::Backend;
-use crate::batch::{Advantages, Batch, Output, RowOutputs};
+use crate::data::layout::{self, Layout};
+use crate::data::{Advantages, Batch, Output, RowOutputs};
+use crate::data::{Dtype, LogitData, LogitElement};
 use crate::error::{Error, Result};
 use crate::launch::{self, launch_shape, KernelArgs};
-use crate::logits::{Dtype, LogitData, LogitElement};
 use crate::params::Params;
-use crate::validate::{self, Layout};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice,
     DriverError, LaunchConfig, PushKernelArg,
@@ -270,13 +270,13 @@ impl CudaBackend {
         self.sm_count
     }
 
-    /// Uploads a validated layout (see [`validate::layout`], and [`validate::credit_spans`] for
+    /// Uploads a validated layout (see [`layout::layout`], and [`layout::credit_spans`] for
     /// `token_advantage`) for the batches that use it.
     pub fn upload_layout(&self, layout: &Layout) -> Result<DeviceLayout> {
         // Layout's fields are public: the kernel's epilogue indexes device buffers with every
         // offset and id in it (and writes token_advantage through the credited spans), so a
         // hand-built layout is re-derived and compared before anything is uploaded.
-        validate::layout_consistent(layout)?;
+        layout::layout_consistent(layout)?;
         let s = &self.stream;
         let up32 = |v: &[u32]| s.clone_htod(&*nonempty(v)).map_err(cuda_err);
         let groups = match &layout.groups {
@@ -662,7 +662,7 @@ pub struct DeviceBatch<'l> {
     /// `[3]` outcome_std, intrinsic_std, magnitude_ratio after finalisation.
     pub scalars: CudaSlice<f64>,
     /// `[M]` per-token advantages after finalisation, when the layout has credit starts
-    /// (`validate::credit_spans`); trajectory i's tokens start at Σ_{j<i} tokens_j. A
+    /// (`layout::credit_spans`); trajectory i's tokens start at Σ_{j<i} tokens_j. A
     /// one-element placeholder otherwise.
     pub token_advantage: CudaSlice<f64>,
     rows_seen: usize,
@@ -757,8 +757,8 @@ impl Backend for CudaBackend {
 
     fn compute_micro_batched(&self, batch: &Batch<'_>, params: &Params, cuts: &[usize]) -> Result<Output> {
         params.validate()?;
-        let layout = validate::batch(batch)?;
-        let bounds = validate::micro_batches(cuts, batch.real.rows())?;
+        let layout = batch.validate()?;
+        let bounds = layout::micro_batches(cuts, batch.real.rows())?;
         match (batch.real.data(), batch.masked.data()) {
             (LogitData::F32(x), LogitData::F32(y)) => self.compute_host(batch, x, y, layout.as_ref(), params, &bounds),
             (LogitData::F16(x), LogitData::F16(y)) => self.compute_host(batch, x, y, layout.as_ref(), params, &bounds),
@@ -771,7 +771,7 @@ impl Backend for CudaBackend {
 
     /// cuBLAS chunk GEMMs, the kernel in partial-state mode per chunk, then one merge launch
     /// with the turns and the epilogue ([`fused`]).
-    fn compute_hidden(&self, batch: &crate::fused::HiddenBatch<'_>, params: &Params, chunk: usize) -> Result<Output> {
+    fn compute_hidden(&self, batch: &crate::data::HiddenBatch<'_>, params: &Params, chunk: usize) -> Result<Output> {
         params.validate()?;
         let layout = batch.validate()?;
         self.compute_hidden_tensors(0, &batch.tensors, batch.targets, layout.as_ref(), params, chunk)
@@ -781,7 +781,7 @@ impl Backend for CudaBackend {
     fn score_hidden_rows(
         &self,
         first_row: usize,
-        tensors: &crate::fused::HiddenTensors<'_>,
+        tensors: &crate::data::HiddenTensors<'_>,
         targets: &[i64],
         params: &Params,
         chunk: usize,
@@ -870,7 +870,7 @@ impl CudaBackend {
     /// memset) plus one launch; CUDA events bracket each sample of back-to-back batches. Returns
     /// the sorted per-batch times in seconds, one per sample.
     pub fn time_device(&self, batch: &Batch<'_>, params: &Params, warmup: u32, iters: u32) -> Result<Vec<f64>> {
-        let layout = validate::batch(batch)?;
+        let layout = batch.validate()?;
         match (batch.real.data(), batch.masked.data()) {
             (LogitData::F32(x), LogitData::F32(y)) => {
                 self.time_typed(batch, x, y, layout.as_ref(), params, warmup, iters)

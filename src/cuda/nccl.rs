@@ -1,5 +1,5 @@
 //! Vocabulary-parallel InfoPO across GPUs (feature `nccl`): each rank holds a contiguous shard
-//! of the lm_head (Megatron/vLLM style, [`crate::partial::shard_ranges`]: `⌈V / P⌉` token ids
+//! of the lm_head (Megatron/vLLM style, [`crate::math::range::shard_ranges`]: `⌈V / P⌉` token ids
 //! per rank, the last shard padded), scores its shard into range states — `[N, 8]` from its
 //! shard's logits ([`CudaBackend::score_range_into`] with [`RangeColumns::shard`]), or `[K, N, 8]`
 //! from the hidden states and its lm_head shard, the logits never stored
@@ -36,7 +36,7 @@
 
 use super::fused::shard_chunk_ranges;
 use super::{cuda_err, CudaBackend};
-use crate::batch::RowOutputs;
+use crate::data::RowOutputs;
 use crate::error::{Error, Result};
 use crate::launch::RANGE_STATE_FLOATS;
 use crate::params::Params;

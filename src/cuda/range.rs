@@ -12,16 +12,16 @@
 //! into slice `k` of one `[K, N, 8]` buffer ([`super::fused`]) and NCCL can all-gather a rank's
 //! `[N, 8]` states ([`super::nccl`]). The kernel's merge mode folds them on the device
 //! ([`CudaBackend::merge_range_states`]); [`RangeStates::from_kernel`] turns them into float64
-//! natural-log states for the host merge [`crate::partial::merge`]. The launch goes on the backend's stream
+//! natural-log states for the host merge [`crate::math::range::merge`]. The launch goes on the backend's stream
 //! and shares its scratch with every other launch of the backend (see [`super`]'s docs).
 
 use super::{cuda_err, CudaBackend};
-use crate::batch::RowOutputs;
+use crate::data::RowOutputs;
+use crate::data::{LogitData, LogitElement};
 use crate::error::{Error, Result};
-use crate::launch::{launch_shape, KernelArgs, RANGE_STATE_FLOATS};
-use crate::logits::{LogitData, LogitElement};
+use crate::launch::{launch_shape, KernelArgs, EMPTY_RANGE_STATE, RANGE_STATE_FLOATS};
+use crate::math::range::{RangeInput, RangeStates, VocabRange};
 use crate::params::Params;
-use crate::partial::{RangeInput, RangeStates, VocabRange};
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice};
 use std::ffi::c_void;
 
@@ -79,9 +79,6 @@ impl RangeColumns {
     }
 }
 
-/// The kernel's state of a row over an empty range: no mass on either side, no target.
-const EMPTY_STATE: [f32; RANGE_STATE_FLOATS] = [-f32::MAX, 0.0, -f32::MAX, 0.0, 0.0, 0.0, f32::NAN, f32::NAN];
-
 impl CudaBackend {
     /// One launch of the kernel in partial-state mode on the backend's stream: for every row of
     /// `real`/`masked` (`targets.len()` rows laid out as `columns` says), writes the row's state
@@ -115,7 +112,7 @@ impl CudaBackend {
         ])?;
         let s = self.stream();
         if columns.range.len == 0 {
-            let empty: Vec<f32> = EMPTY_STATE.iter().copied().cycle().take(rows * RANGE_STATE_FLOATS).collect();
+            let empty: Vec<f32> = EMPTY_RANGE_STATE.iter().copied().cycle().take(rows * RANGE_STATE_FLOATS).collect();
             return s.memcpy_htod(&empty, states).map_err(cuda_err);
         }
         let dtype = T::DTYPE;
@@ -143,7 +140,7 @@ impl CudaBackend {
         unsafe { self.launch_on_scratch(dtype, &shape, args) }
     }
 
-    /// [`crate::partial::score_range`] on the GPU: uploads `input`'s logits and `targets`, runs
+    /// [`crate::math::range::score_range`] on the GPU: uploads `input`'s logits and `targets`, runs
     /// [`CudaBackend::score_range_into`], downloads the `[rows, 8]` states (waits for the
     /// stream) and converts them with [`RangeStates::from_kernel`].
     pub fn score_range(&self, input: &RangeInput<'_>, targets: &[i64], params: &Params) -> Result<RangeStates> {
@@ -217,7 +214,7 @@ impl CudaBackend {
 }
 
 /// The device merge folds parts in the order given: they must be the vocabulary ranges of
-/// `[0, vocab)` in order (a typed error otherwise, as [`crate::partial::RangeFold`] gives).
+/// `[0, vocab)` in order (a typed error otherwise, as [`crate::math::range::RangeFold`] gives).
 pub(crate) fn check_tiling(ranges: &[VocabRange], vocab: usize) -> Result<()> {
     let mut covered = 0usize;
     for r in ranges {

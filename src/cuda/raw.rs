@@ -21,8 +21,8 @@
 //! launch; only the pointers themselves are the caller's promise.
 
 use super::{open_context, CudaBackend, DeviceBatch, RowPointers};
+use crate::data::Dtype;
 use crate::error::{Error, Result};
-use crate::logits::Dtype;
 /// The driver's types, re-exported so a caller need not name cudarc's version itself.
 pub use cudarc::driver::sys::{CUdeviceptr, CUstream};
 

@@ -33,7 +33,7 @@ pub struct RunArgs {
     /// Token ids per vocabulary chunk of the fused-linear path (files of hidden states and an
     /// lm_head): each chunk's logits are computed, folded into the row states and dropped.
     /// Ignored for files of logits.
-    #[arg(long, default_value_t = infopo_kernels::fused::DEFAULT_CHUNK as u64,
+    #[arg(long, default_value_t = infopo_kernels::DEFAULT_CHUNK as u64,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub chunk: u64,
 }
@@ -113,9 +113,9 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
-    /// `--chunk` as a count of token ids, [`infopo_kernels::fused::DEFAULT_CHUNK`] when not given.
+    /// `--chunk` as a count of token ids, [`infopo_kernels::DEFAULT_CHUNK`] when not given.
     pub fn chunk(&self) -> usize {
-        self.chunk.map_or(infopo_kernels::fused::DEFAULT_CHUNK, |c| c as usize)
+        self.chunk.map_or(infopo_kernels::DEFAULT_CHUNK, |c| c as usize)
     }
 }
 

@@ -13,9 +13,9 @@ use crate::args::{BenchArgs, DtypeArg};
 use crate::timing::{median, time_compute};
 use crate::{emit, open, Failure, Outcome};
 use half::{bf16, f16};
-use infopo_kernels::fused::HiddenBatch;
 use infopo_kernels::io::Input;
 use infopo_kernels::synth::{self, SynthSpec};
+use infopo_kernels::HiddenBatch;
 use infopo_kernels::{Batch, LogitElement, Params};
 use std::time::Instant;
 

@@ -3,7 +3,7 @@
 use crate::args::RunArgs;
 use crate::{emit, open, Failure, Outcome};
 use infopo_kernels::io::{self, Input};
-use infopo_kernels::{cpu::Cpu, Backend, Output};
+use infopo_kernels::{Backend, Cpu, Output};
 use std::fmt::Write as _;
 use std::path::Path;
 

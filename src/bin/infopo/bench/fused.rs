@@ -9,8 +9,9 @@ use crate::args::{BackendArg, BenchArgs, DtypeArg};
 use crate::timing::median;
 use crate::{emit, Failure, Outcome};
 use half::{bf16, f16};
-use infopo_kernels::fused::{self, HiddenInputs};
-use infopo_kernels::state::RowValues;
+use infopo_kernels::reference::{self, RowValues};
+use infopo_kernels::HiddenInputs;
+
 use infopo_kernels::synth::{self, HiddenSpec};
 use infopo_kernels::{LogitElement, Params};
 use std::time::Instant;
@@ -50,7 +51,7 @@ fn path<'a, T: LogitElement>(
         BackendArg::Cpu | BackendArg::Auto => Ok(FusedPath {
             name: "cpu",
             gemm_bytes: 8,
-            call: Box::new(move || fused::score_hidden(0, inputs, targets, params, chunk)),
+            call: Box::new(move || reference::score_hidden(0, inputs, targets, params, chunk)),
         }),
         BackendArg::Emulated => emulated(inputs, targets, params, chunk),
         // Timed on the device instead (`run_cuda`).
@@ -85,7 +86,7 @@ fn emulated<'a, T: LogitElement>(
         gemm_bytes: 4,
         // The CUDA path's launches: the kernel per chunk, then its merge mode.
         call: Box::new(move || {
-            let out = fused::compute_hidden_emulated(&emulator, 0, inputs, targets, None, params, chunk)?;
+            let out = emulator.compute_hidden_typed(0, inputs, targets, None, params, chunk)?;
             Ok(values_of(&out.rows))
         }),
     })

@@ -1,10 +1,10 @@
 //! Turn, group and batch statistics (`docs/contract.md` §3–4) in float64: the CPU epilogue,
 //! and the second stage of the two-stage API.
 
-use crate::batch::Advantages;
+use crate::data::layout::{GroupLayout, Layout};
+use crate::data::{Advantages, Output, RowOutputs};
 use crate::error::{Error, Result};
 use crate::params::{GateSource, Params};
-use crate::validate::{GroupLayout, Layout};
 
 /// Weighted Welford/Chan moments: count n (a sum of weights), mean μ and M2 = Σ w (v − μ)².
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -171,7 +171,7 @@ fn pool_mean_std(m: &Moments) -> (f64, f64) {
 pub fn advantages(info: &[f64], layout: &Layout, params: &Params) -> Result<Advantages> {
     params.validate()?;
     let groups = layout.groups.as_ref().ok_or_else(|| Error::trajectories("advantages need trajectories"))?;
-    crate::validate::layout_consistent(layout)?;
+    crate::data::layout::layout_consistent(layout)?;
     if info.len() != layout.turns() {
         return Err(Error::turns(format!("{} info values for {} turns", info.len(), layout.turns())));
     }
@@ -310,4 +310,28 @@ pub fn sigmoid(z: f64) -> f64 {
         let e = z.exp();
         e / (1.0 + e)
     }
+}
+
+/// The host epilogue, the one every backend and adapter that finishes on the host runs: turn
+/// means and advantages from the estimator value of each row (`estimator`, `[N]`: f64 rows for the CPU reference, the f32 row
+/// outputs for the kernels, as in their logits paths), through the same
+/// [`TurnAccumulator`] and [`advantages`] as the two-stage form. With trajectories, a row whose
+/// estimator is not finite is [`Error::NonFiniteTurn`] naming its turn and row, as on logits.
+pub(crate) fn finish(rows: RowOutputs, layout: Option<Layout>, estimator: &[f64], params: &Params) -> Result<Output> {
+    let Some(layout) = layout else {
+        return Ok(Output { rows, turn_info: None, advantages: None });
+    };
+    if layout.groups.is_some() {
+        if let Some(row) = estimator.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFiniteTurn { turn: turn_of_row(&layout.turn_offsets, row), row: Some(row) });
+        }
+    }
+    let mut acc = TurnAccumulator::for_layout(&layout);
+    acc.add_rows(&layout, 0, estimator)?;
+    let info = acc.info();
+    let advantages = match layout.groups {
+        Some(_) => Some(advantages(&info, &layout, params)?),
+        None => None,
+    };
+    Ok(Output { rows, turn_info: Some(info), advantages })
 }

@@ -1,15 +1,203 @@
-//! Host-side validation of shapes and layouts, shared by every backend, and the prepared layout
-//! (dense group ids, members of each group in a fixed order) that the epilogues consume.
+//! The turn and trajectory layout: the borrowed views a batch holds ([`Turns`], [`Trajectories`]),
+//! their owned buffers, the [`LayoutBuilder`] a trainer fills, and the validated [`Layout`] the
+//! epilogues read, with every check that makes one.
 
-use crate::batch::{Batch, Trajectories, Turns};
 use crate::error::{Error, Result};
+
+/// Scored turns as a CSR layout over rows (contract §1). [`LayoutBuilder`] makes one from
+/// per-trajectory turn lists.
+///
+/// A scored turn t is one piece of user feedback o_t: the agent turn a_t drew it (asked the
+/// question), and the agent's next turn a_{t+1} is what it may change. The turn's **rows** are
+/// positions of a_{t+1}, scored teacher-forced twice (with o_t, and with o_t masked); its
+/// **credit** goes to a_t, whose `credit_tokens` tokens each receive the turn's bonus (InfoPO
+/// rewards the turn whose feedback moved the next action). The rows may be all of a_{t+1}'s
+/// tokens or any prefix of them (e.g. the first 64, to bound the cost): `info_t` is the mean
+/// over the rows given, and the number of rows is independent of `credit_tokens`.
+///
+/// Indices are `u32`, as the kernels read them (half the bytes of `i64` per index, and more
+/// than 2^32 − 1 rows is refused anyway); targets are `i64` because that is what PyTorch and
+/// candle hold token ids in, and the device API reads a trainer's targets in place.
+#[derive(Debug, Clone, Copy)]
+pub struct Turns<'a> {
+    /// `[T+1]`: rows of turn t are `offsets[t]..offsets[t+1]`; `offsets[0] = 0`,
+    /// `offsets[T] = N`, non-decreasing (an empty turn has info 0).
+    pub offsets: &'a [u32],
+    /// `[T]`: the trajectory (`0..B`) each turn belongs to.
+    pub trajectory: &'a [u32],
+    /// `[T]`: tokens of the agent turn that receives the turn's credit (≥ 1; see above).
+    pub credit_tokens: &'a [u32],
+}
+
+impl Turns<'_> {
+    pub fn len(&self) -> usize {
+        self.trajectory.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.trajectory.is_empty()
+    }
+}
+
+/// Trajectories and their GRPO groups (contract §1).
+#[derive(Debug, Clone, Copy)]
+pub struct Trajectories<'a> {
+    /// `[B]`: GRPO group id (any ids; they need not be dense). Trajectories sharing an id form
+    /// a group, whose outcome mean μ and unbiased std σ normalise its outcomes. A group of one
+    /// trajectory uses μ = 0 and σ = 1 (its advantage is its raw outcome, over 1 + ε) and so,
+    /// with the outcome gate, a gate of sigmoid(−1/τ); a tied group (σ = 0) gets advantage 0 and
+    /// gate 1/2.
+    pub group: &'a [u32],
+    /// `[B]`: the task reward R_i.
+    pub outcome: &'a [f64],
+    /// `[B]`: agent response tokens of each trajectory.
+    pub tokens: &'a [u32],
+}
+
+impl Trajectories<'_> {
+    pub fn len(&self) -> usize {
+        self.group.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.group.is_empty()
+    }
+}
+
+/// Owned turn layout: the buffers behind a [`Turns`] view.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TurnBuf {
+    pub offsets: Vec<u32>,
+    pub trajectory: Vec<u32>,
+    pub credit_tokens: Vec<u32>,
+}
+
+impl TurnBuf {
+    /// The borrowed view [`Batch::with_turns`] and [`crate::data::layout::layout`] take.
+    pub fn as_turns(&self) -> Turns<'_> {
+        Turns { offsets: &self.offsets, trajectory: &self.trajectory, credit_tokens: &self.credit_tokens }
+    }
+}
+
+/// Owned trajectories: the buffers behind a [`Trajectories`] view.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TrajectoryBuf {
+    pub group: Vec<u32>,
+    pub outcome: Vec<f64>,
+    pub tokens: Vec<u32>,
+}
+
+impl TrajectoryBuf {
+    /// The borrowed view [`Batch::with_trajectories`] and [`crate::data::layout::layout`] take.
+    pub fn as_trajectories(&self) -> Trajectories<'_> {
+        Trajectories { group: &self.group, outcome: &self.outcome, tokens: &self.tokens }
+    }
+}
+
+/// A turn and trajectory layout in owned CSR form, as [`LayoutBuilder`] makes it: rows of turn
+/// t are `turns.offsets[t]..turns.offsets[t + 1]`, in the order the turns were added.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BatchLayout {
+    pub turns: TurnBuf,
+    pub trajectories: TrajectoryBuf,
+}
+
+impl BatchLayout {
+    /// The rows the layout covers (the `N` of the logits it goes with).
+    pub fn rows(&self) -> usize {
+        self.turns.offsets.last().map_or(0, |&o| o as usize)
+    }
+
+    /// The validated form [`crate::math::epilogue::advantages`] and
+    /// [`crate::math::epilogue::TurnAccumulator`] take (the two-stage form).
+    pub fn validate(&self) -> Result<Layout> {
+        crate::data::layout::layout(self.rows(), &self.turns.as_turns(), Some(&self.trajectories.as_trajectories()))
+    }
+}
+
+/// Builds a [`BatchLayout`] from what a trainer holds: trajectories, each with its scored turns,
+/// instead of CSR arrays. Each turn's rows follow the previous turn's rows, so add turns in the
+/// order their rows sit in the logits (typically trajectory by trajectory, turn by turn).
+///
+/// ```
+/// use infopo_kernels::LayoutBuilder;
+/// let mut b = LayoutBuilder::new();
+/// let first = b.trajectory(0, 1.0, 40); // GRPO group 0, outcome 1, 40 response tokens
+/// b.turn(first, 3, 12)?; // 3 scored rows (the user reply's tokens) credit 12 agent tokens
+/// b.turn(first, 2, 20)?;
+/// let second = b.trajectory(0, 0.0, 25);
+/// b.turn(second, 4, 25)?;
+/// let layout = b.build()?;
+/// assert_eq!(layout.turns.offsets, [0, 3, 5, 9]);
+/// assert_eq!(layout.turns.trajectory, [0, 0, 1]);
+/// assert_eq!(layout.rows(), 9);
+/// # Ok::<(), infopo_kernels::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct LayoutBuilder {
+    layout: BatchLayout,
+    rows: u64,
+}
+
+impl Default for LayoutBuilder {
+    fn default() -> Self {
+        let turns = TurnBuf { offsets: vec![0], ..TurnBuf::default() };
+        LayoutBuilder { layout: BatchLayout { turns, ..BatchLayout::default() }, rows: 0 }
+    }
+}
+
+impl LayoutBuilder {
+    /// No trajectories, no turns.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a trajectory of GRPO group `group` (any id; trajectories sharing it form a group),
+    /// task reward `outcome` and `response_tokens` agent tokens in all; returns its index.
+    pub fn trajectory(&mut self, group: u32, outcome: f64, response_tokens: u32) -> u32 {
+        let t = &mut self.layout.trajectories;
+        t.group.push(group);
+        t.outcome.push(outcome);
+        t.tokens.push(response_tokens);
+        (t.group.len() - 1) as u32
+    }
+
+    /// Adds a scored turn of `trajectory` (an index [`LayoutBuilder::trajectory`] returned):
+    /// its next `rows` rows (0 is allowed: a turn with no scored tokens gets info 0), crediting
+    /// `credit_tokens` agent tokens (≥ 1). Checked here: the trajectory exists and the rows fit
+    /// in u32; the rest when [`LayoutBuilder::build`] validates the whole layout.
+    pub fn turn(&mut self, trajectory: u32, rows: u32, credit_tokens: u32) -> Result<&mut Self> {
+        let b = self.layout.trajectories.group.len();
+        if trajectory as usize >= b {
+            return Err(Error::turns(format!(
+                "turn {} belongs to trajectory {trajectory}, but {b} trajectories were added",
+                self.layout.turns.trajectory.len()
+            )));
+        }
+        let end = self.rows + rows as u64;
+        if end > u32::MAX as u64 {
+            return Err(Error::shape(format!("{end} rows exceed the 2^32 - 1 supported")));
+        }
+        self.rows = end;
+        let t = &mut self.layout.turns;
+        t.offsets.push(end as u32);
+        t.trajectory.push(trajectory);
+        t.credit_tokens.push(credit_tokens);
+        Ok(self)
+    }
+
+    /// The layout, validated as the backends will (credits ≥ 1 and within their trajectory's
+    /// tokens, finite outcomes, at least 2 response tokens in the batch).
+    pub fn build(&self) -> Result<BatchLayout> {
+        self.layout.validate()?;
+        Ok(self.layout.clone())
+    }
+}
 
 /// A validated turn/trajectory layout in the form the epilogues (CPU and kernel) read.
 /// Members of a group are listed in increasing index order, so every reduction over a group
 /// has one fixed order.
 ///
 /// Build it with [`layout`] (and [`credit_spans`]); the fields are public for reading. The
-/// entries that take a `Layout` ([`crate::epilogue::advantages`], the kernels' merge mode, the
+/// entries that take a `Layout` ([`crate::math::epilogue::advantages`], the kernels' merge mode, the
 /// CUDA layout upload) re-check that it is exactly what those build ([`layout_consistent`]) and
 /// reject one built or edited by hand that is not.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -61,34 +249,8 @@ impl Layout {
     }
 }
 
-/// Checks the logits, targets' length and the layouts of a batch; targets' values are checked
-/// per row by the backends (contract §2, "Row errors").
-pub fn batch(batch: &Batch<'_>) -> Result<Option<Layout>> {
-    let (real, masked) = (&batch.real, &batch.masked);
-    if real.dtype() != masked.dtype() {
-        return Err(Error::DtypeMismatch { real: real.dtype().name(), masked: masked.dtype().name() });
-    }
-    if real.rows() != masked.rows() || real.vocab() != masked.vocab() {
-        return Err(Error::shape(format!(
-            "Batch::real / real_logits are [{}, {}] but Batch::masked / masked_logits are [{}, {}]",
-            real.rows(),
-            real.vocab(),
-            masked.rows(),
-            masked.vocab()
-        )));
-    }
-    if batch.targets.len() != real.rows() {
-        return Err(Error::shape(format!(
-            "Batch::targets / targets hold {} ids for {} rows",
-            batch.targets.len(),
-            real.rows()
-        )));
-    }
-    batch_layout(real.rows(), batch.turns, batch.trajectories, batch.credit_start)
-}
-
 /// The layout part of [`batch`], for any batch of `rows` rows (also the fused path's
-/// [`crate::fused::HiddenBatch`]): at most 2^32 − 1 rows, trajectories only with turns, credit
+/// [`crate::math::chunks::HiddenBatch`]): at most 2^32 − 1 rows, trajectories only with turns, credit
 /// starts only with trajectories, each validated against the rows.
 pub fn batch_layout(
     rows: usize,
@@ -163,8 +325,8 @@ pub fn layout_consistent(layout: &Layout) -> Result<()> {
     if rebuilt != *layout {
         return Err(Error::turns(
             "the Layout's derived fields (dense group ids in order of first appearance, group lists, \
-             token offsets) are not those validate::layout builds from its turns and trajectories: \
-             build the Layout with validate::layout rather than by hand",
+             token offsets) are not those layout::layout builds from its turns and trajectories: \
+             build the Layout with layout::layout rather than by hand",
         ));
     }
     Ok(())

@@ -21,14 +21,17 @@
 //! See `kernels/emulator.h` for the model (and what it cannot show).
 
 use crate::backend::Backend;
-use crate::batch::{Advantages, Batch, Output, RowOutputs};
+use crate::data::layout::{self, Layout};
+use crate::data::Dtype;
+use crate::data::{Advantages, Batch, Output, RowOutputs};
 use crate::error::{Error, Result};
 use crate::launch::{self, launch_shape, merge_shape, KernelArgs, LaunchShape};
-use crate::logits::Dtype;
 use crate::params::Params;
-use crate::validate::{self, Layout};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+
+mod fused;
+mod range;
 
 /// How the emulator runs one launch: `InfopoEmulation` of `kernels/emulator.h`.
 #[repr(C)]
@@ -175,11 +178,11 @@ impl Emulated {
     /// See [`Backend::compute_micro_batched`].
     fn micro_batched(&self, batch: &Batch<'_>, params: &Params, cuts: &[usize]) -> Result<Output> {
         params.validate()?;
-        let layout = validate::batch(batch)?;
+        let layout = batch.validate()?;
         let n = batch.real.rows();
         let v = batch.real.vocab();
         let dtype = batch.real.dtype();
-        let bounds = validate::micro_batches(cuts, n)?;
+        let bounds = layout::micro_batches(cuts, n)?;
 
         let t = layout.as_ref().map_or(0, |l| l.turns());
 
@@ -248,12 +251,12 @@ impl Emulated {
     /// them.
     ///
     /// `states` is `[parts][rows][8]` f32 (`rows = targets.len()`), part k being the
-    /// partial-state output (`state_out`, e.g. [`crate::partial::emulated_range_states`]) of the
+    /// partial-state output (`state_out`, e.g. [`crate::math::range::emulated_range_states`]) of the
     /// k-th range in vocabulary order, computed with the same `params` (their τs). The ranges
     /// themselves are not passed: the kernel takes each row's target logits from the one part
     /// whose range holds the target, and a target outside `[0, vocab)` is the row error of the
-    /// logit path. `layout` (validated, for `rows` rows: [`crate::validate::layout`], with
-    /// [`crate::validate::credit_spans`] for token advantages) adds turns and advantages.
+    /// logit path. `layout` (validated, for `rows` rows: [`crate::data::layout::layout`], with
+    /// [`crate::data::layout::credit_spans`] for token advantages) adds turns and advantages.
     /// Errors as [`Backend::compute`]: shapes, parameters, the lowest row error, then a
     /// non-finite turn.
     pub fn merge_range_states(
@@ -310,7 +313,7 @@ impl Emulated {
 }
 
 /// The checks of [`Emulated::merge_range_states`]: [`launch::check_merge_states`], and a layout
-/// must cover exactly `rows` rows and be consistent ([`validate::layout_consistent`]: the
+/// must cover exactly `rows` rows and be consistent ([`layout::layout_consistent`]: the
 /// kernel indexes with every offset and id in it and writes through its credited spans).
 fn check_merge_input(
     states_len: usize,
@@ -326,7 +329,7 @@ fn check_merge_input(
             return Err(Error::turns(format!("the layout covers {covered} rows, the merge has {rows}")));
         }
         // The emulated kernel indexes host buffers with every offset and id of the layout.
-        validate::layout_consistent(l)?;
+        layout::layout_consistent(l)?;
     }
     Ok(())
 }
@@ -427,32 +430,23 @@ impl Backend for Emulated {
 
     /// The CUDA fused path's computation: f32 chunk GEMMs, the kernel in partial-state mode per
     /// chunk, then the kernel's merge mode with the turns and the epilogue in the same launch
-    /// ([`crate::fused::compute_hidden_emulated`]).
-    fn compute_hidden(&self, batch: &crate::fused::HiddenBatch<'_>, params: &Params, chunk: usize) -> Result<Output> {
+    /// ([`Emulated::compute_hidden_typed`]).
+    fn compute_hidden(&self, batch: &crate::data::HiddenBatch<'_>, params: &Params, chunk: usize) -> Result<Output> {
         params.validate()?;
         let layout = batch.validate()?;
-        crate::fused::compute_hidden_tensors_emulated(
-            self,
-            0,
-            &batch.tensors,
-            batch.targets,
-            layout.as_ref(),
-            params,
-            chunk,
-        )
+        self.compute_hidden_tensors(0, &batch.tensors, batch.targets, layout.as_ref(), params, chunk)
     }
 
     /// Rows only, through the same device-merge path as [`Backend::compute_hidden`].
     fn score_hidden_rows(
         &self,
         first_row: usize,
-        tensors: &crate::fused::HiddenTensors<'_>,
+        tensors: &crate::data::HiddenTensors<'_>,
         targets: &[i64],
         params: &Params,
         chunk: usize,
     ) -> Result<RowOutputs> {
-        crate::fused::compute_hidden_tensors_emulated(self, first_row, tensors, targets, None, params, chunk)
-            .map(|out| out.rows)
+        self.compute_hidden_tensors(first_row, tensors, targets, None, params, chunk).map(|out| out.rows)
     }
 }
 

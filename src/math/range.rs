@@ -20,12 +20,12 @@
 //! base-2 sum × ln 2) and merged with the reference's own [`RowState::merge`], so there is one copy
 //! of the merge and finalisation math, and merging adds no f32 rounding to the kernels' own.
 
-use crate::batch::RowOutputs;
-use crate::cpu::{row_state, row_state_scaled, to_outputs};
+use crate::data::RowOutputs;
+use crate::data::{LogitData, LogitElement, Logits};
 use crate::error::{Error, Result, RowErrorKind};
-use crate::logits::{LogitData, LogitElement, Logits};
+use crate::math::row::{row_state, row_state_scaled, to_outputs};
+use crate::math::row::{scaled_logit, RowState, RowValues, NEG_LIMIT, POS_LIMIT};
 use crate::params::Params;
-use crate::state::{scaled_logit, RowState, RowValues, NEG_LIMIT, POS_LIMIT};
 use rayon::prelude::*;
 
 /// Numbers per row of a range state: the six of [`RowState`] (in field order), then the
@@ -195,7 +195,7 @@ impl RangeStates {
     }
 
     /// The states of `[rows, range.len]` logits already scaled into f64 (x = logit / τs, see
-    /// [`crate::state::scaled_logit_f64`]), e.g. one chunk of logits computed from hidden states.
+    /// [`crate::math::row::scaled_logit_f64`]), e.g. one chunk of logits computed from hidden states.
     pub fn from_scaled_logits(range: VocabRange, real: &[f64], masked: &[f64], targets: &[i64]) -> Result<Self> {
         if real.len() != targets.len() * range.len || masked.len() != real.len() {
             return Err(Error::shape(format!(
@@ -328,12 +328,7 @@ impl RangeFold {
         RangeFold { states: vec![RowState::EMPTY; rows], target_logits: vec![(f64::NAN, f64::NAN); rows], covered: 0 }
     }
 
-    /// Token ids `[0, covered)` folded so far.
-    pub fn covered(&self) -> usize {
-        self.covered
-    }
-
-    /// Folds the next range (it must start at [`RangeFold::covered`]).
+    /// Folds the next range (it must start where the last one ended).
     pub fn push(&mut self, part: &RangeStates, targets: &[i64]) -> Result<()> {
         if part.range.start != self.covered {
             return Err(Error::shape(format!(
@@ -372,7 +367,7 @@ impl RangeFold {
         if vocab == 0 {
             return Err(Error::EmptyVocab);
         }
-        crate::validate::global_rows(first_row, targets.len())?;
+        crate::data::layout::global_rows(first_row, targets.len())?;
         if self.covered != vocab || targets.len() != self.states.len() {
             return Err(Error::shape(format!(
                 "vocabulary ranges cover [0, {}) of {} rows, not [0, {vocab}) of {} rows",
@@ -404,59 +399,4 @@ impl RangeFold {
 /// [`merge`], rounded to the f32 row outputs of the unsplit path.
 pub fn merge_outputs(first_row: usize, parts: &[RangeStates], targets: &[i64], vocab: usize) -> Result<RowOutputs> {
     Ok(to_outputs(&merge(first_row, parts, targets, vocab)?))
-}
-
-/// The kernel source in partial-state mode, emulated on CPU threads by `emulator` (the launch a
-/// GPU rank makes for its shard, with the emulator's launch shape and concurrency: serial, or
-/// several blocks at once as [`crate::emulated::Emulated::concurrent`] sets): `[rows, 8]` f32 in
-/// the kernel's units, for [`RangeStates::from_kernel`] with the same `params`.
-#[cfg(feature = "emulator")]
-pub fn emulated_range_states(
-    emulator: &crate::emulated::Emulated,
-    input: &RangeInput<'_>,
-    targets: &[i64],
-    params: &Params,
-) -> Result<Vec<f32>> {
-    use crate::launch::{self, KernelArgs};
-
-    input.validate(targets, params)?;
-    let rows = targets.len();
-    let mut out = vec![0f32; rows * launch::RANGE_STATE_FLOATS];
-    if rows == 0 {
-        return Ok(out);
-    }
-    if input.range.len == 0 {
-        // Nothing to launch over: the empty state, no target.
-        for o in out.chunks_exact_mut(launch::RANGE_STATE_FLOATS) {
-            o.copy_from_slice(&[-f32::MAX, 0.0, -f32::MAX, 0.0, 0.0, 0.0, f32::NAN, f32::NAN]);
-        }
-        return Ok(out);
-    }
-    let dtype = input.real.dtype();
-    let shape = emulator.shape(rows, input.range.len, dtype);
-    let mut partials = vec![0f32; launch::partials_len(rows, shape.splits)];
-    let mut row_tickets = vec![0u32; rows];
-    let mut grid_ticket = 0u32;
-    let mut error_word = 0u64;
-    let offset = input.first_col * dtype.size_bytes();
-    let a = KernelArgs {
-        real: input.real.data().as_bytes()[offset..].as_ptr().cast(),
-        masked: input.masked.data().as_bytes()[offset..].as_ptr().cast(),
-        targets: targets.as_ptr(),
-        error_word: &mut error_word,
-        partials: partials.as_mut_ptr(),
-        row_tickets: row_tickets.as_mut_ptr(),
-        grid_ticket: &mut grid_ticket,
-        state_out: out.as_mut_ptr(),
-        row_stride: input.real.vocab() as i64,
-        vocab_start: input.range.start as i64,
-        ..KernelArgs::new(params, &shape, rows, input.range.len, 0, false)
-    };
-    // SAFETY: `real`/`masked` point at column `first_col` of row 0 and rows are `row_stride`
-    // apart, so every read (rows × `range.len` columns) is inside the validated logits; the other
-    // buffers have the sizes kernels/args.h states for partial-state mode (no row_out, no turns).
-    // The call returns after the emulated grid has finished.
-    unsafe { emulator.launch(&a, dtype, &shape) }
-    debug_assert!(error_word == 0 && grid_ticket == 0 && row_tickets.iter().all(|&t| t == 0));
-    Ok(out)
 }
