@@ -43,6 +43,7 @@ pub const CREDIT_START_TENSOR: &str = "turn_credit_start";
 /// Per-token output `[M]`, written with [`CREDIT_START_TENSOR`].
 pub const TOKEN_OUTPUT: &str = "token_advantage";
 /// Per-row outputs, `[N]`.
+/// The row outputs' tensor names: `row_` and [`crate::RowOutputs::NAMES`], in that order.
 pub const ROW_OUTPUTS: [&str; 5] = ["row_lse_real", "row_lse_masked", "row_log_ratio", "row_kl", "row_entropy_real"];
 /// Per-turn outputs written with trajectories, `[T]` (`turn_info` is written with turns alone).
 pub const TURN_OUTPUTS: [&str; 3] = ["turn_intrinsic", "turn_intrinsic_norm", "turn_bonus"];
@@ -476,14 +477,9 @@ fn float_tensor<'a>(name: &'static str, data: LogitData<'a>, shape: Vec<usize>) 
 
 /// Writes the outputs of a batch (see the module docs) to `path`, atomically.
 pub fn write_output(path: impl AsRef<Path>, output: &Output) -> Result<()> {
-    let rows = &output.rows;
-    let mut tensors = vec![
-        f32_tensor(ROW_OUTPUTS[0], rows.lse_real.iter().copied()),
-        f32_tensor(ROW_OUTPUTS[1], rows.lse_masked.iter().copied()),
-        f32_tensor(ROW_OUTPUTS[2], rows.log_ratio.iter().copied()),
-        f32_tensor(ROW_OUTPUTS[3], rows.kl.iter().copied()),
-        f32_tensor(ROW_OUTPUTS[4], rows.entropy_real.iter().copied()),
-    ];
+    let mut tensors: Vec<Out<'_>> = (ROW_OUTPUTS.iter().zip(output.rows.columns()))
+        .map(|(&name, column)| f32_tensor(name, column.iter().copied()))
+        .collect();
     if let Some(info) = &output.turn_info {
         tensors.push(f64_as_f32("turn_info", info));
     }

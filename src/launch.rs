@@ -233,8 +233,8 @@ pub const RANGE_STATE_FLOATS: usize = 8;
 /// The kernel's state of a row over an empty range (no launch covers it): no mass on either
 /// side, no target.
 pub const EMPTY_RANGE_STATE: [f32; RANGE_STATE_FLOATS] = [-f32::MAX, 0.0, -f32::MAX, 0.0, 0.0, 0.0, f32::NAN, f32::NAN];
-/// Row outputs per row in `row_out`.
-pub const ROW_OUTPUTS: usize = 5;
+/// f32 per row of `row_out` (the five row outputs).
+pub const ROW_OUT_FLOATS: usize = 5;
 /// Largest block the kernel is compiled for (`__launch_bounds__`).
 pub const MAX_THREADS: u32 = 256;
 /// A split chunk never has fewer logits than this (per tensor).

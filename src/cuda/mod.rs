@@ -739,8 +739,8 @@ impl DeviceBatch<'_> {
 /// may be longer (a reused buffer): only its first 5 × rows f32 are copied; a shorter one is
 /// [`Error::Shape`].
 pub fn rows_to_host(stream: &Arc<CudaStream>, row_out: &CudaSlice<f32>, rows: usize) -> Result<RowOutputs> {
-    let needed = rows.checked_mul(launch::ROW_OUTPUTS).filter(|&n| n <= row_out.len()).ok_or_else(|| {
-        Error::shape(format!("row_out holds {} f32, needs {} x {rows}", row_out.len(), launch::ROW_OUTPUTS))
+    let needed = rows.checked_mul(launch::ROW_OUT_FLOATS).filter(|&n| n <= row_out.len()).ok_or_else(|| {
+        Error::shape(format!("row_out holds {} f32, needs {} x {rows}", row_out.len(), launch::ROW_OUT_FLOATS))
     })?;
     if rows == 0 {
         return Ok(RowOutputs::with_len(0));

@@ -13,6 +13,15 @@ pub struct RowOutputs {
 }
 
 impl RowOutputs {
+    /// The outputs' names, in the order of [`RowOutputs::columns`] (the rows of the candle
+    /// adapter's `[5, N]` tensor; the file format prefixes each with `row_`).
+    pub const NAMES: [&'static str; 5] = ["lse_real", "lse_masked", "log_ratio", "kl", "entropy_real"];
+
+    /// The five outputs in the order of [`RowOutputs::NAMES`].
+    pub fn columns(&self) -> [&[f32]; 5] {
+        [&self.lse_real, &self.lse_masked, &self.log_ratio, &self.kl, &self.entropy_real]
+    }
+
     pub fn with_len(n: usize) -> Self {
         RowOutputs {
             lse_real: vec![0.0; n],
@@ -32,7 +41,7 @@ impl RowOutputs {
     }
 
     /// The chosen estimator's values (`log_ratio` or `kl`), what
-    /// [`crate::math::epilogue::TurnAccumulator::add_rows`] sums per turn.
+    /// [`crate::TurnAccumulator::add_rows`] sums per turn.
     pub fn estimator(&self, estimator: Estimator) -> &[f32] {
         match estimator {
             Estimator::LogRatio => &self.log_ratio,

@@ -206,7 +206,7 @@ impl Emulated {
             if tickets.rows.len() < m {
                 tickets.rows.resize(m, 0);
             }
-            let mut row_out = vec![0f32; launch::ROW_OUTPUTS * m];
+            let mut row_out = vec![0f32; launch::ROW_OUT_FLOATS * m];
 
             let mut a = KernelArgs {
                 real: real.data().as_bytes().as_ptr().cast(),
@@ -278,7 +278,7 @@ impl Emulated {
             return Ok(bufs.into_output(out, layout));
         }
         let shape = merge_shape(rows, vocab);
-        let mut row_out = vec![0f32; launch::ROW_OUTPUTS * rows];
+        let mut row_out = vec![0f32; launch::ROW_OUT_FLOATS * rows];
         let mut error_word = 0u64;
         let mut tickets = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
         let mut a = KernelArgs {

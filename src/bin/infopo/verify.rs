@@ -65,14 +65,7 @@ fn compare(got: &[f64], want: &[f64], atol: f64, rtol: f64) -> Comparison {
 /// Every output tensor by its file name, as f64.
 fn tensors(out: &Output) -> Vec<(&'static str, Vec<f64>)> {
     let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
-    let r = &out.rows;
-    let mut list = vec![
-        (io::ROW_OUTPUTS[0], f(&r.lse_real)),
-        (io::ROW_OUTPUTS[1], f(&r.lse_masked)),
-        (io::ROW_OUTPUTS[2], f(&r.log_ratio)),
-        (io::ROW_OUTPUTS[3], f(&r.kl)),
-        (io::ROW_OUTPUTS[4], f(&r.entropy_real)),
-    ];
+    let mut list: Vec<_> = io::ROW_OUTPUTS.into_iter().zip(out.rows.columns()).map(|(name, c)| (name, f(c))).collect();
     if let Some(info) = &out.turn_info {
         list.push(("turn_info", info.clone()));
     }

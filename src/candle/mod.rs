@@ -1,13 +1,13 @@
 //! candle tensors in, candle tensors out (feature `candle`).
 //!
 //! - [`score_rows`]: the per-row outputs of two `[N, V]` logit tensors as one `[5, N]` F32
-//!   tensor (rows in the order of [`ROW_OUTPUTS`]);
+//!   tensor (rows in the order of [`RowOutputs::NAMES`]);
 //! - [`compute`]: a whole batch (rows, turns, trajectories) as a [`BatchOutput`] of tensors;
 //! - [`score_hidden_rows`] and [`compute_hidden`]: the same from the last hidden states and the
-//!   lm_head weight ([`HiddenTensors`]), the logits never stored (the fused linear path,
-//!   [`crate::fused`]): extra memory O(N·chunk), not O(N·V). CPU tensors only so far.
+//!   lm_head weight ([`HiddenStates`]), the logits never stored (the fused linear path,
+//!   `docs/guide.md`): extra memory O(N·chunk), not O(N·V).
 //!
-//! Tensors on the CPU run on the float64 reference backend ([`crate::cpu::Cpu`]), reading the
+//! Tensors on the CPU run on the float64 reference backend ([`crate::Cpu`]), reading the
 //! logits in place. CUDA tensors (this crate built with `cuda` as well, which turns on
 //! candle-core's `cuda`) run the kernels on candle's own stream, reading candle's device
 //! buffers in place and returning outputs that are candle device buffers: nothing of size N·V
@@ -51,20 +51,17 @@
 
 use crate::backend::Backend;
 use crate::cpu::Cpu;
-use crate::data::layout;
-use crate::data::HiddenInputs;
-use crate::data::{Advantages, Batch, Output, RowOutputs, Trajectories, Turns};
-use crate::data::{Dtype, LogitElement, Logits};
+use crate::data::{
+    Advantages, Batch, Dtype, HiddenBatch, HiddenTensors, LogitData, Logits, Output, RowOutputs, Trajectories, Turns,
+};
 use crate::error::{Error, Result};
-use crate::math::chunks;
-use crate::math::row::RowValues;
-use crate::math::row::{estimator_values, to_outputs};
 use crate::params::Params;
 use candle_core::{DType, Device, DeviceLocation, Layout, Storage, Tensor, WithDType};
 use std::borrow::Cow;
 
-/// The rows of [`score_rows`]'s `[5, N]` output, in order.
-pub const ROW_OUTPUTS: [&str; 5] = ["lse_real", "lse_masked", "log_ratio", "kl", "entropy_real"];
+#[cfg(feature = "cuda")]
+mod cuda;
+
 /// Row of `lse_real` in [`score_rows`]'s output.
 pub const LSE_REAL: usize = 0;
 /// Row of `lse_masked` in [`score_rows`]'s output.
@@ -86,7 +83,7 @@ impl From<candle_core::Error> for Error {
 }
 
 /// Per-row outputs of paired logits (contract §2): a `[5, N]` F32 tensor on the inputs'
-/// device, rows `lse_real, lse_masked, log_ratio, kl, entropy_real` ([`ROW_OUTPUTS`]).
+/// device, rows `lse_real, lse_masked, log_ratio, kl, entropy_real` ([`RowOutputs::NAMES`]).
 /// See the [module docs](self) for what the inputs may be.
 pub fn score_rows(real: &Tensor, masked: &Tensor, targets: &Tensor, params: &Params) -> Result<Tensor> {
     params.validate()?;
@@ -99,7 +96,9 @@ pub fn score_rows(real: &Tensor, masked: &Tensor, targets: &Tensor, params: &Par
             rows_tensor(&rows, &Device::Cpu)
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(device) => on_cuda::score_rows(device, real, masked, targets, &shape, params),
+        Device::Cuda(device) => {
+            cuda::score_rows(device, targets, &cuda::Logits { real, masked, shape: &shape }, params)
+        }
         other => Err(no_backend(other)),
     }
 }
@@ -207,7 +206,8 @@ pub fn compute(
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(device) => {
-            on_cuda::compute(device, real, masked, targets, &shape, turns, trajectories, credit_start, params)
+            let inputs = cuda::Logits { real, masked, shape: &shape };
+            cuda::compute(device, targets, &inputs, turns, trajectories, credit_start, params)
         }
         other => Err(no_backend(other)),
     }
@@ -326,12 +326,17 @@ fn cpu_elements<'s, T: WithDType>(name: &'static str, storage: &'s Storage, layo
         .ok_or_else(|| Error::Candle(format!("`{name}`'s layout {start}..{end} exceeds its storage")))
 }
 
+/// The elements of a checked CPU tensor of a logit dtype, borrowed in place.
+fn cpu_data<'s>(name: &'static str, storage: &'s Storage, layout: &Layout, dtype: Dtype) -> Result<LogitData<'s>> {
+    Ok(match dtype {
+        Dtype::F32 => LogitData::from_slice(cpu_elements::<f32>(name, storage, layout)?),
+        Dtype::F16 => LogitData::from_slice(cpu_elements::<half::f16>(name, storage, layout)?),
+        Dtype::BF16 => LogitData::from_slice(cpu_elements::<half::bf16>(name, storage, layout)?),
+    })
+}
+
 fn cpu_logits<'s>(name: &'static str, storage: &'s Storage, layout: &Layout, shape: &InputShape) -> Result<Logits<'s>> {
-    match shape.dtype {
-        Dtype::F32 => Logits::new(cpu_elements::<f32>(name, storage, layout)?, shape.rows, shape.vocab),
-        Dtype::F16 => Logits::new(cpu_elements::<half::f16>(name, storage, layout)?, shape.rows, shape.vocab),
-        Dtype::BF16 => Logits::new(cpu_elements::<half::bf16>(name, storage, layout)?, shape.rows, shape.vocab),
-    }
+    Logits::from_data(cpu_data(name, storage, layout, shape.dtype)?, shape.rows, shape.vocab)
 }
 
 /// Runs `f` on borrowed views of three checked CPU tensors (targets widened to i64 if U32).
@@ -363,7 +368,7 @@ fn cpu_targets<'s>(storage: &'s Storage, layout: &Layout, dtype: DType) -> Resul
 fn rows_tensor(rows: &RowOutputs, device: &Device) -> Result<Tensor> {
     let n = rows.len();
     let mut all = Vec::with_capacity(5 * n);
-    for part in [&rows.lse_real, &rows.lse_masked, &rows.log_ratio, &rows.kl, &rows.entropy_real] {
+    for part in rows.columns() {
         all.extend_from_slice(part);
     }
     Ok(Tensor::from_vec(all, (5, n), device)?)
@@ -404,13 +409,13 @@ fn output_tensors(out: &Output, device: &Device) -> Result<BatchOutput> {
 /// offset: a row slice (`narrow(0, …)`) of hidden states, or the first V rows of a padded
 /// lm_head, is read in place; a transpose or a column slice is an [`Error::NotContiguous`].
 #[derive(Debug, Clone, Copy)]
-pub struct HiddenTensors<'a> {
+pub struct HiddenStates<'a> {
     pub real_hidden: &'a Tensor,
     pub masked_hidden: &'a Tensor,
     pub lm_head: &'a Tensor,
 }
 
-/// [`score_rows`] from hidden states ([`HiddenTensors`]): the `[5, N]` F32 row outputs of the
+/// [`score_rows`] from hidden states ([`HiddenStates`]): the `[5, N]` F32 row outputs of the
 /// logits hidden · lm_headᵀ, computed over vocabulary chunks of `chunk` token ids (≥ 1;
 /// [`crate::math::chunks::DEFAULT_CHUNK`] when in doubt) and folded into the row states in vocabulary
 /// order, so no `[N, V]` tensor exists. `targets` as for [`score_rows`].
@@ -423,7 +428,7 @@ pub struct HiddenTensors<'a> {
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
-/// use infopo_kernels::candle::{score_hidden_rows, HiddenTensors, KL};
+/// use infopo_kernels::candle::{score_hidden_rows, HiddenStates, KL};
 /// use infopo_kernels::Params;
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -433,39 +438,38 @@ pub struct HiddenTensors<'a> {
 /// let masked_hidden = Tensor::randn(0f32, 1.0, (4, 16), &device)?.to_dtype(DType::BF16)?;
 /// let lm_head = (Tensor::randn(0f32, 1.0, (1000, 16), &device)? * 0.25)?.to_dtype(DType::BF16)?;
 /// let targets = Tensor::new(&[7u32, 42, 999, 0], &device)?;
-/// let hidden = HiddenTensors { real_hidden: &real_hidden, masked_hidden: &masked_hidden, lm_head: &lm_head };
+/// let hidden = HiddenStates { real_hidden: &real_hidden, masked_hidden: &masked_hidden, lm_head: &lm_head };
 /// let rows = score_hidden_rows(&hidden, &targets, &Params::default(), 256)?;
 /// assert_eq!(rows.dims(), &[5, 4]);
 /// assert!(rows.get(KL)?.to_vec1::<f32>()?.iter().all(|&kl| kl >= 0.0));
 /// # Ok(())
 /// # }
 /// ```
-pub fn score_hidden_rows(
-    hidden: &HiddenTensors<'_>,
-    targets: &Tensor,
-    params: &Params,
-    chunk: usize,
-) -> Result<Tensor> {
+pub fn score_hidden_rows(hidden: &HiddenStates<'_>, targets: &Tensor, params: &Params, chunk: usize) -> Result<Tensor> {
     params.validate()?;
     let shape = check_hidden_inputs(hidden, targets)?;
     match hidden.real_hidden.device() {
         Device::Cpu => {
-            let values = cpu_score_hidden(hidden, targets, &shape, params, chunk)?;
-            rows_tensor(&to_outputs(&values), &Device::Cpu)
+            let rows = with_cpu_hidden(hidden, targets, &shape, |tensors, ids| {
+                Cpu.score_hidden_rows(0, &tensors, ids, params, chunk)
+            })?;
+            rows_tensor(&rows, &Device::Cpu)
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(device) => on_cuda::score_hidden_rows(device, hidden, targets, &shape, params, chunk),
+        Device::Cuda(device) => {
+            cuda::score_rows(device, targets, &cuda::Hidden { h: hidden, shape: &shape, chunk }, params)
+        }
         other => Err(no_backend(other)),
     }
 }
 
-/// [`compute`] from hidden states ([`HiddenTensors`]): the rows as [`score_hidden_rows`]
+/// [`compute`] from hidden states ([`HiddenStates`]): the rows as [`score_hidden_rows`]
 /// computes them, then the turn means and (with trajectories) the advantages, as the CPU
 /// backend's epilogue computes them from the rows' float64 values. `turns`, `trajectories`
 /// and `credit_start` as for [`compute`]; the layout is checked before any row is scored, and
 /// row errors come before a non-finite turn, as on every backend.
 pub fn compute_hidden(
-    hidden: &HiddenTensors<'_>,
+    hidden: &HiddenStates<'_>,
     targets: &Tensor,
     turns: Turns<'_>,
     trajectories: Option<Trajectories<'_>>,
@@ -477,21 +481,16 @@ pub fn compute_hidden(
     let shape = check_hidden_inputs(hidden, targets)?;
     match hidden.real_hidden.device() {
         Device::Cpu => {
-            let mut layout = layout::layout(shape.rows, &turns, trajectories.as_ref())?;
-            if let Some(starts) = credit_start {
-                layout::credit_spans(&mut layout, starts)?;
-            }
-            let values = cpu_score_hidden(hidden, targets, &shape, params, chunk)?;
-            // The CPU backend's fused epilogue: turn means and advantages from the f64 rows.
-            let estimates = estimator_values(&values, params.estimator);
-            output_tensors(
-                &crate::math::epilogue::finish(to_outputs(&values), Some(layout), &estimates, params)?,
-                &Device::Cpu,
-            )
+            let out = with_cpu_hidden(hidden, targets, &shape, |tensors, ids| {
+                let batch = HiddenBatch { tensors, targets: ids, turns: Some(turns), trajectories, credit_start };
+                Cpu.compute_hidden(&batch, params, chunk)
+            })?;
+            output_tensors(&out, &Device::Cpu)
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(device) => {
-            on_cuda::compute_hidden(device, hidden, targets, &shape, turns, trajectories, credit_start, params, chunk)
+            let inputs = cuda::Hidden { h: hidden, shape: &shape, chunk };
+            cuda::compute(device, targets, &inputs, turns, trajectories, credit_start, params)
         }
         other => Err(no_backend(other)),
     }
@@ -516,7 +515,7 @@ fn same_dtype_as_real_hidden(dtype: Dtype) -> &'static str {
 
 /// Checks dtypes, devices, shapes and memory layout of the fused inputs, in that order (as
 /// [`check_inputs`] does for logits).
-fn check_hidden_inputs(h: &HiddenTensors<'_>, targets: &Tensor) -> Result<HiddenShape> {
+fn check_hidden_inputs(h: &HiddenStates<'_>, targets: &Tensor) -> Result<HiddenShape> {
     let dtype = logit_dtype("real_hidden", h.real_hidden)?;
     for (name, t) in [("masked_hidden", h.masked_hidden), ("lm_head", h.lm_head)] {
         if logit_dtype(name, t)? != dtype {
@@ -580,315 +579,25 @@ fn check_hidden_inputs(h: &HiddenTensors<'_>, targets: &Tensor) -> Result<Hidden
     Ok(HiddenShape { rows, hidden, vocab, dtype })
 }
 
-/// [`crate::math::chunks::score_hidden`] on borrowed views of checked CPU tensors.
-fn cpu_score_hidden(
-    h: &HiddenTensors<'_>,
+/// Runs `f` on the crate's view of three checked CPU tensors (targets widened to i64 if U32).
+fn with_cpu_hidden<R>(
+    h: &HiddenStates<'_>,
     targets: &Tensor,
     shape: &HiddenShape,
-    params: &Params,
-    chunk: usize,
-) -> Result<Vec<RowValues>> {
-    fn typed<T: WithDType + LogitElement>(
-        h: &HiddenTensors<'_>,
-        ids: &[i64],
-        shape: &HiddenShape,
-        params: &Params,
-        chunk: usize,
-    ) -> Result<Vec<RowValues>> {
-        let (real_storage, real_layout) = h.real_hidden.storage_and_layout();
-        let (masked_storage, masked_layout) = h.masked_hidden.storage_and_layout();
-        let (head_storage, head_layout) = h.lm_head.storage_and_layout();
-        let inputs = HiddenInputs {
-            real_hidden: cpu_elements::<T>("real_hidden", &real_storage, real_layout)?,
-            masked_hidden: cpu_elements::<T>("masked_hidden", &masked_storage, masked_layout)?,
-            lm_head: cpu_elements::<T>("lm_head", &head_storage, head_layout)?,
-            rows: shape.rows,
-            hidden: shape.hidden,
-            vocab: shape.vocab,
-        };
-        chunks::score_hidden(0, &inputs, ids, params, chunk)
-    }
+    f: impl FnOnce(HiddenTensors<'_>, &[i64]) -> Result<R>,
+) -> Result<R> {
+    let (real_storage, real_layout) = h.real_hidden.storage_and_layout();
+    let (masked_storage, masked_layout) = h.masked_hidden.storage_and_layout();
+    let (head_storage, head_layout) = h.lm_head.storage_and_layout();
     let (targets_storage, targets_layout) = targets.storage_and_layout();
+    let tensors = HiddenTensors::new(
+        cpu_data("real_hidden", &real_storage, real_layout, shape.dtype)?,
+        cpu_data("masked_hidden", &masked_storage, masked_layout, shape.dtype)?,
+        cpu_data("lm_head", &head_storage, head_layout, shape.dtype)?,
+        shape.rows,
+        shape.hidden,
+        shape.vocab,
+    )?;
     let ids = cpu_targets(&targets_storage, targets_layout, targets.dtype())?;
-    match shape.dtype {
-        Dtype::F32 => typed::<f32>(h, &ids, shape, params, chunk),
-        Dtype::F16 => typed::<half::f16>(h, &ids, shape, params, chunk),
-        Dtype::BF16 => typed::<half::bf16>(h, &ids, shape, params, chunk),
-    }
-}
-
-/// The CUDA path: candle's stream, candle's buffers, the device API of [`crate::cuda`].
-#[cfg(feature = "cuda")]
-mod on_cuda {
-    use super::*;
-    use crate::cuda::{CudaBackend, DeviceBatch};
-    use crate::data::layout;
-    use crate::data::LogitElement;
-    use candle_core::cuda_backend::CudaDType;
-    use candle_core::op::BackpropOp;
-    use candle_core::{CudaDevice, CudaStorage};
-    use cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
-
-    /// A view of a CUDA tensor's elements at its layout's offset (no copy).
-    fn view<'s, T: CudaDType + DeviceRepr>(
-        name: &'static str,
-        storage: &'s Storage,
-        layout: &Layout,
-    ) -> Result<CudaView<'s, T>> {
-        let Storage::Cuda(cuda) = storage else {
-            return Err(Error::Candle(format!("`{name}` reports a CUDA device but its storage is not on CUDA")));
-        };
-        let (start, end) = contiguous_range(name, layout)?;
-        let slice = cuda.as_cuda_slice::<T>()?;
-        if end > slice.len() {
-            return Err(Error::Candle(format!("`{name}`'s layout {start}..{end} exceeds its storage")));
-        }
-        Ok(slice.slice(start..end))
-    }
-
-    /// A candle tensor of shape `[len]` owning `slice` (which may hold more elements: the
-    /// device API pads empty buffers to one element).
-    fn wrap<T: CudaDType>(slice: CudaSlice<T>, len: usize, device: &CudaDevice) -> Result<Tensor> {
-        let held = slice.len();
-        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, device.clone()));
-        let tensor = Tensor::from_storage(storage, held, BackpropOp::none(), false);
-        Ok(if held == len { tensor } else { tensor.narrow(0, 0, len)? })
-    }
-
-    /// One launch over every row of the inputs, on `backend`'s stream (candle's), then a wait
-    /// for the error word. Returns the `[5 × N]` row outputs.
-    fn launch(
-        backend: &CudaBackend,
-        batch: &mut DeviceBatch<'_>,
-        real: &Tensor,
-        masked: &Tensor,
-        targets: &Tensor,
-        shape: &InputShape,
-    ) -> Result<Option<CudaSlice<f32>>> {
-        if shape.rows == 0 {
-            backend.finish(batch)?;
-            return Ok(None);
-        }
-        with_ids(targets, |ids| {
-            let row_out = match shape.dtype {
-                Dtype::F32 => launch_typed::<f32>(backend, batch, real, masked, ids, shape)?,
-                Dtype::F16 => launch_typed::<half::f16>(backend, batch, real, masked, ids, shape)?,
-                Dtype::BF16 => launch_typed::<half::bf16>(backend, batch, real, masked, ids, shape)?,
-            };
-            Ok(Some(row_out))
-        })
-    }
-
-    fn launch_typed<T: LogitElement + DeviceRepr + CudaDType>(
-        backend: &CudaBackend,
-        batch: &mut DeviceBatch<'_>,
-        real: &Tensor,
-        masked: &Tensor,
-        ids: &CudaView<'_, i64>,
-        shape: &InputShape,
-    ) -> Result<CudaSlice<f32>> {
-        let (real_storage, real_layout) = real.storage_and_layout();
-        let (masked_storage, masked_layout) = masked.storage_and_layout();
-        let real = view::<T>("real", &real_storage, real_layout)?;
-        let masked = view::<T>("masked", &masked_storage, masked_layout)?;
-        // One launch for the whole batch, finalising it (as `CudaBackend::compute` does).
-        backend.score(batch, &real, &masked, ids, shape.vocab, true)
-    }
-
-    fn rows_tensor(row_out: Option<CudaSlice<f32>>, n: usize, device: &CudaDevice) -> Result<Tensor> {
-        match row_out {
-            Some(row_out) => Ok(wrap(row_out, 5 * n, device)?.reshape((5, n))?),
-            // No rows: an empty tensor over a one-element buffer (cudarc allocates no 0-length
-            // buffers, as `crate::cuda` pads its own).
-            None => Ok(wrap(device.alloc_zeros::<f32>(1)?, 0, device)?.reshape((5, 0))?),
-        }
-    }
-
-    pub(super) fn score_rows(
-        device: &CudaDevice,
-        real: &Tensor,
-        masked: &Tensor,
-        targets: &Tensor,
-        shape: &InputShape,
-        params: &Params,
-    ) -> Result<Tensor> {
-        rows_on(device, shape.rows, params, |b, batch| launch(b, batch, real, masked, targets, shape))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn compute(
-        device: &CudaDevice,
-        real: &Tensor,
-        masked: &Tensor,
-        targets: &Tensor,
-        shape: &InputShape,
-        turns: Turns<'_>,
-        trajectories: Option<Trajectories<'_>>,
-        credit_start: Option<&[u32]>,
-        params: &Params,
-    ) -> Result<BatchOutput> {
-        batch_on(device, shape.rows, turns, trajectories, credit_start, params, |b, batch| {
-            launch(b, batch, real, masked, targets, shape)
-        })
-    }
-
-    /// Rows only: a device batch without turns on candle's stream, `launch` (one micro-batch,
-    /// finalising it), a wait for the error word, the rows as a `[5, N]` tensor.
-    fn rows_on(
-        device: &CudaDevice,
-        rows: usize,
-        params: &Params,
-        launch: impl FnOnce(&CudaBackend, &mut DeviceBatch<'_>) -> Result<Option<CudaSlice<f32>>>,
-    ) -> Result<Tensor> {
-        let backend = CudaBackend::shared(&device.cuda_stream())?;
-        let mut batch = backend.begin(None, params)?;
-        let row_out = launch(&backend, &mut batch)?;
-        batch.check()?;
-        rows_tensor(row_out, rows, device)
-    }
-
-    /// With turns: the layout validated (before any launch) and uploaded, a device batch over it
-    /// on candle's stream, `launch` (finalising it), a wait for the error word, every output as
-    /// a tensor.
-    fn batch_on(
-        device: &CudaDevice,
-        rows: usize,
-        turns: Turns<'_>,
-        trajectories: Option<Trajectories<'_>>,
-        credit_start: Option<&[u32]>,
-        params: &Params,
-        launch: impl FnOnce(&CudaBackend, &mut DeviceBatch<'_>) -> Result<Option<CudaSlice<f32>>>,
-    ) -> Result<BatchOutput> {
-        let mut layout = layout::layout(rows, &turns, trajectories.as_ref())?;
-        if let Some(starts) = credit_start {
-            layout::credit_spans(&mut layout, starts)?;
-        }
-        let backend = CudaBackend::shared(&device.cuda_stream())?;
-        let device_layout = backend.upload_layout(&layout)?;
-        let mut batch = backend.begin(Some(&device_layout), params)?;
-        let row_out = launch(&backend, &mut batch)?;
-        batch.check()?;
-        batch_output(device, &layout, batch, row_out, rows)
-    }
-
-    /// The outputs of a finished device batch as tensors: its buffers become the tensors (no copy).
-    fn batch_output(
-        device: &CudaDevice,
-        layout: &layout::Layout,
-        batch: DeviceBatch<'_>,
-        row_out: Option<CudaSlice<f32>>,
-        rows: usize,
-    ) -> Result<BatchOutput> {
-        let (t, b) = (layout.turns(), layout.groups.as_ref().map_or(0, |g| g.trajectory_group.len()));
-        let advantages = match &layout.groups {
-            None => None,
-            Some(g) => Some(AdvantageTensors {
-                token_advantage: match g.turn_credit_start {
-                    Some(_) => Some(wrap(batch.token_advantage, g.total_tokens as usize, device)?),
-                    None => None,
-                },
-                turn_intrinsic: wrap(batch.turn_intrinsic, t, device)?,
-                turn_intrinsic_norm: wrap(batch.turn_norm, t, device)?,
-                turn_bonus: wrap(batch.turn_bonus, t, device)?,
-                trajectory_advantage: wrap(batch.traj_advantage, b, device)?,
-                trajectory_gate: wrap(batch.traj_gate, b, device)?,
-                batch_stats: wrap(batch.scalars, 3, device)?,
-            }),
-        };
-        Ok(BatchOutput {
-            rows: rows_tensor(row_out, rows, device)?,
-            turn_info: wrap(batch.turn_info, t, device)?,
-            advantages,
-        })
-    }
-
-    /// `f` of the i64 ids of `targets` (the kernels read i64: U32 targets are widened by candle
-    /// on its stream).
-    fn with_ids<R>(targets: &Tensor, f: impl FnOnce(&CudaView<'_, i64>) -> Result<R>) -> Result<R> {
-        let widened;
-        let targets = if targets.dtype() == DType::I64 {
-            targets
-        } else {
-            widened = targets.to_dtype(DType::I64)?;
-            &widened
-        };
-        let (targets_storage, targets_layout) = targets.storage_and_layout();
-        let ids = view::<i64>("targets", &targets_storage, targets_layout)?;
-        f(&ids)
-    }
-
-    /// The fused path on candle's stream, one micro-batch of `batch` (finalising it): cuBLAS
-    /// chunk GEMMs and the kernel per chunk, then the merge launch
-    /// ([`CudaBackend::score_hidden_batch`]), the hidden states and lm_head read in place.
-    fn launch_hidden(
-        backend: &CudaBackend,
-        batch: &mut DeviceBatch<'_>,
-        h: &HiddenTensors<'_>,
-        targets: &Tensor,
-        shape: &HiddenShape,
-        chunk: usize,
-    ) -> Result<Option<CudaSlice<f32>>> {
-        if shape.rows == 0 {
-            backend.finish(batch)?;
-            return Ok(None);
-        }
-        with_ids(targets, |ids| {
-            let row_out = match shape.dtype {
-                Dtype::F32 => launch_hidden_typed::<f32>(backend, batch, h, ids, shape, chunk)?,
-                Dtype::F16 => launch_hidden_typed::<half::f16>(backend, batch, h, ids, shape, chunk)?,
-                Dtype::BF16 => launch_hidden_typed::<half::bf16>(backend, batch, h, ids, shape, chunk)?,
-            };
-            Ok(Some(row_out))
-        })
-    }
-
-    fn launch_hidden_typed<T: LogitElement + DeviceRepr + CudaDType>(
-        backend: &CudaBackend,
-        batch: &mut DeviceBatch<'_>,
-        h: &HiddenTensors<'_>,
-        ids: &CudaView<'_, i64>,
-        shape: &HiddenShape,
-        chunk: usize,
-    ) -> Result<CudaSlice<f32>> {
-        let (real_storage, real_layout) = h.real_hidden.storage_and_layout();
-        let (masked_storage, masked_layout) = h.masked_hidden.storage_and_layout();
-        let (head_storage, head_layout) = h.lm_head.storage_and_layout();
-        let inputs = crate::cuda::fused::DeviceHiddenInputs {
-            real_hidden: view::<T>("real_hidden", &real_storage, real_layout)?,
-            masked_hidden: view::<T>("masked_hidden", &masked_storage, masked_layout)?,
-            lm_head: view::<T>("lm_head", &head_storage, head_layout)?,
-            rows: shape.rows,
-            hidden: shape.hidden,
-            vocab: shape.vocab,
-        };
-        backend.score_hidden_batch(batch, &inputs, ids, chunk, true)
-    }
-
-    pub(super) fn score_hidden_rows(
-        device: &CudaDevice,
-        h: &HiddenTensors<'_>,
-        targets: &Tensor,
-        shape: &HiddenShape,
-        params: &Params,
-        chunk: usize,
-    ) -> Result<Tensor> {
-        rows_on(device, shape.rows, params, |b, batch| launch_hidden(b, batch, h, targets, shape, chunk))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn compute_hidden(
-        device: &CudaDevice,
-        h: &HiddenTensors<'_>,
-        targets: &Tensor,
-        shape: &HiddenShape,
-        turns: Turns<'_>,
-        trajectories: Option<Trajectories<'_>>,
-        credit_start: Option<&[u32]>,
-        params: &Params,
-        chunk: usize,
-    ) -> Result<BatchOutput> {
-        batch_on(device, shape.rows, turns, trajectories, credit_start, params, |b, batch| {
-            launch_hidden(b, batch, h, targets, shape, chunk)
-        })
-    }
+    f(tensors, &ids)
 }
