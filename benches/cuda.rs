@@ -2,7 +2,7 @@
 //! advantages), inputs resident on the device and rotated so the working set exceeds L2.
 //! `cargo bench --features cuda --bench cuda` (skips itself when no GPU is present).
 //!
-//! `cuda-fused/...`: the fused hidden-state path (issue 9 §3) at N = 4096, D = 4096,
+//! `cuda-fused/...`: the fused hidden-state path at N = 4096, D = 4096,
 //! V = 151936 bf16 against cuBLAS's two GEMMs alone, timed with CUDA events on the stream:
 //! - `gemms-full-bf16-out`: `real · Wᵀ` and `masked · Wᵀ` over the whole vocabulary into bf16
 //!   `[N, V]` logits (what a trainer that materialises the logits pays for them; the issue's

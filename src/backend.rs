@@ -61,7 +61,7 @@ pub trait Backend: Send + Sync {
         Ok(out.rows)
     }
 
-    /// The fused-linear path's one-call form (issue 9): [`Backend::compute`] of a batch given as
+    /// The fused-linear path's one-call form: [`Backend::compute`] of a batch given as
     /// hidden states and the lm_head weight instead of logits (logits = hidden · lm_headᵀ,
     /// then ÷ τs), computed over vocabulary chunks of `chunk` token ids (≥ 1;
     /// [`crate::math::chunks::DEFAULT_CHUNK`] when the caller has no preference) so that no `[N, V]`

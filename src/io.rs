@@ -52,10 +52,6 @@ pub const TRAJECTORY_OUTPUTS: [&str; 2] = ["trajectory_advantage", "trajectory_g
 /// Batch scalars, each of shape `[1]`.
 pub const SCALAR_OUTPUTS: [&str; 3] = ["outcome_std", "intrinsic_std", "magnitude_ratio"];
 
-/// A batch read from a file is an [`OwnedBatch`]: its logits and targets are viewed in place in
-/// the mapped file where aligned (see [`Elements`]), and it keeps the file mapped while it lives.
-pub type InputBatch = OwnedBatch;
-
 /// Reads an input file (see the module docs) by memory-mapping it: the logits and targets are
 /// viewed in place where they are aligned in the file ([`LogitBuf::is_mapped`]), so nothing of
 /// their size is read into or copied in private memory, and the returned batch keeps the file
@@ -69,18 +65,18 @@ pub type InputBatch = OwnedBatch;
 ///
 /// A file of hidden states and an lm_head (the fused-linear set) is an error here naming
 /// [`read_any_input`], which reads either kind.
-pub fn read_input(path: impl AsRef<Path>) -> Result<InputBatch> {
+pub fn read_input(path: impl AsRef<Path>) -> Result<OwnedBatch> {
     let path = path.as_ref();
     logits_only(read_any_input(path)?, path)
 }
 
 /// Parses the bytes of an input file into owned buffers (every tensor is copied); `path` only
 /// names the file in errors. [`read_input`] maps the file instead.
-pub fn parse_input(bytes: &[u8], path: &Path) -> Result<InputBatch> {
+pub fn parse_input(bytes: &[u8], path: &Path) -> Result<OwnedBatch> {
     logits_only(parse(bytes, None, path)?, path)
 }
 
-fn logits_only(input: Input, path: &Path) -> Result<InputBatch> {
+fn logits_only(input: Input, path: &Path) -> Result<OwnedBatch> {
     match input {
         Input::Logits(batch) => Ok(batch),
         Input::Hidden(_) => Err(file_error(
@@ -97,7 +93,7 @@ fn logits_only(input: Input, path: &Path) -> Result<InputBatch> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
     /// `real_logits` and `masked_logits`: [`crate::Backend::compute`].
-    Logits(InputBatch),
+    Logits(OwnedBatch),
     /// `real_hidden`, `masked_hidden` and `lm_head`: [`crate::Backend::compute_hidden`].
     Hidden(OwnedHiddenBatch),
 }
@@ -167,7 +163,7 @@ fn parse(bytes: &[u8], map: Option<&Arc<Mmap>>, path: &Path) -> Result<Input> {
     }
 }
 
-fn parse_logits(file: &File<'_, '_>, map: Option<&Arc<Mmap>>) -> Result<InputBatch> {
+fn parse_logits(file: &File<'_, '_>, map: Option<&Arc<Mmap>>) -> Result<OwnedBatch> {
     let real = file.require("real_logits")?;
     let masked = file.require("masked_logits")?;
     let targets = file.require("targets")?;
@@ -191,7 +187,7 @@ fn parse_logits(file: &File<'_, '_>, map: Option<&Arc<Mmap>>) -> Result<InputBat
         return Err(Error::DtypeMismatch { real: real_buf.dtype().name(), masked: masked_buf.dtype().name() });
     }
     let layout = parse_layout(file, &targets, map)?;
-    Ok(InputBatch {
+    Ok(OwnedBatch {
         rows,
         vocab,
         real: real_buf,

@@ -74,7 +74,8 @@ pub mod reference {
 /// partial-state mode on the others), and [`merge`] folds the gathered states in vocabulary order.
 pub mod vocab {
     pub use crate::math::range::{
-        merge, merge_outputs, score_range, shard_ranges, RangeInput, RangeStates, VocabRange,
+        chunk_ranges, merge, merge_outputs, score_range, shard_chunk_ranges, shard_ranges, RangeInput, RangeStates,
+        VocabRange,
     };
 }
 

@@ -1,5 +1,5 @@
 //! InfoPO from hidden states and the lm_head weight on the GPU, the `[N, V]` logits never
-//! stored (issue 9 §2; the CPU reference is [`crate::math::chunks::score_hidden`]).
+//! stored (the CPU reference is [`crate::reference::score_hidden`]).
 //!
 //! For each chunk of `chunk` token ids `[v0, v0 + c)`, on the backend's one stream:
 //! 1. two cuBLAS GEMMs (`cublasGemmEx`, fp32 compute; bf16/f16 inputs on the tensor cores, f32
@@ -30,7 +30,7 @@ use crate::data::HiddenInputs;
 use crate::data::RowOutputs;
 use crate::data::{Dtype, LogitElement};
 use crate::error::{Error, Result};
-use crate::math::range::{shard_ranges, VocabRange};
+use crate::math::range::{chunk_ranges, shard_chunk_ranges, shard_ranges, VocabRange};
 use crate::params::Params;
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice};
@@ -107,13 +107,6 @@ impl<T> DeviceHiddenInputs<'_, T> {
         }
         Ok(())
     }
-}
-
-/// The chunks of token ids the fused path walks: `[0, vocab)` in ranges of `chunk` (the last
-/// one shorter), in vocabulary order; chunk `k`'s states are slice `k` of the states buffer.
-pub fn chunk_ranges(vocab: usize, chunk: usize) -> Vec<VocabRange> {
-    let chunk = chunk.max(1);
-    (0..vocab.div_ceil(chunk)).map(|k| VocabRange::new(k * chunk, chunk.min(vocab - k * chunk))).collect()
 }
 
 impl CudaBackend {
@@ -284,31 +277,6 @@ impl CudaBackend {
         }
         Ok(())
     }
-}
-
-/// The chunks of rank `rank`'s Megatron shard (`shard_ranges(vocab, world)[rank]`, padded width
-/// `W = ⌈V / P⌉`): `⌈W / chunk⌉` ranges of `chunk` token ids over the padded width, clipped to
-/// the shard's valid ids (so the last ones may be shorter or empty). Every rank gets the same
-/// count, which an all-gather needs; concatenated over the ranks they tile `[0, vocab)` in
-/// order. `chunk ≥ W` gives one range per rank: its shard.
-pub fn shard_chunk_ranges(vocab: usize, world: usize, rank: usize, chunk: usize) -> Result<Vec<VocabRange>> {
-    if vocab == 0 {
-        return Err(Error::EmptyVocab);
-    }
-    if chunk == 0 {
-        return Err(Error::shape("the vocabulary chunk must hold at least one token id"));
-    }
-    let shards = shard_ranges(vocab, world)?;
-    let Some(shard) = shards.get(rank) else {
-        return Err(Error::shape(format!("rank {rank} of a world of {world}")));
-    };
-    let width = vocab.div_ceil(world);
-    Ok((0..width.div_ceil(chunk))
-        .map(|k| {
-            let offset = (k * chunk).min(shard.len);
-            VocabRange::new(shard.start + offset, chunk.min(shard.len - offset))
-        })
-        .collect())
 }
 
 /// The `cublasGemmEx` arguments of one chunk GEMM, `out [n, len]` (row-major) =

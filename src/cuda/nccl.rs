@@ -34,11 +34,11 @@
 //!
 //! [`RangeColumns::shard`]: super::range::RangeColumns::shard
 
-use super::fused::shard_chunk_ranges;
 use super::{cuda_err, CudaBackend};
 use crate::data::RowOutputs;
 use crate::error::{Error, Result};
 use crate::launch::RANGE_STATE_FLOATS;
+use crate::math::range::shard_chunk_ranges;
 use crate::params::Params;
 use cudarc::driver::{CudaView, CudaViewMut, DeviceSlice};
 use cudarc::nccl::Comm;

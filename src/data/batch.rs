@@ -5,6 +5,54 @@ use super::layout::{self, BatchLayout, Layout, Trajectories, TrajectoryBuf, Turn
 use super::logits::{Dtype, Elements, LogitBuf, LogitData, LogitElement, Logits};
 use crate::error::{Error, Result};
 
+/// The layout setters of the two borrowed batches ([`Batch`], [`HiddenBatch`]): one builder,
+/// written once, for the fields both share (`turns`, `trajectories`, `credit_start`).
+macro_rules! layout_setters {
+    () => {
+        pub fn with_turns(mut self, turns: Turns<'a>) -> Self {
+            self.turns = Some(turns);
+            self
+        }
+
+        pub fn with_trajectories(mut self, trajectories: Trajectories<'a>) -> Self {
+            self.trajectories = Some(trajectories);
+            self
+        }
+
+        /// Where each turn's credited tokens sit in its trajectory's response (see
+        /// [`Batch::credit_start`]).
+        pub fn with_credit_start(mut self, credit_start: &'a [u32]) -> Self {
+            self.credit_start = Some(credit_start);
+            self
+        }
+
+        /// The views of an owned batch's layout buffers, those present.
+        fn with_owned_layout(
+            mut self,
+            turns: &'a Option<TurnBuf>,
+            trajectories: &'a Option<TrajectoryBuf>,
+            credit_start: &'a Option<Vec<u32>>,
+        ) -> Self {
+            self.turns = turns.as_ref().map(TurnBuf::as_turns);
+            self.trajectories = trajectories.as_ref().map(TrajectoryBuf::as_trajectories);
+            self.credit_start = credit_start.as_deref();
+            self
+        }
+    };
+}
+
+/// The layout setter of the two owned batches ([`OwnedBatch`], [`OwnedHiddenBatch`]).
+macro_rules! owned_layout_setters {
+    () => {
+        /// Adds the turns and trajectories of `layout` (checked against the rows by the backends).
+        pub fn with_layout(mut self, layout: BatchLayout) -> Self {
+            self.turns = Some(layout.turns);
+            self.trajectories = Some(layout.trajectories);
+            self
+        }
+    };
+}
+
 /// Everything one call of [`crate::Backend::compute`] reads.
 #[derive(Debug, Clone, Copy)]
 pub struct Batch<'a> {
@@ -29,22 +77,7 @@ impl<'a> Batch<'a> {
         Batch { real, masked, targets, turns: None, trajectories: None, credit_start: None }
     }
 
-    pub fn with_turns(mut self, turns: Turns<'a>) -> Self {
-        self.turns = Some(turns);
-        self
-    }
-
-    pub fn with_trajectories(mut self, trajectories: Trajectories<'a>) -> Self {
-        self.trajectories = Some(trajectories);
-        self
-    }
-
-    /// Where each turn's credited tokens sit in its trajectory's response (see
-    /// [`Batch::credit_start`]).
-    pub fn with_credit_start(mut self, credit_start: &'a [u32]) -> Self {
-        self.credit_start = Some(credit_start);
-        self
-    }
+    layout_setters!();
 
     /// Checks the logits, targets' length and the layouts of a batch; targets' values are checked
     /// per row by the backends (contract §2, "Row errors").
@@ -131,29 +164,15 @@ impl OwnedBatch {
         Ok(batch)
     }
 
-    /// Adds the turns and trajectories of `layout` (checked against the rows by the backends).
-    pub fn with_layout(mut self, layout: BatchLayout) -> Self {
-        self.turns = Some(layout.turns);
-        self.trajectories = Some(layout.trajectories);
-        self
-    }
+    owned_layout_setters!();
 
     /// Borrowed views for [`crate::Backend::compute`]. Shapes of the logits are checked here;
     /// layouts and values are checked by the backends (`layout::batch`).
     pub fn as_batch(&self) -> Result<Batch<'_>> {
         let real = Logits::from_data(self.real.as_data(), self.rows, self.vocab)?;
         let masked = Logits::from_data(self.masked.as_data(), self.rows, self.vocab)?;
-        let mut batch = Batch::rows(real, masked, self.targets.as_slice());
-        if let Some(t) = &self.turns {
-            batch = batch.with_turns(t.as_turns());
-        }
-        if let Some(t) = &self.trajectories {
-            batch = batch.with_trajectories(t.as_trajectories());
-        }
-        if let Some(s) = &self.credit_start {
-            batch = batch.with_credit_start(s);
-        }
-        Ok(batch)
+        let batch = Batch::rows(real, masked, self.targets.as_slice());
+        Ok(batch.with_owned_layout(&self.turns, &self.trajectories, &self.credit_start))
     }
 
     /// Bytes of logits the batch holds (both tensors).
@@ -369,20 +388,7 @@ impl<'a> HiddenBatch<'a> {
         HiddenBatch { tensors, targets, turns: None, trajectories: None, credit_start: None }
     }
 
-    pub fn with_turns(mut self, turns: Turns<'a>) -> Self {
-        self.turns = Some(turns);
-        self
-    }
-
-    pub fn with_trajectories(mut self, trajectories: Trajectories<'a>) -> Self {
-        self.trajectories = Some(trajectories);
-        self
-    }
-
-    pub fn with_credit_start(mut self, credit_start: &'a [u32]) -> Self {
-        self.credit_start = Some(credit_start);
-        self
-    }
+    layout_setters!();
 
     /// Checks the targets' length and the layouts against the rows, as
     /// [`crate::data::layout::batch`] does for logits; targets' values are checked per row.
@@ -451,12 +457,7 @@ impl OwnedHiddenBatch {
         Ok(batch)
     }
 
-    /// Adds the turns and trajectories of `layout` (checked against the rows by the backends).
-    pub fn with_layout(mut self, layout: crate::BatchLayout) -> Self {
-        self.turns = Some(layout.turns);
-        self.trajectories = Some(layout.trajectories);
-        self
-    }
+    owned_layout_setters!();
 
     /// Borrowed views for [`crate::Backend::compute_hidden`]; the tensors' dtypes and shapes
     /// are checked here, layouts by the backends.
@@ -469,16 +470,7 @@ impl OwnedHiddenBatch {
             self.hidden,
             self.vocab,
         )?;
-        let mut batch = HiddenBatch::rows(tensors, self.targets.as_slice());
-        if let Some(t) = &self.turns {
-            batch = batch.with_turns(t.as_turns());
-        }
-        if let Some(t) = &self.trajectories {
-            batch = batch.with_trajectories(t.as_trajectories());
-        }
-        if let Some(s) = &self.credit_start {
-            batch = batch.with_credit_start(s);
-        }
-        Ok(batch)
+        let batch = HiddenBatch::rows(tensors, self.targets.as_slice());
+        Ok(batch.with_owned_layout(&self.turns, &self.trajectories, &self.credit_start))
     }
 }

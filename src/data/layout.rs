@@ -240,6 +240,19 @@ pub struct GroupLayout {
 }
 
 impl Layout {
+    /// Validates `turns` (and `trajectories`) against `rows` rows and prepares them (contract
+    /// §1): the layout [`crate::TurnAccumulator`] and [`crate::advantages`] take.
+    pub fn new(rows: usize, turns: &Turns<'_>, trajectories: Option<&Trajectories<'_>>) -> Result<Layout> {
+        layout(rows, turns, trajectories)
+    }
+
+    /// Adds each turn's first credited token (see [`crate::Batch::credit_start`]), validated
+    /// against the trajectories, which enables `token_advantage`.
+    pub fn with_credit_start(mut self, starts: &[u32]) -> Result<Layout> {
+        credit_spans(&mut self, starts)?;
+        Ok(self)
+    }
+
     pub fn turns(&self) -> usize {
         self.turn_trajectory.len()
     }
@@ -252,7 +265,7 @@ impl Layout {
 /// The layout part of [`batch`], for any batch of `rows` rows (also the fused path's
 /// [`crate::math::chunks::HiddenBatch`]): at most 2^32 − 1 rows, trajectories only with turns, credit
 /// starts only with trajectories, each validated against the rows.
-pub fn batch_layout(
+pub(crate) fn batch_layout(
     rows: usize,
     turns: Option<Turns<'_>>,
     trajectories: Option<Trajectories<'_>>,
@@ -283,7 +296,7 @@ fn credit_start_needs_trajectories() -> Error {
 /// (`GroupLayout::turn_credit_start`): turn t's span `starts[t] .. starts[t] + turn_credit[t]`
 /// must lie within its trajectory's `0 .. tokens` and overlap no other span of that trajectory.
 /// Errors name the turn ([`Error::CreditSpan`]).
-pub fn credit_spans(layout: &mut Layout, starts: &[u32]) -> Result<()> {
+pub(crate) fn credit_spans(layout: &mut Layout, starts: &[u32]) -> Result<()> {
     let t_count = layout.turns();
     let groups = layout.groups.as_ref().ok_or_else(credit_start_needs_trajectories)?;
     if starts.len() != t_count {
@@ -304,7 +317,7 @@ pub fn credit_spans(layout: &mut Layout, starts: &[u32]) -> Result<()> {
 /// fields included (dense group ids in order of first appearance, the group lists, the token
 /// offsets and total): a layout built or edited by hand that is not is an error, never an
 /// out-of-bounds read in an epilogue. O(T + B).
-pub fn layout_consistent(layout: &Layout) -> Result<()> {
+pub(crate) fn layout_consistent(layout: &Layout) -> Result<()> {
     let Some(&rows) = layout.turn_offsets.last() else {
         return Err(Error::turns("Layout::turn_offsets is empty: it needs turns + 1 entries"));
     };
@@ -334,7 +347,7 @@ pub fn layout_consistent(layout: &Layout) -> Result<()> {
 
 /// The global rows `first_row .. first_row + rows` of a micro-batch (row errors name
 /// `first_row + i`) must be representable: their end must fit in `usize`.
-pub fn global_rows(first_row: usize, rows: usize) -> Result<()> {
+pub(crate) fn global_rows(first_row: usize, rows: usize) -> Result<()> {
     match first_row.checked_add(rows) {
         Some(_) => Ok(()),
         None => Err(Error::shape(format!(
@@ -379,7 +392,7 @@ fn check_spans(turn_trajectory: &[u32], credit: &[u32], tokens: &[u32], starts: 
 }
 
 /// The micro-batch bounds `[0, cuts…, rows]` of [`crate::Backend::compute_micro_batched`].
-pub fn micro_batches(cuts: &[usize], rows: usize) -> Result<Vec<usize>> {
+pub(crate) fn micro_batches(cuts: &[usize], rows: usize) -> Result<Vec<usize>> {
     let mut bounds = Vec::with_capacity(cuts.len() + 2);
     bounds.push(0);
     for &c in cuts {
@@ -393,7 +406,7 @@ pub fn micro_batches(cuts: &[usize], rows: usize) -> Result<Vec<usize>> {
 }
 
 /// Validates a turn layout over `rows` rows and, optionally, its trajectories.
-pub fn layout(rows: usize, turns: &Turns<'_>, trajectories: Option<&Trajectories<'_>>) -> Result<Layout> {
+pub(crate) fn layout(rows: usize, turns: &Turns<'_>, trajectories: Option<&Trajectories<'_>>) -> Result<Layout> {
     let t = turns.trajectory.len();
     if turns.offsets.len() != t + 1 {
         return Err(Error::turns(format!(

@@ -52,7 +52,7 @@ impl Emulated {
     /// emulated backend runs it: per chunk an f32 GEMM and the kernel source in partial-state mode,
     /// each chunk's `[N, 8]` states appended to one `[K, N, 8]` buffer (what the CUDA path keeps on
     /// the device), then ONE launch of the kernel's merge mode
-    /// ([`crate::emulated::Emulated::merge_range_states`]): the ordered f32 merge, the row
+    /// ([`Emulated::merge_and_finish`]): the ordered f32 merge, the row
     /// outputs, and with `layout` the turn means and the epilogue, in the kernel. Row errors name
     /// global row `first_row + i`.
     pub fn compute_hidden_typed<T: LogitElement>(
@@ -75,7 +75,7 @@ impl Emulated {
             parts += 1;
             Ok(())
         })?;
-        self.merge_range_states(&states, parts, targets, inputs.vocab, layout, params).map_err(|e| match e {
+        self.merge_and_finish(&states, parts, targets, inputs.vocab, layout, params).map_err(|e| match e {
             Error::Row { row, kind, target } => Error::Row { row: first_row + row, kind, target },
             other => other,
         })

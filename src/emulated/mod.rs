@@ -6,7 +6,7 @@
 //! fills, and decodes the kernel's error word the same way. Slow (it is a test vehicle), but
 //! bitwise deterministic run to run.
 //!
-//! Besides [`Backend`], [`Emulated::merge_range_states`] runs the kernel's merge mode: the rows of a
+//! Besides [`Backend`], [`Emulated::merge_and_finish`] runs the kernel's merge mode: the rows of a
 //! batch from the partial states of vocabulary ranges, with turns and the epilogue.
 //!
 //! Two test knobs reach protocol paths a default launch does not:
@@ -251,15 +251,15 @@ impl Emulated {
     /// them.
     ///
     /// `states` is `[parts][rows][8]` f32 (`rows = targets.len()`), part k being the
-    /// partial-state output (`state_out`, e.g. [`crate::math::range::emulated_range_states`]) of the
+    /// partial-state output (`state_out`, e.g. [`Emulated::range_states`]) of the
     /// k-th range in vocabulary order, computed with the same `params` (their τs). The ranges
     /// themselves are not passed: the kernel takes each row's target logits from the one part
     /// whose range holds the target, and a target outside `[0, vocab)` is the row error of the
-    /// logit path. `layout` (validated, for `rows` rows: [`crate::data::layout::layout`], with
-    /// [`crate::data::layout::credit_spans`] for token advantages) adds turns and advantages.
+    /// logit path. `layout` (validated, for `rows` rows: [`crate::Layout::new`], with
+    /// [`crate::Layout::with_credit_start`] for token advantages) adds turns and advantages.
     /// Errors as [`Backend::compute`]: shapes, parameters, the lowest row error, then a
     /// non-finite turn.
-    pub fn merge_range_states(
+    pub fn merge_and_finish(
         &self,
         states: &[f32],
         parts: usize,
@@ -312,7 +312,7 @@ impl Emulated {
     }
 }
 
-/// The checks of [`Emulated::merge_range_states`]: [`launch::check_merge_states`], and a layout
+/// The checks of [`Emulated::merge_and_finish`]: [`launch::check_merge_states`], and a layout
 /// must cover exactly `rows` rows and be consistent ([`layout::layout_consistent`]: the
 /// kernel indexes with every offset and id in it and writes through its credited spans).
 fn check_merge_input(

@@ -19,7 +19,7 @@
 
 use crate::data::{HiddenInputs, HiddenTensors, LogitElement};
 use crate::error::{Error, Result};
-use crate::math::range::{RangeFold, RangeStates, VocabRange};
+use crate::math::range::{chunk_ranges, RangeFold, RangeStates, VocabRange};
 use crate::math::row::{scaled_logit_f64, RowValues};
 use crate::params::Params;
 use half::{bf16, f16};
@@ -138,16 +138,14 @@ pub(crate) fn for_each_chunk<T: LogitElement, E: GemmElement>(
     let mut weight = vec![E::ZERO; c * d];
     let mut real_l = vec![E::ZERO; n * c];
     let mut masked_l = vec![E::ZERO; n * c];
-    let mut start = 0;
-    while start < v {
-        let len = c.min(v - start);
+    for range in chunk_ranges(v, chunk) {
+        let (start, len) = (range.start, range.len);
         let w = &mut weight[..len * d];
         w.par_iter_mut().zip(&inputs.lm_head[start * d..(start + len) * d]).for_each(|(o, &e)| *o = E::from_input(e));
         let (rl, ml) = (&mut real_l[..n * len], &mut masked_l[..n * len]);
         chunk_logits(&real_h, w, rl, n, d, len);
         chunk_logits(&masked_h, w, ml, n, d, len);
-        visit(VocabRange::new(start, len), rl, ml)?;
-        start += len;
+        visit(range, rl, ml)?;
     }
     Ok(())
 }

@@ -73,6 +73,38 @@ pub fn shard_ranges(vocab: usize, parts: usize) -> Result<Vec<VocabRange>> {
         .collect())
 }
 
+/// The chunks of token ids the fused path walks: `[0, vocab)` in ranges of `chunk` (the last
+/// one shorter), in vocabulary order; chunk `k`'s states are slice `k` of the states buffer.
+pub fn chunk_ranges(vocab: usize, chunk: usize) -> Vec<VocabRange> {
+    let chunk = chunk.max(1);
+    (0..vocab.div_ceil(chunk)).map(|k| VocabRange::new(k * chunk, chunk.min(vocab - k * chunk))).collect()
+}
+
+/// The chunks of rank `rank`'s Megatron shard (`shard_ranges(vocab, world)[rank]`, padded width
+/// `W = ⌈V / P⌉`): `⌈W / chunk⌉` ranges of `chunk` token ids over the padded width, clipped to
+/// the shard's valid ids (so the last ones may be shorter or empty). Every rank gets the same
+/// count, which an all-gather needs; concatenated over the ranks they tile `[0, vocab)` in
+/// order. `chunk ≥ W` gives one range per rank: its shard.
+pub fn shard_chunk_ranges(vocab: usize, world: usize, rank: usize, chunk: usize) -> Result<Vec<VocabRange>> {
+    if vocab == 0 {
+        return Err(Error::EmptyVocab);
+    }
+    if chunk == 0 {
+        return Err(Error::shape("the vocabulary chunk must hold at least one token id"));
+    }
+    let shards = shard_ranges(vocab, world)?;
+    let Some(shard) = shards.get(rank) else {
+        return Err(Error::shape(format!("rank {rank} of a world of {world}")));
+    };
+    let width = vocab.div_ceil(world);
+    Ok((0..width.div_ceil(chunk))
+        .map(|k| {
+            let offset = (k * chunk).min(shard.len);
+            VocabRange::new(shard.start + offset, chunk.min(shard.len - offset))
+        })
+        .collect())
+}
+
 /// Logits whose columns `first_col .. first_col + range.len` of each row are the token ids of
 /// `range`: either the full `[N, V]` logits ([`RangeInput::of_full`]) or one shard's
 /// `[N, W]` logits, W ≥ its valid length ([`RangeInput::shard`]; padding columns are ignored).

@@ -13,6 +13,8 @@
 mod args;
 mod bench;
 mod compute;
+#[cfg(feature = "cuda")]
+mod device_timer;
 mod main_job;
 mod timing;
 mod verify;

@@ -19,7 +19,7 @@ pub fn median(sorted: &[f64]) -> f64 {
 
 /// Times `iters` runs of the full pipeline after `warmup` untimed ones; returns the sorted times
 /// in seconds. On CUDA the logits stay on the device and launches are timed with CUDA events
-/// (`CudaBackend::time_device`); elsewhere a `compute` call is timed with the wall clock.
+/// (`device_timer::time_device`); elsewhere a `compute` call is timed with the wall clock.
 pub fn time_compute(
     backend: &dyn Backend,
     batch: &Batch<'_>,
@@ -30,7 +30,7 @@ pub fn time_compute(
     #[cfg(feature = "cuda")]
     if backend.name() == "cuda" {
         let gpu = infopo_kernels::cuda::CudaBackend::new(0)?;
-        return Ok(gpu.time_device(batch, params, warmup, iters.max(1))?);
+        return Ok(crate::device_timer::time_device(&gpu, batch, params, warmup, iters.max(1))?);
     }
     for _ in 0..warmup {
         backend.compute(batch, params)?;
