@@ -2,7 +2,7 @@
 //! computed in f64 chunk by chunk and never stored, against the naive oracle on the logits
 //! materialised in f64 here (a plain dot product per logit).
 
-mod common;
+use crate::common;
 
 use common::{close, oracle_code, oracle_row};
 use half::{bf16, f16};
@@ -404,7 +404,7 @@ fn kernel_file_case<T: LogitElement>(
 /// The same cases on the GPU: cuBLAS chunk GEMMs, the kernel per chunk, the device merge.
 #[cfg(feature = "cuda")]
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --release --features cuda --test fused -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --release --features cuda --test ranges -- --include-ignored fused::fused_linear_files_match_the_f64_reference_on_cuda"]
 fn fused_linear_files_match_the_f64_reference_on_cuda() {
     let gpu = infopo_kernels::cuda::CudaBackend::new(0).expect("a CUDA GPU");
     let dir = tempfile::tempdir().unwrap();

@@ -6,7 +6,7 @@
 //! against the host's float64 merge of the same states, and bit for bit against the unsplit
 //! launch where that must hold (one part).
 
-mod common;
+use crate::common;
 
 use common::kernel::{
     check_epilogue, check_token_advantage, compare_rows, epilogue_feed, generate, layout, peaked, random_span_layout,

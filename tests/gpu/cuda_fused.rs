@@ -7,13 +7,13 @@
 //! The GPU tests are ignored (a machine without a GPU must pass the suite); run them with
 //!
 //! ```text
-//! NVCC=$(scripts/install-nvcc | tail -1) cargo test --release --features cuda --test cuda_fused -- --include-ignored
+//! NVCC=$(scripts/install-nvcc | tail -1) cargo test --release --features cuda --test gpu -- --include-ignored cuda_fused::
 //! ```
 //!
 //! The validation tests without a GPU run everywhere.
 #![cfg(feature = "cuda")]
 
-mod common;
+use crate::common;
 
 use common::kernel::{compare_rows, generate, Spec};
 use common::{to_dtype, to_f64};
@@ -250,7 +250,7 @@ fn shards_match_reference<T: LogitElement>(gpu: &CudaBackend, n: usize, v: usize
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_fused -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_fused::"]
 fn range_states_match_the_reference() {
     let gpu = gpu();
     // Few rows and a large vocabulary split every row over blocks; many rows do not.
@@ -264,7 +264,7 @@ fn range_states_match_the_reference() {
 /// Row errors are decided by the merge on whole rows: the same row and kind as the unsplit
 /// reference, for entries in one shard or a side all −∞ across every shard.
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_fused -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_fused::"]
 fn range_row_errors_match_the_reference() {
     let gpu = gpu();
     let (n, v) = (6usize, 4000usize);
@@ -353,7 +353,7 @@ fn fused_matches<T: LogitElement + cudarc::driver::DeviceRepr>(
 /// reference on the f64 logits: bf16 and f32 (and f16), V = 50257 and 32003, chunks that divide
 /// V (1733 · 29 = 50257; V itself) and that do not, more than V, few rows (split rows) and many.
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_fused -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_fused::"]
 fn fused_matches_the_f64_reference() {
     let gpu = gpu();
     for &(n, d, v) in &[(3usize, 64usize, 50257usize), (200, 96, 32003), (130, 64, 50257)] {
@@ -371,7 +371,7 @@ fn fused_matches_the_f64_reference() {
 /// reference's outputs to the kernels' tolerance: p ∈ {1, 2, 3, 8}, chunks smaller and larger
 /// than a shard.
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_fused -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_fused::"]
 fn fused_shards_match_the_f64_reference() {
     let gpu = gpu();
     let s = gpu.stream().clone();
@@ -418,7 +418,7 @@ fn fused_shards_match_the_f64_reference() {
 /// The same outputs as the CPU fused reference to the kernels' tolerance, and the same row
 /// error (row and kind) when a hidden state holds a NaN or a target is out of range.
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_fused -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_fused::"]
 fn fused_row_errors_match_the_reference() {
     let gpu = gpu();
     let mut c = case(5, 16, 32003, 3);
@@ -445,7 +445,7 @@ fn fused_row_errors_match_the_reference() {
 
 /// Bad shapes are typed errors before anything is launched.
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_fused -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_fused::"]
 fn fused_bad_shapes_are_typed_errors() {
     let gpu = gpu();
     let c = case(2, 4, 10, 2);
@@ -473,7 +473,7 @@ fn fused_bad_shapes_are_typed_errors() {
 /// Two runs of the fused path give the same bits (fixed chunk order, deterministic kernel;
 /// cuBLAS's default GEMM is deterministic on one stream and one handle).
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_fused -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_fused::"]
 fn fused_is_bitwise_deterministic() {
     let gpu = gpu();
     let c = case(64, 128, 50257, 11);
@@ -497,7 +497,7 @@ fn fused_is_bitwise_deterministic() {
 /// one shard gives the reference's outputs; a padded shard's padding is never read.
 #[cfg(feature = "nccl")]
 #[test]
-#[ignore = "needs a CUDA GPU and libnccl: cargo test --features cuda,nccl --test cuda_fused -- --include-ignored"]
+#[ignore = "needs a CUDA GPU and libnccl: cargo test --features cuda,nccl --test gpu -- --include-ignored cuda_fused::"]
 fn nccl_single_rank_gather_and_merge() {
     use cudarc::nccl::Comm;
     use infopo_kernels::cuda::nccl::nccl_present;
@@ -550,7 +550,7 @@ fn nccl_single_rank_gather_and_merge() {
 /// backend's stream. P = 3 also gathers the fused path's K chunk states per rank.
 #[cfg(feature = "nccl")]
 #[test]
-#[ignore = "needs CUDA GPUs and libnccl (up to 8 devices; fewer skip the larger worlds) or the CPU stand-in: cargo test --features cuda,nccl --test cuda_fused -- --include-ignored"]
+#[ignore = "needs CUDA GPUs and libnccl (up to 8 devices; fewer skip the larger worlds) or the CPU stand-in: cargo test --features cuda,nccl --test gpu -- --include-ignored cuda_fused::"]
 fn nccl_ranks_agree_bitwise_with_the_unsharded_merge() {
     use cudarc::driver::CudaContext;
     use cudarc::nccl::{Comm, Id};

@@ -3,7 +3,7 @@
 //! line on stderr and no OUT (nor temporary file) left behind. A proptest feeds the readers,
 //! and the CPU backend behind them, random corruptions of a valid file and random headers.
 
-mod common;
+use crate::common;
 
 use common::files::{
     entries, f32_bytes, i64_bytes, infopo, raw_batch, raw_hidden_batch, s, serialize, stderr, with, Raw,

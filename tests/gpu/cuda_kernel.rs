@@ -5,13 +5,13 @@
 //! The GPU tests are ignored (a machine without a GPU must pass the suite); run them with
 //!
 //! ```text
-//! NVCC=$(scripts/install-nvcc | tail -1) cargo test --features cuda --test cuda_kernel -- --include-ignored
+//! NVCC=$(scripts/install-nvcc | tail -1) cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::
 //! ```
 //!
 //! `no_driver_is_a_typed_error` and the raw-pointer validation tests run everywhere.
 #![cfg(feature = "cuda")]
 
-mod common;
+use crate::common;
 
 use common::kernel::{self, check_row, generate, Spec};
 use common::{to_dtype, to_f64};
@@ -55,97 +55,97 @@ fn no_driver_is_a_typed_error() {
 // ---- The shared bodies ------------------------------------------------------------------
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn random_shapes_match_oracle() {
     kernel::random_shapes_match_oracle(&gpu(), 256);
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn small_vocabularies_every_dtype() {
     kernel::small_vocabularies_every_dtype(&gpu());
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn vocab_1000() {
     kernel::vocab_1000(&gpu());
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn split_vocabulary_large_v() {
     kernel::split_vocabulary_large_v(&gpu());
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn neg_inf_entries_and_infinite_kl() {
     kernel::neg_inf_entries_and_infinite_kl(&gpu());
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn huge_logits_and_temperature() {
     kernel::huge_logits_and_temperature(&gpu());
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn real_and_masked_with_different_alignment() {
     kernel::real_and_masked_with_different_alignment(&gpu());
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn bitwise_deterministic() {
     kernel::bitwise_deterministic(&gpu());
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn every_row_error_code_with_priority() {
     kernel::every_row_error_code_with_priority(&gpu());
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn epilogue_matches_oracle() {
     kernel::epilogue_matches_oracle(&gpu());
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn micro_batches_match_one_batch() {
     kernel::micro_batches_match_one_batch(&gpu());
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn turns_without_trajectories_and_empty_turns() {
     kernel::turns_without_trajectories_and_empty_turns(&gpu());
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn validation_errors_are_typed() {
     kernel::validation_errors_are_typed(&gpu());
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn token_advantages_match_oracle() {
     kernel::token_advantages_match_oracle(&gpu(), 40);
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn intrinsic_gate_matches_oracle() {
     kernel::intrinsic_gate_matches_oracle(&gpu());
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn bad_credit_spans_are_typed() {
     kernel::bad_credit_spans_are_typed(&gpu());
 }
@@ -198,7 +198,7 @@ fn device_views_misaligned<T: LogitElement + cudarc::driver::DeviceRepr>(
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn device_views_at_different_alignments() {
     device_views_misaligned::<f16>(6, 1000, 0, 1);
     device_views_misaligned::<bf16>(4, 50257, 3, 0);
@@ -223,7 +223,7 @@ fn pattern(idx: u64) -> (f32, f32) {
 /// handful (the first, one straddling element 2^31 with its target past it, the last) against
 /// the oracle.
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn more_than_2_pow_31_elements() {
     const N: usize = 16384;
     const V: usize = 151_936;
@@ -379,7 +379,7 @@ fn raw_matches_safe<T: LogitElement + cudarc::driver::DeviceRepr>(n: usize, v: u
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn raw_pointers_match_the_device_api() {
     raw_matches_safe::<bf16>(5, 50_257, 3, false);
     raw_matches_safe::<f16>(7, 1000, 1, false);
@@ -388,7 +388,7 @@ fn raw_pointers_match_the_device_api() {
 
 /// The raw entry on a stream the caller created (not the default stream): the same bits.
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn raw_entry_on_a_stream_the_caller_created() {
     raw_matches_safe::<bf16>(6, 50_257, 5, true);
     raw_matches_safe::<f32>(4, 3000, 0, true);
@@ -399,7 +399,7 @@ fn raw_entry_on_a_stream_the_caller_created() {
 /// step equals a fresh one-call batch of its logits: rows bit for bit (V = 31: one block per
 /// row whatever the launch), turns and advantages to 1e-12.
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn device_batch_restarts_step_after_step() {
     use infopo_kernels::{Backend, Batch, Logits};
     let gpu = gpu();
@@ -453,7 +453,7 @@ fn device_batch_restarts_step_after_step() {
 /// the like on a GPU) leaves row tickets drawn: `check_scratch` names them, `reset_scratch`
 /// clears them, and the next launch is right again. On a real driver only the clean half runs.
 #[test]
-#[ignore = "needs a CUDA GPU or the CPU stand-in: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU or the CPU stand-in: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn reset_scratch_after_an_aborted_launch() {
     let gpu = gpu();
     let s = gpu.stream().clone();
@@ -558,7 +558,7 @@ fn steady_state_steps_load_nothing_and_allocate_the_same() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn launch_discipline_is_checked() {
     let a = gpu();
     let s = a.stream();
@@ -591,7 +591,7 @@ fn launch_discipline_is_checked() {
 /// (the kernel's epilogue indexes device buffers with its offsets and ids), and a row_out
 /// shorter than 5 x rows is a typed error on the download.
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn hand_edited_layouts_and_short_row_buffers_are_typed_errors() {
     let a = gpu();
     let l = kernel::layout();
@@ -611,31 +611,31 @@ fn hand_edited_layouts_and_short_row_buffers_are_typed_errors() {
 // ---- Numerics independent of the launch shape (shared bodies) -------------------------------
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn peaked_rows_give_exact_zero_log_ratio() {
     kernel::peaked_rows_give_exact_zero_log_ratio(&gpu());
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn tiny_probability_gap_gives_infinite_kl() {
     kernel::tiny_probability_gap_gives_infinite_kl(&gpu());
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn mask_fills_count_as_infinities() {
     kernel::mask_fills_count_as_infinities(&gpu());
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn non_finite_turn_info_is_an_error() {
     kernel::non_finite_turn_info_is_an_error(&gpu());
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features cuda --test cuda_kernel -- --include-ignored"]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn temperature_outside_its_range_is_a_parameter_error() {
     kernel::temperature_outside_its_range_is_a_parameter_error(&gpu());
 }

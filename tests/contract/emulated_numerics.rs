@@ -2,7 +2,7 @@
 //! (exact zeros, +∞ KL of tiny-probability gaps, mask fills, non-finite turns, the temperature
 //! range), through the shared bodies of `tests/common/kernel.rs`.
 
-mod common;
+use crate::common;
 
 use common::kernel;
 use infopo_kernels::emulated::Emulated;

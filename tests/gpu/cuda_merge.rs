@@ -6,11 +6,11 @@
 //! Ignored without a GPU; run them with
 //!
 //! ```text
-//! NVCC=$(scripts/install-nvcc | tail -1) cargo test --features cuda --test cuda_merge -- --include-ignored
+//! NVCC=$(scripts/install-nvcc | tail -1) cargo test --features cuda --test gpu -- --include-ignored cuda_merge::
 //! ```
 #![cfg(feature = "cuda")]
 
-mod common;
+use crate::common;
 
 use common::kernel::{
     check_token_advantage, compare_rows, epilogue_feed, generate, random_span_layout, Spec, ROW_ATOL, ROW_RTOL,

@@ -1,7 +1,7 @@
 //! The library API a trainer meets (issue 7 §6): global rows in two-stage errors, estimator
 //! values from any backend's `RowOutputs` into `TurnAccumulator`, `OwnedBatch`, `LayoutBuilder`.
 
-mod common;
+use crate::common;
 
 use common::{assert_close, random_layout};
 use infopo_kernels::emulated::Emulated;

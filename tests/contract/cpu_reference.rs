@@ -1,7 +1,7 @@
 //! The CPU backend against the independent naive oracle (tests/common), its properties, the
 //! paper's conventions, and every bad input.
 
-mod common;
+use crate::common;
 
 use common::*;
 use half::{bf16, f16};

@@ -1,5 +1,6 @@
 //! End-to-end tests of the `infopo` binary on files written into a temporary folder.
 
+#[path = "../common/mod.rs"]
 mod common;
 
 use common::files::{

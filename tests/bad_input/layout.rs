@@ -5,7 +5,7 @@
 //! a typed error there, never a panic or an out-of-bounds access; the layout `validate::layout`
 //! builds is accepted.
 
-mod common;
+use crate::common;
 
 use common::random_layout;
 use infopo_kernels::emulated::Emulated;

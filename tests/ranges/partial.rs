@@ -3,7 +3,7 @@
 //! merged on the host, give the unsplit outputs and row errors, for Megatron-style shards
 //! (p ∈ {1, 2, 3, 8}, padded last shard), uneven splits and any order of the ranges.
 
-mod common;
+use crate::common;
 
 use common::kernel::{compare_rows, generate, peaked, Spec};
 use common::{close, to_dtype, to_f64};

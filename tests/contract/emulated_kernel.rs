@@ -2,7 +2,7 @@
 //! shared kernel test bodies of `tests/common/kernel.rs` (tolerances documented there), against
 //! the naive float64 oracle of `tests/common/mod.rs`.
 
-mod common;
+use crate::common;
 
 use common::kernel;
 use infopo_kernels::emulated::Emulated;

@@ -14,6 +14,7 @@
 //! `scripts/tsan` runs these under ThreadSanitizer, where a missing fence or an early read is
 //! a report (kernels/emulator.h says what the mapping can and cannot catch).
 
+#[path = "../common/mod.rs"]
 mod common;
 
 use common::kernel::{check_epilogue, compare_rows, epilogue_feed, generate, layout, Layout, Spec};
