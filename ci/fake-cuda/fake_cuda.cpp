@@ -30,7 +30,7 @@
 // FAKE_CUDA_LOG=path (every call
 // with its arguments), FAKE_CUDA_ABORT=1 (abort on the first fault instead of a sticky error).
 // Counts of calls: fake_cuda_call_count(name) (the process's), fake_cuda_thread_call_count(name)
-// (the calling thread's); fake_cuda_abort_next_launch(blocks).
+// (the calling thread's); fake_cuda_abort_next_launch(blocks) (the calling thread's next launch).
 // Event timing is host time and means nothing.
 
 #include "emulator.cpp"
@@ -44,6 +44,7 @@
 #include <set>
 #include <string>
 #include <unordered_map>
+#include <utility>
 
 typedef int CUresult;
 typedef int CUdevice;
@@ -615,8 +616,10 @@ std::vector<Buffer> launch_buffers(const InfopoArgs &a, Entry e) {
     return b;
 }
 
-// fake_cuda_abort_next_launch: the next launch runs only this many blocks (0: none pending).
-std::atomic<unsigned> abort_after{0};
+// fake_cuda_abort_next_launch: the calling thread's next launch runs only this many blocks (0: none
+// pending). Per thread: the tests of a binary run in parallel in one process, and another test's
+// launch must not take the cut.
+thread_local unsigned abort_after = 0;
 
 void emulate(Entry e, const InfopoArgs &a, unsigned grid, unsigned block, unsigned blocks_run) {
     const InfopoEmulation opt{std::min(std::max(cfg().blocks_at_once, 1u), (unsigned)INFOPO_EMU_MAX_BLOCKS_AT_ONCE),
@@ -701,7 +704,7 @@ uint64_t fake_cuda_thread_call_count(const char *name) {
 int fake_cuda_is_stand_in(void) { return 1; }
 // The next kernel launch (on any stream) runs only its first `blocks` blocks and then stops
 // without an error, as a launch cut short (a cancelled graph replay, say) leaves its tickets.
-void fake_cuda_abort_next_launch(unsigned blocks) { abort_after.store(blocks == 0 ? 1 : blocks); }
+void fake_cuda_abort_next_launch(unsigned blocks) { abort_after = blocks == 0 ? 1 : blocks; }
 
 // ---------------------------------------------------------------- driver: init, devices, contexts
 
@@ -1228,7 +1231,7 @@ CUresult cuLaunchKernel(Function *f, unsigned gx, unsigned gy, unsigned gz, unsi
     const Entry e = f->entry;
     if (CUresult r = check_buffers(ctx, f->name.c_str(), launch_buffers(args, e))) return r;
     const std::string name = f->name;
-    const unsigned blocks_run = abort_after.exchange(0);
+    const unsigned blocks_run = std::exchange(abort_after, 0u);
     enqueue(s, [ctx, e, args, gx, bx, name, blocks_run] {
         if (ctx->sticky.load()) return; // a faulted context runs nothing more
         if (run_checks(ctx, name, launch_buffers(args, e)) != CUDA_SUCCESS) return;

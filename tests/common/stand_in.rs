@@ -26,7 +26,7 @@ pub fn calls(lib: &Library, name: &str) -> u64 {
     }
 }
 
-/// The next kernel launch runs only its first `blocks` blocks and stops without an error.
+/// This thread's next kernel launch runs only its first `blocks` blocks and stops without an error.
 pub fn abort_next_launch(lib: &Library, blocks: u32) {
     // SAFETY: `fake_cuda_abort_next_launch(unsigned)` of ci/fake-cuda/fake_cuda.cpp.
     unsafe {
