@@ -492,7 +492,7 @@ fn reset_scratch_after_an_aborted_launch() {
 /// allocations every step (the per-step buffers: row outputs, chunk logits, states), counted
 /// by the CPU stand-in of the driver. On a real driver it only runs the steps.
 #[test]
-#[ignore = "needs the CPU stand-in of the driver to count calls (ci/fake-cuda); runs the steps on a GPU"]
+#[ignore = "needs the CPU stand-in of the driver to count calls (.ci/fake-cuda); runs the steps on a GPU"]
 fn steady_state_steps_load_nothing_and_allocate_the_same() {
     use infopo_kernels::cuda::fused::DeviceHiddenInputs;
     let lib = common::stand_in::stand_in();
@@ -541,7 +541,7 @@ fn steady_state_steps_load_nothing_and_allocate_the_same() {
     }
     gpu.check_scratch().unwrap();
     let Some(_) = lib else {
-        eprintln!("a real driver: the steps ran; call counts need the CPU stand-in (ci/fake-cuda)");
+        eprintln!("a real driver: the steps ran; call counts need the CPU stand-in (.ci/fake-cuda)");
         return;
     };
     eprintln!("calls per step ({names:?}): {per_step:?}");

@@ -8,7 +8,7 @@
 //! NVCC=$(scripts/install-nvcc | tail -1) cargo test --release --features cuda,nccl --test gpu -- --include-ignored
 //! ```
 //!
-//! or on the CPU stand-in of the driver (`ci/fake-cuda`, `docs/gpu.md`).
+//! or on the CPU stand-in of the driver (`.ci/fake-cuda`, `docs/gpu.md`).
 #![cfg(feature = "cuda")]
 
 #[path = "../common/mod.rs"]

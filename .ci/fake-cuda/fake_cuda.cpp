@@ -1,6 +1,6 @@
 // A CPU stand-in for the CUDA driver, cuBLAS and NCCL: the subset this crate's host code
 // (src/cuda/, through cudarc) calls, with our kernels run by the emulator (kernels/emulator.cpp).
-// CI only; never part of the published crate. Built by ci/fake-cuda/build, which installs this
+// CI only; never part of the published crate. Built by .ci/fake-cuda/build, which installs this
 // one shared object under every library name cudarc and our probes load (libcuda.so.1,
 // libcublas.so.13, libnccl.so.2, ...): loaded once, so the driver, cuBLAS and NCCL share one
 // table of allocations. docs/gpu.md says what it proves and what it cannot.
@@ -737,7 +737,7 @@ CUresult cuDeviceGet(CUdevice *d, int ordinal) {
 CUresult cuDeviceGetName(char *name, int len, CUdevice d) {
     called("cuDeviceGetName", "%d", d);
     if (d < 0 || d >= cfg().devices) return CUDA_ERROR_INVALID_DEVICE;
-    std::snprintf(name, (size_t)len, "CPU stand-in of a CUDA device (ci/fake-cuda)");
+    std::snprintf(name, (size_t)len, "CPU stand-in of a CUDA device (.ci/fake-cuda)");
     return CUDA_SUCCESS;
 }
 CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice d) {
