@@ -5,7 +5,7 @@ Measured, on bf16 logits of shapes V ∈ {32000, 128256, 151936} × N ∈ {16, 6
   copy          device-to-device `dst.copy_(src)` of a 1 GiB buffer: the memory system's
                 sustainable bandwidth, counted as read + write (2·bytes / time);
   torch-eager   the whole InfoPO computation in torch ops as the paper's code does it
-                (bench/common.py `torch_pipeline`: log_softmax of both in float32, gather,
+                (compare/common.py `torch_pipeline`: log_softmax of both in float32, gather,
                 kl_div summed over V, per-turn segment means with index_add, group mean/std of
                 outcomes and intrinsic values with index_add, the variance gate, advantages);
   torch-compile the same function under torch.compile (default mode; compile time excluded,
@@ -29,10 +29,10 @@ Verification (same data): one batch (default N=256, V=151936) is written to a sa
 `infopo compute --backend cuda` runs on it, and every output is compared with torch-eager (float32
 on the GPU) and with PyTorch in float64: max abs errors.
 
-    python bench/compare_gpu.py --infopo target/release/infopo     # on the GPU machine
-    python bench/compare_gpu.py --dry-run                            # CPU, tiny, no CUDA/Liger
+    python compare/compare_gpu.py --infopo target/release/infopo     # on the GPU machine
+    python compare/compare_gpu.py --dry-run                            # CPU, tiny, no CUDA/Liger
 
-Writes bench/results/<date>-<gpu>.{json,log,png} (--dry-run: a temporary folder unless --out).
+Writes results/<date>-<gpu>.{json,log,png} (--dry-run: a temporary folder unless --out).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def parse_args():
                     help="skip the shapes left once this many seconds have passed (default 420)")
     ap.add_argument("--dry-run", action="store_true",
                     help="run the PyTorch parts on CPU at tiny sizes to check the script")
-    ap.add_argument("--out", help="results folder (default bench/results; --dry-run: a temporary one)")
+    ap.add_argument("--out", help="results folder (default results/; --dry-run: a temporary one)")
     a = ap.parse_args()
     # Defaults; --dry-run has its own (tiny) ones. Explicit options win in both cases.
     defaults = dict(vocab="32000,128256,151936", rows="16,64,256,4096", iters=20, warmup=5,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The crate's CPU path against PyTorch CPU eager, on the same data, in one run.
 
-For each shape (N rows × V vocab, float32 logits) one synthetic batch (bench/common.py) is
+For each shape (N rows × V vocab, float32 logits) one synthetic batch (compare/common.py) is
 written once to a temporary safetensors file; then
   (a) PyTorch eager float32, the per-row part as PyTorch code writes it: log_softmax of both,
       kl_div(log_target=True) summed over the vocabulary, gather of the target → log-ratio
@@ -14,10 +14,10 @@ written once to a temporary safetensors file; then
 GB/s counts the logits read once: 2·N·V·4 bytes per call.
 
     PY="$(scripts/bench-env | tail -n1)"
-    "$PY" bench/compare_cpu.py            # N=256, V ∈ {32000, 128256, 151936}
-    "$PY" bench/compare_cpu.py --quick    # N=256, V=151936 only, fewer iterations
+    "$PY" compare/compare_cpu.py            # N=256, V ∈ {32000, 128256, 151936}
+    "$PY" compare/compare_cpu.py --quick    # N=256, V=151936 only, fewer iterations
 
-Writes bench/results/<date>-<cpu>.{json,log,png} (or --out DIR).
+Writes results/<date>-<cpu>.{json,log,png} (or --out DIR).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def parse_args():
     ap.add_argument("--infopo", help="the infopo binary (default target/release/infopo, built if missing)")
     ap.add_argument("--build", action="store_true", help="run cargo build --release first")
     ap.add_argument("--no-pipeline", action="store_true", help="skip timing torch-pipeline")
-    ap.add_argument("--out", help="results folder (default bench/results)")
+    ap.add_argument("--out", help="results folder (default results/)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     return ap.parse_args()
 

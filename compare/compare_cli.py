@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The whole `infopo compute` process against PyTorch CPU eager's compute alone, same file, one run.
 
-One synthetic batch (bench/common.py; default N=1024 rows × V=151936, bf16, with turns and GRPO
+One synthetic batch (compare/common.py; default N=1024 rows × V=151936, bf16, with turns and GRPO
 groups) is written once to a temporary safetensors file. Then, alternating run by run so both
 see the same machine state:
   (a) the crate: the whole `infopo compute --backend cpu FILE OUT` process, timed from spawn to
@@ -17,10 +17,10 @@ The goal: the whole process ≥ 4× faster than torch-rows (ratio = torch median
 The crate's row outputs are checked against torch-rows (max abs error of row_kl, row_log_ratio).
 
     PY="$(scripts/bench-env | tail -n1)"
-    "$PY" bench/compare_cli.py                 # N=1024, V=151936, bf16, 5 runs after 1 warm-up
-    "$PY" bench/compare_cli.py --dry-run       # N=16, V=1000, 2 runs, results to a temp folder
+    "$PY" compare/compare_cli.py                 # N=1024, V=151936, bf16, 5 runs after 1 warm-up
+    "$PY" compare/compare_cli.py --dry-run       # N=16, V=1000, 2 runs, results to a temp folder
 
-Writes bench/results/<date>-<cpu>-cli.{json,log} (or --out DIR). Timings are only meaningful on
+Writes results/<date>-<cpu>-cli.{json,log} (or --out DIR). Timings are only meaningful on
 an otherwise idle machine (the JSON records the 1-minute load average before and after).
 """
 
@@ -56,7 +56,7 @@ def parse_args():
     ap.add_argument("--build", action="store_true", help="run cargo build --release first")
     ap.add_argument("--no-pipeline", action="store_true", help="skip timing torch-pipeline")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
-    ap.add_argument("--out", help="results folder (default bench/results; a temp folder with --dry-run)")
+    ap.add_argument("--out", help="results folder (default results/; a temp folder with --dry-run)")
     ap.add_argument("--dry-run", action="store_true",
                     help="check the script: N=16, V=1000, 2 runs, results to a temp folder unless --out")
     return ap.parse_args()

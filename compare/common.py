@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts in bench/.
+"""Shared pieces of the benchmark scripts in compare/.
 
 - `synth_batch`: synthetic, realistic InfoPO batches in torch (the same distribution and layout
   as `src/synth.rs`, not the same numbers);
@@ -7,7 +7,7 @@
 - `env_info`: git commit, device, driver, software versions;
 - `time_cpu`, `time_cuda`, `cuda_copies`: timing (median of timed runs after warm-up;
   on a GPU with CUDA events, rotating among input copies whose total exceeds the L2 cache);
-- `Report`: the raw log (tee of everything printed), the JSON and the PNG in bench/results/.
+- `Report`: the raw log (tee of everything printed), the JSON and the PNG in results/.
 
 Runs on CPU-only machines (nothing here imports CUDA-only packages).
 """
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
+RESULTS = REPO / "results"
 SCHEMA = 1
 
 # Tensor names of the CLI's input file (src/io.rs reads `real` and `masked`).

@@ -7,7 +7,7 @@ draws the same elements): real and masked hidden states [N, D], an lm_head [V, D
   (a) PyTorch CPU eager, the materialised path as trainer code writes it:
       logits = h @ W.T (÷ τ, skipped at τ = 1) for the real and the masked hidden states, both kept;
       log_softmax of both in float32, kl_div(log_target=True) summed over V, the log-ratio of the
-      target (bench/common.py `torch_rows`), under inference_mode;
+      target (compare/common.py `torch_rows`), under inference_mode;
   (b) the crate, `infopo bench --fused-linear --json` in a subprocess, for each vocabulary chunk
       size: the same inputs (it builds them from the same seed), the logits computed chunk by
       chunk and never stored.
@@ -21,11 +21,11 @@ allocator) and its chunk buffers by construction. Time: median of the timed call
 log-ratio of the first rows against PyTorch's, recomputed in float32 from the same tensors.
 
     PY="$(scripts/bench-env | tail -n1)"
-    "$PY" bench/compare_fused.py                    # N=256, D=1024, V ∈ {32003, 151936}, f32
-    "$PY" bench/compare_fused.py --dtype f32,bf16 --chunks 1024,4096,16384
-    "$PY" bench/compare_fused.py --dry-run          # N=16, D=64, V=1000: checks the script
+    "$PY" compare/compare_fused.py                    # N=256, D=1024, V ∈ {32003, 151936}, f32
+    "$PY" compare/compare_fused.py --dtype f32,bf16 --chunks 1024,4096,16384
+    "$PY" compare/compare_fused.py --dry-run          # N=16, D=64, V=1000: checks the script
 
-Writes bench/results/<date>-<cpu>-fused-memory.{json,log} (or --out DIR). The goal (issue 9):
+Writes results/<date>-<cpu>-fused-memory.{json,log} (or --out DIR). The goal (issue 9):
 ≥ 10× less peak memory beyond the inputs than PyTorch at N=256, D=1024, V=151936 on the CPU.
 Timings are only meaningful on a quiet machine: the JSON records the load average around them.
 """
@@ -163,7 +163,7 @@ def clear_refs_works():
 
 def torch_materialised(real_h, masked_h, head, targets, tau=1.0):
     """Both [N, V] logit tensors materialised (÷ τ only when τ ≠ 1, the generous way), then the
-    rows as bench/common.py `torch_rows` computes them (log_softmax in float32, KL, log-ratio)."""
+    rows as compare/common.py `torch_rows` computes them (log_softmax in float32, KL, log-ratio)."""
     real = real_h @ head.T
     masked = masked_h @ head.T
     if tau != 1.0:
@@ -192,7 +192,7 @@ def parse_args():
     ap.add_argument("--infopo", help="the infopo binary (default target/release/infopo, built if missing)")
     ap.add_argument("--build", action="store_true", help="run cargo build --release first")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
-    ap.add_argument("--out", help="results folder (default bench/results; a temp folder with --dry-run)")
+    ap.add_argument("--out", help="results folder (default results/; a temp folder with --dry-run)")
     ap.add_argument("--dry-run", action="store_true", help="N=16, D=64, V=1000, chunks 256,512, 1 call after 1 warm-up")
     return ap.parse_args()
 

@@ -3,12 +3,12 @@
 
 Issue 9 §3 on a GPU: device memory one call adds beyond its inputs, and time. For each shape the
 inputs of `infopo bench --fused-linear` (src/synth.rs `hidden_inputs`, seed 2026) are rebuilt
-bit for bit (bench/compare_fused.py `synth_hidden`) and moved to the GPU once. Then, each side
+bit for bit (compare/compare_fused.py `synth_hidden`) and moved to the GPU once. Then, each side
 timed with CUDA events around every call (median after warm-up, every sample in the JSON) and
 memory-probed on every call, the first (cold) one included:
   torch-materialised  logits = h @ W.T for the real and the masked hidden states, both kept,
                       log_softmax of both in float32, kl_div(log_target=True) summed over V, the
-                      log-ratio of the target (bench/common.py `torch_rows`), under inference_mode;
+                      log-ratio of the target (compare/common.py `torch_rows`), under inference_mode;
   torch-gemms         the two GEMMs h @ W.T alone (outputs in the input dtype): the floor any
                       materialising path pays (the crate's own GEMM floor, f32 outputs, is
                       benches/cuda.rs's, run by scripts/gpu-check);
@@ -23,10 +23,10 @@ reset (src/bin/infopo/bench/device_memory.rs; null with the reason where the dev
 pools), both the largest over every call. The crate's first rows (KL, log-ratio) are checked
 against PyTorch float32 on the same device tensors (abs err < 1e-3), else the run fails.
 
-    "$PY" bench/compare_fused_gpu.py --infopo path/to/infopo      # the issue's three shapes
-    "$PY" bench/compare_fused_gpu.py --dry-run [--infopo X]        # tiny, CPU torch, temp folder
+    "$PY" compare/compare_fused_gpu.py --infopo path/to/infopo      # the issue's three shapes
+    "$PY" compare/compare_fused_gpu.py --dry-run [--infopo X]        # tiny, CPU torch, temp folder
 
-Writes bench/results/<date>-<gpu>-fused-gpu.{json,log} (or --out DIR).
+Writes results/<date>-<gpu>-fused-gpu.{json,log} (or --out DIR).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def parse_args():
     ap.add_argument("--infopo", help="the infopo binary, built with --features cuda (default target/release/infopo)")
     ap.add_argument("--crate-backend", default=None, help="the crate's backend (default cuda; cpu with --dry-run)")
     ap.add_argument("--no-liger", action="store_true", help="skip Liger even when it imports")
-    ap.add_argument("--out", help="results folder (default bench/results; a temp folder with --dry-run)")
+    ap.add_argument("--out", help="results folder (default results/; a temp folder with --dry-run)")
     ap.add_argument("--dry-run", action="store_true",
                     help="16x64x1000 f32 and bf16, 1 call after 1 warm-up, PyTorch on the CPU when there is no GPU; "
                          "the crate only with --infopo")
