@@ -114,7 +114,7 @@ inline dim3 gridDim;
 struct InfopoEmulation {
     uint32_t blocks_at_once; // 1 = serial; at most INFOPO_EMU_MAX_BLOCKS_AT_ONCE
     uint32_t blocks_run; // 0 = every block; else only the first blocks_run blocks drawn run, as in
-                         // a launch aborted half-way (the CPU stand-in of the driver, ci/fake-cuda)
+                         // a launch aborted half-way (the CPU stand-in of the driver, .ci/fake-cuda)
     uint64_t seed; // of the random yields (concurrent mode)
 };
 

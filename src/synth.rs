@@ -189,7 +189,7 @@ impl<T: LogitElement> SynthBatch<T> {
 /// The `index`-th draw (from 0) of the SplitMix64 stream seeded with `key`: SplitMix64 is
 /// counter-based (its state after `i` steps is `key + i·γ`), so any element of a stream can be
 /// drawn directly, in parallel and in any language with wrapping 64-bit arithmetic — which is
-/// how `bench/compare_fused.py` rebuilds [`hidden_inputs`] bit for bit in NumPy.
+/// how `compare/compare_fused.py` rebuilds [`hidden_inputs`] bit for bit in NumPy.
 pub fn counter_u64(key: u64, index: u64) -> u64 {
     Rng::new(key.wrapping_add(index.wrapping_mul(0x9E37_79B9_7F4A_7C15))).next_u64()
 }

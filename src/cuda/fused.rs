@@ -286,7 +286,7 @@ impl CudaBackend {
 /// `A` = the column-major `[d, len]` (`weight`) read transposed (`op(A) = Aᵀ`, `lda = d`), `B` =
 /// the column-major `[d, n]` (`hidden`) as is (`ldb = d`) and `C` = the column-major `[len, n]`
 /// (`out`, `ldc = len`). Every dimension is checked into cuBLAS's 32-bit `int` here, before any
-/// cast; `tests/cuda_fused.rs` runs these arguments through a column-major GEMM on the CPU.
+/// cast; `tests/gpu/cuda_fused.rs` runs these arguments through a column-major GEMM on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkGemm {
     /// `op(A) = Aᵀ` (`CUBLAS_OP_T`) when true.

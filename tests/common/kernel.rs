@@ -1,6 +1,6 @@
 //! Kernel test bodies, one function per property, each taking the backend under test as
-//! `&dyn Backend`: `tests/emulated_kernel.rs` runs them on the emulated kernel,
-//! `tests/cuda_kernel.rs` on a GPU, `tests/cpu_reference.rs` runs the ones meaningful for the
+//! `&dyn Backend`: `tests/contract/emulated_kernel.rs` runs them on the emulated kernel,
+//! `tests/gpu/cuda_kernel.rs` on a GPU, `tests/contract/cpu_reference.rs` runs the ones meaningful for the
 //! float64 reference. Everything is compared with the naive oracle of `tests/common/mod.rs`.
 //!
 //! Tolerances (the kernels accumulate in f32; the CPU reference, in f64, is well inside them).
@@ -298,7 +298,7 @@ fn misaligned<T: LogitElement>(b: &dyn Backend, n: usize, v: usize, real_pad: us
 /// Real and masked rows at different 16-byte offsets (the kernel's 8-byte, 4-byte or scalar
 /// path, by the alignment they share): the values
 /// must not change. On a host-data backend the offsets are those of the host slices (the CUDA
-/// backend copies them into fresh device buffers; tests/cuda_kernel.rs offsets device views).
+/// backend copies them into fresh device buffers; tests/gpu/cuda_kernel.rs offsets device views).
 pub fn real_and_masked_with_different_alignment(b: &dyn Backend) {
     // masked one element into its allocation.
     misaligned::<f16>(b, 3, 1000, 0, 1, false);

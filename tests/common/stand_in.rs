@@ -1,4 +1,4 @@
-//! Hooks of the CPU stand-in of the CUDA driver (`ci/fake-cuda`), for the GPU tests that need
+//! Hooks of the CPU stand-in of the CUDA driver (`.ci/fake-cuda`), for the GPU tests that need
 //! to count driver calls or cut a launch short. `None` on a real driver: those tests then say
 //! so and check what a real GPU allows.
 
@@ -18,7 +18,7 @@ pub fn stand_in() -> Option<Library> {
 /// a binary run in parallel in one process, each on its own thread).
 pub fn calls(lib: &Library, name: &str) -> u64 {
     let name = std::ffi::CString::new(name).unwrap();
-    // SAFETY: `fake_cuda_thread_call_count(const char *)` of ci/fake-cuda/fake_cuda.cpp.
+    // SAFETY: `fake_cuda_thread_call_count(const char *)` of .ci/fake-cuda/fake_cuda.cpp.
     unsafe {
         let f: Symbol<unsafe extern "C" fn(*const std::ffi::c_char) -> u64> =
             lib.get(b"fake_cuda_thread_call_count").unwrap();
@@ -26,9 +26,9 @@ pub fn calls(lib: &Library, name: &str) -> u64 {
     }
 }
 
-/// The next kernel launch runs only its first `blocks` blocks and stops without an error.
+/// This thread's next kernel launch runs only its first `blocks` blocks and stops without an error.
 pub fn abort_next_launch(lib: &Library, blocks: u32) {
-    // SAFETY: `fake_cuda_abort_next_launch(unsigned)` of ci/fake-cuda/fake_cuda.cpp.
+    // SAFETY: `fake_cuda_abort_next_launch(unsigned)` of .ci/fake-cuda/fake_cuda.cpp.
     unsafe {
         let f: Symbol<unsafe extern "C" fn(u32)> = lib.get(b"fake_cuda_abort_next_launch").unwrap();
         f(blocks)

@@ -100,7 +100,7 @@ pub struct BenchArgs {
     /// lm_head [V, D], the logits computed chunk by chunk and never stored (rows only); also
     /// reports the peak memory beyond the inputs. With --backend cuda the inputs are uploaded
     /// once, each call is timed with CUDA events and the memory is the device's (the JSON keys
-    /// are listed in bench/README.md).
+    /// are listed in compare/README.md).
     #[arg(long, conflicts_with_all = ["input", "rows_only"])]
     pub fused_linear: bool,
     /// Hidden width D of the fused path.

@@ -16,7 +16,7 @@ use infopo_kernels::synth::{self, HiddenSpec};
 use infopo_kernels::{LogitElement, Params};
 use std::time::Instant;
 
-/// Seed of the synthetic inputs; `bench/compare_fused.py` rebuilds the same tensors from it.
+/// Seed of the synthetic inputs; `compare/compare_fused.py` rebuilds the same tensors from it.
 pub const SEED: u64 = 2026;
 /// Rows whose KL and log-ratio the JSON output lists.
 const HEAD_ROWS: usize = 8;
@@ -120,7 +120,7 @@ fn synth_data<T: LogitElement>(args: &BenchArgs) -> Result<synth::SynthHidden<T>
 }
 
 /// The JSON fields of the first rows' values and the sums (a leading comma): what
-/// `bench/compare_fused.py` and `bench/compare_fused_gpu.py` check against PyTorch on the same
+/// `compare/compare_fused.py` and `compare/compare_fused_gpu.py` check against PyTorch on the same
 /// inputs.
 fn values_json(values: &[RowValues]) -> String {
     let list = |v: &[f64]| v.iter().map(|&x| json_number(x)).collect::<Vec<_>>().join(",");

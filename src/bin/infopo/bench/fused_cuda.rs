@@ -6,7 +6,7 @@
 //! call, warm-up included, is memory-probed; the times are those after the warm-up.
 //!
 //! The JSON keys (beside the ones every `--fused-linear` run prints) are documented in
-//! bench/README.md; a number that could not be measured is `null`, with the reason.
+//! compare/README.md; a number that could not be measured is `null`, with the reason.
 
 /// What one `--backend cuda` run measured (plain data, so the output is testable without a GPU).
 #[derive(Debug, Clone, Default)]

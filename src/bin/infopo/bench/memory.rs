@@ -4,7 +4,7 @@
 //! - **resident set** (Linux): writing `5` to `/proc/self/clear_refs` resets the peak resident
 //!   set size (`VmHWM`) to the current one (`VmRSS`); after the section, `VmHWM` − `VmRSS` at
 //!   the reset is the most resident memory the section added — every allocator, thread stack
-//!   and library buffer included, the same number `bench/compare_fused.py` reads for PyTorch.
+//!   and library buffer included, the same number `compare/compare_fused.py` reads for PyTorch.
 //!   Unavailable (None) where `/proc/self/clear_refs` cannot be written.
 //! - **heap**: the binary's global allocator counts the bytes live between [`Probe::start`] and
 //!   [`Probe::finish`] and keeps their maximum: the crate's own allocations, exactly.
