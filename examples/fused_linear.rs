@@ -16,13 +16,14 @@
 //! It prints both paths' KL and log-ratio for the first rows, the largest difference of each
 //! output, the per-turn means of both, and the memory each path needs beyond the inputs,
 //! computed from the shapes (not measured): the two `[N, V]` logit tensors against the fused
-//! path's f64 working set (`fused::score_hidden`: 8·(2·N·D + chunk·D + 2·N·chunk) bytes).
+//! path's f64 working set (`reference::score_hidden`: 8·(2·N·D + chunk·D + 2·N·chunk) bytes).
 
 use std::error::Error;
 
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
-use infopo_kernels::candle::{self as ic, HiddenTensors, ROW_OUTPUTS};
+use infopo_kernels::candle::{self as ic, HiddenStates};
+use infopo_kernels::RowOutputs;
 use infopo_kernels::{Params, Turns};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -169,7 +170,7 @@ fn compare(args: &Args) -> AnyResult<Comparison> {
     let turns = Turns { offsets: &offsets, trajectory: &vec![0; turn_count], credit_tokens: &credit };
 
     // Fused: the hidden states and the lm_head, chunk by chunk; no [N, V] tensor exists.
-    let hidden = HiddenTensors { real_hidden: &s.real_hidden, masked_hidden: &s.masked_hidden, lm_head: &s.lm_head };
+    let hidden = HiddenStates { real_hidden: &s.real_hidden, masked_hidden: &s.masked_hidden, lm_head: &s.lm_head };
     let fused = ic::compute_hidden(&hidden, &s.targets, turns, None, None, &params, args.chunk)?;
 
     // Materialised: both [N, V] logit tensors, as an fp32-accumulated GEMM gives them (f32).
@@ -220,7 +221,7 @@ fn report(args: &Args, c: &Comparison) -> AnyResult<()> {
             c.materialised_rows[log_ratio][r]
         );
     }
-    for (name, diff) in ROW_OUTPUTS.iter().zip(c.max_row_differences()) {
+    for (name, diff) in RowOutputs::NAMES.iter().zip(c.max_row_differences()) {
         println!("max |fused - materialised| {name:<13} {diff:.2e}");
     }
     println!("turn info fused        {:?}", c.fused_turn_info);
@@ -250,7 +251,7 @@ mod tests {
             let c = compare(&small(dtype, chunk))?;
             // The two differ by the f32 rounding of the materialised logits (the fused path's
             // are f64): about 1e-7 relative to logits of a few units, 1e-6 on the outputs.
-            for (name, diff) in ROW_OUTPUTS.iter().zip(c.max_row_differences()) {
+            for (name, diff) in RowOutputs::NAMES.iter().zip(c.max_row_differences()) {
                 assert!(diff < 2e-5, "{dtype} chunk {chunk}: {name} differs by {diff}");
             }
             for (f, m) in c.fused_turn_info.iter().zip(&c.materialised_turn_info) {

@@ -79,7 +79,7 @@ pub enum Error {
 
     /// A row whose logits or target break contract §2 ("Row errors"): the lowest failing row,
     /// its index global in the batch (also from the two-stage [`crate::Backend::score_rows`]
-    /// and [`crate::cpu::score`], given the micro-batch's first row).
+    /// and [`crate::reference::score`], given the micro-batch's first row).
     /// `target` is the row's target id when the backend knows it (host data); the device API
     /// reports the row only, its targets being on the GPU.
     #[error("row {row}: {kind}{}", target.map(|t| format!(" (target {t})")).unwrap_or_default())]

@@ -6,7 +6,7 @@
 //! set ([`HIDDEN_TENSORS`]), [`TURN_TENSORS`], [`TRAJECTORY_TENSORS`] and [`CREDIT_START_TENSOR`]
 //! in; [`ROW_OUTPUTS`], [`TURN_OUTPUTS`], [`TRAJECTORY_OUTPUTS`], [`SCALAR_OUTPUTS`] and
 //! [`TOKEN_OUTPUT`] out. [`read_input`] reads a logit file, [`read_any_input`] either kind (a
-//! hidden-state file as an [`crate::math::chunks::OwnedHiddenBatch`]).
+//! hidden-state file as an [`crate::OwnedHiddenBatch`]).
 //!
 //! Input files are memory-mapped, not read: a tensor whose bytes in the file are aligned for its
 //! element type (safetensors' own writers align every tensor) is viewed in place, and only a

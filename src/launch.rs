@@ -393,6 +393,11 @@ pub fn check_merge_states(states_len: usize, parts: usize, rows: usize, vocab: u
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn merge_state_sizes_that_overflow_are_a_shape_error() {
+        assert!(super::check_merge_states(usize::MAX, usize::MAX, 2, 10).is_err(), "overflowing sizes");
+    }
+
     use super::*;
 
     #[test]

@@ -7,25 +7,28 @@
 //! outcome and intrinsic statistics, the variance gate and the fused advantages.
 //!
 //! The math is stated once, in `docs/contract.md` (included below). Backends:
-//! - [`cpu::Cpu`]: the float64 reference, vectorised and parallel over rows;
+//! - [`Cpu`]: the float64 reference, vectorised and parallel over rows;
 //! - `emulated::Emulated` (feature `emulator`): the CUDA kernel source compiled as host C++;
 //! - `cuda::CudaBackend` (feature `cuda`): the kernels on a GPU through cudarc.
 //!
 //! A trainer builds its layout with [`LayoutBuilder`] (trajectories with their turns), holds a
 //! step's data in an [`OwnedBatch`] (or borrows its own buffers as a [`Batch`]) and calls
 //! [`Backend::compute`]; for rows that arrive in micro-batches, [`Backend::score_rows`] per
-//! micro-batch, [`epilogue::TurnAccumulator`] and [`epilogue::advantages`] (the README's
+//! micro-batch, [`TurnAccumulator`] and [`advantages`] (the README's
 //! "Library" section shows the first, `docs/guide.md` the second).
 //!
 //! Without the logits: from the two hidden states and the lm_head weight, a [`HiddenBatch`] and
 //! [`Backend::compute_hidden`] compute the same outputs over vocabulary chunks, never storing an
-//! `[N, V]` tensor ([`fused`]; the CLI reads such files too, see [`io`]).
+//! `[N, V]` tensor (the CLI reads such files too, see [`io`]).
+//!
+//! The module map (data types, the f64 math, backends, adapters, edges) is `docs/layout.md`;
+//! the public API, item by item, is the table at the end of `docs/guide.md`.
 //!
 //! With feature `candle`, `candle::score_rows` and `candle::compute` take and return candle
 //! tensors (CPU tensors on the CPU backend, CUDA tensors zero-copy on candle's stream).
 //!
 //! ```
-//! use infopo_kernels::{Backend, Batch, Logits, Params, cpu::Cpu};
+//! use infopo_kernels::{Backend, Batch, Cpu, Logits, Params};
 //! let (n, v) = (2, 4);
 //! let real = vec![0.5f32, 1.0, -1.0, 2.0, 0.0, 0.1, 0.2, 0.3];
 //! let masked = vec![0.4f32, 1.2, -1.0, 1.5, 0.0, 0.0, 0.0, 0.0];
@@ -60,9 +63,9 @@ pub mod cuda;
 pub mod candle;
 
 /// The float64 contract itself, for checking another implementation against it: the row values
-/// of paired logits ([`score`]) or of hidden states over vocabulary chunks ([`score_hidden`]),
-/// the online row state they fold and merge ([`RowState`]), and the parallel moments of the
-/// epilogue's group statistics ([`Moments`]). [`Cpu`] is the backend built on them.
+/// of paired logits (`score`) or of hidden states over vocabulary chunks (`score_hidden`), the
+/// online row state they fold and merge (`RowState`), and the parallel moments of the epilogue's
+/// group statistics (`Moments`). [`Cpu`] is the backend built on them.
 pub mod reference {
     pub use crate::math::chunks::score_hidden;
     pub use crate::math::epilogue::Moments;
@@ -70,8 +73,8 @@ pub mod reference {
 }
 
 /// Vocabulary-parallel scoring (`docs/guide.md`, "Vocabulary parallel"): each rank scores its
-/// shard of the vocabulary into `[N, 8]` partial states ([`score_range`] on the CPU, the kernel's
-/// partial-state mode on the others), and [`merge`] folds the gathered states in vocabulary order.
+/// shard of the vocabulary into `[N, 8]` partial states (`score_range` on the CPU, the kernel's
+/// partial-state mode on the others), and `merge` folds the gathered states in vocabulary order.
 pub mod vocab {
     pub use crate::math::range::{
         chunk_ranges, merge, merge_outputs, score_range, shard_chunk_ranges, shard_ranges, RangeInput, RangeStates,

@@ -13,7 +13,7 @@
 //! Other runtimes (tch-rs, burn, custom ones) hand over raw device pointers and their own
 //! `CUstream` through [`raw`]; that path shares every check and the launch with this one.
 //!
-//! The fatbin is embedded at build time ([`crate::launch::FATBIN`]) and loaded once per CUDA
+//! The fatbin is embedded at build time (`launch::FATBIN`) and loaded once per CUDA
 //! context. A binary built with `cuda` starts on a machine without a driver: [`CudaBackend::new`]
 //! returns [`Error::BackendUnavailable`] instead of panicking, whichever linking mode cudarc
 //! was built with (the crate probes for the driver library itself, see [`driver_present`]).
@@ -270,7 +270,7 @@ impl CudaBackend {
         self.sm_count
     }
 
-    /// Uploads a validated layout (see [`layout::layout`], and [`layout::credit_spans`] for
+    /// Uploads a validated layout (see [`Layout::new`], and [`Layout::with_credit_start`] for
     /// `token_advantage`) for the batches that use it.
     pub fn upload_layout(&self, layout: &Layout) -> Result<DeviceLayout> {
         // Layout's fields are public: the kernel's epilogue indexes device buffers with every

@@ -1,4 +1,4 @@
-//! The kernel in partial-state mode on the GPU ([`crate::partial`], `state_out` in
+//! The kernel in partial-state mode on the GPU ([`crate::vocab`], `state_out` in
 //! `kernels/args.h`): one launch scores a vocabulary range of every row of device logits and
 //! writes each row's `[8]` f32 state, in the kernel's units, into a caller's device buffer.
 //!

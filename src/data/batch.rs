@@ -67,7 +67,7 @@ pub struct Batch<'a> {
     /// `[T]`, needs `trajectories`: turn t's credited tokens are positions
     /// `credit_start[t] .. credit_start[t] + credit_tokens[t]` of trajectory `trajectory[t]`'s
     /// response tokens (0-based, within `0 .. tokens[i]`; the spans of one trajectory must not
-    /// overlap). With it, [`Advantages::token_advantage`] is computed (contract §4).
+    /// overlap). With it, [`crate::Advantages::token_advantage`] is computed (contract §4).
     pub credit_start: Option<&'a [u32]>,
 }
 
@@ -391,7 +391,7 @@ impl<'a> HiddenBatch<'a> {
     layout_setters!();
 
     /// Checks the targets' length and the layouts against the rows, as
-    /// [`crate::data::layout::batch`] does for logits; targets' values are checked per row.
+    /// [`Batch::validate`] does for logits; targets' values are checked per row.
     pub fn validate(&self) -> Result<Option<Layout>> {
         if self.targets.len() != self.tensors.rows {
             return Err(Error::shape(format!(

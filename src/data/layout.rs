@@ -71,7 +71,7 @@ pub struct TurnBuf {
 }
 
 impl TurnBuf {
-    /// The borrowed view [`Batch::with_turns`] and [`crate::data::layout::layout`] take.
+    /// The borrowed view [`crate::Batch::with_turns`] and [`Layout::new`] take.
     pub fn as_turns(&self) -> Turns<'_> {
         Turns { offsets: &self.offsets, trajectory: &self.trajectory, credit_tokens: &self.credit_tokens }
     }
@@ -86,7 +86,7 @@ pub struct TrajectoryBuf {
 }
 
 impl TrajectoryBuf {
-    /// The borrowed view [`Batch::with_trajectories`] and [`crate::data::layout::layout`] take.
+    /// The borrowed view [`crate::Batch::with_trajectories`] and [`Layout::new`] take.
     pub fn as_trajectories(&self) -> Trajectories<'_> {
         Trajectories { group: &self.group, outcome: &self.outcome, tokens: &self.tokens }
     }
@@ -196,9 +196,9 @@ impl LayoutBuilder {
 /// Members of a group are listed in increasing index order, so every reduction over a group
 /// has one fixed order.
 ///
-/// Build it with [`layout`] (and [`credit_spans`]); the fields are public for reading. The
-/// entries that take a `Layout` ([`crate::math::epilogue::advantages`], the kernels' merge mode, the
-/// CUDA layout upload) re-check that it is exactly what those build ([`layout_consistent`]) and
+/// Build it with [`Layout::new`] (and [`Layout::with_credit_start`]); the fields are public for
+/// reading. The entries that take a `Layout` ([`crate::advantages`], the kernels' merge mode, the
+/// CUDA layout upload) re-check that it is exactly what those build ([`Layout::check`]) and
 /// reject one built or edited by hand that is not.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Layout {
@@ -235,7 +235,7 @@ pub struct GroupLayout {
     /// (u64: M may exceed 2^32).
     pub trajectory_token_offsets: Vec<u64>,
     /// `[T]` first credited token of each turn within its trajectory's response, when the batch
-    /// has credit starts (validated by [`credit_spans`]); enables `token_advantage`.
+    /// has credit starts (validated by [`Layout::with_credit_start`]); enables `token_advantage`.
     pub turn_credit_start: Option<Vec<u32>>,
 }
 
@@ -251,6 +251,13 @@ impl Layout {
     pub fn with_credit_start(mut self, starts: &[u32]) -> Result<Layout> {
         credit_spans(&mut self, starts)?;
         Ok(self)
+    }
+
+    /// Checks that this layout is exactly what [`Layout::new`] (and [`Layout::with_credit_start`])
+    /// build from its own turns and trajectories: what every entry that takes a `Layout` re-checks,
+    /// since the kernels index memory through each of its arrays.
+    pub fn check(&self) -> Result<()> {
+        layout_consistent(self)
     }
 
     pub fn turns(&self) -> usize {
@@ -338,8 +345,8 @@ pub(crate) fn layout_consistent(layout: &Layout) -> Result<()> {
     if rebuilt != *layout {
         return Err(Error::turns(
             "the Layout's derived fields (dense group ids in order of first appearance, group lists, \
-             token offsets) are not those layout::layout builds from its turns and trajectories: \
-             build the Layout with layout::layout rather than by hand",
+             token offsets) are not those Layout::new builds from its turns and trajectories: \
+             build it with Layout::new rather than by hand",
         ));
     }
     Ok(())

@@ -67,13 +67,13 @@ pub struct Advantages {
     pub intrinsic_std: f64,
     pub magnitude_ratio: f64,
     /// `[M]`, M = Σ trajectory tokens, trajectory-major (trajectory i's tokens start at
-    /// Σ_{j<i} tokens_j), with [`Batch::credit_start`]: `advantage_i` on every token of
+    /// Σ_{j<i} tokens_j), with [`crate::Batch::credit_start`]: `advantage_i` on every token of
     /// trajectory i plus `bonus_t` on turn t's credited span (the per-token advantage of the
     /// policy loss). `None` without credit starts.
     pub token_advantage: Option<Vec<f64>>,
 }
 
-/// Everything a backend returns for a [`Batch`].
+/// Everything a backend returns for a [`crate::Batch`].
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Output {
     pub rows: RowOutputs,

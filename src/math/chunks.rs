@@ -55,7 +55,7 @@ pub fn score_hidden_tensors(
 
 /// Every row's values from hidden states (contract §2 on logits = hidden · lm_headᵀ, ÷ `params`'
 /// τs), computed over vocabulary chunks of `chunk` token ids (≥ 1): the same values, to f64
-/// rounding, as the float64 reference on the materialised logits ([`crate::cpu::score`]), and
+/// rounding, as the float64 reference on the materialised logits ([`crate::reference::score`]), and
 /// the same row errors, naming global row `first_row + i`.
 pub fn score_hidden<T: LogitElement>(
     first_row: usize,

@@ -46,7 +46,7 @@ impl Moments {
 /// merge; [`TurnAccumulator::info`] equals that of one batch.
 ///
 /// The values are those of the chosen estimator: [`RowOutputs::estimator`] of any backend's
-/// [`Backend::score_rows`] (f32), or [`crate::cpu::estimator_values`] of [`crate::cpu::score`]
+/// [`Backend::score_rows`] (f32), or [`RowValues`](crate::reference::RowValues) of [`crate::reference::score`]
 /// (f64).
 ///
 /// [`RowOutputs::estimator`]: crate::RowOutputs::estimator

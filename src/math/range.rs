@@ -227,7 +227,7 @@ impl RangeStates {
     }
 
     /// The states of `[rows, range.len]` logits already scaled into f64 (x = logit / τs, see
-    /// [`crate::math::row::scaled_logit_f64`]), e.g. one chunk of logits computed from hidden states.
+    /// `scaled_logit_f64`), e.g. one chunk of logits computed from hidden states.
     pub fn from_scaled_logits(range: VocabRange, real: &[f64], masked: &[f64], targets: &[i64]) -> Result<Self> {
         if real.len() != targets.len() * range.len || masked.len() != real.len() {
             return Err(Error::shape(format!(
@@ -329,11 +329,11 @@ fn range_values<T: LogitElement>(
 }
 
 /// Merges the states of ranges that tile `[0, vocab)` (in any order; empty ranges allowed) into
-/// every row's values, folding the ranges in vocabulary order ([`RangeFold`]). Errors: ranges
+/// every row's values, folding the ranges in vocabulary order. Errors: ranges
 /// that overlap, leave a gap or do not end at `vocab`, or row counts that differ from `targets`
 /// (shape errors); else the lowest failing row's error, exactly as the unsplit path reports it
 /// (contract §2), naming global row `first_row + i` (the rows are a slice of a batch starting
-/// at `first_row`, as in [`crate::cpu::score`]).
+/// at `first_row`, as in [`crate::reference::score`]).
 pub fn merge(first_row: usize, parts: &[RangeStates], targets: &[i64], vocab: usize) -> Result<Vec<RowValues>> {
     let mut order: Vec<&RangeStates> = parts.iter().collect();
     order.sort_by_key(|p| (p.range.start, p.range.len));

@@ -95,7 +95,7 @@ impl RowState {
     }
 
     /// Adds one position (the element update of the contract) with scaled logits x, y (see
-    /// [`scaled_logit`]).
+    /// `scaled_logit`).
     pub fn push(&mut self, x: f64, y: f64) {
         let mut one = RowState::EMPTY;
         one.max_real = x.max(f64::MIN);
@@ -148,7 +148,7 @@ impl RowState {
 
     /// The row's values of a complete row state, or its row error in the contract's order
     /// after the target range (the caller's): NaN/+∞ real, masked, all −∞ real, masked, −∞
-    /// target real, masked. x_a and y_a are the scaled target logits ([`scaled_logit`]).
+    /// target real, masked. x_a and y_a are the scaled target logits (`scaled_logit`).
     pub fn finish_checked(&self, x_target: f64, y_target: f64) -> Result<RowValues, RowErrorKind> {
         if !self.sum_real.is_finite() {
             return Err(RowErrorKind::RealNotFinite);
@@ -215,7 +215,7 @@ pub fn to_outputs(values: &[RowValues]) -> RowOutputs {
 ///
 /// `first_row` is the global index of `real`'s row 0 in the whole batch (0 for a batch scored in
 /// one piece): row errors name global rows, `first_row + i`, as
-/// [`Backend::compute_micro_batched`] does, so a trainer scoring micro-batch `130..` learns that
+/// [`crate::Backend::compute_micro_batched`] does, so a trainer scoring micro-batch `130..` learns that
 /// row 150 failed, not row 20. Reads `params.temperature`; `params` is validated here.
 pub fn score(
     first_row: usize,
@@ -397,7 +397,7 @@ fn row_state_generic<T: LogitElement, F: MulAdd>(real: &[T], masked: &[T], inv_t
 }
 
 /// The online state of logits already scaled into f64 (x = logit / τs, ±∞ for the contract's
-/// fills, see [`crate::math::row::scaled_logit_f64`]), e.g. chunk logits computed from hidden states
+/// fills, see `scaled_logit_f64`), e.g. chunk logits computed from hidden states
 /// in f64 ([`crate::fused`]): the same chunked two-pass sums as [`row_state`].
 pub fn row_state_scaled(real: &[f64], masked: &[f64]) -> RowState {
     let mut state = RowState::EMPTY;

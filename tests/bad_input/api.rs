@@ -3,14 +3,13 @@
 //! `Ok`). Cases are collected and reported together, so one run lists every failing case.
 
 use infopo_kernels::emulated::Emulated;
-use infopo_kernels::epilogue::{self, TurnAccumulator};
-use infopo_kernels::fused::{self, HiddenInputs, HiddenTensors};
-use infopo_kernels::partial::{self, RangeInput, RangeStates, VocabRange};
+use infopo_kernels::vocab::{self, RangeInput, RangeStates, VocabRange};
+use infopo_kernels::TurnAccumulator;
 use infopo_kernels::{
-    cpu::{self, Cpu},
-    Backend, Batch, Error, HiddenBatch, LayoutBuilder, LogitData, Logits, OwnedBatch, OwnedHiddenBatch, Params,
+    Backend, Batch, Cpu, Error, HiddenBatch, LayoutBuilder, LogitData, Logits, OwnedBatch, OwnedHiddenBatch, Params,
     RowErrorKind, Trajectories, Turns,
 };
+use infopo_kernels::{HiddenInputs, HiddenTensors};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// Collects the cases whose result is not the expected error (a panic, an `Ok`, or another
@@ -181,27 +180,27 @@ fn every_backend_rejects_bad_params_before_reading_rows() {
                 b.score_hidden_rows(0, &tensors, &targets, &p, 2)
             });
         }
-        c.err(&format!("cpu::score, {label}"), &needle, is_param(name), || {
-            cpu::score(0, batch.real, batch.masked, &targets, &p)
+        c.err(&format!("reference::score, {label}"), &needle, is_param(name), || {
+            infopo_kernels::reference::score(0, batch.real, batch.masked, &targets, &p)
         });
-        c.err(&format!("fused::score_hidden, {label}"), &needle, is_param(name), || {
-            fused::score_hidden(0, &tensors.typed::<f32>()?, &targets, &p, 2)
+        c.err(&format!("reference::score_hidden, {label}"), &needle, is_param(name), || {
+            infopo_kernels::reference::score_hidden(0, &tensors.typed::<f32>()?, &targets, &p, 2)
         });
         let input = RangeInput::of_full(batch.real, batch.masked, VocabRange::new(0, 5));
-        c.err(&format!("partial::score_range, {label}"), &needle, is_param(name), || {
-            partial::score_range(&input, &targets, &p)
+        c.err(&format!("vocab::score_range, {label}"), &needle, is_param(name), || {
+            vocab::score_range(&input, &targets, &p)
         });
-        c.err(&format!("emulated_range_states, {label}"), &needle, is_param(name), || {
-            partial::emulated_range_states(&emulator, &input, &targets, &p)
+        c.err(&format!("Emulated::range_states, {label}"), &needle, is_param(name), || {
+            emulator.range_states(&input, &targets, &p)
         });
         c.err(&format!("RangeStates::from_kernel, {label}"), &needle, is_param(name), || {
             RangeStates::from_kernel(VocabRange::new(0, 5), &[0.0; 32], &p)
         });
         c.err(&format!("merge_range_states, {label}"), &needle, is_param(name), || {
-            emulator.merge_range_states(&[0.0; 32], 1, &targets, 5, None, &p)
+            emulator.merge_and_finish(&[0.0; 32], 1, &targets, 5, None, &p)
         });
-        c.err(&format!("epilogue::advantages, {label}"), &needle, is_param(name), || {
-            epilogue::advantages(&[0.1, 0.2], &layout, &p)
+        c.err(&format!("advantages, {label}"), &needle, is_param(name), || {
+            infopo_kernels::advantages(&[0.1, 0.2], &layout, &p)
         });
     }
     c.finish();
@@ -270,8 +269,8 @@ fn batches_with_mismatched_shapes_or_targets() {
             b.score_rows(usize::MAX - 2, real_l, masked_l, &targets, &p)
         });
     }
-    c.err("cpu::score, first_row overflows", "global rows", is_shape, || {
-        cpu::score(usize::MAX, real_l, masked_l, &targets, &p)
+    c.err("reference::score, first_row overflows", "global rows", is_shape, || {
+        infopo_kernels::reference::score(usize::MAX, real_l, masked_l, &targets, &p)
     });
     c.finish();
 }
@@ -538,7 +537,7 @@ fn fused_inputs_with_bad_dimensions() {
     );
     let typed = HiddenInputs { rows: 5, ..t.typed::<f32>().unwrap() };
     c.err("typed inputs edited to a wrong row count", "real_hidden holds 12", is_shape, || {
-        fused::score_hidden(0, &typed, &[0; 5], &p, 2)
+        infopo_kernels::reference::score_hidden(0, &typed, &[0; 5], &p, 2)
     });
     for b in backends() {
         let n = b.name();
@@ -579,56 +578,46 @@ fn vocabulary_ranges_and_merges() {
     let p = Params::default();
     let emulator = Emulated::new();
     let score = |start, len| {
-        partial::score_range(&RangeInput::of_full(real_l, masked_l, VocabRange::new(start, len)), &targets, &p)
+        vocab::score_range(&RangeInput::of_full(real_l, masked_l, VocabRange::new(start, len)), &targets, &p)
     };
     let (a, b, all) = (score(0, 2).unwrap(), score(2, 3).unwrap(), score(0, 5).unwrap());
     let mut c = Cases::default();
-    c.err("shards 0", "at least one shard", is_shape, || partial::shard_ranges(5, 0));
+    c.err("shards 0", "at least one shard", is_shape, || vocab::shard_ranges(5, 0));
     c.err("range past the columns", "outside the 5 columns", is_shape, || score(3, 3));
     c.err("range start overflows", "extends past i64::MAX", is_shape, || score(usize::MAX, 2));
     c.err("range len overflows", "extends past i64::MAX", is_shape, || score(1, usize::MAX));
     let shard = RangeInput::shard(real_l, masked_l, VocabRange::new(usize::MAX - 1, 4));
     c.err("shard of token ids past i64::MAX", "extends past i64::MAX", is_shape, || {
-        partial::score_range(&shard, &targets, &p)
+        vocab::score_range(&shard, &targets, &p)
     });
     c.err("range with too few targets", "3 targets do not match", is_shape, || {
-        partial::score_range(&RangeInput::of_full(real_l, masked_l, VocabRange::new(0, 5)), &targets[..3], &p)
+        vocab::score_range(&RangeInput::of_full(real_l, masked_l, VocabRange::new(0, 5)), &targets[..3], &p)
     });
     c.err("emulated range, too few targets", "3 targets do not match", is_shape, || {
-        partial::emulated_range_states(
-            &emulator,
-            &RangeInput::of_full(real_l, masked_l, VocabRange::new(0, 5)),
-            &targets[..3],
-            &p,
-        )
+        emulator.range_states(&RangeInput::of_full(real_l, masked_l, VocabRange::new(0, 5)), &targets[..3], &p)
     });
     c.err("emulated range past the columns", "outside", is_shape, || {
-        partial::emulated_range_states(
-            &emulator,
-            &RangeInput::of_full(real_l, masked_l, VocabRange::new(4, 2)),
-            &targets,
-            &p,
-        )
+        emulator.range_states(&RangeInput::of_full(real_l, masked_l, VocabRange::new(4, 2)), &targets, &p)
     });
     c.err("merge: gap", "cover [0, 2) of 4 rows, not [0, 5)", is_shape, || {
-        partial::merge(0, std::slice::from_ref(&a), &targets, 5)
+        vocab::merge(0, std::slice::from_ref(&a), &targets, 5)
     });
     c.err("merge: overlap", "must tile", is_shape, || {
-        partial::merge(0, &[a.clone(), b.clone(), all.clone()], &targets, 5)
+        vocab::merge(0, &[a.clone(), b.clone(), all.clone()], &targets, 5)
     });
     c.err("merge: short of V", "cover [0, 5) of 4 rows, not [0, 6)", is_shape, || {
-        partial::merge(0, &[a.clone(), b.clone()], &targets, 6)
+        vocab::merge(0, &[a.clone(), b.clone()], &targets, 6)
     });
-    c.err("merge: no parts", "cover [0, 0)", is_shape, || partial::merge(0, &[], &targets, 5));
-    c.err("merge: V 0", "vocabulary size is 0", is_empty_vocab, || partial::merge(0, &[], &targets, 0));
+    c.err("merge: no parts", "cover [0, 0)", is_shape, || vocab::merge(0, &[], &targets, 5));
+    c.err("merge: V 0", "vocabulary size is 0", is_empty_vocab, || vocab::merge(0, &[], &targets, 0));
     c.err("merge: targets short", "3 targets given", is_shape, || {
-        partial::merge(0, std::slice::from_ref(&all), &targets[..3], 5)
+        vocab::merge(0, std::slice::from_ref(&all), &targets[..3], 5)
     });
     c.err("merge: first_row overflows", "global rows overflow", is_shape, || {
-        partial::merge(usize::MAX, std::slice::from_ref(&all), &targets, 5)
+        vocab::merge(usize::MAX, std::slice::from_ref(&all), &targets, 5)
     });
     c.err("merge: target out of range", "outside 0..vocab", is_row(7, RowErrorKind::TargetOutOfRange), || {
-        partial::merge(6, std::slice::from_ref(&all), &[0, 9, 0, 0], 5)
+        vocab::merge(6, std::slice::from_ref(&all), &[0, 9, 0, 0], 5)
     });
     c.err("states not rows of 8", "not rows of 8", is_shape, || {
         RangeStates::from_values(VocabRange::new(0, 5), vec![0.0; 9])
@@ -643,36 +632,30 @@ fn vocabulary_ranges_and_merges() {
         "merge: NaN maxima",
         "row 0",
         |e| matches!(e, Error::Row { row: 0, .. }),
-        || partial::merge(0, &[rows_of(f64::NAN)], &targets, 5),
+        || vocab::merge(0, &[rows_of(f64::NAN)], &targets, 5),
     );
     let nan_sums =
         RangeStates::from_values(VocabRange::new(0, 5), [0.0, f64::NAN, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0].repeat(4))
             .unwrap();
     c.err("merge: NaN sums", "real logit is NaN", is_row(0, RowErrorKind::RealNotFinite), || {
-        partial::merge(0, &[nan_sums], &targets, 5)
+        vocab::merge(0, &[nan_sums], &targets, 5)
     });
     // The kernel's merge mode.
-    let k = partial::emulated_range_states(
-        &emulator,
-        &RangeInput::of_full(real_l, masked_l, VocabRange::new(0, 5)),
-        &targets,
-        &p,
-    )
-    .unwrap();
+    let k = emulator.range_states(&RangeInput::of_full(real_l, masked_l, VocabRange::new(0, 5)), &targets, &p).unwrap();
     c.err("kernel merge: parts 0", "at least one vocabulary range", is_shape, || {
-        emulator.merge_range_states(&k, 0, &targets, 5, None, &p)
+        emulator.merge_and_finish(&k, 0, &targets, 5, None, &p)
     });
     c.err("kernel merge: states short", "range states hold 31 f32", is_shape, || {
-        emulator.merge_range_states(&k[..31], 1, &targets, 5, None, &p)
+        emulator.merge_and_finish(&k[..31], 1, &targets, 5, None, &p)
     });
     c.err("kernel merge: parts x rows overflows", "range states", is_shape, || {
-        emulator.merge_range_states(&k, usize::MAX, &targets, 5, None, &p)
+        emulator.merge_and_finish(&k, usize::MAX, &targets, 5, None, &p)
     });
     c.err("kernel merge: V 0", "vocabulary size is 0", is_empty_vocab, || {
-        emulator.merge_range_states(&k, 1, &targets, 0, None, &p)
+        emulator.merge_and_finish(&k, 1, &targets, 0, None, &p)
     });
     c.err("kernel merge: target out of range", "outside 0..vocab", is_row(2, RowErrorKind::TargetOutOfRange), || {
-        emulator.merge_range_states(&k, 1, &[0, 1, 5, 0], 5, None, &p)
+        emulator.merge_and_finish(&k, 1, &[0, 1, 5, 0], 5, None, &p)
     });
     let mut nan = k.clone();
     nan[8 + 1] = f32::NAN; // row 1's real sum
@@ -680,7 +663,7 @@ fn vocabulary_ranges_and_merges() {
         "kernel merge: NaN state",
         "row 1",
         |e| matches!(e, Error::Row { row: 1, .. }),
-        || emulator.merge_range_states(&nan, 1, &targets, 5, None, &p),
+        || emulator.merge_and_finish(&nan, 1, &targets, 5, None, &p),
     );
     let mut inf = k.clone();
     inf[16] = f32::INFINITY; // row 2's real maximum
@@ -688,7 +671,7 @@ fn vocabulary_ranges_and_merges() {
         "kernel merge: +inf maximum",
         "row 2",
         |e| matches!(e, Error::Row { row: 2, .. }),
-        || emulator.merge_range_states(&inf, 1, &targets, 5, None, &p),
+        || emulator.merge_and_finish(&inf, 1, &targets, 5, None, &p),
     );
     c.finish();
 }
@@ -704,7 +687,7 @@ fn two_stage_epilogue_inputs() {
         b.build().unwrap().validate().unwrap()
     };
     let turns_only =
-        infopo_kernels::validate::layout(4, &Turns { offsets: &[0, 4], trajectory: &[0], credit_tokens: &[1] }, None)
+        infopo_kernels::Layout::new(4, &Turns { offsets: &[0, 4], trajectory: &[0], credit_tokens: &[1] }, None)
             .unwrap();
     let p = Params::default();
     let mut c = Cases::default();
@@ -726,22 +709,22 @@ fn two_stage_epilogue_inputs() {
     });
     c.err("ragged accumulator add_rows", "counts", is_turns, || ragged.clone().add_rows(&layout, 0, &[1.0f32]));
     c.err("info of other turns", "3 info values for 2 turns", is_turns, || {
-        epilogue::advantages(&[0.0; 3], &layout, &p)
+        infopo_kernels::advantages(&[0.0; 3], &layout, &p)
     });
     c.err(
         "info NaN",
         "turn 1",
         |e| matches!(e, Error::NonFiniteTurn { turn: 1, row: None }),
-        || epilogue::advantages(&[0.1, f64::NAN], &layout, &p),
+        || infopo_kernels::advantages(&[0.1, f64::NAN], &layout, &p),
     );
     c.err(
         "info inf",
         "turn 0",
         |e| matches!(e, Error::NonFiniteTurn { turn: 0, .. }),
-        || epilogue::advantages(&[f64::INFINITY, 0.0], &layout, &p),
+        || infopo_kernels::advantages(&[f64::INFINITY, 0.0], &layout, &p),
     );
     c.err("advantages without trajectories", "need trajectories", is_trajectories, || {
-        epilogue::advantages(&[0.1], &turns_only, &p)
+        infopo_kernels::advantages(&[0.1], &turns_only, &p)
     });
     c.finish();
 }
@@ -900,7 +883,7 @@ proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig { failure_persistence: None, ..Default::default() })]
 
     /// Random sets of vocabulary ranges (gaps, overlaps, duplicates, empty ranges, any order)
-    /// merged by `partial::merge`: a shape error exactly when the sorted ranges do not tile
+    /// merged by `vocab::merge`: a shape error exactly when the sorted ranges do not tile
     /// [0, V), else the unsplit reference's rows; never a panic.
     #[test]
     fn random_range_sets_merge_or_fail_cleanly(
@@ -916,7 +899,7 @@ proptest::proptest! {
         let parts: Vec<RangeStates> = ranges
             .iter()
             .map(|&(start, len)| {
-                partial::score_range(&RangeInput::of_full(real, masked, VocabRange::new(start, len.min(12 - start.min(12)))), &targets, &p)
+                vocab::score_range(&RangeInput::of_full(real, masked, VocabRange::new(start, len.min(12 - start.min(12)))), &targets, &p)
             })
             .collect::<Result<_, _>>()
             .unwrap();
@@ -928,7 +911,7 @@ proptest::proptest! {
             covered = r.end();
             ok
         }) && covered == vocab;
-        let merged = partial::merge(0, &parts, &targets, vocab);
+        let merged = vocab::merge(0, &parts, &targets, vocab);
         match merged {
             Ok(_) => proptest::prop_assert!(tiles, "{:?} do not tile [0, {}) but merged", sorted, vocab),
             Err(Error::Shape { .. }) => proptest::prop_assert!(!tiles, "{:?} tile [0, {}) but failed", sorted, vocab),
@@ -961,12 +944,12 @@ proptest::proptest! {
         let states = &values[..parts * rows * 8];
         let targets: Vec<i64> = (0..rows as i64).collect();
         let p = Params::default();
-        let _ = Emulated::new().merge_range_states(states, parts, &targets, 5, None, &p);
+        let _ = Emulated::new().merge_and_finish(states, parts, &targets, 5, None, &p);
         let split: Vec<RangeStates> = states
             .chunks(rows * 8)
             .enumerate()
             .map(|(k, s)| RangeStates::from_kernel(VocabRange::new(k * 2, if k + 1 == parts { 5 - 2 * k } else { 2 }), s, &p).unwrap())
             .collect();
-        let _ = partial::merge(0, &split, &targets, 5);
+        let _ = vocab::merge(0, &split, &targets, 5);
     }
 }

@@ -10,7 +10,7 @@ use common::files::{
     RawTensor as Tensor,
 };
 use infopo_kernels::io::{self, Input};
-use infopo_kernels::{cpu::Cpu, Backend, Error, Params};
+use infopo_kernels::{Backend, Cpu, Error, Params};
 use proptest::prelude::*;
 use safetensors::Dtype;
 use std::path::Path;

@@ -1,19 +1,18 @@
-//! A `validate::Layout` has public fields, so a trainer can build or edit one by hand and hand it
-//! to the two-stage epilogue (`epilogue::advantages`), the kernels' merge mode
-//! (`Emulated::merge_range_states`, `fused::compute_hidden_emulated`) or the CUDA layout upload,
+//! A `Layout` has public fields, so a trainer can build or edit one by hand and hand it
+//! to the two-stage epilogue (`advantages`), the kernels' merge mode
+//! (`Emulated::merge_and_finish`, `Emulated::compute_hidden_typed`) or the CUDA layout upload,
 //! whose kernels index memory through every one of its arrays. Each inconsistent layout must be
-//! a typed error there, never a panic or an out-of-bounds access; the layout `validate::layout`
+//! a typed error there, never a panic or an out-of-bounds access; the layout `Layout::new`
 //! builds is accepted.
 
 use crate::common;
 
 use common::random_layout;
 use infopo_kernels::emulated::Emulated;
-use infopo_kernels::epilogue;
-use infopo_kernels::fused::{self, HiddenInputs};
-use infopo_kernels::partial::{self, RangeInput, VocabRange};
 use infopo_kernels::synth::Rng;
-use infopo_kernels::validate::{self, Layout};
+use infopo_kernels::vocab::{RangeInput, VocabRange};
+use infopo_kernels::HiddenInputs;
+use infopo_kernels::Layout;
 use infopo_kernels::{Error, Logits, Params, Trajectories, Turns};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -25,8 +24,8 @@ const VOCAB: usize = 7;
 fn valid_layout() -> Layout {
     let turns = Turns { offsets: &[0, 2, 3, 6], trajectory: &[0, 1, 1], credit_tokens: &[2, 1, 3] };
     let trajectories = Trajectories { group: &[5, 3], outcome: &[1.0, 0.25], tokens: &[4, 6] };
-    let mut layout = validate::layout(ROWS, &turns, Some(&trajectories)).unwrap();
-    validate::credit_spans(&mut layout, &[1, 0, 2]).unwrap();
+    let mut layout = infopo_kernels::Layout::new(ROWS, &turns, Some(&trajectories)).unwrap();
+    layout = layout.with_credit_start(&[1, 0, 2]).unwrap();
     layout
 }
 
@@ -96,13 +95,13 @@ fn two_stage_advantages_reject_inconsistent_layouts() {
     let info = [0.3, -0.2, 0.5];
     // The epilogue sees no rows: a layout of 9 rows is consistent in itself.
     rejects_every_broken_layout("epilogue::advantages", &["turn offsets past the rows"], |l| {
-        epilogue::advantages(&info, l, &Params::default()).map(drop)
+        infopo_kernels::advantages(&info, l, &Params::default()).map(drop)
     });
     // The message says what to do.
     let mut l = valid_layout();
     l.groups.as_mut().unwrap().group_trajectories[0] = 99;
-    let e = epilogue::advantages(&info, &l, &Params::default()).unwrap_err();
-    assert!(e.to_string().contains("validate::layout"), "{e}");
+    let e = infopo_kernels::advantages(&info, &l, &Params::default()).unwrap_err();
+    assert!(e.to_string().contains("Layout::new"), "{e}");
 }
 
 #[test]
@@ -112,9 +111,9 @@ fn kernel_merge_mode_rejects_inconsistent_layouts() {
     let params = Params::default();
     let emulator = Emulated::new();
     let input = RangeInput::of_full(real, masked, VocabRange::new(0, VOCAB));
-    let states = partial::emulated_range_states(&emulator, &input, &targets, &params).unwrap();
+    let states = emulator.range_states(&input, &targets, &params).unwrap();
     rejects_every_broken_layout("Emulated::merge_range_states", &[], |l| {
-        emulator.merge_range_states(&states, 1, &targets, VOCAB, Some(l), &params).map(drop)
+        emulator.merge_and_finish(&states, 1, &targets, VOCAB, Some(l), &params).map(drop)
     });
 }
 
@@ -132,8 +131,8 @@ fn emulated_fused_path_rejects_inconsistent_layouts() {
         vocab: VOCAB,
     };
     let emulator = Emulated::new();
-    rejects_every_broken_layout("fused::compute_hidden_emulated", &[], |l| {
-        fused::compute_hidden_emulated(&emulator, 0, &inputs, &targets, Some(l), &Params::default(), 4).map(drop)
+    rejects_every_broken_layout("Emulated::compute_hidden_typed", &[], |l| {
+        emulator.compute_hidden_typed(0, &inputs, &targets, Some(l), &Params::default(), 4).map(drop)
     });
 }
 
@@ -146,7 +145,7 @@ fn validated(rng: &mut Rng, rows: usize, turns: usize, trajectories: usize, span
     let l = random_layout(rng, rows, turns, trajectories, 3);
     let turns_in = Turns { offsets: &l.offsets, trajectory: &l.turn_traj, credit_tokens: &l.credit };
     let traj = Trajectories { group: &l.group, outcome: &l.outcome, tokens: &l.tokens };
-    let mut out = validate::layout(rows, &turns_in, Some(&traj)).unwrap();
+    let mut out = infopo_kernels::Layout::new(rows, &turns_in, Some(&traj)).unwrap();
     if spans {
         let mut next = vec![0u32; trajectories];
         let starts: Vec<u32> = (0..turns)
@@ -157,7 +156,7 @@ fn validated(rng: &mut Rng, rows: usize, turns: usize, trajectories: usize, span
                 s
             })
             .collect();
-        validate::credit_spans(&mut out, &starts).unwrap();
+        out = out.with_credit_start(&starts).unwrap();
     }
     out
 }
@@ -170,10 +169,10 @@ fn validated_layouts_are_consistent() {
         let turns = 1 + rng.below(12) as usize;
         let trajectories = 1 + rng.below(6) as usize;
         let l = validated(&mut rng, rows, turns, trajectories, case % 2 == 0);
-        validate::layout_consistent(&l).unwrap_or_else(|e| panic!("case {case}: {e}\n{l:?}"));
+        l.check().unwrap_or_else(|e| panic!("case {case}: {e}\n{l:?}"));
         // Turns only (no trajectories) too.
         let turns_only = Layout { groups: None, ..l };
-        validate::layout_consistent(&turns_only).unwrap();
+        turns_only.check().unwrap();
     }
 }
 
@@ -181,7 +180,7 @@ fn validated_layouts_are_consistent() {
 type Edit = (&'static str, fn(&mut Layout));
 
 fn edits() -> Vec<Edit> {
-    fn g(l: &mut Layout) -> &mut validate::GroupLayout {
+    fn g(l: &mut Layout) -> &mut infopo_kernels::GroupLayout {
         l.groups.as_mut().unwrap()
     }
     vec![
@@ -237,7 +236,7 @@ fn hand_edited_layouts_are_typed_errors_on_every_path() {
         let (rows, turns, trajectories) = (12 + case, 4 + case % 3, 2 + case % 3);
         let good = validated(&mut rng, rows, turns, trajectories, true);
         let info = vec![0.25; turns];
-        epilogue::advantages(&info, &good, &params).unwrap();
+        infopo_kernels::advantages(&info, &good, &params).unwrap();
         let (vocab, parts) = (5usize, 2usize);
         let states = vec![0f32; parts * rows * 8];
         let targets = vec![1i64; rows];
@@ -245,15 +244,14 @@ fn hand_edited_layouts_are_typed_errors_on_every_path() {
             let mut bad = good.clone();
             edit(&mut bad);
             assert_ne!(bad, good, "{what}: the edit changed nothing");
-            let err = validate::layout_consistent(&bad).expect_err(what);
+            let err = bad.check().expect_err(what);
             assert!(
                 matches!(err, Error::Turns { .. } | Error::Trajectories { .. } | Error::CreditSpan { .. }),
                 "{what}: {err:?}"
             );
-            let err = epilogue::advantages(&info, &bad, &params).expect_err(what);
+            let err = infopo_kernels::advantages(&info, &bad, &params).expect_err(what);
             assert!(!matches!(err, Error::Row { .. }), "{what}: {err:?}");
-            let err =
-                emulated.merge_range_states(&states, parts, &targets, vocab, Some(&bad), &params).expect_err(what);
+            let err = emulated.merge_and_finish(&states, parts, &targets, vocab, Some(&bad), &params).expect_err(what);
             assert!(!matches!(err, Error::Row { .. }), "{what}: {err:?}");
         }
     }

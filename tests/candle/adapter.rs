@@ -9,12 +9,12 @@
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use infopo_kernels::candle::{
-    compute, compute_hidden, score_hidden_rows, score_rows, HiddenTensors, ENTROPY_REAL, KL, LOG_RATIO, LSE_MASKED,
-    LSE_REAL, ROW_OUTPUTS,
+    compute, compute_hidden, score_hidden_rows, score_rows, HiddenStates, ENTROPY_REAL, KL, LOG_RATIO, LSE_MASKED,
+    LSE_REAL,
 };
-use infopo_kernels::epilogue::{advantages, TurnAccumulator};
-use infopo_kernels::fused::DEFAULT_CHUNK;
 use infopo_kernels::synth::{self, Rng, SynthSpec};
+use infopo_kernels::DEFAULT_CHUNK;
+use infopo_kernels::{advantages, TurnAccumulator};
 use infopo_kernels::{Backend, Error, Estimator, Params, RowErrorKind, Trajectories, Turns};
 
 fn fresh_seed() -> u64 {
@@ -65,11 +65,15 @@ fn assert_rows_match(got: &Tensor, want: &[Vec<f64>], what: &str) {
     let got: Vec<Vec<f32>> = got.to_vec2().unwrap();
     assert_eq!(got.len(), 5, "{what}");
     for (k, (g, w)) in got.iter().zip(want).enumerate() {
-        assert_eq!(g.len(), w.len(), "{what}: {}", ROW_OUTPUTS[k]);
+        assert_eq!(g.len(), w.len(), "{what}: {}", infopo_kernels::RowOutputs::NAMES[k]);
         for (r, (&g, &w)) in g.iter().zip(w).enumerate() {
             // The CPU backend computes in f64 and rounds once to f32.
             let tol = 1e-6 + 1e-5 * w.abs();
-            assert!((g as f64 - w).abs() <= tol, "{what}: {} row {r}: got {g}, candle f64 says {w}", ROW_OUTPUTS[k]);
+            assert!(
+                (g as f64 - w).abs() <= tol,
+                "{what}: {} row {r}: got {g}, candle f64 says {w}",
+                infopo_kernels::RowOutputs::NAMES[k]
+            );
         }
     }
 }
@@ -134,7 +138,7 @@ fn output_rows_are_in_the_documented_order() {
     ];
     for (k, want) in want {
         for got in out.i(k).unwrap().to_vec1::<f32>().unwrap() {
-            assert!((got as f64 - want).abs() < 1e-5, "{}: {got} vs {want}", ROW_OUTPUTS[k]);
+            assert!((got as f64 - want).abs() < 1e-5, "{}: {got} vs {want}", infopo_kernels::RowOutputs::NAMES[k]);
         }
     }
 }
@@ -360,7 +364,7 @@ fn cpu_reference(
         let mut batch = infopo_kernels::Batch::rows(logits(&real), logits(&masked), &b.targets).with_turns(turns);
         batch.trajectories = trajectories;
         batch.credit_start = credit_start;
-        infopo_kernels::cpu::Cpu.compute(&batch, params).unwrap()
+        infopo_kernels::Cpu.compute(&batch, params).unwrap()
     }
     match dtype {
         DType::F32 => run::<f32>(real, masked, b, turns, trajectories, credit_start, params),
@@ -409,7 +413,7 @@ fn perturbed(rng: &mut Rng, real: &Tensor) -> Tensor {
 
 /// The materialised path by candle's own f64 ops: logits = hidden · lm_headᵀ in f64 (of the
 /// inputs' values as stored), then the row outputs of [`candle_f64_reference`].
-fn materialised_f64(h: &HiddenTensors<'_>, targets: &Tensor, temperature: f64) -> Vec<Vec<f64>> {
+fn materialised_f64(h: &HiddenStates<'_>, targets: &Tensor, temperature: f64) -> Vec<Vec<f64>> {
     let head_t = h.lm_head.to_dtype(DType::F64).unwrap().t().unwrap().contiguous().unwrap();
     let logits = |x: &Tensor| x.to_dtype(DType::F64).unwrap().matmul(&head_t).unwrap();
     candle_f64_reference(&logits(h.real_hidden), &logits(h.masked_hidden), targets, temperature)
@@ -446,7 +450,7 @@ fn hidden_rows_match_candle_f64_matmul_then_ops() {
                 "{dtype:?} N={rows} D={d} V={vocab} (+{pad} padding) chunk {chunk} targets {target_dtype:?} τs {temperature}"
             );
 
-            let whole = HiddenTensors { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
+            let whole = HiddenStates { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
             let got = score_hidden_rows(&whole, &targets, &params, chunk).unwrap();
             assert_eq!(got.dims(), &[5, all_rows], "{what}");
             assert_rows_match(&got, &materialised_f64(&whole, &targets, temperature), &what);
@@ -454,7 +458,7 @@ fn hidden_rows_match_candle_f64_matmul_then_ops() {
             let slice = |t: &Tensor| t.narrow(0, before, rows).unwrap();
             let (real_rows, masked_rows, target_rows) = (slice(&real), slice(&masked), slice(&targets));
             assert_eq!(real_rows.layout().start_offset(), before * d, "the slice starts mid-storage");
-            let sliced = HiddenTensors { real_hidden: &real_rows, masked_hidden: &masked_rows, lm_head: &lm_head };
+            let sliced = HiddenStates { real_hidden: &real_rows, masked_hidden: &masked_rows, lm_head: &lm_head };
             let got = score_hidden_rows(&sliced, &target_rows, &params, chunk).unwrap();
             assert_eq!(got.dims(), &[5, rows], "{what}");
             assert_rows_match(
@@ -476,14 +480,18 @@ fn hidden_rows_do_not_depend_on_the_chunk() {
     let masked = perturbed(&mut rng, &real);
     let lm_head = random_matrix(&mut rng, vocab, d, 3.0 / (d as f64).sqrt(), DType::BF16);
     let targets = Tensor::new((0..rows as u32).map(|r| r * 293).collect::<Vec<_>>(), &Device::Cpu).unwrap();
-    let h = HiddenTensors { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
+    let h = HiddenStates { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
     let p = Params::default();
     let one_chunk = score_hidden_rows(&h, &targets, &p, vocab).unwrap().to_vec2::<f32>().unwrap();
     for chunk in [1, 2, 64, 1000, 2052, 5000] {
         let got = score_hidden_rows(&h, &targets, &p, chunk).unwrap().to_vec2::<f32>().unwrap();
         for (k, (g, w)) in got.iter().zip(&one_chunk).enumerate() {
             for (r, (&g, &w)) in g.iter().zip(w).enumerate() {
-                assert!((g - w).abs() <= 1e-6 + 1e-6 * w.abs(), "chunk {chunk} {} row {r}: {g} vs {w}", ROW_OUTPUTS[k]);
+                assert!(
+                    (g - w).abs() <= 1e-6 + 1e-6 * w.abs(),
+                    "chunk {chunk} {} row {r}: {g} vs {w}",
+                    infopo_kernels::RowOutputs::NAMES[k]
+                );
             }
         }
     }
@@ -519,7 +527,7 @@ fn hidden_batch_matches_the_epilogue_of_candle_f64_rows() {
         let lm_head = random_matrix(&mut rng, vocab, d, 3.0 / (d as f64).sqrt(), dtype);
         let ids: Vec<i64> = (0..b.rows).map(|_| rng.below(vocab as u64) as i64).collect();
         let targets = Tensor::new(ids, &Device::Cpu).unwrap();
-        let h = HiddenTensors { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
+        let h = HiddenStates { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
         let params = Params { estimator, ..Params::default() };
         let turns =
             Turns { offsets: &b.turn_offsets, trajectory: &b.turn_trajectory, credit_tokens: &b.turn_credit_tokens };
@@ -550,9 +558,9 @@ fn hidden_batch_matches_the_epilogue_of_candle_f64_rows() {
             Estimator::LogRatio => &rows[LOG_RATIO],
             Estimator::Kl => &rows[KL],
         };
-        let mut layout = infopo_kernels::validate::layout(b.rows, &turns, trajectories.as_ref()).unwrap();
+        let mut layout = infopo_kernels::Layout::new(b.rows, &turns, trajectories.as_ref()).unwrap();
         if let Some(s) = credit_start {
-            infopo_kernels::validate::credit_spans(&mut layout, s).unwrap();
+            layout = layout.with_credit_start(s).unwrap();
         }
         let mut acc = TurnAccumulator::for_layout(&layout);
         acc.add_rows(&layout, 0, estimates).unwrap();
@@ -598,26 +606,26 @@ fn small_hidden(rng: &mut Rng) -> (Tensor, Tensor, Tensor, Tensor) {
     (real, masked, lm_head, targets)
 }
 
-fn hidden_err(h: HiddenTensors<'_>, targets: &Tensor, chunk: usize) -> Error {
+fn hidden_err(h: HiddenStates<'_>, targets: &Tensor, chunk: usize) -> Error {
     expect_err(score_hidden_rows(&h, targets, &Params::default(), chunk))
 }
 
 #[test]
 fn hidden_bad_dtypes_are_typed_errors_naming_the_tensor() {
     let (real, masked, lm_head, targets) = small_hidden(&mut Rng::new(fresh_seed()));
-    let h = HiddenTensors { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
+    let h = HiddenStates { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
     assert!(score_hidden_rows(&h, &targets, &Params::default(), 4).is_ok());
     let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
     let (masked_bf16, head_bf16, head_f16) = (bf16(&masked), bf16(&lm_head), lm_head.to_dtype(DType::F16).unwrap());
-    let e = hidden_err(HiddenTensors { masked_hidden: &masked_bf16, ..h }, &targets, 4);
+    let e = hidden_err(HiddenStates { masked_hidden: &masked_bf16, ..h }, &targets, 4);
     assert!(matches!(e, Error::UnsupportedDtype { tensor: "masked_hidden", .. }), "{e}");
     assert!(e.to_string().contains("bf16") && e.to_string().contains("f32, the dtype of `real_hidden`"), "{e}");
-    let e = hidden_err(HiddenTensors { lm_head: &head_f16, ..h }, &targets, 4);
+    let e = hidden_err(HiddenStates { lm_head: &head_f16, ..h }, &targets, 4);
     assert!(matches!(&e, Error::UnsupportedDtype { tensor: "lm_head", dtype, .. } if dtype == "f16"), "{e}");
     // BF16 hidden states with an F32 head: the head is named, with the dtype it should have.
     let real_bf16 = bf16(&real);
     let e = hidden_err(
-        HiddenTensors { real_hidden: &real_bf16, masked_hidden: &masked_bf16, lm_head: &lm_head },
+        HiddenStates { real_hidden: &real_bf16, masked_hidden: &masked_bf16, lm_head: &lm_head },
         &targets,
         4,
     );
@@ -625,11 +633,11 @@ fn hidden_bad_dtypes_are_typed_errors_naming_the_tensor() {
         matches!(e, Error::UnsupportedDtype { tensor: "lm_head", expected, .. } if expected.starts_with("bf16")),
         "{e}"
     );
-    let both_bf16 = HiddenTensors { real_hidden: &real_bf16, masked_hidden: &masked_bf16, lm_head: &head_bf16 };
+    let both_bf16 = HiddenStates { real_hidden: &real_bf16, masked_hidden: &masked_bf16, lm_head: &head_bf16 };
     assert!(score_hidden_rows(&both_bf16, &targets, &Params::default(), 4).is_ok());
     let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
     let (real64, masked64, head64) = (f64s(&real), f64s(&masked), f64s(&lm_head));
-    let e = hidden_err(HiddenTensors { real_hidden: &real64, masked_hidden: &masked64, lm_head: &head64 }, &targets, 4);
+    let e = hidden_err(HiddenStates { real_hidden: &real64, masked_hidden: &masked64, lm_head: &head64 }, &targets, 4);
     assert!(matches!(e, Error::UnsupportedDtype { tensor: "real_hidden", .. }), "{e}");
     for bad in [DType::F32, DType::U8] {
         let e = hidden_err(h, &targets.to_dtype(bad).unwrap(), 4);
@@ -641,7 +649,7 @@ fn hidden_bad_dtypes_are_typed_errors_naming_the_tensor() {
 fn hidden_bad_shapes_are_typed_errors_naming_both_tensors() {
     let mut rng = Rng::new(fresh_seed());
     let (real, masked, lm_head, targets) = small_hidden(&mut rng);
-    let h = HiddenTensors { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
+    let h = HiddenStates { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
     let shape_err = |e: Error, needles: &[&str]| {
         assert!(matches!(e, Error::Shape { .. }), "{e}");
         for n in needles {
@@ -651,32 +659,32 @@ fn hidden_bad_shapes_are_typed_errors_naming_both_tensors() {
     // The lm_head's width is not the hidden states' D.
     let narrow_head = random_matrix(&mut rng, 13, 5, 1.0, DType::F32);
     shape_err(
-        hidden_err(HiddenTensors { lm_head: &narrow_head, ..h }, &targets, 4),
+        hidden_err(HiddenStates { lm_head: &narrow_head, ..h }, &targets, 4),
         &["`real_hidden` is [4, 6]", "`lm_head` is [13, 5]", "6 vs 5"],
     );
     let wider = random_matrix(&mut rng, 4, 7, 1.0, DType::F32);
     shape_err(
-        hidden_err(HiddenTensors { masked_hidden: &wider, ..h }, &targets, 4),
+        hidden_err(HiddenStates { masked_hidden: &wider, ..h }, &targets, 4),
         &["`real_hidden` is [4, 6]", "`masked_hidden` is [4, 7]"],
     );
     let taller = random_matrix(&mut rng, 5, 6, 1.0, DType::F32);
-    shape_err(hidden_err(HiddenTensors { masked_hidden: &taller, ..h }, &targets, 4), &["`masked_hidden` is [5, 6]"]);
+    shape_err(hidden_err(HiddenStates { masked_hidden: &taller, ..h }, &targets, 4), &["`masked_hidden` is [5, 6]"]);
     shape_err(hidden_err(h, &targets.narrow(0, 0, 3).unwrap(), 4), &["`targets` is [3]", "`real_hidden` is [4, 6]"]);
     let flat_head = lm_head.flatten_all().unwrap();
-    shape_err(hidden_err(HiddenTensors { lm_head: &flat_head, ..h }, &targets, 4), &["[V, D]", "[78]"]);
+    shape_err(hidden_err(HiddenStates { lm_head: &flat_head, ..h }, &targets, 4), &["[V, D]", "[78]"]);
     let cube = real.reshape((2, 2, 6)).unwrap();
-    shape_err(hidden_err(HiddenTensors { real_hidden: &cube, masked_hidden: &cube, ..h }, &targets, 4), &["[N, D]"]);
+    shape_err(hidden_err(HiddenStates { real_hidden: &cube, masked_hidden: &cube, ..h }, &targets, 4), &["[N, D]"]);
     shape_err(hidden_err(h, &targets, 0), &["chunk"]);
     let empty_head = Tensor::zeros((0, 6), DType::F32, &Device::Cpu).unwrap();
-    assert!(matches!(hidden_err(HiddenTensors { lm_head: &empty_head, ..h }, &targets, 4), Error::EmptyVocab));
+    assert!(matches!(hidden_err(HiddenStates { lm_head: &empty_head, ..h }, &targets, 4), Error::EmptyVocab));
     let no_width = Tensor::zeros((4, 0), DType::F32, &Device::Cpu).unwrap();
     let no_width_head = Tensor::zeros((13, 0), DType::F32, &Device::Cpu).unwrap();
-    let zero_d = HiddenTensors { real_hidden: &no_width, masked_hidden: &no_width, lm_head: &no_width_head };
+    let zero_d = HiddenStates { real_hidden: &no_width, masked_hidden: &no_width, lm_head: &no_width_head };
     shape_err(hidden_err(zero_d, &targets, 4), &["hidden width D"]);
     // An empty batch is not an error.
     let none = Tensor::zeros((0, 6), DType::F32, &Device::Cpu).unwrap();
     let no_targets = Tensor::zeros(0, DType::U32, &Device::Cpu).unwrap();
-    let empty = HiddenTensors { real_hidden: &none, masked_hidden: &none, lm_head: &lm_head };
+    let empty = HiddenStates { real_hidden: &none, masked_hidden: &none, lm_head: &lm_head };
     assert_eq!(score_hidden_rows(&empty, &no_targets, &Params::default(), 4).unwrap().dims(), &[5, 0]);
 }
 
@@ -684,30 +692,30 @@ fn hidden_bad_shapes_are_typed_errors_naming_both_tensors() {
 fn hidden_non_row_contiguous_inputs_are_typed_errors() {
     let mut rng = Rng::new(fresh_seed());
     let (real, masked, lm_head, targets) = small_hidden(&mut rng);
-    let h = HiddenTensors { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
+    let h = HiddenStates { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
     // A [D, V] weight passed transposed: the right shape, columns in memory.
     let head_t = random_matrix(&mut rng, 6, 13, 1.0, DType::F32).t().unwrap();
-    let e = hidden_err(HiddenTensors { lm_head: &head_t, ..h }, &targets, 4);
+    let e = hidden_err(HiddenStates { lm_head: &head_t, ..h }, &targets, 4);
     assert!(matches!(e, Error::NotContiguous { tensor: "lm_head", .. }), "{e}");
     assert!(e.to_string().contains("contiguous()"), "{e}");
     // Column slices of wider hidden states: rows contiguous but not adjacent.
     let wide = random_matrix(&mut rng, 4, 9, 1.0, DType::F32);
     let cols = wide.narrow(1, 2, 6).unwrap();
-    let e = hidden_err(HiddenTensors { real_hidden: &cols, ..h }, &targets, 4);
+    let e = hidden_err(HiddenStates { real_hidden: &cols, ..h }, &targets, 4);
     assert!(matches!(e, Error::NotContiguous { tensor: "real_hidden", .. }), "{e}");
-    let e = hidden_err(HiddenTensors { masked_hidden: &cols, ..h }, &targets, 4);
+    let e = hidden_err(HiddenStates { masked_hidden: &cols, ..h }, &targets, 4);
     assert!(matches!(e, Error::NotContiguous { tensor: "masked_hidden", .. }), "{e}");
     let square = random_matrix(&mut rng, 6, 6, 1.0, DType::F32);
     let (rows_t, square_t) = (real.narrow(0, 0, 4).unwrap(), square.t().unwrap().narrow(0, 0, 4).unwrap());
-    assert!(score_hidden_rows(&HiddenTensors { real_hidden: &rows_t, ..h }, &targets, &Params::default(), 4).is_ok());
-    let e = hidden_err(HiddenTensors { real_hidden: &square_t, ..h }, &targets, 4);
+    assert!(score_hidden_rows(&HiddenStates { real_hidden: &rows_t, ..h }, &targets, &Params::default(), 4).is_ok());
+    let e = hidden_err(HiddenStates { real_hidden: &square_t, ..h }, &targets, 4);
     assert!(matches!(e, Error::NotContiguous { tensor: "real_hidden", .. }), "{e}");
     let pairs = Tensor::stack(&[&targets, &targets], 1).unwrap();
     let e = hidden_err(h, &pairs.i((.., 1)).unwrap(), 4);
     assert!(matches!(e, Error::NotContiguous { tensor: "targets", .. }), "{e}");
     // `.contiguous()` is the way out, and gives the numbers of the copy.
     let fixed = cols.contiguous().unwrap();
-    let h_fixed = HiddenTensors { real_hidden: &fixed, ..h };
+    let h_fixed = HiddenStates { real_hidden: &fixed, ..h };
     let got = score_hidden_rows(&h_fixed, &targets, &Params::default(), 4).unwrap();
     assert_rows_match(&got, &materialised_f64(&h_fixed, &targets, 1.0), "contiguous copy of a column slice");
 }
@@ -716,7 +724,7 @@ fn hidden_non_row_contiguous_inputs_are_typed_errors() {
 fn hidden_row_data_and_layout_errors_are_the_crate_errors() {
     let mut rng = Rng::new(fresh_seed());
     let (real, masked, lm_head, targets) = small_hidden(&mut rng);
-    let h = HiddenTensors { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
+    let h = HiddenStates { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
     let p = Params::default();
     let out_of_range = Tensor::new(&[0u32, 1, 13, 2], &Device::Cpu).unwrap();
     let e = expect_err(score_hidden_rows(&h, &out_of_range, &p, 4));
@@ -725,7 +733,7 @@ fn hidden_row_data_and_layout_errors_are_the_crate_errors() {
     let mut values = real.to_vec2::<f32>().unwrap();
     values[3][1] = f32::NAN;
     let nan = Tensor::new(values, &Device::Cpu).unwrap();
-    let e = expect_err(score_hidden_rows(&HiddenTensors { real_hidden: &nan, ..h }, &targets, &p, 4));
+    let e = expect_err(score_hidden_rows(&HiddenStates { real_hidden: &nan, ..h }, &targets, &p, 4));
     assert!(matches!(e, Error::Row { row: 3, kind: RowErrorKind::RealNotFinite, .. }), "{e}");
     let e = expect_err(score_hidden_rows(&h, &targets, &Params { temperature: -1.0, ..p }, 4));
     assert!(matches!(e, Error::Param { name: "temperature", .. }), "{e}");
@@ -777,7 +785,11 @@ mod on_cuda {
                 assert_eq!(got.dims(), &[5, rows]);
                 let (got, want) = (got.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
                 for k in 0..5 {
-                    close(&got[k], &want[k], &format!("{dtype:?} [{rows}, {vocab}] {}", ROW_OUTPUTS[k]));
+                    close(
+                        &got[k],
+                        &want[k],
+                        &format!("{dtype:?} [{rows}, {vocab}] {}", infopo_kernels::RowOutputs::NAMES[k]),
+                    );
                 }
             }
         }
@@ -840,12 +852,12 @@ mod on_cuda {
             let rows_of = |t: &Tensor| t.narrow(0, 2, b.rows).unwrap();
             let head = |t: &Tensor| t.narrow(0, 0, vocab).unwrap();
             let (r, m, w, t) = (rows_of(&real), rows_of(&masked), head(&padded_head), rows_of(&targets));
-            let cpu = HiddenTensors { real_hidden: &r, masked_hidden: &m, lm_head: &w };
+            let cpu = HiddenStates { real_hidden: &r, masked_hidden: &m, lm_head: &w };
             let want = compute_hidden(&cpu, &t, turns, Some(traj), None, &p, chunk).unwrap().to_output().unwrap();
             let g = |x: &Tensor| x.to_device(&gpu()).unwrap();
             let (gr, gm, gw, gt) =
                 (rows_of(&g(&real)), rows_of(&g(&masked)), head(&g(&padded_head)), rows_of(&g(&targets)));
-            let on_gpu = HiddenTensors { real_hidden: &gr, masked_hidden: &gm, lm_head: &gw };
+            let on_gpu = HiddenStates { real_hidden: &gr, masked_hidden: &gm, lm_head: &gw };
             let out = compute_hidden(&on_gpu, &gt, turns, Some(traj), None, &p, chunk).unwrap();
             assert!(out.rows.device().is_cuda() && out.turn_info.device().is_cuda());
             let got = out.to_output().unwrap();

@@ -4,7 +4,7 @@
 //! never a panic; cases are collected so one run lists every failing one.
 
 use candle_core::{DType, Device, Tensor};
-use infopo_kernels::candle::{compute, compute_hidden, score_hidden_rows, score_rows, HiddenTensors};
+use infopo_kernels::candle::{compute, compute_hidden, score_hidden_rows, score_rows, HiddenStates};
 use infopo_kernels::{Error, Params, RowErrorKind, Trajectories, Turns};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -181,45 +181,45 @@ fn hidden_entries_reject_malformed_tensors() {
     let targets = Tensor::new(&[0i64, 6, 2, 3], &cpu()).unwrap();
     let p = Params::default();
     let turns = Turns { offsets: &[0, 4], trajectory: &[0], credit_tokens: &[2] };
-    let h = HiddenTensors { real_hidden: &real, masked_hidden: &masked, lm_head: &head };
+    let h = HiddenStates { real_hidden: &real, masked_hidden: &masked, lm_head: &head };
     score_hidden_rows(&h, &targets, &p, 2).expect("the valid inputs");
     compute_hidden(&h, &targets, turns, None, None, &p, 2).expect("the valid batch");
     score_hidden_rows(&h, &targets, &p, usize::MAX).expect("a chunk wider than V is the whole vocabulary");
 
     let mut c = Cases::default();
-    let mut both = |label: &str, expect: &dyn Fn(&Error) -> bool, h: HiddenTensors<'_>, t: &Tensor, chunk: usize| {
+    let mut both = |label: &str, expect: &dyn Fn(&Error) -> bool, h: HiddenStates<'_>, t: &Tensor, chunk: usize| {
         c.err(&format!("score_hidden_rows: {label}"), expect, || score_hidden_rows(&h, t, &p, chunk));
         c.err(&format!("compute_hidden: {label}"), expect, || compute_hidden(&h, t, turns, None, None, &p, chunk));
     };
     let to = |t: &Tensor, d: DType| t.to_dtype(d).unwrap();
     both("chunk 0", &shape, h, &targets, 0);
     let f64_head = to(&head, DType::F64);
-    both("lm_head f64", &dtype("lm_head"), HiddenTensors { lm_head: &f64_head, ..h }, &targets, 2);
+    both("lm_head f64", &dtype("lm_head"), HiddenStates { lm_head: &f64_head, ..h }, &targets, 2);
     let bf16_real = to(&real, DType::BF16);
     both(
         "real_hidden bf16, others f32",
         &dtype("masked_hidden"),
-        HiddenTensors { real_hidden: &bf16_real, ..h },
+        HiddenStates { real_hidden: &bf16_real, ..h },
         &targets,
         2,
     );
     let u8_real = to(&real, DType::U8);
-    both("real_hidden u8", &dtype("real_hidden"), HiddenTensors { real_hidden: &u8_real, ..h }, &targets, 2);
+    both("real_hidden u8", &dtype("real_hidden"), HiddenStates { real_hidden: &u8_real, ..h }, &targets, 2);
     both("targets f32", &dtype("targets"), h, &to(&targets, DType::F32), 2);
     let wide = matrix(7, 4, 0.0);
-    both("lm_head width 4 for D 3", &shape, HiddenTensors { lm_head: &wide, ..h }, &targets, 2);
+    both("lm_head width 4 for D 3", &shape, HiddenStates { lm_head: &wide, ..h }, &targets, 2);
     let flat_head = head.flatten_all().unwrap();
-    both("lm_head rank 1", &shape, HiddenTensors { lm_head: &flat_head, ..h }, &targets, 2);
+    both("lm_head rank 1", &shape, HiddenStates { lm_head: &flat_head, ..h }, &targets, 2);
     let rank3 = real.unsqueeze(0).unwrap();
-    both("real_hidden rank 3", &shape, HiddenTensors { real_hidden: &rank3, ..h }, &targets, 2);
+    both("real_hidden rank 3", &shape, HiddenStates { real_hidden: &rank3, ..h }, &targets, 2);
     let fewer = matrix(3, 3, 1.0);
-    both("masked_hidden fewer rows", &shape, HiddenTensors { masked_hidden: &fewer, ..h }, &targets, 2);
+    both("masked_hidden fewer rows", &shape, HiddenStates { masked_hidden: &fewer, ..h }, &targets, 2);
     both("targets for 3 rows", &shape, h, &targets.narrow(0, 0, 3).unwrap(), 2);
     let (empty_real, empty_masked, empty_head) = (matrix(4, 0, 0.0), matrix(4, 0, 0.0), matrix(7, 0, 0.0));
     both(
         "hidden width 0",
         &shape,
-        HiddenTensors { real_hidden: &empty_real, masked_hidden: &empty_masked, lm_head: &empty_head },
+        HiddenStates { real_hidden: &empty_real, masked_hidden: &empty_masked, lm_head: &empty_head },
         &targets,
         2,
     );
@@ -227,17 +227,17 @@ fn hidden_entries_reject_malformed_tensors() {
     both(
         "lm_head of 0 rows",
         &|e| matches!(e, Error::EmptyVocab),
-        HiddenTensors { lm_head: &no_vocab, ..h },
+        HiddenStates { lm_head: &no_vocab, ..h },
         &targets,
         2,
     );
     let head_t = matrix(3, 7, 0.0).t().unwrap();
-    both("lm_head transposed", &not_contiguous("lm_head"), HiddenTensors { lm_head: &head_t, ..h }, &targets, 2);
+    both("lm_head transposed", &not_contiguous("lm_head"), HiddenStates { lm_head: &head_t, ..h }, &targets, 2);
     let real_cols = matrix(4, 5, 0.0).narrow(1, 1, 3).unwrap();
     both(
         "real_hidden column slice",
         &not_contiguous("real_hidden"),
-        HiddenTensors { real_hidden: &real_cols, ..h },
+        HiddenStates { real_hidden: &real_cols, ..h },
         &targets,
         2,
     );

@@ -7,9 +7,9 @@ use common::files::{
     entries, f32_bytes, i64_bytes, infopo, raw_batch, raw_file, raw_hidden_batch, s, stderr, stdout, with,
 };
 use half::bf16;
-use infopo_kernels::fused::{HiddenBatch, HiddenTensors};
 use infopo_kernels::synth::{self, SynthSpec};
-use infopo_kernels::{cpu::Cpu, io, Backend, Batch, Logits, Output, Params, Trajectories, Turns};
+use infopo_kernels::{io, Backend, Batch, Cpu, Logits, Output, Params, Trajectories, Turns};
+use infopo_kernels::{HiddenBatch, HiddenTensors};
 use safetensors::{Dtype, SafeTensors};
 use std::path::Path;
 
@@ -415,7 +415,7 @@ fn write_input_round_trips_views() {
     io::write_input(&path, &batch).unwrap();
     let back = io::read_input(&path).unwrap();
     assert_eq!(back.targets, [1, 0]);
-    assert_eq!(back.real, io::LogitBuf::F32(real.to_vec().into()));
+    assert_eq!(back.real, infopo_kernels::LogitBuf::F32(real.to_vec().into()));
     let a = Cpu.compute(&batch, &Params::default()).unwrap();
     let b = Cpu.compute(&back.as_batch().unwrap(), &Params::default()).unwrap();
     assert_eq!(a, b);
@@ -543,7 +543,7 @@ fn compute_and_verify_fused_linear_files() {
     let run = infopo(&["compute", s(&input), s(&output), "--backend", "cpu"]);
     assert!(run.status.success(), "{}", stderr(&run));
     assert!(stdout(&run).contains("fused linear"), "{}", stdout(&run));
-    let want = Cpu.compute_hidden(&batch, &params, infopo_kernels::fused::DEFAULT_CHUNK).unwrap();
+    let want = Cpu.compute_hidden(&batch, &params, infopo_kernels::DEFAULT_CHUNK).unwrap();
     assert!(want.advantages.is_some());
     check_output(&output, &want);
     let run = infopo(&["compute", s(&input), s(&output), "--backend", "emulated", "--chunk", "10"]);

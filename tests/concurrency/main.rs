@@ -6,7 +6,7 @@
 //! - a capped grid (`Emulated::with_grid_cap`, items > grid) runs the grid-stride loop: the
 //!   float64 oracle agrees and the outputs equal the uncapped run's bit for bit;
 //! - split rows (S > 1) with turns, groups and the epilogue, in one batch and micro-batched;
-//! - the partial-state mode (`partial::emulated_range_states`) of split rows over uneven
+//! - the partial-state mode (`Emulated::range_states`) of split rows over uneven
 //!   vocabulary ranges: its states equal the serial ones bit for bit;
 //! - the merge mode (`Emulated::merge_range_states`) with turns, groups, token advantages and
 //!   the epilogue elected by the grid ticket: every output equals the serial run's bit for bit.
@@ -21,7 +21,7 @@ use common::kernel::{check_epilogue, compare_rows, epilogue_feed, generate, layo
 use common::{assert_close, to_dtype, to_f64};
 use half::bf16;
 use infopo_kernels::emulated::{Emulated, MAX_BLOCKS_AT_ONCE};
-use infopo_kernels::partial::{emulated_range_states, merge_outputs, RangeInput, RangeStates, VocabRange};
+use infopo_kernels::vocab::{merge_outputs, RangeInput, RangeStates, VocabRange};
 use infopo_kernels::{Backend, Batch, Dtype, Error, Estimator, Logits, Output, Params};
 
 /// Every output of a call as bits: the five row values, turn info and every advantage output.
@@ -212,7 +212,7 @@ fn partial_states_concurrent_equal_serial_bitwise() {
     let params = Params { temperature: 0.8, ..Params::default() };
     let serial = Emulated::new();
     let states = |b: &Emulated, range: VocabRange| -> Vec<u32> {
-        let raw = emulated_range_states(b, &RangeInput::of_full(real, masked, range), &t, &params).unwrap();
+        let raw = b.range_states(&RangeInput::of_full(real, masked, range), &t, &params).unwrap();
         raw.iter().map(|x| x.to_bits()).collect()
     };
     let mut parts = Vec::new();
@@ -254,9 +254,7 @@ fn merge_mode_concurrent_equals_serial_bitwise() {
     let serial = Emulated::new();
     let states: Vec<f32> = ranges
         .iter()
-        .flat_map(|&range| {
-            emulated_range_states(&serial, &RangeInput::of_full(real, masked, range), &t, &params).unwrap()
-        })
+        .flat_map(|&range| serial.range_states(&RangeInput::of_full(real, masked, range), &t, &params).unwrap())
         .collect();
     // Credited spans: each turn's credit at the start of its trajectory's response, in turn order.
     let mut next = vec![0u32; l.tokens.len()];
@@ -270,9 +268,9 @@ fn merge_mode_concurrent_equals_serial_bitwise() {
             s
         })
         .collect();
-    let mut lay = infopo_kernels::validate::layout(n, &l.turns(), Some(&l.trajectories())).unwrap();
-    infopo_kernels::validate::credit_spans(&mut lay, &starts).unwrap();
-    let merge = |b: &Emulated| b.merge_range_states(&states, ranges.len(), &t, v, Some(&lay), &params).unwrap();
+    let mut lay = infopo_kernels::Layout::new(n, &l.turns(), Some(&l.trajectories())).unwrap();
+    lay = lay.with_credit_start(&starts).unwrap();
+    let merge = |b: &Emulated| b.merge_and_finish(&states, ranges.len(), &t, v, Some(&lay), &params).unwrap();
     let want = merge(&serial);
     let (rf, mf) = (to_f64(&r), to_f64(&m));
     compare_rows(&want.rows, &rf, &mf, &t, v, 1.0, "serial merge");

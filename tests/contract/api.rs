@@ -5,15 +5,15 @@ use crate::common;
 
 use common::{assert_close, random_layout};
 use infopo_kernels::emulated::Emulated;
-use infopo_kernels::epilogue::{advantages, TurnAccumulator};
 use infopo_kernels::synth::{logits_pair, Rng};
+use infopo_kernels::{advantages, TurnAccumulator};
 use infopo_kernels::{
-    cpu, half::bf16, Backend, Batch, Error, Estimator, LayoutBuilder, Logits, OwnedBatch, Params, RowErrorKind,
+    half::bf16, Backend, Batch, Cpu, Error, Estimator, LayoutBuilder, Logits, OwnedBatch, Params, RowErrorKind,
     Trajectories, TrajectoryBuf, TurnBuf, Turns,
 };
 
 fn backends() -> [Box<dyn Backend>; 2] {
-    [Box::new(cpu::Cpu), Box::new(Emulated::new())]
+    [Box::new(Cpu), Box::new(Emulated::new())]
 }
 
 /// 200 rows of vocabulary 37 where global row 150 has an out-of-range target.
@@ -38,7 +38,7 @@ fn two_stage_row_errors_name_global_rows() {
         }
         other => panic!("expected a row error, got {other}"),
     };
-    want(cpu::score(first, r, m, t, &params).unwrap_err());
+    want(infopo_kernels::reference::score(first, r, m, t, &params).unwrap_err());
     for b in backends() {
         want(b.score_rows(first, r, m, t, &params).unwrap_err());
         // The one-call form names the same row.
@@ -48,7 +48,7 @@ fn two_stage_row_errors_name_global_rows() {
     // The micro-batch that does not hold the bad row scores.
     let r = Logits::new(&real, 200, 37).unwrap().slice_rows(0, 130).unwrap();
     let m = Logits::new(&masked, 200, 37).unwrap().slice_rows(0, 130).unwrap();
-    assert_eq!(cpu::score(0, r, m, &targets[..130], &params).unwrap().len(), 130);
+    assert_eq!(infopo_kernels::reference::score(0, r, m, &targets[..130], &params).unwrap().len(), 130);
 }
 
 #[test]
@@ -56,14 +56,17 @@ fn cpu_score_validates_params() {
     let x = [0.0f32; 4];
     let l = Logits::new(&x, 2, 2).unwrap();
     let bad = Params { temperature: 0.0, ..Params::default() };
-    assert!(matches!(cpu::score(0, l, l, &[0, 1], &bad), Err(Error::Param { name: "temperature", .. })));
+    assert!(matches!(
+        infopo_kernels::reference::score(0, l, l, &[0, 1], &bad),
+        Err(Error::Param { name: "temperature", .. })
+    ));
 }
 
 #[test]
 fn row_outputs_estimator_picks_the_estimator() {
     let mut rng = Rng::new(3);
     let (real, masked, targets) = logits_pair::<f32>(&mut rng, 5, 11);
-    let out = cpu::Cpu
+    let out = Cpu
         .score_rows(
             0,
             Logits::new(&real, 5, 11).unwrap(),
@@ -91,7 +94,7 @@ fn estimator_values_from_row_outputs_match_compute() {
         Batch::rows(Logits::new(&real, rows, vocab).unwrap(), Logits::new(&masked, rows, vocab).unwrap(), &targets)
             .with_turns(turns)
             .with_trajectories(trajectories);
-    let layout = infopo_kernels::validate::layout(rows, &turns, Some(&trajectories)).unwrap();
+    let layout = infopo_kernels::Layout::new(rows, &turns, Some(&trajectories)).unwrap();
     for b in backends() {
         // The CPU's epilogue reads f64 rows, the RowOutputs are f32: the sums differ by the f32
         // rounding of each row. The kernels' epilogue reads the same f32 rows (summation order).
@@ -206,7 +209,7 @@ fn owned_batch_checks_shapes_and_dtypes() {
 #[test]
 fn layout_errors_name_the_rust_field_and_the_file_tensor() {
     let rows = 4;
-    let e = infopo_kernels::validate::layout(
+    let e = infopo_kernels::Layout::new(
         rows,
         &Turns { offsets: &[0, 2, 4], trajectory: &[0, 0], credit_tokens: &[1] },
         None,
@@ -214,7 +217,7 @@ fn layout_errors_name_the_rust_field_and_the_file_tensor() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("Turns::credit_tokens / turn_credit_tokens"), "{e}");
-    let e = infopo_kernels::validate::layout(
+    let e = infopo_kernels::Layout::new(
         rows,
         &Turns { offsets: &[0, 3, 2, 4], trajectory: &[0, 0, 0], credit_tokens: &[1, 1, 1] },
         None,

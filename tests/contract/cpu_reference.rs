@@ -5,11 +5,12 @@ use crate::common;
 
 use common::*;
 use half::{bf16, f16};
-use infopo_kernels::epilogue::{advantages, Moments, TurnAccumulator};
-use infopo_kernels::state::RowState;
+use infopo_kernels::reference::Moments;
+use infopo_kernels::reference::RowState;
 use infopo_kernels::synth::Rng;
+use infopo_kernels::{advantages, TurnAccumulator};
 use infopo_kernels::{
-    cpu, validate, Backend, Batch, Error, Estimator, LogitElement, Logits, Params, RowErrorKind, Trajectories, Turns,
+    Backend, Batch, Cpu, Error, Estimator, Layout, LogitElement, Logits, Params, RowErrorKind, Trajectories, Turns,
 };
 use proptest::prelude::*;
 
@@ -32,7 +33,7 @@ fn check_rows<T: LogitElement>(rows: usize, vocab: usize, scale: f64, temperatur
     let batch =
         Batch::rows(Logits::new(&real, rows, vocab).unwrap(), Logits::new(&masked, rows, vocab).unwrap(), &targets);
     let params = Params { temperature, ..Params::default() };
-    let out = cpu::Cpu.compute(&batch, &params).unwrap().rows;
+    let out = Cpu.compute(&batch, &params).unwrap().rows;
     for (r, &a) in targets.iter().enumerate() {
         let row = r * vocab..(r + 1) * vocab;
         let o = oracle_row(&real64[row.clone()], &masked64[row], a as usize, temperature);
@@ -75,7 +76,7 @@ fn neg_inf_entries_and_infinite_kl() {
     masked.extend([1.0f32, f32::NEG_INFINITY, 0.3, 2.0, -1.0, 0.6, 0.4, 0.0, -0.2]);
     let targets = [2i64, 3];
     let batch = Batch::rows(Logits::new(&real, 2, v).unwrap(), Logits::new(&masked, 2, v).unwrap(), &targets);
-    let out = cpu::Cpu.compute(&batch, &Params::default()).unwrap().rows;
+    let out = Cpu.compute(&batch, &Params::default()).unwrap().rows;
     let as64 = |s: &[f32]| s.iter().map(|&x| x as f64).collect::<Vec<_>>();
     // Row 0 has p > 0 where masked is −∞: KL is +∞, the other outputs are finite.
     assert_eq!(out.kl[0], f32::INFINITY);
@@ -103,7 +104,7 @@ fn full_check(estimator: Estimator, normalize: bool, seed: u64) {
             .with_turns(Turns { offsets: &l.offsets, trajectory: &l.turn_traj, credit_tokens: &l.credit })
             .with_trajectories(Trajectories { group: &l.group, outcome: &l.outcome, tokens: &l.tokens });
     let params = Params { estimator, normalize, beta: 0.3, gate_temperature: 0.5, ..Params::default() };
-    let out = cpu::Cpu.compute(&batch, &params).unwrap();
+    let out = Cpu.compute(&batch, &params).unwrap();
     let est: Vec<f64> = (0..rows)
         .map(|r| {
             let o = oracle_row(
@@ -140,16 +141,9 @@ fn full_pipeline_matches_oracle() {
 
 // ---- Paper conventions -------------------------------------------------------------------
 
-fn layout(
-    offsets: &[u32],
-    traj: &[u32],
-    credit: &[u32],
-    group: &[u32],
-    outcome: &[f64],
-    tokens: &[u32],
-) -> validate::Layout {
+fn layout(offsets: &[u32], traj: &[u32], credit: &[u32], group: &[u32], outcome: &[f64], tokens: &[u32]) -> Layout {
     let rows = *offsets.last().unwrap() as usize;
-    validate::layout(
+    infopo_kernels::Layout::new(
         rows,
         &Turns { offsets, trajectory: traj, credit_tokens: credit },
         Some(&Trajectories { group, outcome, tokens }),
@@ -198,13 +192,12 @@ fn zero_info_turns_are_excluded_and_empty_turns_have_zero_info() {
 
 fn rows_out(real: &[f32], masked: &[f32], targets: &[i64], vocab: usize) -> infopo_kernels::RowOutputs {
     let n = targets.len();
-    cpu::Cpu
-        .compute(
-            &Batch::rows(Logits::new(real, n, vocab).unwrap(), Logits::new(masked, n, vocab).unwrap(), targets),
-            &Params::default(),
-        )
-        .unwrap()
-        .rows
+    Cpu.compute(
+        &Batch::rows(Logits::new(real, n, vocab).unwrap(), Logits::new(masked, n, vocab).unwrap(), targets),
+        &Params::default(),
+    )
+    .unwrap()
+    .rows
 }
 
 proptest! {
@@ -261,7 +254,7 @@ proptest! {
         let rows = 60;
         let l = random_layout(&mut rng, rows, 9, 5, 2);
         let values: Vec<f64> = (0..rows).map(|_| rng.normal()).collect();
-        let l = validate::layout(rows, &Turns { offsets: &l.offsets, trajectory: &l.turn_traj, credit_tokens: &l.credit }, None).unwrap();
+        let l = infopo_kernels::Layout::new(rows, &Turns { offsets: &l.offsets, trajectory: &l.turn_traj, credit_tokens: &l.credit }, None).unwrap();
         let mut whole = TurnAccumulator::new(9);
         whole.add_rows(&l, 0, &values).unwrap();
         let mut bounds = cuts.clone();
@@ -296,12 +289,11 @@ proptest! {
 
 fn err_of(real: &[f32], masked: &[f32], targets: &[i64], vocab: usize) -> Error {
     let n = targets.len();
-    cpu::Cpu
-        .compute(
-            &Batch::rows(Logits::new(real, n, vocab).unwrap(), Logits::new(masked, n, vocab).unwrap(), targets),
-            &Params::default(),
-        )
-        .unwrap_err()
+    Cpu.compute(
+        &Batch::rows(Logits::new(real, n, vocab).unwrap(), Logits::new(masked, n, vocab).unwrap(), targets),
+        &Params::default(),
+    )
+    .unwrap_err()
 }
 
 fn row_err(e: Error) -> (usize, RowErrorKind) {
@@ -348,13 +340,10 @@ fn shape_dtype_and_param_errors() {
     assert!(matches!(Logits::new(&x, 2, 4), Err(Error::Shape { .. })));
     assert!(matches!(Logits::new(&x, 6, 0), Err(Error::EmptyVocab)));
     let (a, b) = (Logits::new(&x, 2, 3).unwrap(), Logits::new(&h, 2, 3).unwrap());
-    assert!(matches!(
-        cpu::Cpu.compute(&Batch::rows(a, b, &[0, 0]), &Params::default()),
-        Err(Error::DtypeMismatch { .. })
-    ));
+    assert!(matches!(Cpu.compute(&Batch::rows(a, b, &[0, 0]), &Params::default()), Err(Error::DtypeMismatch { .. })));
     let c = Logits::new(&x, 3, 2).unwrap();
-    assert!(matches!(cpu::Cpu.compute(&Batch::rows(a, c, &[0, 0]), &Params::default()), Err(Error::Shape { .. })));
-    assert!(matches!(cpu::Cpu.compute(&Batch::rows(a, a, &[0]), &Params::default()), Err(Error::Shape { .. })));
+    assert!(matches!(Cpu.compute(&Batch::rows(a, c, &[0, 0]), &Params::default()), Err(Error::Shape { .. })));
+    assert!(matches!(Cpu.compute(&Batch::rows(a, a, &[0]), &Params::default()), Err(Error::Shape { .. })));
     for p in [
         Params { temperature: 0.0, ..Params::default() },
         Params { temperature: f64::NAN, ..Params::default() },
@@ -363,14 +352,14 @@ fn shape_dtype_and_param_errors() {
         Params { eps: f64::INFINITY, ..Params::default() },
         Params { beta: f64::NAN, ..Params::default() },
     ] {
-        assert!(matches!(cpu::Cpu.compute(&Batch::rows(a, a, &[0, 0]), &p), Err(Error::Param { .. })), "{p:?}");
+        assert!(matches!(Cpu.compute(&Batch::rows(a, a, &[0, 0]), &p), Err(Error::Param { .. })), "{p:?}");
     }
 }
 
 #[test]
 fn layout_errors() {
     let turns_err = |offsets: &[u32], traj: &[u32], credit: &[u32]| {
-        validate::layout(4, &Turns { offsets, trajectory: traj, credit_tokens: credit }, None).unwrap_err()
+        infopo_kernels::Layout::new(4, &Turns { offsets, trajectory: traj, credit_tokens: credit }, None).unwrap_err()
     };
     for (o, t, c, needle) in [
         (&[1u32, 2, 4][..], &[0u32, 0][..], &[1u32, 1][..], "must be 0"),
@@ -384,7 +373,7 @@ fn layout_errors() {
         assert!(matches!(e, Error::Turns { .. }) && e.to_string().contains(needle), "{e}");
     }
     let traj_err = |traj: &[u32], credit: &[u32], group: &[u32], outcome: &[f64], tokens: &[u32]| {
-        validate::layout(
+        infopo_kernels::Layout::new(
             4,
             &Turns { offsets: &[0, 2, 4], trajectory: traj, credit_tokens: credit },
             Some(&Trajectories { group, outcome, tokens }),
@@ -396,7 +385,7 @@ fn layout_errors() {
     assert!(traj_err(&[0, 0], &[3, 3], &[0, 0], &[1.0, 0.0], &[5, 3]).contains("credits 6 tokens"));
     assert!(traj_err(&[0, 0], &[1, 1], &[0], &[1.0, 0.0], &[3, 3]).contains("entries"));
     assert!(traj_err(&[0, 0], &[1, 1], &[0, 1], &[f64::NAN, 0.0], &[3, 3]).contains("non-finite"));
-    let few = validate::layout(
+    let few = infopo_kernels::Layout::new(
         1,
         &Turns { offsets: &[0, 1], trajectory: &[0], credit_tokens: &[1] },
         Some(&Trajectories { group: &[0], outcome: &[1.0], tokens: &[1] }),
@@ -414,7 +403,7 @@ fn layout_errors() {
         trajectories: Some(Trajectories { group: &[0], outcome: &[0.0], tokens: &[2] }),
         credit_start: None,
     };
-    assert!(matches!(cpu::Cpu.compute(&b, &Params::default()), Err(Error::Trajectories { .. })));
+    assert!(matches!(Cpu.compute(&b, &Params::default()), Err(Error::Trajectories { .. })));
 }
 
 // ---- The kernel test bodies (tests/common/kernel.rs) on the CPU reference ----------------------
@@ -423,49 +412,49 @@ fn layout_errors() {
 
 #[test]
 fn kernel_bodies_random_shapes_match_oracle() {
-    kernel::random_shapes_match_oracle(&cpu::Cpu, 64);
+    kernel::random_shapes_match_oracle(&infopo_kernels::Cpu, 64);
 }
 
 #[test]
 fn kernel_bodies_micro_batches_match_one_batch() {
-    kernel::micro_batches_match_one_batch(&cpu::Cpu);
+    kernel::micro_batches_match_one_batch(&infopo_kernels::Cpu);
 }
 
 #[test]
 fn kernel_bodies_every_row_error_code_with_priority() {
-    kernel::every_row_error_code_with_priority(&cpu::Cpu);
+    kernel::every_row_error_code_with_priority(&infopo_kernels::Cpu);
 }
 
 #[test]
 fn kernel_bodies_epilogue_matches_oracle() {
-    kernel::epilogue_matches_oracle(&cpu::Cpu);
+    kernel::epilogue_matches_oracle(&infopo_kernels::Cpu);
 }
 
 #[test]
 fn kernel_bodies_bitwise_deterministic() {
-    kernel::bitwise_deterministic(&cpu::Cpu);
+    kernel::bitwise_deterministic(&infopo_kernels::Cpu);
 }
 
 #[test]
 fn kernel_bodies_alignment_neg_inf_and_huge_logits() {
-    kernel::real_and_masked_with_different_alignment(&cpu::Cpu);
-    kernel::neg_inf_entries_and_infinite_kl(&cpu::Cpu);
-    kernel::huge_logits_and_temperature(&cpu::Cpu);
+    kernel::real_and_masked_with_different_alignment(&infopo_kernels::Cpu);
+    kernel::neg_inf_entries_and_infinite_kl(&infopo_kernels::Cpu);
+    kernel::huge_logits_and_temperature(&infopo_kernels::Cpu);
 }
 
 #[test]
 fn kernel_bodies_turns_and_validation() {
-    kernel::turns_without_trajectories_and_empty_turns(&cpu::Cpu);
-    kernel::validation_errors_are_typed(&cpu::Cpu);
+    kernel::turns_without_trajectories_and_empty_turns(&infopo_kernels::Cpu);
+    kernel::validation_errors_are_typed(&infopo_kernels::Cpu);
 }
 
 #[test]
 fn kernel_bodies_exact_zeros_gaps_fills_turns_and_temperature() {
-    kernel::peaked_rows_give_exact_zero_log_ratio(&cpu::Cpu);
-    kernel::tiny_probability_gap_gives_infinite_kl(&cpu::Cpu);
-    kernel::mask_fills_count_as_infinities(&cpu::Cpu);
-    kernel::non_finite_turn_info_is_an_error(&cpu::Cpu);
-    kernel::temperature_outside_its_range_is_a_parameter_error(&cpu::Cpu);
+    kernel::peaked_rows_give_exact_zero_log_ratio(&infopo_kernels::Cpu);
+    kernel::tiny_probability_gap_gives_infinite_kl(&infopo_kernels::Cpu);
+    kernel::mask_fills_count_as_infinities(&infopo_kernels::Cpu);
+    kernel::non_finite_turn_info_is_an_error(&infopo_kernels::Cpu);
+    kernel::temperature_outside_its_range_is_a_parameter_error(&infopo_kernels::Cpu);
 }
 
 /// The two-stage API sees only per-turn values: a non-finite one names the turn.
@@ -473,7 +462,7 @@ fn kernel_bodies_exact_zeros_gaps_fills_turns_and_temperature() {
 fn stage_two_rejects_a_non_finite_turn() {
     let turns = Turns { offsets: &[0, 2, 3, 5], trajectory: &[0, 0, 1], credit_tokens: &[1, 2, 1] };
     let traj = Trajectories { group: &[0, 0], outcome: &[1.0, 0.0], tokens: &[4, 3] };
-    let layout = validate::layout(5, &turns, Some(&traj)).unwrap();
+    let layout = infopo_kernels::Layout::new(5, &turns, Some(&traj)).unwrap();
     let p = Params::default();
     assert!(advantages(&[0.5, -0.25, 1.0], &layout, &p).is_ok());
     for bad in [f64::INFINITY, f64::NAN, f64::NEG_INFINITY] {
@@ -486,13 +475,13 @@ fn stage_two_rejects_a_non_finite_turn() {
 
 #[test]
 fn kernel_bodies_token_advantages_and_intrinsic_gate() {
-    kernel::token_advantages_match_oracle(&cpu::Cpu, 40);
-    kernel::intrinsic_gate_matches_oracle(&cpu::Cpu);
-    kernel::bad_credit_spans_are_typed(&cpu::Cpu);
+    kernel::token_advantages_match_oracle(&infopo_kernels::Cpu, 40);
+    kernel::intrinsic_gate_matches_oracle(&infopo_kernels::Cpu);
+    kernel::bad_credit_spans_are_typed(&infopo_kernels::Cpu);
 }
 
-/// The two-stage API: `validate::credit_spans` enables `token_advantage` in
-/// `epilogue::advantages`, which equals the one-call result; a hand-edited layout whose spans
+/// The two-stage API: `Layout::with_credit_start` enables `token_advantage` in
+/// `advantages`, which equals the one-call result; a hand-edited layout whose spans
 /// overflow is still a typed error (no out-of-bounds write).
 #[test]
 fn two_stage_token_advantage_and_hand_built_spans() {
@@ -507,14 +496,14 @@ fn two_stage_token_advantage_and_hand_built_spans() {
         .with_trajectories(traj)
         .with_credit_start(&starts);
     let params = Params { gate_source: infopo_kernels::GateSource::Intrinsic, ..Params::default() };
-    let one = cpu::Cpu.compute(&batch, &params).unwrap();
-    let mut layout = validate::layout(5, &turns, Some(&traj)).unwrap();
-    let without = infopo_kernels::epilogue::advantages(one.turn_info.as_ref().unwrap(), &layout, &params).unwrap();
+    let one = Cpu.compute(&batch, &params).unwrap();
+    let mut layout = infopo_kernels::Layout::new(5, &turns, Some(&traj)).unwrap();
+    let without = infopo_kernels::advantages(one.turn_info.as_ref().unwrap(), &layout, &params).unwrap();
     assert!(without.token_advantage.is_none());
-    validate::credit_spans(&mut layout, &starts).unwrap();
-    let with = infopo_kernels::epilogue::advantages(one.turn_info.as_ref().unwrap(), &layout, &params).unwrap();
+    layout = layout.with_credit_start(&starts).unwrap();
+    let with = infopo_kernels::advantages(one.turn_info.as_ref().unwrap(), &layout, &params).unwrap();
     assert_eq!(&with, one.advantages.as_ref().unwrap());
     layout.groups.as_mut().unwrap().turn_credit_start = Some(vec![3, 0, 3]);
-    let e = infopo_kernels::epilogue::advantages(one.turn_info.as_ref().unwrap(), &layout, &params).unwrap_err();
+    let e = infopo_kernels::advantages(one.turn_info.as_ref().unwrap(), &layout, &params).unwrap_err();
     assert!(matches!(e, Error::CreditSpan { turn: 2, .. }), "{e}");
 }

@@ -18,12 +18,14 @@ use crate::common;
 use common::kernel::{compare_rows, generate, Spec};
 use common::{to_dtype, to_f64};
 use half::{bf16, f16};
-use infopo_kernels::cuda::fused::{chunk_ranges, shard_chunk_ranges, ChunkGemm, DeviceHiddenInputs};
+use infopo_kernels::cuda::fused::{ChunkGemm, DeviceHiddenInputs};
 use infopo_kernels::cuda::range::RangeColumns;
 use infopo_kernels::cuda::CudaBackend;
-use infopo_kernels::fused::{score_hidden, HiddenInputs};
-use infopo_kernels::partial::{merge_outputs, shard_ranges, RangeInput, RangeStates, VocabRange};
-use infopo_kernels::{cpu, Error, LogitElement, Logits, Params, RowOutputs};
+use infopo_kernels::reference::score_hidden;
+use infopo_kernels::vocab::{
+    chunk_ranges, merge_outputs, shard_chunk_ranges, shard_ranges, RangeInput, RangeStates, VocabRange,
+};
+use infopo_kernels::{Error, HiddenInputs, LogitElement, Logits, Params, RowOutputs};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -213,7 +215,8 @@ fn unsplit_outputs<T: LogitElement>(
     params: &Params,
 ) -> infopo_kernels::Result<RowOutputs> {
     let n = t.len();
-    cpu::score(0, Logits::new(r, n, v).unwrap(), Logits::new(m, n, v).unwrap(), t, params).map(|v| cpu::to_outputs(&v))
+    infopo_kernels::reference::score(0, Logits::new(r, n, v).unwrap(), Logits::new(m, n, v).unwrap(), t, params)
+        .map(|v| infopo_kernels::reference::to_outputs(&v))
 }
 
 /// p ∈ {1, 2, 3, 8} padded Megatron shards and three ranges of the full logits, scored on the

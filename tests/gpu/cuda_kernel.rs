@@ -406,7 +406,7 @@ fn device_batch_restarts_step_after_step() {
     let s = gpu.stream().clone();
     let l = kernel::layout();
     let (n, v) = (64usize, 31usize);
-    let layout = infopo_kernels::validate::layout(n, &l.turns(), Some(&l.trajectories())).unwrap();
+    let layout = infopo_kernels::Layout::new(n, &l.turns(), Some(&l.trajectories())).unwrap();
     let device_layout = gpu.upload_layout(&layout).unwrap();
     let params = Params::default();
     let mut batch = gpu.begin(Some(&device_layout), &params).unwrap();
@@ -503,7 +503,7 @@ fn steady_state_steps_load_nothing_and_allocate_the_same() {
     let s = gpu.stream().clone();
     let l = kernel::layout();
     let (n, v, d, chunk) = (64usize, 3000usize, 16usize, 1024usize);
-    let layout = infopo_kernels::validate::layout(n, &l.turns(), Some(&l.trajectories())).unwrap();
+    let layout = infopo_kernels::Layout::new(n, &l.turns(), Some(&l.trajectories())).unwrap();
     let device_layout = gpu.upload_layout(&layout).unwrap();
     let mut batch = gpu.begin(Some(&device_layout), &Params::default()).unwrap();
     let head: Vec<f32> = generate(&Spec::new(v, d), 5).0;
@@ -595,7 +595,7 @@ fn launch_discipline_is_checked() {
 fn hand_edited_layouts_and_short_row_buffers_are_typed_errors() {
     let a = gpu();
     let l = kernel::layout();
-    let good = infopo_kernels::validate::layout(64, &l.turns(), Some(&l.trajectories())).unwrap();
+    let good = infopo_kernels::Layout::new(64, &l.turns(), Some(&l.trajectories())).unwrap();
     a.upload_layout(&good).unwrap();
     let mut bad = good.clone();
     bad.turn_trajectory[0] = 99;

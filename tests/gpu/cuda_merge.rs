@@ -19,8 +19,8 @@ use common::{close, to_dtype, to_f64};
 use half::bf16;
 use infopo_kernels::cuda::{rows_to_host, CudaBackend};
 use infopo_kernels::emulated::Emulated;
-use infopo_kernels::partial::{emulated_range_states, shard_ranges, RangeInput, VocabRange};
-use infopo_kernels::validate::{self, Layout};
+use infopo_kernels::vocab::{shard_ranges, RangeInput, VocabRange};
+use infopo_kernels::Layout;
 use infopo_kernels::{Error, Estimator, GateSource, LogitElement, Logits, Output, Params, RowErrorKind};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -35,9 +35,7 @@ fn states<T: LogitElement>((r, m, t): (&[T], &[T], &[i64]), v: usize, ranges: &[
     let (real, masked) = (Logits::new(r, n, v).unwrap(), Logits::new(m, n, v).unwrap());
     ranges
         .iter()
-        .flat_map(|&range| {
-            emulated_range_states(&Emulated::new(), &RangeInput::of_full(real, masked, range), t, p).unwrap()
-        })
+        .flat_map(|&range| Emulated::new().range_states(&RangeInput::of_full(real, masked, range), t, p).unwrap())
         .collect()
 }
 
@@ -115,8 +113,8 @@ fn device_merge_matches_the_oracle_and_the_emulator() {
         let mut rng = StdRng::seed_from_u64(300 + case);
         let (n, v) = (rng.gen_range(1..48usize), [300usize, 32003, 50257][case as usize % 3]);
         let sl = random_span_layout(&mut rng, n);
-        let mut lay = validate::layout(n, &sl.layout.turns(), Some(&sl.layout.trajectories())).unwrap();
-        validate::credit_spans(&mut lay, &sl.starts).unwrap();
+        let mut lay = infopo_kernels::Layout::new(n, &sl.layout.turns(), Some(&sl.layout.trajectories())).unwrap();
+        lay = lay.with_credit_start(&sl.starts).unwrap();
         let (r, m, t) = generate(&Spec { neg_inf: 0.05, ..Spec::new(n, v) }, 400 + case);
         let params = match case % 3 {
             0 => Params::default(),
@@ -129,7 +127,7 @@ fn device_merge_matches_the_oracle_and_the_emulator() {
         };
         let cut = rng.gen_range(0..=n);
         let run = |rf: &[f64], mf: &[f64], s: &[f32], dtype: &str| {
-            let want = e.merge_range_states(s, ranges.len(), &t, v, Some(&lay), &params).unwrap();
+            let want = e.merge_and_finish(s, ranges.len(), &t, v, Some(&lay), &params).unwrap();
             for bounds in [vec![0, n], vec![0, cut, n]] {
                 let what = format!("case {case} {dtype} N={n} V={v} P={} bounds {bounds:?}", ranges.len());
                 let got = device_merge(&b, s, ranges.len(), &t, v, Some(&lay), &params, &bounds).unwrap();
@@ -178,7 +176,7 @@ fn device_merge_reports_row_errors() {
         m[row * 31 + o] = f32::NEG_INFINITY;
     }
     let kl = Params { estimator: Estimator::Kl, ..Params::default() };
-    let lay = validate::layout(64, &l.turns(), Some(&l.trajectories())).unwrap();
+    let lay = infopo_kernels::Layout::new(64, &l.turns(), Some(&l.trajectories())).unwrap();
     let s = states((&r[..], &m[..], &t[..]), 31, &shard_ranges(31, 2).unwrap(), &kl);
     match device_merge(&b, &s, 2, &t, 31, Some(&lay), &kl, &[0, 20, 64]) {
         Err(Error::NonFiniteTurn { turn: 6, row: Some(33) }) => {}

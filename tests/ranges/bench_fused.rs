@@ -3,7 +3,7 @@
 //! what it refuses.
 
 use half::bf16;
-use infopo_kernels::fused::score_hidden;
+use infopo_kernels::reference::score_hidden;
 use infopo_kernels::synth::{hidden_inputs, HiddenSpec};
 use infopo_kernels::Params;
 use std::process::{Command, Output as Run};

@@ -15,11 +15,8 @@ use common::kernel::{
 use common::{close, to_dtype, to_f64};
 use half::bf16;
 use infopo_kernels::emulated::Emulated;
-use infopo_kernels::launch::check_merge_states;
-use infopo_kernels::partial::{
-    emulated_range_states, merge_outputs, shard_ranges, RangeInput, RangeStates, VocabRange,
-};
-use infopo_kernels::validate::{self, Layout};
+use infopo_kernels::vocab::{merge_outputs, shard_ranges, RangeInput, RangeStates, VocabRange};
+use infopo_kernels::Layout;
 use infopo_kernels::{
     Backend, Batch, Error, Estimator, LogitElement, Logits, Output, Params, RowErrorKind, Trajectories, Turns,
 };
@@ -54,17 +51,17 @@ fn kernel_states<T: LogitElement>(
             let (x, y) = (shard(r), shard(m));
             let input =
                 RangeInput::shard(Logits::new(&x, n, width).unwrap(), Logits::new(&y, n, width).unwrap(), range);
-            emulated_range_states(e, &input, t, params).unwrap()
+            e.range_states(&input, t, params).unwrap()
         } else {
             let input = RangeInput::of_full(Logits::new(r, n, v).unwrap(), Logits::new(m, n, v).unwrap(), range);
-            emulated_range_states(e, &input, t, params).unwrap()
+            e.range_states(&input, t, params).unwrap()
         };
         out.extend_from_slice(&states);
     }
     out
 }
 
-/// The host's float64 merge of the same kernel states (`partial::merge_outputs`).
+/// The host's float64 merge of the same kernel states (`vocab::merge_outputs`).
 fn host_merge(states: &[f32], ranges: &[VocabRange], t: &[i64], v: usize, params: &Params) -> Output {
     let per = t.len() * 8;
     let parts: Vec<RangeStates> = ranges
@@ -135,9 +132,9 @@ fn same(got: &infopo_kernels::Result<Output>, want: &infopo_kernels::Result<Outp
 }
 
 fn validated(l: &common::kernel::Layout, rows: usize, starts: Option<&[u32]>) -> Layout {
-    let mut out = validate::layout(rows, &l.turns(), Some(&l.trajectories())).unwrap();
+    let mut out = infopo_kernels::Layout::new(rows, &l.turns(), Some(&l.trajectories())).unwrap();
     if let Some(s) = starts {
-        validate::credit_spans(&mut out, s).unwrap();
+        out = out.with_credit_start(s).unwrap();
     }
     out
 }
@@ -163,7 +160,7 @@ fn merged_rows_match_the_oracle_and_the_host_merge() {
         ) {
             let (r, m) = (to_dtype::<T>(r), to_dtype::<T>(m));
             let states = kernel_states(e, (&r[..], &m[..], t), v, ranges, padded, params);
-            let out = e.merge_range_states(&states, ranges.len(), t, v, None, params).unwrap();
+            let out = e.merge_and_finish(&states, ranges.len(), t, v, None, params).unwrap();
             let what = format!("{what} {} P={}", T::DTYPE, ranges.len());
             compare_rows(&out.rows, &to_f64(&r), &to_f64(&m), t, v, params.temperature, &what);
             rows_close(&out, &host_merge(&states, ranges, t, v, params), &what);
@@ -184,7 +181,7 @@ fn merged_rows_match_the_oracle_and_the_host_merge() {
         let (rb, mb) = (to_dtype::<bf16>(&r), to_dtype::<bf16>(&m));
         for ranges in [shard_ranges(v, 8).unwrap(), chunks(v, 4096)] {
             let states = kernel_states(&e, (&rb[..], &mb[..], &t[..]), v, &ranges, false, &params);
-            let out = e.merge_range_states(&states, ranges.len(), &t, v, None, &params).unwrap();
+            let out = e.merge_and_finish(&states, ranges.len(), &t, v, None, &params).unwrap();
             assert!(out.rows.log_ratio.iter().all(|&l| l == 0.0), "peaked V={v}: {:?}", out.rows.log_ratio);
         }
     }
@@ -211,7 +208,7 @@ fn one_part_is_the_unsplit_launch_bit_for_bit() {
                     .with_credit_start(&l.starts);
                 let want = e.compute(&batch, &params);
                 let states = kernel_states(&e, (real, masked, &t[..]), v, &[VocabRange::new(0, v)], false, &params);
-                let got = e.merge_range_states(&states, 1, &t, v, Some(&lay), &params);
+                let got = e.merge_and_finish(&states, 1, &t, v, Some(&lay), &params);
                 same(&got, &want, &format!("{what} N={n} V={v} {params:?}"));
                 assert!(params.estimator == Estimator::Kl || got.is_ok(), "{what}: the log-ratio case must not fail");
             };
@@ -224,7 +221,7 @@ fn one_part_is_the_unsplit_launch_bit_for_bit() {
                     .with_credit_start(&l.starts);
                 let want = e.compute(&batch, &params);
                 let states = kernel_states(&e, (&rb[..], &mb[..], &t[..]), v, &[VocabRange::new(0, v)], false, &params);
-                let got = e.merge_range_states(&states, 1, &t, v, Some(&lay), &params);
+                let got = e.merge_and_finish(&states, 1, &t, v, Some(&lay), &params);
                 same(&got, &want, &format!("bf16 N={n} V={v} {params:?}"));
             }
         }
@@ -251,7 +248,7 @@ fn turns_and_advantages_from_merged_rows_match_the_oracle() {
         ] {
             for ranges in [shard_ranges(v, 3).unwrap(), chunks(v, 8192)] {
                 let states = kernel_states(&e, (&rb[..], &mb[..], &t[..]), v, &ranges, false, &params);
-                let out = e.merge_range_states(&states, ranges.len(), &t, v, Some(&lay), &params).unwrap();
+                let out = e.merge_and_finish(&states, ranges.len(), &t, v, Some(&lay), &params).unwrap();
                 let what = format!("bf16 N=64 V={v} P={} {params:?}", ranges.len());
                 compare_rows(&out.rows, &rf, &mf, &t, v, 1.0, &what);
                 let est = epilogue_feed(&e, &out, params.estimator, &rf, &mf, &t, 1.0);
@@ -270,7 +267,7 @@ fn turns_and_advantages_from_merged_rows_match_the_oracle() {
         let params = Params { gate_source: infopo_kernels::GateSource::Intrinsic, ..Params::default() };
         let ranges = shard_ranges(v, [2usize, 8][case as usize % 2]).unwrap();
         let states = kernel_states(&e, (&rb[..], &mb[..], &t[..]), v, &ranges, true, &params);
-        let out = e.merge_range_states(&states, ranges.len(), &t, v, Some(&lay), &params).unwrap();
+        let out = e.merge_and_finish(&states, ranges.len(), &t, v, Some(&lay), &params).unwrap();
         compare_rows(&out.rows, &rf, &mf, &t, v, 1.0, &format!("case {case}"));
         let est = epilogue_feed(&e, &out, params.estimator, &rf, &mf, &t, 1.0);
         check_token_advantage(&out, &est, &sl.layout.turns(), &sl.layout.trajectories(), &sl.starts, &params);
@@ -289,13 +286,13 @@ fn concurrent_and_grid_capped_merges_give_the_same_bits() {
     let params = Params::default();
     let states = kernel_states(&Emulated::new(), (&r[..], &m[..], &t[..]), v, &ranges, false, &params);
     let lay = validated(&l, 64, None);
-    let serial = Emulated::new().merge_range_states(&states, 3, &t, v, Some(&lay), &params).unwrap();
+    let serial = Emulated::new().merge_and_finish(&states, 3, &t, v, Some(&lay), &params).unwrap();
     for seed in 0..3 {
         let e = Emulated::concurrent(4, seed).unwrap();
-        let got = e.merge_range_states(&states, 3, &t, v, Some(&lay), &params).unwrap();
+        let got = e.merge_and_finish(&states, 3, &t, v, Some(&lay), &params).unwrap();
         assert_eq!(bits(&got), bits(&serial), "concurrent seed {seed}");
     }
-    let capped = Emulated::new().with_grid_cap(5).merge_range_states(&states, 3, &t, v, Some(&lay), &params).unwrap();
+    let capped = Emulated::new().with_grid_cap(5).merge_and_finish(&states, 3, &t, v, Some(&lay), &params).unwrap();
     assert_eq!(bits(&capped), bits(&serial), "grid cap 5");
 }
 
@@ -332,7 +329,7 @@ fn row_errors_and_mask_fills_match_the_unsplit_launch() {
         let Err(Error::Row { row, kind, target }) = want else { panic!("{name}: the edit must make a row error") };
         for ranges in [shard_ranges(v, 1).unwrap(), shard_ranges(v, 3).unwrap(), shard_ranges(v, 8).unwrap()] {
             let states = kernel_states(&e, (&r[..], &m[..], &t[..]), v, &ranges, true, &Params::default());
-            match e.merge_range_states(&states, ranges.len(), &t, v, None, &Params::default()) {
+            match e.merge_and_finish(&states, ranges.len(), &t, v, None, &Params::default()) {
                 Err(Error::Row { row: a, kind: b, target: c }) => {
                     assert_eq!((a, b, c), (row, kind, target), "{name} P={}", ranges.len())
                 }
@@ -359,7 +356,7 @@ fn row_errors_and_mask_fills_match_the_unsplit_launch() {
         let ranges = shard_ranges(v, p).unwrap();
         let params = Params::default();
         let states = kernel_states(&e, (&r[..], &m[..], &t[..]), v, &ranges, true, &params);
-        let out = e.merge_range_states(&states, p, &t, v, None, &params).unwrap();
+        let out = e.merge_and_finish(&states, p, &t, v, None, &params).unwrap();
         compare_rows(&out.rows, &to_f64(&r), &to_f64(&m), &t, v, 1.0, &format!("fills P={p}"));
         assert!(out.rows.kl.iter().all(|&k| k == f32::INFINITY), "fills P={p}: {:?}", out.rows.kl);
     }
@@ -380,12 +377,12 @@ fn non_finite_turn_is_an_error() {
     let kl = Params { estimator: Estimator::Kl, ..Params::default() };
     let ranges = shard_ranges(v, 3).unwrap();
     let states = kernel_states(&e, (&r[..], &m[..], &t[..]), v, &ranges, true, &kl);
-    match e.merge_range_states(&states, 3, &t, v, Some(&validated(&l, 64, None)), &kl) {
+    match e.merge_and_finish(&states, 3, &t, v, Some(&validated(&l, 64, None)), &kl) {
         Err(Error::NonFiniteTurn { turn: 6, row: Some(33) }) => {}
         other => panic!("{other:?}"),
     }
-    let turns_only = validate::layout(64, &l.turns(), None).unwrap();
-    let out = e.merge_range_states(&states, 3, &t, v, Some(&turns_only), &kl).unwrap();
+    let turns_only = infopo_kernels::Layout::new(64, &l.turns(), None).unwrap();
+    let out = e.merge_and_finish(&states, 3, &t, v, Some(&turns_only), &kl).unwrap();
     assert_eq!(out.turn_info.as_ref().unwrap()[6], f64::INFINITY);
     assert!(out.advantages.is_none());
     assert_eq!(out.rows.kl[33], f32::INFINITY);
@@ -400,7 +397,7 @@ fn one_row_empty_turns_and_no_rows() {
     let (r, m, t) = generate(&Spec::new(1, 5003), 3);
     let ranges = shard_ranges(5003, 8).unwrap();
     let states = kernel_states(&e, (&r[..], &m[..], &t[..]), 5003, &ranges, true, &params);
-    let out = e.merge_range_states(&states, 8, &t, 5003, None, &params).unwrap();
+    let out = e.merge_and_finish(&states, 8, &t, 5003, None, &params).unwrap();
     compare_rows(&out.rows, &to_f64(&r), &to_f64(&m), &t, 5003, 1.0, "one row");
 
     let offsets = [0u32, 0, 3, 3, 3, 10];
@@ -409,8 +406,8 @@ fn one_row_empty_turns_and_no_rows() {
     let turns = Turns { offsets: &offsets, trajectory: &trajectory, credit_tokens: &credit };
     let (r, m, t) = generate(&Spec::new(10, 77), 71);
     let states = kernel_states(&e, (&r[..], &m[..], &t[..]), 77, &shard_ranges(77, 2).unwrap(), true, &params);
-    let lay = validate::layout(10, &turns, None).unwrap();
-    let out = e.merge_range_states(&states, 2, &t, 77, Some(&lay), &params).unwrap();
+    let lay = infopo_kernels::Layout::new(10, &turns, None).unwrap();
+    let out = e.merge_and_finish(&states, 2, &t, 77, Some(&lay), &params).unwrap();
     let info = out.turn_info.clone().unwrap();
     assert_eq!((info[0], info[2], info[3]), (0.0, 0.0, 0.0));
     let est: Vec<f64> = out.rows.log_ratio.iter().map(|&x| x as f64).collect();
@@ -420,13 +417,13 @@ fn one_row_empty_turns_and_no_rows() {
     // No rows: the epilogue of empty turns only (a group of two trajectories, zero info).
     let turns = Turns { offsets: &[0, 0, 0], trajectory: &[0, 1], credit_tokens: &[1, 2] };
     let traj = Trajectories { group: &[3, 3], outcome: &[1.0, 0.0], tokens: &[2, 3] };
-    let lay = validate::layout(0, &turns, Some(&traj)).unwrap();
-    let out = e.merge_range_states(&[], 4, &[], 100, Some(&lay), &params).unwrap();
+    let lay = infopo_kernels::Layout::new(0, &turns, Some(&traj)).unwrap();
+    let out = e.merge_and_finish(&[], 4, &[], 100, Some(&lay), &params).unwrap();
     assert_eq!(out.turn_info.as_deref(), Some(&[0.0, 0.0][..]));
     let adv = out.advantages.unwrap();
     assert_eq!(adv.turn_bonus, [0.0, 0.0]);
     assert!(adv.trajectory_advantage[0] > 0.0 && adv.trajectory_advantage[1] < 0.0);
-    assert!(e.merge_range_states(&[], 4, &[], 100, None, &params).unwrap().rows.is_empty());
+    assert!(e.merge_and_finish(&[], 4, &[], 100, None, &params).unwrap().rows.is_empty());
 }
 
 /// Bad shapes and parameters are typed errors, before any launch.
@@ -437,19 +434,18 @@ fn bad_merge_inputs_are_typed_errors() {
     let states = vec![0f32; 3 * 2 * 8];
     let p = Params::default();
     let shape = |r: infopo_kernels::Result<Output>| matches!(r, Err(Error::Shape { .. }));
-    assert!(shape(e.merge_range_states(&states, 2, &t, 10, None, &p)), "parts x rows x 8");
-    assert!(shape(e.merge_range_states(&states[..47], 3, &t, 10, None, &p)), "short");
-    assert!(shape(e.merge_range_states(&[], 0, &t, 10, None, &p)), "no parts");
-    assert!(matches!(e.merge_range_states(&states, 3, &t, 0, None, &p), Err(Error::EmptyVocab)));
+    assert!(shape(e.merge_and_finish(&states, 2, &t, 10, None, &p)), "parts x rows x 8");
+    assert!(shape(e.merge_and_finish(&states[..47], 3, &t, 10, None, &p)), "short");
+    assert!(shape(e.merge_and_finish(&[], 0, &t, 10, None, &p)), "no parts");
+    assert!(matches!(e.merge_and_finish(&states, 3, &t, 0, None, &p), Err(Error::EmptyVocab)));
     let bad_t = Params { temperature: 0.0, ..p };
-    assert!(matches!(e.merge_range_states(&states, 3, &t, 10, None, &bad_t), Err(Error::Param { .. })));
+    assert!(matches!(e.merge_and_finish(&states, 3, &t, 10, None, &bad_t), Err(Error::Param { .. })));
     let turns = Turns { offsets: &[0, 3], trajectory: &[0], credit_tokens: &[1] };
-    let lay = validate::layout(3, &turns, None).unwrap();
-    assert!(matches!(e.merge_range_states(&states, 3, &t, 10, Some(&lay), &p), Err(Error::Turns { .. })));
-    assert!(check_merge_states(usize::MAX, usize::MAX, 2, 10).is_err(), "overflowing sizes");
+    let lay = infopo_kernels::Layout::new(3, &turns, None).unwrap();
+    assert!(matches!(e.merge_and_finish(&states, 3, &t, 10, Some(&lay), &p), Err(Error::Turns { .. })));
     // A well-formed merge of those zero states is no error of shape: every row has sum 0, so
     // "every real logit is −∞" for the lowest row.
-    match e.merge_range_states(&states, 3, &t, 10, None, &p) {
+    match e.merge_and_finish(&states, 3, &t, 10, None, &p) {
         Err(Error::Row { row: 0, kind: RowErrorKind::RealAllNegInf, .. }) => {}
         other => panic!("{other:?}"),
     }

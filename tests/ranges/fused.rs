@@ -1,4 +1,4 @@
-//! The fused CPU path (`infopo_kernels::fused`): hidden states and the lm_head weight, logits
+//! The fused CPU path (`infopo_kernels::reference::score_hidden`): hidden states and the lm_head weight, logits
 //! computed in f64 chunk by chunk and never stored, against the naive oracle on the logits
 //! materialised in f64 here (a plain dot product per logit).
 
@@ -6,8 +6,9 @@ use crate::common;
 
 use common::{close, oracle_code, oracle_row};
 use half::{bf16, f16};
-use infopo_kernels::fused::{score_hidden, HiddenInputs, DEFAULT_CHUNK};
+use infopo_kernels::reference::score_hidden;
 use infopo_kernels::{Error, LogitElement, Params};
+use infopo_kernels::{HiddenInputs, DEFAULT_CHUNK};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -151,9 +152,8 @@ fn fused_bad_shapes_are_typed_errors() {
 #[test]
 fn fused_emulated_matches_the_f64_reference() {
     use common::kernel::compare_rows;
-    use infopo_kernels::cpu::to_outputs;
     use infopo_kernels::emulated::Emulated;
-    use infopo_kernels::fused::score_hidden_emulated;
+    use infopo_kernels::reference::to_outputs;
 
     fn rows_of<T: LogitElement>(hidden: &[T], head: &[T], n: usize, d: usize, v: usize) -> Vec<f64> {
         (0..n).flat_map(|r| logits_row(hidden, head, r, d, v)).collect()
@@ -170,7 +170,7 @@ fn fused_emulated_matches_the_f64_reference() {
             vocab: c.v,
         };
         let params = Params { temperature, ..Params::default() };
-        let got = score_hidden_emulated(b, 0, &inputs, &c.targets, &params, chunk).unwrap();
+        let got = b.score_hidden(0, &inputs, &c.targets, &params, chunk).unwrap();
         let out = to_outputs(&got);
         let what = format!("emulated fused {} N={} D={} V={} chunk={chunk} τs={temperature}", T::DTYPE, c.n, c.d, c.v);
         let (x, y) = (rows_of(&real, &head, c.n, c.d, c.v), rows_of(&masked, &head, c.n, c.d, c.v));
@@ -188,7 +188,7 @@ fn fused_emulated_matches_the_f64_reference() {
     c.real[8..16].fill(f32::NAN);
     let inputs = c.inputs();
     let want = score_hidden(40, &inputs, &c.targets, &Params::default(), 4096);
-    let got = score_hidden_emulated(&b, 40, &inputs, &c.targets, &Params::default(), 4096);
+    let got = b.score_hidden(40, &inputs, &c.targets, &Params::default(), 4096);
     match (got, want) {
         (Err(Error::Row { row: a, kind: k, .. }), Err(Error::Row { row: w, kind: kw, .. })) => {
             assert_eq!((a, k), (w, kw));
@@ -205,9 +205,9 @@ fn fused_emulated_matches_the_f64_reference() {
 
 use common::kernel::{check_epilogue, compare_rows, epilogue_feed, EPILOGUE_TOL};
 use common::{assert_close, oracle_batch_advantages, oracle_token_advantage, random_layout, RandomLayout};
-use infopo_kernels::fused::{HiddenBatch, HiddenTensors, OwnedHiddenBatch};
 use infopo_kernels::io::{self, Input};
 use infopo_kernels::{Backend, Estimator, Output, Trajectories, Turns};
+use infopo_kernels::{HiddenBatch, HiddenTensors, OwnedHiddenBatch};
 
 /// A turn layout over `rows` rows with credit starts: each trajectory's turns credit
 /// consecutive spans of its response, from token 0 (`random_layout` leaves room for them).
@@ -325,7 +325,7 @@ fn params_for(with_turns: bool) -> Params {
 }
 
 fn cpu_file_case<T: LogitElement>(dir: &std::path::Path, (n, d, v): (usize, usize, usize), with_turns: bool) {
-    use infopo_kernels::cpu::Cpu;
+    use infopo_kernels::Cpu;
     let fc = FileCase::<T>::new(n, d, v, with_turns, (v + d) as u64 + with_turns as u64);
     let owned = fc.through_file(dir);
     let batch = owned.as_batch().unwrap();
@@ -445,14 +445,12 @@ fn fused_linear_files_at_a_model_width() {
 /// so its epilogue inputs differ by their f32 rounding).
 #[test]
 fn fused_two_stage_micro_batches_match_one_call() {
-    use infopo_kernels::cpu::Cpu;
     use infopo_kernels::emulated::Emulated;
-    use infopo_kernels::epilogue::{advantages, TurnAccumulator};
+    use infopo_kernels::Cpu;
+    use infopo_kernels::{advantages, TurnAccumulator};
     let fc = FileCase::<bf16>::new(9, 16, 3001, true, 77);
     let batch = fc.batch();
-    let layout = infopo_kernels::validate::batch_layout(9, batch.turns, batch.trajectories, batch.credit_start)
-        .unwrap()
-        .unwrap();
+    let layout = batch.validate().unwrap().unwrap();
     let params = Params::default();
     let backends: [&dyn Backend; 2] = [&Cpu, &Emulated::new()];
     for b in backends {
@@ -491,7 +489,7 @@ fn fused_two_stage_micro_batches_match_one_call() {
 
 #[test]
 fn fused_batch_errors_are_typed() {
-    use infopo_kernels::cpu::Cpu;
+    use infopo_kernels::Cpu;
     use infopo_kernels::LogitData;
     let c = case(4, 8, 50, 3);
     let head16: Vec<bf16> = c.head.iter().map(|&x| bf16::from_f32(x)).collect();
@@ -561,8 +559,8 @@ fn fused_batch_errors_are_typed() {
 /// about −1e32 everywhere but at its target.
 #[test]
 fn fused_non_finite_information_gain_names_turn_and_row() {
-    use infopo_kernels::cpu::Cpu;
     use infopo_kernels::emulated::Emulated;
+    use infopo_kernels::Cpu;
     use infopo_kernels::{Batch, Logits};
     let (n, d, v) = (9, 16, 500);
     let mut fc = FileCase::<f32>::new(n, d, v, true, 91);
@@ -613,7 +611,7 @@ fn a_backend_without_a_fused_path_says_so() {
             params: &Params,
             cuts: &[usize],
         ) -> infopo_kernels::Result<Output> {
-            infopo_kernels::cpu::Cpu.compute_micro_batched(batch, params, cuts)
+            infopo_kernels::Cpu.compute_micro_batched(batch, params, cuts)
         }
     }
     let c = case(2, 4, 10, 8);
@@ -626,8 +624,8 @@ fn a_backend_without_a_fused_path_says_so() {
 /// logits; with a layout of empty turns, info 0.
 #[test]
 fn fused_empty_batch() {
-    use infopo_kernels::cpu::Cpu;
     use infopo_kernels::emulated::Emulated;
+    use infopo_kernels::Cpu;
     let head = vec![0.5f32; 7 * 3];
     let tensors = HiddenTensors::from_inputs(&HiddenInputs {
         real_hidden: &[],

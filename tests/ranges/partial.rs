@@ -1,4 +1,4 @@
-//! Partial row states over vocabulary ranges (`infopo_kernels::partial`): the states of ranges
+//! Partial row states over vocabulary ranges (`infopo_kernels::vocab`): the states of ranges
 //! tiling [0, V), computed on the CPU (f64) or by the kernel in partial-state mode (emulated),
 //! merged on the host, give the unsplit outputs and row errors, for Megatron-style shards
 //! (p ∈ {1, 2, 3, 8}, padded last shard), uneven splits and any order of the ranges.
@@ -8,12 +8,9 @@ use crate::common;
 use common::kernel::{compare_rows, generate, peaked, Spec};
 use common::{close, to_dtype, to_f64};
 use half::{bf16, f16};
-use infopo_kernels::cpu;
 use infopo_kernels::emulated::Emulated;
-use infopo_kernels::partial::{
-    emulated_range_states, merge, merge_outputs, score_range, shard_ranges, RangeInput, RangeStates, VocabRange,
-};
-use infopo_kernels::state::RowValues;
+use infopo_kernels::reference::RowValues;
+use infopo_kernels::vocab::{merge, merge_outputs, score_range, shard_ranges, RangeInput, RangeStates, VocabRange};
 use infopo_kernels::{Error, LogitElement, Logits, Params, Result};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -104,7 +101,7 @@ fn unsplit<T: LogitElement>(
 ) -> Result<Vec<RowValues>> {
     let n = targets.len();
     let params = Params { temperature, ..Params::default() };
-    cpu::score(0, Logits::new(r, n, v).unwrap(), Logits::new(m, n, v).unwrap(), targets, &params)
+    infopo_kernels::reference::score(0, Logits::new(r, n, v).unwrap(), Logits::new(m, n, v).unwrap(), targets, &params)
 }
 
 #[test]
@@ -247,7 +244,7 @@ fn kernel_shards<T: LogitElement>(
         .map(|(&range, (x, y))| {
             let input = RangeInput::shard(Logits::new(x, n, width).unwrap(), Logits::new(y, n, width).unwrap(), range);
             let params = Params { temperature, ..Params::default() };
-            let raw = emulated_range_states(&Emulated::new(), &input, targets, &params).unwrap();
+            let raw = Emulated::new().range_states(&input, targets, &params).unwrap();
             RangeStates::from_kernel(range, &raw, &params).unwrap()
         })
         .collect()
@@ -311,8 +308,14 @@ fn emulated_kernel_shards_merge_to_the_oracle() {
             }
         }
     }
-    let want_inf =
-        cpu::score(0, Logits::new(&r, n, v).unwrap(), Logits::new(&m, n, v).unwrap(), &t, &Params::default()).unwrap();
+    let want_inf = infopo_kernels::reference::score(
+        0,
+        Logits::new(&r, n, v).unwrap(),
+        Logits::new(&m, n, v).unwrap(),
+        &t,
+        &Params::default(),
+    )
+    .unwrap();
     assert!(want_inf.iter().all(|x| x.kl == f64::INFINITY));
     for p in [1usize, 2, 3, 8] {
         run::<f32>(&r, &m, &t, v, p, 1.0, "fills");
@@ -336,7 +339,7 @@ fn emulated_kernel_range_of_full_logits_equals_its_shard() {
     let mut fulls = Vec::new();
     for (range, shard) in ranges.iter().zip(&shards) {
         let p = Params::default();
-        let raw = emulated_range_states(&Emulated::new(), &RangeInput::of_full(real, masked, *range), &t, &p).unwrap();
+        let raw = Emulated::new().range_states(&RangeInput::of_full(real, masked, *range), &t, &p).unwrap();
         let full = RangeStates::from_kernel(*range, &raw, &p).unwrap();
         for (i, (&a, &b)) in full.values().iter().zip(shard.values()).enumerate() {
             assert!(close(a, b, 1e-5, 1e-5) || (a.is_nan() && b.is_nan()), "range {range:?} [{i}]: {a} vs {b}");
@@ -366,10 +369,7 @@ fn bad_ranges_and_shapes_are_typed_errors() {
     assert!(merge(0, &[part(0, 10)], &t, v).is_ok());
     let too_wide = RangeInput::of_full(real, masked, VocabRange::new(6, 5));
     assert!(matches!(score_range(&too_wide, &t, &Params::default()), Err(Error::Shape { .. })));
-    assert!(matches!(
-        emulated_range_states(&Emulated::new(), &too_wide, &t, &Params::default()),
-        Err(Error::Shape { .. })
-    ));
+    assert!(matches!(Emulated::new().range_states(&too_wide, &t, &Params::default()), Err(Error::Shape { .. })));
     let ok = RangeInput::of_full(real, masked, VocabRange::new(0, 10));
     assert!(matches!(
         score_range(&ok, &t, &Params { temperature: 0.0, ..Params::default() }),
