@@ -21,10 +21,11 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 use half::bf16;
-use infopo_kernels::cuda::fused::{chunk_ranges, cublas_present, DeviceHiddenInputs};
+use infopo_kernels::cuda::fused::{cublas_present, DeviceHiddenInputs};
 use infopo_kernels::cuda::CudaBackend;
 use infopo_kernels::synth::{batch, SynthSpec};
-use infopo_kernels::{validate, LogitElement, Params};
+use infopo_kernels::vocab::chunk_ranges;
+use infopo_kernels::{LogitElement, Params};
 use rayon::prelude::*;
 use std::ffi::{c_int, c_void};
 use std::sync::Arc;
@@ -41,7 +42,7 @@ fn bench_dtype<T: LogitElement + DeviceRepr>(c: &mut Criterion, gpu: &CudaBacken
         for &rows in &[16usize, 256, 4096] {
             let data = batch::<T>(SynthSpec { rows, vocab, groups: 4, trajectories_per_group: 8, seed: 11 });
             let host = data.as_batch();
-            let layout = validate::batch(&host).expect("synthetic layout").expect("has turns");
+            let layout = host.validate().expect("synthetic layout").expect("has turns");
             let dev_layout = gpu.upload_layout(&layout).expect("upload layout");
             let bytes = host.logit_bytes();
             let copies = ROTATION_BYTES.div_ceil(bytes).clamp(1, 8);
