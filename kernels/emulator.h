@@ -379,4 +379,27 @@ inline float __half2float(__half h) {
 }
 inline float __bfloat162float(__nv_bfloat16 b) { return __uint_as_float((unsigned)b.x << 16); }
 
+// Packed bf16x2 min/max (kernels/variants.cuh), bit-exact to PTX max.bf16x2, min.bf16x2 and
+// max.NaN.bf16x2 on each 16-bit half: a NaN operand is ignored (both NaN: the canonical NaN
+// 0x7fff), or with .NaN any NaN gives 0x7fff; −0 orders below +0. Compared as integers, not
+// through f32, so the emulator threads' DAZ cannot flush a subnormal bf16 to 0.
+namespace infopo_emu {
+inline bool bf16_is_nan(unsigned h) { return (h & 0x7fffu) > 0x7f80u; }
+inline int bf16_order(unsigned h) { return (h & 0x8000u) ? -(int)(h & 0x7fffu) - 1 : (int)(h & 0x7fffu); }
+inline unsigned bf16_pick(unsigned a, unsigned b, bool want_max, bool nan_propagates) {
+    const bool na = bf16_is_nan(a), nb = bf16_is_nan(b);
+    if (na || nb) return (nan_propagates || (na && nb)) ? 0x7fffu : (na ? b : a);
+    const bool a_above = bf16_order(a) > bf16_order(b);
+    return a_above == want_max ? a : b;
+}
+inline unsigned bf16x2_op(unsigned a, unsigned b, bool want_max, bool nan_propagates) {
+    const unsigned lo = bf16_pick(a & 0xffffu, b & 0xffffu, want_max, nan_propagates);
+    const unsigned hi = bf16_pick(a >> 16, b >> 16, want_max, nan_propagates);
+    return lo | (hi << 16);
+}
+} // namespace infopo_emu
+inline unsigned infopo_bf16x2_max(unsigned a, unsigned b) { return infopo_emu::bf16x2_op(a, b, true, false); }
+inline unsigned infopo_bf16x2_min(unsigned a, unsigned b) { return infopo_emu::bf16x2_op(a, b, false, false); }
+inline unsigned infopo_bf16x2_max_nan(unsigned a, unsigned b) { return infopo_emu::bf16x2_op(a, b, true, true); }
+
 #endif

@@ -105,6 +105,13 @@ pub struct KernelArgs {
     pub merge_states: *const f32,
     /// Ranges folded per row (≥ 1).
     pub merge_parts: i64,
+
+    /// The [`KernelVariant`] of this launch ([`KernelVariant::code`]): the emulator and the
+    /// driver stand-in run the entry it names; on a GPU the host loads that entry by name
+    /// ([`entry_point`]) and the kernel ignores the field.
+    pub variant: u32,
+    /// 0 (keeps the size a multiple of 8).
+    pub variant_reserved: u32,
 }
 
 impl Default for KernelArgs {
@@ -161,6 +168,8 @@ impl Default for KernelArgs {
             vocab_start: 0,
             merge_states: ptr::null(),
             merge_parts: 0,
+            variant: 0,
+            variant_reserved: 0,
         }
     }
 }
@@ -195,6 +204,7 @@ impl KernelArgs {
             beta: params.beta,
             gate_temperature: params.gate_temperature,
             eps: params.eps,
+            variant: KernelVariant::active().code(),
             ..KernelArgs::default()
         }
     }
@@ -205,20 +215,129 @@ pub fn scale(temperature: f64) -> f32 {
     (std::f64::consts::LOG2_E / temperature) as f32
 }
 
-/// Kernel entry point (symbol) for a dtype.
+/// Kernel entry point (symbol) for a dtype, under the active [`KernelVariant`] (a CUDA backend
+/// loads it once per context, so the variant of a process is the one `INFOPO_KERNEL_VARIANT`
+/// names; the emulator switches per launch on [`KernelArgs::variant`]).
 pub fn entry_point(dtype: Dtype) -> &'static str {
-    match dtype {
-        Dtype::F32 => "infopo_f32",
-        Dtype::F16 => "infopo_f16",
-        Dtype::BF16 => "infopo_bf16",
+    entry_point_of(dtype, KernelVariant::active())
+}
+
+/// [`entry_point`] for a given variant.
+pub fn entry_point_of(dtype: Dtype, variant: KernelVariant) -> &'static str {
+    match (dtype, variant) {
+        (Dtype::F32, _) => "infopo_f32",
+        (Dtype::F16, _) => "infopo_f16",
+        (Dtype::BF16, KernelVariant::Packed) => "infopo_bf16_packed",
+        (Dtype::BF16, KernelVariant::PackedBump) => "infopo_bf16_packed_bump",
+        (Dtype::BF16, _) => "infopo_bf16",
     }
+}
+
+/// Variants of the kernel (issue 16), each switchable at launch; [`KernelVariant::Baseline`]
+/// (today's kernel) unless `INFOPO_KERNEL_VARIANT` names another. The kernel variants compute
+/// the baseline's row states bit for bit on rows without a row error (error rows keep their
+/// codes); [`KernelVariant::Waves`] changes only the split count, so its values agree with the
+/// baseline's to rounding, as any other launch shape's do. Every suite runs unchanged under
+/// each (`.ci/run`, scripts/tsan, the driver stand-in). See kernels/variants.cuh and
+/// bench/KERNEL_NOTES.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelVariant {
+    /// Today's kernel.
+    Baseline,
+    /// bf16 rows sharing their offset mod 16: packed bf16x2 clamp (`max.NaN.bf16x2` against
+    /// −2¹⁰⁰), max and min, no `live` select (entry `infopo_bf16_packed`; f32/f16: baseline).
+    Packed,
+    /// [`KernelVariant::Packed`] with a 32-bit trip count over bumped pointers and a
+    /// blockDim = 256 fast path (entry `infopo_bf16_packed_bump`).
+    PackedBump,
+    /// Today's kernel with whole-wave split counts for few rows ([`launch_shape_of`]).
+    Waves,
+}
+
+impl KernelVariant {
+    /// Every variant, the baseline first.
+    pub const ALL: [KernelVariant; 4] =
+        [KernelVariant::Baseline, KernelVariant::Packed, KernelVariant::PackedBump, KernelVariant::Waves];
+
+    /// The name `INFOPO_KERNEL_VARIANT` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelVariant::Baseline => "baseline",
+            KernelVariant::Packed => "packed",
+            KernelVariant::PackedBump => "packed-bump",
+            KernelVariant::Waves => "waves",
+        }
+    }
+
+    /// `INFOPO_VARIANT_*` of kernels/args.h.
+    pub fn code(self) -> u32 {
+        match self {
+            KernelVariant::Baseline => 0,
+            KernelVariant::Packed => 1,
+            KernelVariant::PackedBump => 2,
+            KernelVariant::Waves => 3,
+        }
+    }
+
+    /// The variant named `name` (an empty name is the baseline).
+    pub fn parse(name: &str) -> Result<Self> {
+        let name = name.trim();
+        if name.is_empty() {
+            return Ok(KernelVariant::Baseline);
+        }
+        KernelVariant::ALL.into_iter().find(|v| v.name() == name).ok_or_else(|| Error::BackendUnavailable {
+            backend: "kernel",
+            why: format!(
+                "INFOPO_KERNEL_VARIANT={name:?} names no kernel variant (one of: {})",
+                KernelVariant::ALL.map(KernelVariant::name).join(", ")
+            ),
+        })
+    }
+
+    /// The variant `INFOPO_KERNEL_VARIANT` names (read once per process); the baseline when it
+    /// is unset; an error for an unknown name (the backends return it on their first launch).
+    pub fn from_env() -> Result<Self> {
+        static ENV: std::sync::OnceLock<std::result::Result<KernelVariant, String>> = std::sync::OnceLock::new();
+        let v = ENV.get_or_init(|| match std::env::var("INFOPO_KERNEL_VARIANT") {
+            Ok(name) => KernelVariant::parse(&name).map_err(|e| e.to_string()),
+            Err(_) => Ok(KernelVariant::Baseline),
+        });
+        v.clone().map_err(|why| Error::BackendUnavailable { backend: "kernel", why })
+    }
+
+    /// The variant launches on this thread use: the innermost [`KernelVariant::scoped`] one,
+    /// else [`KernelVariant::from_env`] (the baseline when that is an error, which the
+    /// backends report before launching).
+    pub fn active() -> Self {
+        SCOPED_VARIANT.with(|c| c.get()).unwrap_or_else(|| KernelVariant::from_env().unwrap_or(KernelVariant::Baseline))
+    }
+
+    /// Runs `f` with launches on this thread using `self` (tests comparing variants in one
+    /// process; the emulator honours it per launch, a CUDA context keeps the entries it loaded
+    /// first).
+    pub fn scoped<R>(self, f: impl FnOnce() -> R) -> R {
+        let old = SCOPED_VARIANT.with(|c| c.replace(Some(self)));
+        struct Restore(Option<KernelVariant>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                SCOPED_VARIANT.with(|c| c.set(self.0));
+            }
+        }
+        let _restore = Restore(old);
+        f()
+    }
+}
+
+thread_local! {
+    static SCOPED_VARIANT: std::cell::Cell<Option<KernelVariant>> = const { std::cell::Cell::new(None) };
 }
 
 /// The merge-mode entry point (one for every logit dtype: range states are f32).
 pub const MERGE_ENTRY_POINT: &str = "infopo_merge";
 
 /// All entry points of the fatbin.
-pub const ENTRY_POINTS: [&str; 4] = ["infopo_f32", "infopo_f16", "infopo_bf16", MERGE_ENTRY_POINT];
+pub const ENTRY_POINTS: [&str; 6] =
+    ["infopo_f32", "infopo_f16", "infopo_bf16", MERGE_ENTRY_POINT, "infopo_bf16_packed", "infopo_bf16_packed_bump"];
 
 /// The fatbin (SASS for the archs of `INFOPO_CUDA_ARCHS`, PTX for the last), for
 /// `cuModuleLoadData` / cudarc `Ptx::from_binary`-style loading.
@@ -342,6 +461,36 @@ impl LaunchShape {
 ///   split over blocks to reach 2 waves, but never into chunks of fewer than [`MIN_CHUNK`]
 ///   logits (nor more than [`MAX_SPLITS`] splits).
 pub fn launch_shape(rows: usize, vocab: usize, dtype: Dtype, sm_count: u32) -> LaunchShape {
+    launch_shape_of(KernelVariant::active(), rows, vocab, dtype, sm_count)
+}
+
+/// [`launch_shape`] for a given variant. [`KernelVariant::Waves`]: when the rows are too few
+/// for 2 waves, the split count s (1 ≤ s ≤ the baseline's largest: chunks of at least
+/// [`MIN_CHUNK`], at most [`MAX_SPLITS`]) that minimises the time in waves of equal blocks,
+/// ⌈rows·s / wave⌉ / s with wave = SMs × resident blocks, the fewest splits on a tie (e.g.
+/// 6 splits, 384 blocks, one 97 % wave at 64 rows on 132 SMs, where the baseline's 13 splits
+/// make 2.1 waves). Every other variant: the baseline's shape.
+pub fn launch_shape_of(variant: KernelVariant, rows: usize, vocab: usize, dtype: Dtype, sm_count: u32) -> LaunchShape {
+    let base = baseline_shape(rows, vocab, dtype, sm_count);
+    if variant != KernelVariant::Waves || base.splits == 1 {
+        return base;
+    }
+    let resident = (65536 / (REGISTERS * base.threads)).clamp(1, 32) as usize;
+    let wave = sm_count.max(1) as usize * resident;
+    let most = (vocab / MIN_CHUNK).clamp(1, MAX_SPLITS);
+    // (waves, splits) of the best so far: waves / splits is the time in units of one row's pass.
+    let mut best = (rows.div_ceil(wave), 1usize);
+    for s in 2..=most {
+        let waves = (rows * s).div_ceil(wave);
+        if waves * best.1 < best.0 * s {
+            best = (waves, s);
+        }
+    }
+    let splits = best.1;
+    LaunchShape { threads: base.threads, splits: splits as u32, grid: rows.saturating_mul(splits).min(i32::MAX as usize) as u32 }
+}
+
+fn baseline_shape(rows: usize, vocab: usize, dtype: Dtype, sm_count: u32) -> LaunchShape {
     let per_vec = 16 / dtype.size_bytes();
     let vectors = vocab.div_ceil(per_vec).max(1);
     let threads = vectors.div_ceil(2).next_power_of_two().clamp(32, MAX_THREADS as usize) as u32;
@@ -498,6 +647,8 @@ mod tests {
             offset_of!(KernelArgs, vocab_start),
             offset_of!(KernelArgs, merge_states),
             offset_of!(KernelArgs, merge_parts),
+            offset_of!(KernelArgs, variant),
+            offset_of!(KernelArgs, variant_reserved),
         ];
         assert_eq!(&c[..n], &rust[..]);
     }
