@@ -465,8 +465,8 @@ pub fn launch_shape(rows: usize, vocab: usize, dtype: Dtype, sm_count: u32) -> L
 }
 
 /// [`launch_shape`] for a given variant. [`KernelVariant::Waves`]: when the rows are too few
-/// for 2 waves, the split count s (1 ≤ s ≤ the baseline's largest: chunks of at least
-/// [`MIN_CHUNK`], at most [`MAX_SPLITS`]) that minimises the time in waves of equal blocks,
+/// for 2 waves, the split count s (1 ≤ s ≤ the baseline's, so never more blocks than its 2
+/// waves nor chunks below [`MIN_CHUNK`]) that minimises the time in waves of equal blocks,
 /// ⌈rows·s / wave⌉ / s with wave = SMs × resident blocks, the fewest splits on a tie (e.g.
 /// 6 splits, 384 blocks, one 97 % wave at 64 rows on 132 SMs, where the baseline's 13 splits
 /// make 2.1 waves). Every other variant: the baseline's shape.
@@ -477,7 +477,7 @@ pub fn launch_shape_of(variant: KernelVariant, rows: usize, vocab: usize, dtype:
     }
     let resident = (65536 / (REGISTERS * base.threads)).clamp(1, 32) as usize;
     let wave = sm_count.max(1) as usize * resident;
-    let most = (vocab / MIN_CHUNK).clamp(1, MAX_SPLITS);
+    let most = base.splits as usize;
     // (waves, splits) of the best so far: waves / splits is the time in units of one row's pass.
     let mut best = (rows.div_ceil(wave), 1usize);
     for s in 2..=most {
@@ -487,7 +487,11 @@ pub fn launch_shape_of(variant: KernelVariant, rows: usize, vocab: usize, dtype:
         }
     }
     let splits = best.1;
-    LaunchShape { threads: base.threads, splits: splits as u32, grid: rows.saturating_mul(splits).min(i32::MAX as usize) as u32 }
+    LaunchShape {
+        threads: base.threads,
+        splits: splits as u32,
+        grid: rows.saturating_mul(splits).min(i32::MAX as usize) as u32,
+    }
 }
 
 fn baseline_shape(rows: usize, vocab: usize, dtype: Dtype, sm_count: u32) -> LaunchShape {
