@@ -299,7 +299,10 @@ impl KernelVariant {
     pub fn from_env() -> Result<Self> {
         static ENV: std::sync::OnceLock<std::result::Result<KernelVariant, String>> = std::sync::OnceLock::new();
         let v = ENV.get_or_init(|| match std::env::var("INFOPO_KERNEL_VARIANT") {
-            Ok(name) => KernelVariant::parse(&name).map_err(|e| e.to_string()),
+            Ok(name) => KernelVariant::parse(&name).map_err(|e| match e {
+                Error::BackendUnavailable { why, .. } => why,
+                e => e.to_string(),
+            }),
             Err(_) => Ok(KernelVariant::Baseline),
         });
         v.clone().map_err(|why| Error::BackendUnavailable { backend: "kernel", why })
