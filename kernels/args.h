@@ -113,5 +113,6 @@ typedef struct InfopoArgs {
 #define INFOPO_VARIANT_PACKED 1u      /* bf16, 16-byte path: bf16x2 clamp/max/min, no `live` select (other dtypes: baseline) */
 #define INFOPO_VARIANT_PACKED_BUMP 2u /* PACKED + 32-bit trip count, pointer bump, blockDim 256 fast path */
 #define INFOPO_VARIANT_WAVES 3u       /* host only: whole-wave split counts (launch_shape); the kernel runs the baseline */
+#define INFOPO_VARIANT_RING 4u        /* 16-byte path through a shared-memory ring: cp.async.bulk + mbarrier (sm_90), cp.async (sm_80-89); every dtype */
 
 #endif

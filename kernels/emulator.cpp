@@ -18,6 +18,9 @@
 #define infopo_merge infopo_merge_0
 #define infopo_bf16_packed infopo_bf16_packed_0
 #define infopo_bf16_packed_bump infopo_bf16_packed_bump_0
+#define infopo_f32_ring infopo_f32_ring_0
+#define infopo_f16_ring infopo_f16_ring_0
+#define infopo_bf16_ring infopo_bf16_ring_0
 namespace infopo_copy0 {
 #include "infopo.cu"
 }
@@ -27,12 +30,18 @@ namespace infopo_copy0 {
 #undef infopo_merge
 #undef infopo_bf16_packed
 #undef infopo_bf16_packed_bump
+#undef infopo_f32_ring
+#undef infopo_f16_ring
+#undef infopo_bf16_ring
 #define infopo_f32 infopo_f32_1
 #define infopo_f16 infopo_f16_1
 #define infopo_bf16 infopo_bf16_1
 #define infopo_merge infopo_merge_1
 #define infopo_bf16_packed infopo_bf16_packed_1
 #define infopo_bf16_packed_bump infopo_bf16_packed_bump_1
+#define infopo_f32_ring infopo_f32_ring_1
+#define infopo_f16_ring infopo_f16_ring_1
+#define infopo_bf16_ring infopo_bf16_ring_1
 namespace infopo_copy1 {
 #include "infopo.cu"
 }
@@ -42,12 +51,18 @@ namespace infopo_copy1 {
 #undef infopo_merge
 #undef infopo_bf16_packed
 #undef infopo_bf16_packed_bump
+#undef infopo_f32_ring
+#undef infopo_f16_ring
+#undef infopo_bf16_ring
 #define infopo_f32 infopo_f32_2
 #define infopo_f16 infopo_f16_2
 #define infopo_bf16 infopo_bf16_2
 #define infopo_merge infopo_merge_2
 #define infopo_bf16_packed infopo_bf16_packed_2
 #define infopo_bf16_packed_bump infopo_bf16_packed_bump_2
+#define infopo_f32_ring infopo_f32_ring_2
+#define infopo_f16_ring infopo_f16_ring_2
+#define infopo_bf16_ring infopo_bf16_ring_2
 namespace infopo_copy2 {
 #include "infopo.cu"
 }
@@ -57,12 +72,18 @@ namespace infopo_copy2 {
 #undef infopo_merge
 #undef infopo_bf16_packed
 #undef infopo_bf16_packed_bump
+#undef infopo_f32_ring
+#undef infopo_f16_ring
+#undef infopo_bf16_ring
 #define infopo_f32 infopo_f32_3
 #define infopo_f16 infopo_f16_3
 #define infopo_bf16 infopo_bf16_3
 #define infopo_merge infopo_merge_3
 #define infopo_bf16_packed infopo_bf16_packed_3
 #define infopo_bf16_packed_bump infopo_bf16_packed_bump_3
+#define infopo_f32_ring infopo_f32_ring_3
+#define infopo_f16_ring infopo_f16_ring_3
+#define infopo_bf16_ring infopo_bf16_ring_3
 namespace infopo_copy3 {
 #include "infopo.cu"
 }
@@ -72,6 +93,9 @@ namespace infopo_copy3 {
 #undef infopo_merge
 #undef infopo_bf16_packed
 #undef infopo_bf16_packed_bump
+#undef infopo_f32_ring
+#undef infopo_f16_ring
+#undef infopo_bf16_ring
 static_assert(INFOPO_EMU_MAX_BLOCKS_AT_ONCE == 4, "one kernel copy per team above");
 
 namespace {
@@ -87,6 +111,12 @@ constexpr Kernel KERNELS_BF16_PACKED[] = {infopo_copy0::infopo_bf16_packed_0, in
 constexpr Kernel KERNELS_BF16_PACKED_BUMP[] = {
     infopo_copy0::infopo_bf16_packed_bump_0, infopo_copy1::infopo_bf16_packed_bump_1,
     infopo_copy2::infopo_bf16_packed_bump_2, infopo_copy3::infopo_bf16_packed_bump_3};
+#define INFOPO_KERNEL_COPIES(name)                                                                              \
+    { infopo_copy0::name##_0, infopo_copy1::name##_1, infopo_copy2::name##_2, infopo_copy3::name##_3 }
+constexpr Kernel KERNELS_F32_RING[] = INFOPO_KERNEL_COPIES(infopo_f32_ring);
+constexpr Kernel KERNELS_F16_RING[] = INFOPO_KERNEL_COPIES(infopo_f16_ring);
+constexpr Kernel KERNELS_BF16_RING[] = INFOPO_KERNEL_COPIES(infopo_bf16_ring);
+#undef INFOPO_KERNEL_COPIES
 constexpr Kernel KERNELS_MERGE[] = {infopo_copy0::infopo_merge_0, infopo_copy1::infopo_merge_1,
                                     infopo_copy2::infopo_merge_2, infopo_copy3::infopo_merge_3};
 
@@ -101,18 +131,20 @@ extern "C" {
 
 // Runs one launch of infopo_<dtype> with `grid` blocks of `block` threads (a multiple of 32,
 // at most 256), `opt->blocks_at_once` blocks at a time. Launches are serialised process-wide.
+// f32 / f16 / bf16 run the entry of a->variant (kernels/args.h), as the GPU host loads
+// infopo_<dtype>_<variant> (src/launch.rs::entry_point); variants without an entry of their own
+// for the dtype run infopo_<dtype>.
 void infopo_emulate_f32(const InfopoArgs *a, unsigned grid, unsigned block, const InfopoEmulation *opt) {
-    run(KERNELS_F32, a, grid, block, opt);
+    run(a->variant == INFOPO_VARIANT_RING ? KERNELS_F32_RING : KERNELS_F32, a, grid, block, opt);
 }
 void infopo_emulate_f16(const InfopoArgs *a, unsigned grid, unsigned block, const InfopoEmulation *opt) {
-    run(KERNELS_F16, a, grid, block, opt);
+    run(a->variant == INFOPO_VARIANT_RING ? KERNELS_F16_RING : KERNELS_F16, a, grid, block, opt);
 }
-// bf16 runs the entry of a->variant (kernels/args.h), as the GPU host loads infopo_bf16_<variant>
-// (src/launch.rs::entry_point); variants without a bf16 entry of their own run infopo_bf16.
 void infopo_emulate_bf16(const InfopoArgs *a, unsigned grid, unsigned block, const InfopoEmulation *opt) {
     switch (a->variant) {
     case INFOPO_VARIANT_PACKED: run(KERNELS_BF16_PACKED, a, grid, block, opt); break;
     case INFOPO_VARIANT_PACKED_BUMP: run(KERNELS_BF16_PACKED_BUMP, a, grid, block, opt); break;
+    case INFOPO_VARIANT_RING: run(KERNELS_BF16_RING, a, grid, block, opt); break;
     default: run(KERNELS_BF16, a, grid, block, opt); break;
     }
 }

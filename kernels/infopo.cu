@@ -168,7 +168,9 @@ __device__ __forceinline__ RowState row_chunk(const InfopoArgs &a, int64_t row, 
 
     const unsigned d = (unsigned)(((uintptr_t)xr ^ (uintptr_t)yr) & 15u);
     if (d == 0u) {
-        if (!row_vectors_variant<T>(VARIANT, s, xr, yr, V, S, split, scale))
+        if constexpr (VARIANT == INFOPO_VARIANT_RING)
+            row_vectors_ring_arch<T>(s, xr, yr, V, S, split, scale);
+        else if (!row_vectors_variant<T>(VARIANT, s, xr, yr, V, S, split, scale))
             row_vectors<T, uint4>(s, xr, yr, V, S, split, scale);
     } else if ((d & 7u) == 0u) {
         row_vectors<T, Vec8>(s, xr, yr, V, S, split, scale);
@@ -550,5 +552,9 @@ extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOC
 // The host loads the one its variant names (src/launch.rs::entry_point).
 extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_bf16_packed(const InfopoArgs a) { infopo_body<__nv_bfloat16, false, INFOPO_VARIANT_PACKED>(a); }
 extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_bf16_packed_bump(const InfopoArgs a) { infopo_body<__nv_bfloat16, false, INFOPO_VARIANT_PACKED_BUMP>(a); }
+// The ring variant (kernels/variants.cuh, end): every dtype, shared memory of its own.
+extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_f32_ring(const InfopoArgs a) { infopo_body<float, false, INFOPO_VARIANT_RING>(a); }
+extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_f16_ring(const InfopoArgs a) { infopo_body<__half, false, INFOPO_VARIANT_RING>(a); }
+extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_bf16_ring(const InfopoArgs a) { infopo_body<__nv_bfloat16, false, INFOPO_VARIANT_RING>(a); }
 // Merge mode: one entry for every logit dtype (the range states are f32).
 extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_merge(const InfopoArgs a) { infopo_body<float, true>(a); }

@@ -19,6 +19,8 @@
 // PACKED_BUMP: PACKED with the loop run as a 32-bit trip count over two bumped pointers, and a
 // fast path with blockDim.x = 256 known at compile time (strides are immediates).
 //
+// RING: at the end of this file.
+//
 // WAVES is host-only (src/launch.rs::launch_shape): the kernel runs the baseline.
 
 #ifndef INFOPO_EMULATOR
@@ -189,4 +191,227 @@ __device__ __forceinline__ bool row_vectors_variant(unsigned variant, RowState &
     }
     (void)variant, (void)s, (void)xr, (void)yr, (void)V_, (void)S, (void)split, (void)scale;
     return false;
+}
+
+// ---------------------------------------------------------------------------------------------
+// RING (every dtype, rows that share their offset mod 16): more bytes in flight without more
+// registers. The chunk's 16-byte vectors [v0, v1) are cut into stages of blockDim.x vectors per
+// tensor (stage g = chunk vectors g·nt .. g·nt + nt − 1), streamed through a shared-memory ring
+// of STAGES slots (stage g in slot g mod STAGES) while the warps compute:
+//  * sm_90 (BULK): thread 0 fills a slot with two cp.async.bulk (real, masked; nt·16 bytes each,
+//    4 KiB at 256 threads) completing on the slot's mbarrier (arrive.expect_tx of both sizes,
+//    then complete_tx); every thread waits on the mbarrier's phase (try_wait.parity) before
+//    reading its vectors. After a trip's two stages are in registers, one __syncthreads, and
+//    thread 0 refills their slots with stages g + STAGES: all STAGES slots are in flight while
+//    the warps compute (4 × 8 KiB per block, 96 KiB per SM at 3 blocks, against the
+//    baseline's ≤ 48 KiB of registers waiting on loads);
+//  * sm_80–89 (!BULK): each thread copies its own vector of a stage with cp.async.cg (16 B),
+//    one commit group per stage, and waits for it with wait_group(STAGES − 1); it only ever
+//    reads back what it copied itself, so no barrier at all. 4 stages on sm_80 (164 KiB of
+//    shared memory per SM), 3 on sm_86/89 (100 KiB: 4 × 33.6 KiB would leave 2 blocks per SM).
+// Thread tid still gets vectors i = v0 + tid + 2k·nt and i + nt at trip k (stages 2k, 2k + 1),
+// then at most one single vector, and the same scalar head and tail: the baseline's
+// state_update calls on the same elements in the same order, so the same state bits.
+// The emulator (kernels/emulator.h: copies, an mbarrier as a counter) runs the BULK path with
+// 4 stages in even blocks and the cp.async path with 3 stages in odd blocks.
+
+#define INFOPO_RING_VECS INFOPO_MAX_THREADS // vectors per tensor in one slot
+
+#ifndef INFOPO_EMULATOR
+__device__ __forceinline__ unsigned infopo_smem_addr(const void *p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void infopo_cp_async16(void *dst, const void *src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(infopo_smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void infopo_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void infopo_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+// sm_90 only (mbarrier transactions, cp.async.bulk): declared on every arch, where the BULK
+// template is parsed but never instantiated; the instructions are emitted for sm_90 only.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define INFOPO_SM90_ASM(...) asm volatile(__VA_ARGS__)
+#else
+#define INFOPO_SM90_ASM(...) ((void)0)
+#endif
+__device__ __forceinline__ void infopo_mbar_init(uint64_t *bar, unsigned count) {
+    INFOPO_SM90_ASM("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(infopo_smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void infopo_mbar_inval(uint64_t *bar) {
+    INFOPO_SM90_ASM("mbarrier.inval.shared::cta.b64 [%0];" ::"r"(infopo_smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void infopo_fence_mbar_init() { INFOPO_SM90_ASM("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+__device__ __forceinline__ void infopo_fence_proxy_async() { INFOPO_SM90_ASM("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ __forceinline__ void infopo_mbar_arrive_expect_tx(uint64_t *bar, unsigned bytes) {
+    INFOPO_SM90_ASM("{\n .reg .b64 st;\n mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}" ::"r"(
+                        infopo_smem_addr(bar)),
+                    "r"(bytes)
+                    : "memory");
+}
+__device__ __forceinline__ bool infopo_mbar_try_wait(uint64_t *bar, unsigned parity) {
+    unsigned done = 1u;
+    INFOPO_SM90_ASM("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+                    : "=r"(done)
+                    : "r"(infopo_smem_addr(bar)), "r"(parity)
+                    : "memory");
+    return done != 0u;
+}
+__device__ __forceinline__ void infopo_bulk_copy(void *dst, const void *src, unsigned bytes, uint64_t *bar) {
+    INFOPO_SM90_ASM("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                        infopo_smem_addr(dst)),
+                    "l"(src), "r"(bytes), "r"(infopo_smem_addr(bar))
+                    : "memory");
+}
+#undef INFOPO_SM90_ASM
+#define INFOPO_SPIN_PAUSE() ((void)0)
+#else
+#define INFOPO_SPIN_PAUSE() std::this_thread::yield()
+#endif
+
+template <int STAGES, bool BULK>
+__device__ __forceinline__ void ring_wait(uint64_t *bar, unsigned parity) {
+    if constexpr (BULK) {
+        while (!infopo_mbar_try_wait(bar, parity)) INFOPO_SPIN_PAUSE();
+    } else {
+        (void)bar, (void)parity;
+        infopo_cp_async_wait<STAGES - 1>();
+    }
+}
+
+// Issues stage g (chunk vectors g·nt .. min(g·nt + nt, n) − 1) into slot `slot`. BULK: thread 0
+// only, nothing when the stage is past the chunk. !BULK: every thread, its own vector, and one
+// commit group per call even when empty (wait_group counts groups).
+template <bool BULK>
+__device__ __forceinline__ void ring_issue(uint4 (*slot)[INFOPO_RING_VECS], uint64_t *bar, const uint4 *xv,
+                                           const uint4 *yv, int64_t n, int64_t nt, int64_t g) {
+    const int64_t start = g * nt;
+    if constexpr (BULK) {
+        if (start >= n) return;
+        const unsigned bytes = (unsigned)(min64(nt, n - start) * 16);
+        infopo_mbar_arrive_expect_tx(bar, 2u * bytes);
+        infopo_bulk_copy(slot[0], xv + start, bytes, bar);
+        infopo_bulk_copy(slot[1], yv + start, bytes, bar);
+    } else {
+        (void)bar;
+        const int64_t i = start + threadIdx.x;
+        if (i < n) {
+            infopo_cp_async16(&slot[0][threadIdx.x], xv + i);
+            infopo_cp_async16(&slot[1][threadIdx.x], yv + i);
+        }
+        infopo_cp_async_commit();
+    }
+}
+
+template <typename T, int STAGES, bool BULK>
+__device__ __forceinline__ void row_vectors_ring(RowState &s, const T *__restrict__ xr, const T *__restrict__ yr,
+                                                 int64_t V_, int64_t S, int64_t split, float scale) {
+    __shared__ uint4 ring[STAGES][2][INFOPO_RING_VECS];
+    __shared__ uint64_t full[STAGES];
+    constexpr int E = (int)(sizeof(uint4) / sizeof(T));
+    const int64_t tid = threadIdx.x, nt = blockDim.x;
+    const unsigned o = (unsigned)((uintptr_t)xr % 16u);
+    const int64_t head = min64(V_, o ? (int64_t)((16u - o) / sizeof(T)) : 0);
+    const int64_t nvec = (V_ - head) / E;
+    const int64_t tail0 = head + nvec * E;
+    const int64_t per = (nvec + S - 1) / S;
+    const int64_t v0 = min64(split * per, nvec), v1 = min64(v0 + per, nvec);
+    if (split == 0 && tid < head) update_scalar<T>(s, xr, yr, tid, scale);
+    const uint4 *xv = reinterpret_cast<const uint4 *>(xr + head) + v0;
+    const uint4 *yv = reinterpret_cast<const uint4 *>(yr + head) + v0;
+    const int64_t n = v1 - v0; // block-uniform, as everything that decides a barrier below
+    if (n > 0) {
+        if constexpr (BULK) {
+            if (tid == 0) {
+                for (int k = 0; k < STAGES; ++k) infopo_mbar_init(&full[k], 1u);
+                infopo_fence_mbar_init();
+                for (int k = 0; k < STAGES; ++k) ring_issue<true>(ring[k], &full[k], xv, yv, n, nt, k);
+            }
+            __syncthreads(); // the mbarriers are initialised
+        } else {
+            for (int k = 0; k < STAGES; ++k) ring_issue<false>(ring[k], &full[k], xv, yv, n, nt, k);
+        }
+        int slot = 0;         // slot of the next stage to read
+        unsigned parity = 0u; // its mbarrier phase
+        int64_t g = 0;        // the next stage
+        const int64_t trips = n / (2 * nt);
+        for (int64_t k = 0; k < trips; ++k, g += 2) {
+            const int sa = slot;
+            ring_wait<STAGES, BULK>(&full[sa], parity);
+            const uint4 x0 = ring[sa][0][tid], y0 = ring[sa][1][tid];
+            if constexpr (!BULK) ring_issue<false>(ring[sa], &full[sa], xv, yv, n, nt, g + STAGES);
+            if (++slot == STAGES) slot = 0, parity ^= 1u;
+            const int sb = slot;
+            ring_wait<STAGES, BULK>(&full[sb], parity);
+            const uint4 x1 = ring[sb][0][tid], y1 = ring[sb][1][tid];
+            if constexpr (!BULK) ring_issue<false>(ring[sb], &full[sb], xv, yv, n, nt, g + 1 + STAGES);
+            if (++slot == STAGES) slot = 0, parity ^= 1u;
+            if constexpr (BULK) {
+                __syncthreads(); // every thread has both stages in registers: refill their slots
+                if (tid == 0) {
+                    infopo_fence_proxy_async();
+                    ring_issue<true>(ring[sa], &full[sa], xv, yv, n, nt, g + STAGES);
+                    ring_issue<true>(ring[sb], &full[sb], xv, yv, n, nt, g + 1 + STAGES);
+                }
+            }
+            float x[2 * E], y[2 * E];
+            unpack_vec<T>(x0, x);
+            unpack_vec<T>(x1, x + E);
+            unpack_vec<T>(y0, y);
+            unpack_vec<T>(y1, y + E);
+            state_update<2 * E>(s, x, y, scale);
+        }
+        if (2 * trips * nt < n) { // the last, partial trip: a pair, a single vector or nothing
+            const int64_t i = 2 * trips * nt + tid;
+            const bool second = i + nt < n, first = i < n;
+            if constexpr (BULK) {
+                ring_wait<STAGES, BULK>(&full[slot], parity);
+                if ((2 * trips + 1) * nt < n) {
+                    const int sb = slot + 1 == STAGES ? 0 : slot + 1;
+                    ring_wait<STAGES, BULK>(&full[sb], sb == 0 ? parity ^ 1u : parity);
+                }
+            } else {
+                infopo_cp_async_wait<0>();
+            }
+            if (second) {
+                const int sb = slot + 1 == STAGES ? 0 : slot + 1;
+                const uint4 x0 = ring[slot][0][tid], y0 = ring[slot][1][tid];
+                const uint4 x1 = ring[sb][0][tid], y1 = ring[sb][1][tid];
+                float x[2 * E], y[2 * E];
+                unpack_vec<T>(x0, x);
+                unpack_vec<T>(x1, x + E);
+                unpack_vec<T>(y0, y);
+                unpack_vec<T>(y1, y + E);
+                state_update<2 * E>(s, x, y, scale);
+            } else if (first) {
+                const uint4 x0 = ring[slot][0][tid], y0 = ring[slot][1][tid];
+                float x[E], y[E];
+                unpack_vec<T>(x0, x);
+                unpack_vec<T>(y0, y);
+                state_update<E>(s, x, y, scale);
+            }
+        }
+        if constexpr (BULK) {
+            __syncthreads(); // every stage was waited for and read: the slots and mbarriers are free
+            if (tid == 0)
+                for (int k = 0; k < STAGES; ++k) infopo_mbar_inval(&full[k]);
+        }
+    }
+    if (split == S - 1 && tid < V_ - tail0) update_scalar<T>(s, xr, yr, tail0 + tid, scale);
+}
+
+// The ring for this arch (see above); the emulator runs both paths.
+template <typename T>
+__device__ __forceinline__ void row_vectors_ring_arch(RowState &s, const T *__restrict__ xr, const T *__restrict__ yr,
+                                                      int64_t V_, int64_t S, int64_t split, float scale) {
+#if defined(INFOPO_EMULATOR)
+    if ((blockIdx.x & 1u) == 0u)
+        row_vectors_ring<T, 4, true>(s, xr, yr, V_, S, split, scale);
+    else
+        row_vectors_ring<T, 3, false>(s, xr, yr, V_, S, split, scale);
+#elif !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+    row_vectors_ring<T, 4, true>(s, xr, yr, V_, S, split, scale);
+#elif __CUDA_ARCH__ == 800
+    row_vectors_ring<T, 4, false>(s, xr, yr, V_, S, split, scale);
+#else
+    row_vectors_ring<T, 3, false>(s, xr, yr, V_, S, split, scale);
+#endif
 }

@@ -225,6 +225,9 @@ pub fn entry_point(dtype: Dtype) -> &'static str {
 /// [`entry_point`] for a given variant.
 pub fn entry_point_of(dtype: Dtype, variant: KernelVariant) -> &'static str {
     match (dtype, variant) {
+        (Dtype::F32, KernelVariant::Ring) => "infopo_f32_ring",
+        (Dtype::F16, KernelVariant::Ring) => "infopo_f16_ring",
+        (Dtype::BF16, KernelVariant::Ring) => "infopo_bf16_ring",
         (Dtype::F32, _) => "infopo_f32",
         (Dtype::F16, _) => "infopo_f16",
         (Dtype::BF16, KernelVariant::Packed) => "infopo_bf16_packed",
@@ -252,12 +255,21 @@ pub enum KernelVariant {
     PackedBump,
     /// Today's kernel with whole-wave split counts for few rows ([`launch_shape_of`]).
     Waves,
+    /// Every dtype, rows sharing their offset mod 16: the chunk streamed through a 3–4 stage
+    /// shared-memory ring (`cp.async.bulk` + mbarrier on sm_90, 16-byte `cp.async` on sm_80–89)
+    /// while the warps compute (entries `infopo_<dtype>_ring`).
+    Ring,
 }
 
 impl KernelVariant {
     /// Every variant, the baseline first.
-    pub const ALL: [KernelVariant; 4] =
-        [KernelVariant::Baseline, KernelVariant::Packed, KernelVariant::PackedBump, KernelVariant::Waves];
+    pub const ALL: [KernelVariant; 5] = [
+        KernelVariant::Baseline,
+        KernelVariant::Packed,
+        KernelVariant::PackedBump,
+        KernelVariant::Waves,
+        KernelVariant::Ring,
+    ];
 
     /// The name `INFOPO_KERNEL_VARIANT` takes.
     pub fn name(self) -> &'static str {
@@ -266,6 +278,7 @@ impl KernelVariant {
             KernelVariant::Packed => "packed",
             KernelVariant::PackedBump => "packed-bump",
             KernelVariant::Waves => "waves",
+            KernelVariant::Ring => "ring",
         }
     }
 
@@ -276,6 +289,7 @@ impl KernelVariant {
             KernelVariant::Packed => 1,
             KernelVariant::PackedBump => 2,
             KernelVariant::Waves => 3,
+            KernelVariant::Ring => 4,
         }
     }
 
@@ -339,8 +353,17 @@ thread_local! {
 pub const MERGE_ENTRY_POINT: &str = "infopo_merge";
 
 /// All entry points of the fatbin.
-pub const ENTRY_POINTS: [&str; 6] =
-    ["infopo_f32", "infopo_f16", "infopo_bf16", MERGE_ENTRY_POINT, "infopo_bf16_packed", "infopo_bf16_packed_bump"];
+pub const ENTRY_POINTS: [&str; 9] = [
+    "infopo_f32",
+    "infopo_f16",
+    "infopo_bf16",
+    MERGE_ENTRY_POINT,
+    "infopo_bf16_packed",
+    "infopo_bf16_packed_bump",
+    "infopo_f32_ring",
+    "infopo_f16_ring",
+    "infopo_bf16_ring",
+];
 
 /// The fatbin (SASS for the archs of `INFOPO_CUDA_ARCHS`, PTX for the last), for
 /// `cuModuleLoadData` / cudarc `Ptx::from_binary`-style loading.

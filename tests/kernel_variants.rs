@@ -4,6 +4,10 @@
 //!   without an error (−∞ entries, mask fills, gaps, huge logits, every alignment, block sizes
 //!   below and at 256, split rows), and the same typed error (row and code) on error rows, NaN
 //!   against +∞ inputs included;
+//! - `ring` (every dtype) gives the baseline's row outputs bit for bit on every alignment class:
+//!   the 16-byte path through its shared-memory ring (both the emulated sm_90 path, cp.async.bulk
+//!   + mbarrier, in even blocks and the sm_80–89 cp.async path in odd blocks), and rows whose
+//!   real and masked offsets differ mod 16 (the baseline's loads, kept);
 //! - `waves` changes only the split count: its rows agree with the baseline's to rounding;
 //! - the whole-wave launch shape, for the SM counts of the supported GPUs.
 //!
@@ -20,7 +24,7 @@ use rand::{Rng, SeedableRng};
 const SM_COUNTS: [u32; 6] = [108, 114, 132, 128, 58, 142];
 
 /// The kernel variants whose row pass differs from the baseline's (bitwise-equal outputs).
-const KERNEL_VARIANTS: [KernelVariant; 2] = [KernelVariant::Packed, KernelVariant::PackedBump];
+const KERNEL_VARIANTS: [KernelVariant; 3] = [KernelVariant::Packed, KernelVariant::PackedBump, KernelVariant::Ring];
 
 fn run<T: LogitElement>(
     b: &Emulated,
@@ -249,7 +253,12 @@ fn variant_names_and_entry_points() {
         }
     }
     assert_eq!(KernelVariant::parse("").unwrap(), KernelVariant::Baseline);
-    assert!(matches!(KernelVariant::parse("ring"), Err(Error::BackendUnavailable { .. })));
+    assert!(matches!(KernelVariant::parse("rings"), Err(Error::BackendUnavailable { .. })));
+    for (dtype, entry) in
+        [(Dtype::F32, "infopo_f32_ring"), (Dtype::F16, "infopo_f16_ring"), (Dtype::BF16, "infopo_bf16_ring")]
+    {
+        assert_eq!(launch::entry_point_of(dtype, KernelVariant::Ring), entry);
+    }
     assert_eq!(launch::entry_point_of(Dtype::BF16, KernelVariant::Packed), "infopo_bf16_packed");
     assert_eq!(launch::entry_point_of(Dtype::F16, KernelVariant::Packed), "infopo_f16");
     // The variant travels in the argument block (the emulator and the stand-in dispatch on it).
@@ -258,4 +267,45 @@ fn variant_names_and_entry_points() {
         let a = v.scoped(|| launch::KernelArgs::new(&Params::default(), &shape, 1, 100, 0, false));
         assert_eq!(a.variant, v.code());
     }
+}
+
+/// Rows of one dtype (through f32) at every start offset mod 16 for real and masked: equal
+/// offsets take the ring (heads of 0..7 elements), different ones the baseline's 8-, 4-, 2-byte
+/// loads (the fallback rows). Chunks of 0 to several ring trips, one or several splits, block
+/// sizes 32..256; serially, and 3 blocks at once with a grid cap of 3 (each block runs several
+/// items, reusing its ring and mbarriers).
+fn ring_matches<T: LogitElement>(what: &str) {
+    let e = Emulated::new();
+    let capped = Emulated::concurrent(3, 16).unwrap().with_grid_cap(3);
+    let size = std::mem::size_of::<T>();
+    let shapes = [(5usize, 100usize), (4, 1000), (3, 4099), (2, 50257), (1, 151_936)];
+    for (case, &(n, v)) in shapes.iter().enumerate() {
+        let (r, m, t) = data(n, v, 0.0, 0.05, 0.02, 500 + case as u64);
+        let (r, m): (Vec<T>, Vec<T>) =
+            (r.iter().map(|x| T::from_f32(x.to_f32())).collect(), m.iter().map(|x| T::from_f32(x.to_f32())).collect());
+        let p = Params { temperature: 0.9, ..Params::default() };
+        let pads: Vec<(usize, usize)> = if n * v > 300_000 {
+            vec![(0, 0), (1, 3)]
+        } else {
+            (0..16 / size).map(|k| (k, k)).chain([(1, 0), (0, 16 / size / 2), (1, 2), (3, 16 / size - 1)]).collect()
+        };
+        for (pr, pm) in pads {
+            let mut rr = vec![T::from_f32(0.0); pr];
+            rr.extend_from_slice(&r);
+            let mut mm = vec![T::from_f32(0.0); pm];
+            mm.extend_from_slice(&m);
+            for b in [&e, &capped] {
+                let base = run(b, KernelVariant::Baseline, &rr[pr..], &mm[pm..], &t, v, &p).unwrap();
+                let got = run(b, KernelVariant::Ring, &rr[pr..], &mm[pm..], &t, v, &p).unwrap();
+                assert_eq!(bits(&got), bits(&base), "ring {what} N={n} V={v} pads {pr}/{pm}");
+            }
+        }
+    }
+}
+
+#[test]
+fn ring_matches_the_baseline_bitwise_in_every_dtype_and_alignment() {
+    ring_matches::<bf16>("bf16");
+    ring_matches::<half::f16>("f16");
+    ring_matches::<f32>("f32");
 }
