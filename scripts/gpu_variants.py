@@ -19,6 +19,7 @@ PREDICTION = {
     "baseline": {"bf16": "H200 ~75%, H100 ~85% of copy", "f32": "~copy-bound"},
     "packed": {"bf16": "<= +13% where issue-bound (21.12 -> 18.62 instr/pair); 0 where DRAM-bound", "f32": "= baseline (bf16 only)"},
     "packed-bump": {"bf16": "<= +22% where issue-bound (21.12 -> 17.38 instr/pair)", "f32": "= baseline (bf16 only)"},
+    "ring": {"bf16": "H200 ~75% -> 87-90%, H100 ~85% -> ~90% of copy (bytes in flight: 96 KiB/SM vs <= 48)", "f32": "up to ~90% of copy where latency-bound"},
     "waves": {"bf16": "N=64: 2.10 -> 0.97 waves (132 SMs), up to ~+30%; N>=512: = baseline", "f32": "as bf16"},
 }
 RANGES = {64: (1, 255), 512: (256, 2047), 4096: (2048, 1 << 62)}

@@ -308,8 +308,9 @@ impl KernelVariant {
         })
     }
 
-    /// The variant `INFOPO_KERNEL_VARIANT` names (read once per process); the baseline when it
-    /// is unset; an error for an unknown name (the backends return it on their first launch).
+    /// The variant `INFOPO_KERNEL_VARIANT` names (read once per process); when it is unset, the
+    /// decision file's ([`decided_variant`]); an error for an unknown name (the backends return
+    /// it on their first launch).
     pub fn from_env() -> Result<Self> {
         static ENV: std::sync::OnceLock<std::result::Result<KernelVariant, String>> = std::sync::OnceLock::new();
         let v = ENV.get_or_init(|| match std::env::var("INFOPO_KERNEL_VARIANT") {
@@ -317,7 +318,7 @@ impl KernelVariant {
                 Error::BackendUnavailable { why, .. } => why,
                 e => e.to_string(),
             }),
-            Err(_) => Ok(KernelVariant::Baseline),
+            Err(_) => Ok(decided_default()),
         });
         v.clone().map_err(|why| Error::BackendUnavailable { backend: "kernel", why })
     }
@@ -343,6 +344,50 @@ impl KernelVariant {
         let _restore = Restore(old);
         f()
     }
+}
+
+/// The decision file scripts/gpu-variants writes: `INFOPO_KERNEL_DECISIONS` if set, else this
+/// crate's `results/kernel-variants.json`; read at run time, once per process.
+pub fn decision_file() -> std::path::PathBuf {
+    std::env::var_os("INFOPO_KERNEL_DECISIONS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/results/kernel-variants.json").into())
+}
+
+/// The variant a decision file (scripts/gpu_variants.py: `{"arch": .., "choices": [{"dtype",
+/// "rows_min", "rows_max", "variant", ..}, ..]}`) chooses for `dtype` at `rows` rows; `None`
+/// when no choice covers them or the name is not a variant. A small scanner, not a JSON parser:
+/// the file is machine-written, one flat object per choice.
+pub fn decided_variant(json: &str, dtype: Dtype, rows: usize) -> Option<KernelVariant> {
+    let choices = &json[json.find("\"choices\"")?..];
+    choices.split('{').skip(1).find_map(|obj| {
+        let obj = obj.split('}').next()?;
+        let field = |key: &str| -> Option<&str> {
+            let at = obj.find(&format!("\"{key}\""))? + key.len() + 2;
+            let v = obj[at..].trim_start().strip_prefix(':')?.trim_start();
+            Some(match v.strip_prefix('"') {
+                Some(v) => &v[..v.find('"')?],
+                None => v.split(|c: char| c == ',' || c.is_whitespace()).next()?,
+            })
+        };
+        let lo: usize = field("rows_min")?.parse().ok()?;
+        let hi: usize = field("rows_max")?.parse().ok()?;
+        let dtype_ok = field("dtype")? == dtype.name();
+        if !dtype_ok || rows < lo || rows > hi {
+            return None;
+        }
+        KernelVariant::parse(field("variant")?).ok()
+    })
+}
+
+/// The process default from the decision file: its choice for bf16 at the most rows (the
+/// throughput regime; a CUDA context loads one entry per dtype, so one variant per process);
+/// the baseline when the file is absent or chooses nothing.
+fn decided_default() -> KernelVariant {
+    std::fs::read_to_string(decision_file())
+        .ok()
+        .and_then(|json| decided_variant(&json, Dtype::BF16, 1 << 40))
+        .unwrap_or(KernelVariant::Baseline)
 }
 
 thread_local! {

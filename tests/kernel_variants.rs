@@ -5,8 +5,8 @@
 //!   below and at 256, split rows), and the same typed error (row and code) on error rows, NaN
 //!   against +∞ inputs included;
 //! - `ring` (every dtype) gives the baseline's row outputs bit for bit on every alignment class:
-//!   the 16-byte path through its shared-memory ring (both the emulated sm_90 path, cp.async.bulk
-//!   + mbarrier, in even blocks and the sm_80–89 cp.async path in odd blocks), and rows whose
+//!   the 16-byte path through its shared-memory ring (both the emulated sm_90 path, bulk copies
+//!   and mbarriers, in even blocks and the sm_80–89 cp.async path in odd blocks), and rows whose
 //!   real and masked offsets differ mod 16 (the baseline's loads, kept);
 //! - `waves` changes only the split count: its rows agree with the baseline's to rounding;
 //! - the whole-wave launch shape, for the SM counts of the supported GPUs.
@@ -272,11 +272,12 @@ fn variant_names_and_entry_points() {
 /// Rows of one dtype (through f32) at every start offset mod 16 for real and masked: equal
 /// offsets take the ring (heads of 0..7 elements), different ones the baseline's 8-, 4-, 2-byte
 /// loads (the fallback rows). Chunks of 0 to several ring trips, one or several splits, block
-/// sizes 32..256; serially, and 3 blocks at once with a grid cap of 3 (each block runs several
-/// items, reusing its ring and mbarriers).
+/// sizes 32..256; serially on the emulated H100, and on a 1-SM device (fewer splits: chunks of
+/// up to 12 stages, so slots are refilled) 3 blocks at once with a grid cap of 3 (each block
+/// runs several items, reusing its ring and mbarriers).
 fn ring_matches<T: LogitElement>(what: &str) {
     let e = Emulated::new();
-    let capped = Emulated::concurrent(3, 16).unwrap().with_grid_cap(3);
+    let capped = Emulated::with_sm_count(1).with_concurrency(3, 16).unwrap().with_grid_cap(3);
     let size = std::mem::size_of::<T>();
     let shapes = [(5usize, 100usize), (4, 1000), (3, 4099), (2, 50257), (1, 151_936)];
     for (case, &(n, v)) in shapes.iter().enumerate() {
@@ -308,4 +309,100 @@ fn ring_matches_the_baseline_bitwise_in_every_dtype_and_alignment() {
     ring_matches::<bf16>("bf16");
     ring_matches::<half::f16>("f16");
     ring_matches::<f32>("f32");
+}
+
+/// The ring's refills (chunks of many stages: a 1-SM device, unsplit rows), serially and 3
+/// blocks at once: bitwise the baseline. Small enough for ThreadSanitizer (scripts/tsan runs it
+/// under INFOPO_KERNEL_VARIANT=ring, where a slot refilled before every thread has read it is
+/// reported as a data race).
+#[test]
+fn ring_refills_match_the_baseline() {
+    let (n, v) = (7usize, 20_000usize); // 7 rows >= 2 waves of 1 SM: unsplit, 10 stages per row
+    let (r, m, t) = data(n, v, 0.0, 0.05, 0.02, 900);
+    let p = Params::default();
+    for b in [Emulated::with_sm_count(1), Emulated::with_sm_count(1).with_concurrency(3, 5).unwrap()] {
+        assert_eq!(b.shape(n, v, Dtype::BF16).splits, 1);
+        let base = run(&b, KernelVariant::Baseline, &r, &m, &t, v, &p).unwrap();
+        let got = run(&b, KernelVariant::Ring, &r, &m, &t, v, &p).unwrap();
+        assert_eq!(bits(&got), bits(&base), "ring refills");
+    }
+}
+
+/// The decision file as scripts/gpu_variants.py writes it (its dry run on synthetic timings),
+/// read back by src/launch.rs: the variant per (dtype, N range); nothing outside the ranges, for
+/// another dtype, or for a name that is no variant (the process default is then the baseline).
+#[test]
+fn decision_file_picks_the_variant_per_dtype_and_rows() {
+    let json = r#"{
+ "format": 1,
+ "arch": "sm_90",
+ "device": "NVIDIA H200, 9.0, 3201 MHz",
+ "vocab": 151936,
+ "rule": "fastest variant by median if < 0.98 x baseline, else baseline",
+ "choices": [
+  {
+   "dtype": "bf16",
+   "rows_min": 1,
+   "rows_max": 255,
+   "variant": "waves",
+   "measured_at_rows": 64,
+   "baseline_ms": 64.0,
+   "chosen_ms": 44.352
+  },
+  {
+   "dtype": "bf16",
+   "rows_min": 256,
+   "rows_max": 2047,
+   "variant": "ring",
+   "measured_at_rows": 512,
+   "baseline_ms": 512.0,
+   "chosen_ms": 409.6
+  },
+  {
+   "dtype": "bf16",
+   "rows_min": 2048,
+   "rows_max": 4611686018427387904,
+   "variant": "ring",
+   "measured_at_rows": 4096,
+   "baseline_ms": 4096.0,
+   "chosen_ms": 3276.8
+  },
+  {
+   "dtype": "f32",
+   "rows_min": 1,
+   "rows_max": 255,
+   "variant": "waves",
+   "measured_at_rows": 64,
+   "baseline_ms": 64.0,
+   "chosen_ms": 44.352
+  },
+  {
+   "dtype": "f32",
+   "rows_min": 256,
+   "rows_max": 2047,
+   "variant": "ring",
+   "measured_at_rows": 512,
+   "baseline_ms": 512.0,
+   "chosen_ms": 409.6
+  },
+  {
+   "dtype": "f32",
+   "rows_min": 2048,
+   "rows_max": 4611686018427387904,
+   "variant": "ring",
+   "measured_at_rows": 4096,
+   "baseline_ms": 4096.0,
+   "chosen_ms": 3276.8
+  }
+ ]
+}"#;
+    let d = |dtype, rows| launch::decided_variant(json, dtype, rows);
+    assert_eq!(d(Dtype::BF16, 64), Some(KernelVariant::Waves));
+    assert_eq!(d(Dtype::BF16, 255), Some(KernelVariant::Waves));
+    assert_eq!(d(Dtype::BF16, 256), Some(KernelVariant::Ring));
+    assert_eq!(d(Dtype::F32, 100_000), Some(KernelVariant::Ring));
+    assert_eq!(d(Dtype::BF16, 0), None);
+    assert_eq!(d(Dtype::F16, 512), None);
+    assert_eq!(launch::decided_variant(&json.replace("\"ring\"", "\"rung\""), Dtype::BF16, 512), None);
+    assert_eq!(launch::decided_variant("{}", Dtype::BF16, 512), None);
 }
