@@ -100,6 +100,19 @@ typedef struct InfopoArgs {
      * Launch: blocks of the normal launch's size, one per row (src/launch.rs::merge_shape). */
     const float *merge_states;   /* [merge_parts][n_rows][8]: part k, row r at merge_states + (k * n_rows + r) * 8, the ranges in vocabulary order */
     int64_t merge_parts;         /* P >= 1 */
+
+    /* ---------------- kernel variant (kernels/variants.cuh; src/launch.rs::KernelVariant) ---------------- */
+    uint32_t variant;            /* INFOPO_VARIANT_*; 0 = today's kernel. Unknown values run today's kernel */
+    uint32_t variant_reserved;   /* 0; keeps sizeof a multiple of 8 */
 } InfopoArgs;
+
+/* Kernel variants of the row pass, chosen per launch (args.variant). Every variant computes the
+ * same row states (bitwise on every row without an error; error rows keep their codes), so any
+ * suite can run under any of them (INFOPO_KERNEL_VARIANT, src/launch.rs). */
+#define INFOPO_VARIANT_BASELINE 0u    /* today's kernel */
+#define INFOPO_VARIANT_PACKED 1u      /* bf16, 16-byte path: bf16x2 clamp/max/min, no `live` select (other dtypes: baseline) */
+#define INFOPO_VARIANT_PACKED_BUMP 2u /* PACKED + 32-bit trip count, pointer bump, blockDim 256 fast path */
+#define INFOPO_VARIANT_WAVES 3u       /* host only: whole-wave split counts (launch_shape); the kernel runs the baseline */
+#define INFOPO_VARIANT_RING 4u        /* 16-byte path through a shared-memory ring: cp.async.bulk + mbarrier (sm_90), cp.async (sm_80-89); every dtype */
 
 #endif

@@ -16,6 +16,11 @@
 #define infopo_f16 infopo_f16_0
 #define infopo_bf16 infopo_bf16_0
 #define infopo_merge infopo_merge_0
+#define infopo_bf16_packed infopo_bf16_packed_0
+#define infopo_bf16_packed_bump infopo_bf16_packed_bump_0
+#define infopo_f32_ring infopo_f32_ring_0
+#define infopo_f16_ring infopo_f16_ring_0
+#define infopo_bf16_ring infopo_bf16_ring_0
 namespace infopo_copy0 {
 #include "infopo.cu"
 }
@@ -23,10 +28,20 @@ namespace infopo_copy0 {
 #undef infopo_f16
 #undef infopo_bf16
 #undef infopo_merge
+#undef infopo_bf16_packed
+#undef infopo_bf16_packed_bump
+#undef infopo_f32_ring
+#undef infopo_f16_ring
+#undef infopo_bf16_ring
 #define infopo_f32 infopo_f32_1
 #define infopo_f16 infopo_f16_1
 #define infopo_bf16 infopo_bf16_1
 #define infopo_merge infopo_merge_1
+#define infopo_bf16_packed infopo_bf16_packed_1
+#define infopo_bf16_packed_bump infopo_bf16_packed_bump_1
+#define infopo_f32_ring infopo_f32_ring_1
+#define infopo_f16_ring infopo_f16_ring_1
+#define infopo_bf16_ring infopo_bf16_ring_1
 namespace infopo_copy1 {
 #include "infopo.cu"
 }
@@ -34,10 +49,20 @@ namespace infopo_copy1 {
 #undef infopo_f16
 #undef infopo_bf16
 #undef infopo_merge
+#undef infopo_bf16_packed
+#undef infopo_bf16_packed_bump
+#undef infopo_f32_ring
+#undef infopo_f16_ring
+#undef infopo_bf16_ring
 #define infopo_f32 infopo_f32_2
 #define infopo_f16 infopo_f16_2
 #define infopo_bf16 infopo_bf16_2
 #define infopo_merge infopo_merge_2
+#define infopo_bf16_packed infopo_bf16_packed_2
+#define infopo_bf16_packed_bump infopo_bf16_packed_bump_2
+#define infopo_f32_ring infopo_f32_ring_2
+#define infopo_f16_ring infopo_f16_ring_2
+#define infopo_bf16_ring infopo_bf16_ring_2
 namespace infopo_copy2 {
 #include "infopo.cu"
 }
@@ -45,10 +70,20 @@ namespace infopo_copy2 {
 #undef infopo_f16
 #undef infopo_bf16
 #undef infopo_merge
+#undef infopo_bf16_packed
+#undef infopo_bf16_packed_bump
+#undef infopo_f32_ring
+#undef infopo_f16_ring
+#undef infopo_bf16_ring
 #define infopo_f32 infopo_f32_3
 #define infopo_f16 infopo_f16_3
 #define infopo_bf16 infopo_bf16_3
 #define infopo_merge infopo_merge_3
+#define infopo_bf16_packed infopo_bf16_packed_3
+#define infopo_bf16_packed_bump infopo_bf16_packed_bump_3
+#define infopo_f32_ring infopo_f32_ring_3
+#define infopo_f16_ring infopo_f16_ring_3
+#define infopo_bf16_ring infopo_bf16_ring_3
 namespace infopo_copy3 {
 #include "infopo.cu"
 }
@@ -56,6 +91,11 @@ namespace infopo_copy3 {
 #undef infopo_f16
 #undef infopo_bf16
 #undef infopo_merge
+#undef infopo_bf16_packed
+#undef infopo_bf16_packed_bump
+#undef infopo_f32_ring
+#undef infopo_f16_ring
+#undef infopo_bf16_ring
 static_assert(INFOPO_EMU_MAX_BLOCKS_AT_ONCE == 4, "one kernel copy per team above");
 
 namespace {
@@ -66,6 +106,17 @@ constexpr Kernel KERNELS_F16[] = {infopo_copy0::infopo_f16_0, infopo_copy1::info
                                   infopo_copy3::infopo_f16_3};
 constexpr Kernel KERNELS_BF16[] = {infopo_copy0::infopo_bf16_0, infopo_copy1::infopo_bf16_1,
                                    infopo_copy2::infopo_bf16_2, infopo_copy3::infopo_bf16_3};
+constexpr Kernel KERNELS_BF16_PACKED[] = {infopo_copy0::infopo_bf16_packed_0, infopo_copy1::infopo_bf16_packed_1,
+                                          infopo_copy2::infopo_bf16_packed_2, infopo_copy3::infopo_bf16_packed_3};
+constexpr Kernel KERNELS_BF16_PACKED_BUMP[] = {
+    infopo_copy0::infopo_bf16_packed_bump_0, infopo_copy1::infopo_bf16_packed_bump_1,
+    infopo_copy2::infopo_bf16_packed_bump_2, infopo_copy3::infopo_bf16_packed_bump_3};
+#define INFOPO_KERNEL_COPIES(name)                                                                              \
+    { infopo_copy0::name##_0, infopo_copy1::name##_1, infopo_copy2::name##_2, infopo_copy3::name##_3 }
+constexpr Kernel KERNELS_F32_RING[] = INFOPO_KERNEL_COPIES(infopo_f32_ring);
+constexpr Kernel KERNELS_F16_RING[] = INFOPO_KERNEL_COPIES(infopo_f16_ring);
+constexpr Kernel KERNELS_BF16_RING[] = INFOPO_KERNEL_COPIES(infopo_bf16_ring);
+#undef INFOPO_KERNEL_COPIES
 constexpr Kernel KERNELS_MERGE[] = {infopo_copy0::infopo_merge_0, infopo_copy1::infopo_merge_1,
                                     infopo_copy2::infopo_merge_2, infopo_copy3::infopo_merge_3};
 
@@ -80,14 +131,22 @@ extern "C" {
 
 // Runs one launch of infopo_<dtype> with `grid` blocks of `block` threads (a multiple of 32,
 // at most 256), `opt->blocks_at_once` blocks at a time. Launches are serialised process-wide.
+// f32 / f16 / bf16 run the entry of a->variant (kernels/args.h), as the GPU host loads
+// infopo_<dtype>_<variant> (src/launch.rs::entry_point); variants without an entry of their own
+// for the dtype run infopo_<dtype>.
 void infopo_emulate_f32(const InfopoArgs *a, unsigned grid, unsigned block, const InfopoEmulation *opt) {
-    run(KERNELS_F32, a, grid, block, opt);
+    run(a->variant == INFOPO_VARIANT_RING ? KERNELS_F32_RING : KERNELS_F32, a, grid, block, opt);
 }
 void infopo_emulate_f16(const InfopoArgs *a, unsigned grid, unsigned block, const InfopoEmulation *opt) {
-    run(KERNELS_F16, a, grid, block, opt);
+    run(a->variant == INFOPO_VARIANT_RING ? KERNELS_F16_RING : KERNELS_F16, a, grid, block, opt);
 }
 void infopo_emulate_bf16(const InfopoArgs *a, unsigned grid, unsigned block, const InfopoEmulation *opt) {
-    run(KERNELS_BF16, a, grid, block, opt);
+    switch (a->variant) {
+    case INFOPO_VARIANT_PACKED: run(KERNELS_BF16_PACKED, a, grid, block, opt); break;
+    case INFOPO_VARIANT_PACKED_BUMP: run(KERNELS_BF16_PACKED_BUMP, a, grid, block, opt); break;
+    case INFOPO_VARIANT_RING: run(KERNELS_BF16_RING, a, grid, block, opt); break;
+    default: run(KERNELS_BF16, a, grid, block, opt); break;
+    }
 }
 // The merge entry point (merge mode, kernels/args.h), launched the same way.
 void infopo_emulate_merge(const InfopoArgs *a, unsigned grid, unsigned block, const InfopoEmulation *opt) {
@@ -130,7 +189,8 @@ size_t infopo_args_layout(size_t *out, size_t cap) {
         F(gate_temperature), F(eps),
         F(turn_credit_start), F(trajectory_token_offsets), F(token_advantage),
         F(scale), F(splits), F(estimator), F(finalize), F(normalize), F(gate_source),
-        F(state_out), F(row_stride), F(vocab_start), F(merge_states), F(merge_parts),
+        F(state_out), F(row_stride), F(vocab_start), F(merge_states), F(merge_parts), F(variant),
+        F(variant_reserved),
     };
 #undef F
     const size_t n = sizeof(v) / sizeof(v[0]);

@@ -379,4 +379,90 @@ inline float __half2float(__half h) {
 }
 inline float __bfloat162float(__nv_bfloat16 b) { return __uint_as_float((unsigned)b.x << 16); }
 
+// Packed bf16x2 min/max (kernels/variants.cuh), bit-exact to PTX max.bf16x2, min.bf16x2 and
+// max.NaN.bf16x2 on each 16-bit half: a NaN operand is ignored (both NaN: the canonical NaN
+// 0x7fff), or with .NaN any NaN gives 0x7fff; −0 orders below +0. Compared as integers, not
+// through f32, so the emulator threads' DAZ cannot flush a subnormal bf16 to 0.
+namespace infopo_emu {
+inline bool bf16_is_nan(unsigned h) { return (h & 0x7fffu) > 0x7f80u; }
+inline int bf16_order(unsigned h) { return (h & 0x8000u) ? -(int)(h & 0x7fffu) - 1 : (int)(h & 0x7fffu); }
+inline unsigned bf16_pick(unsigned a, unsigned b, bool want_max, bool nan_propagates) {
+    const bool na = bf16_is_nan(a), nb = bf16_is_nan(b);
+    if (na || nb) return (nan_propagates || (na && nb)) ? 0x7fffu : (na ? b : a);
+    const bool a_above = bf16_order(a) > bf16_order(b);
+    return a_above == want_max ? a : b;
+}
+inline unsigned bf16x2_op(unsigned a, unsigned b, bool want_max, bool nan_propagates) {
+    const unsigned lo = bf16_pick(a & 0xffffu, b & 0xffffu, want_max, nan_propagates);
+    const unsigned hi = bf16_pick(a >> 16, b >> 16, want_max, nan_propagates);
+    return lo | (hi << 16);
+}
+} // namespace infopo_emu
+inline unsigned infopo_bf16x2_max(unsigned a, unsigned b) { return infopo_emu::bf16x2_op(a, b, true, false); }
+inline unsigned infopo_bf16x2_min(unsigned a, unsigned b) { return infopo_emu::bf16x2_op(a, b, false, false); }
+inline unsigned infopo_bf16x2_max_nan(unsigned a, unsigned b) { return infopo_emu::bf16x2_op(a, b, true, true); }
+
+
+// Asynchronous copies of the `ring` variant (kernels/variants.cuh), as synchronous copies plus
+// the synchronisation they would need on a GPU, so that the kernel's protocol around them is
+// what runs (and what ThreadSanitizer checks):
+//  * cp.async (sm_80-89, 16 bytes, one thread's own vector): a copy by the issuing thread;
+//    commit_group / wait_group do nothing (every group of the thread is complete at once). The
+//    kernel only ever reads back what the same thread copied, so no cross-thread order is needed;
+//  * mbarrier: a 64-bit word in shared memory, [63] phase parity, [62:48] the arrival count it
+//    was initialised with, [47:32] arrivals pending in this phase, [31:0] the transaction count
+//    (signed). arrive.expect_tx adds bytes and one arrival; complete_tx subtracts bytes; a phase
+//    completes when both reach 0 (then the parity flips, the arrivals are re-armed). Every
+//    update is an acq_rel read-modify-write and try_wait.parity an acquire load, so what the
+//    copy wrote before its complete_tx happens-before what a waiter reads after its wait;
+//  * cp.async.bulk (sm_90, one elected thread, a whole stage): a copy by the issuing thread, as
+//    plain element stores (not memcpy, which ThreadSanitizer's interceptors would hide), then
+//    the mbarrier's complete_tx of its bytes. A refill that overwrote a stage other threads
+//    still read is then a data race ThreadSanitizer reports.
+// fence.proxy.async and fence.mbarrier_init order nothing more here (one proxy): no-ops.
+namespace infopo_emu {
+constexpr uint64_t MBAR_PHASE = 1ull << 63;
+inline uint64_t mbar_settle(uint64_t w) { // completes the phase when arrivals and bytes are done
+    const unsigned pending = (unsigned)(w >> 32) & 0xffffu, count = (unsigned)(w >> 48) & 0x7fffu;
+    if (pending == 0u && (uint32_t)w == 0u)
+        w = ((w & MBAR_PHASE) ^ MBAR_PHASE) | ((uint64_t)count << 48) | ((uint64_t)count << 32);
+    return w;
+}
+template <class F> inline void mbar_update(uint64_t *bar, F &&f) {
+    std::atomic_ref<uint64_t> a(*bar);
+    uint64_t old = a.load(std::memory_order_relaxed);
+    while (!a.compare_exchange_weak(old, mbar_settle(f(old)), std::memory_order_acq_rel, std::memory_order_relaxed)) {
+    }
+}
+} // namespace infopo_emu
+inline void infopo_mbar_init(uint64_t *bar, unsigned count) {
+    std::atomic_ref<uint64_t>(*bar).store(((uint64_t)count << 48) | ((uint64_t)count << 32), std::memory_order_relaxed);
+}
+inline void infopo_mbar_inval(uint64_t *bar) { std::atomic_ref<uint64_t>(*bar).store(0u, std::memory_order_relaxed); }
+inline void infopo_fence_mbar_init() {}
+inline void infopo_fence_proxy_async() {}
+inline void infopo_mbar_arrive_expect_tx(uint64_t *bar, unsigned bytes) {
+    infopo_emu::mbar_update(bar, [bytes](uint64_t w) {
+        return (w & ~0xffffffffull & ~(0xffffull << 32)) | ((uint64_t)((((unsigned)(w >> 32) & 0xffffu) - 1u) & 0xffffu) << 32) |
+               (uint32_t)((uint32_t)w + bytes);
+    });
+}
+inline bool infopo_mbar_try_wait(uint64_t *bar, unsigned parity) {
+    const uint64_t w = std::atomic_ref<uint64_t>(*bar).load(std::memory_order_acquire);
+    return ((w >> 63) & 1u) != (parity & 1u); // the phase of this parity has completed
+}
+inline void infopo_bulk_copy(void *dst, const void *src, unsigned bytes, uint64_t *bar) {
+    uint4 *d = static_cast<uint4 *>(dst);
+    const uint4 *s = static_cast<const uint4 *>(src);
+    for (unsigned i = 0; i < bytes / 16u; ++i) {
+        d[i] = s[i];
+        __asm__ __volatile__("" ::: "memory"); // element stores, never turned into a memcpy call
+    }
+    infopo_emu::maybe_yield();
+    infopo_emu::mbar_update(bar, [bytes](uint64_t w) { return (w & ~0xffffffffull) | (uint32_t)((uint32_t)w - bytes); });
+}
+inline void infopo_cp_async16(void *dst, const void *src) { *static_cast<uint4 *>(dst) = *static_cast<const uint4 *>(src); }
+inline void infopo_cp_async_commit() {}
+template <int N> inline void infopo_cp_async_wait() {}
+
 #endif

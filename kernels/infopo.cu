@@ -152,10 +152,12 @@ __device__ __forceinline__ void row_vectors(RowState &s, const T *__restrict__ x
     if (split == S - 1 && tid < V_ - tail0) update_scalar<T>(s, xr, yr, tail0 + tid, scale);
 }
 
+#include "variants.cuh" // the row pass's variants (args.variant), built on row_vectors' pieces
+
 // This thread's state over its part of chunk `split` of row `row`: 16-, 8- or 4-byte vectors
 // (row_vectors) by the largest alignment the real and masked rows share; 2-byte scalar loads
 // over contiguous element ranges (still coalesced) only when f16/bf16 rows differ mod 4.
-template <typename T>
+template <typename T, unsigned VARIANT>
 __device__ __forceinline__ RowState row_chunk(const InfopoArgs &a, int64_t row, int64_t split) {
     const int64_t V = a.vocab, S = a.splits;
     const float scale = a.scale;
@@ -166,7 +168,10 @@ __device__ __forceinline__ RowState row_chunk(const InfopoArgs &a, int64_t row, 
 
     const unsigned d = (unsigned)(((uintptr_t)xr ^ (uintptr_t)yr) & 15u);
     if (d == 0u) {
-        row_vectors<T, uint4>(s, xr, yr, V, S, split, scale);
+        if constexpr (VARIANT == INFOPO_VARIANT_RING)
+            row_vectors_ring_arch<T>(s, xr, yr, V, S, split, scale);
+        else if (!row_vectors_variant<T>(VARIANT, s, xr, yr, V, S, split, scale))
+            row_vectors<T, uint4>(s, xr, yr, V, S, split, scale);
     } else if ((d & 7u) == 0u) {
         row_vectors<T, Vec8>(s, xr, yr, V, S, split, scale);
     } else if (sizeof(T) < 4 && (d & 3u) == 0u) {
@@ -426,7 +431,7 @@ __device__ __forceinline__ RowState merged_row_state(const InfopoArgs &a, int64_
 // MERGE = true: infopo_merge (rows from range states). Everything after a row's state is
 // shared: finalisation, the error word, the turn sums and the epilogue with its tickets.
 
-template <typename T, bool MERGE>
+template <typename T, bool MERGE, unsigned VARIANT = INFOPO_VARIANT_BASELINE>
 __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
     __shared__ RowState red[32];
     __shared__ Moments mscratch[33];
@@ -449,7 +454,7 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
             if (threadIdx.x == 0) s = merged_row_state(a, row, xa, ya); // valid in thread 0
         } else {
             const int64_t split = item - row * S;
-            s = row_chunk<T>(a, row, split);
+            s = row_chunk<T, VARIANT>(a, row, split);
             s = state_block_merge(s, red, a.scale); // valid in warp 0
 
             if (S > 1) {
@@ -542,5 +547,14 @@ __device__ __forceinline__ void infopo_body(const InfopoArgs &a) {
 extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_f32(const InfopoArgs a) { infopo_body<float, false>(a); }
 extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_f16(const InfopoArgs a) { infopo_body<__half, false>(a); }
 extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_bf16(const InfopoArgs a) { infopo_body<__nv_bfloat16, false>(a); }
+// Variants of the bf16 row pass (kernels/variants.cuh), one entry each so that each is allocated
+// on its own (a dispatch inside one kernel spilled: registers are the maximum over every path).
+// The host loads the one its variant names (src/launch.rs::entry_point).
+extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_bf16_packed(const InfopoArgs a) { infopo_body<__nv_bfloat16, false, INFOPO_VARIANT_PACKED>(a); }
+extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_bf16_packed_bump(const InfopoArgs a) { infopo_body<__nv_bfloat16, false, INFOPO_VARIANT_PACKED_BUMP>(a); }
+// The ring variant (kernels/variants.cuh, end): every dtype, shared memory of its own.
+extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_f32_ring(const InfopoArgs a) { infopo_body<float, false, INFOPO_VARIANT_RING>(a); }
+extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_f16_ring(const InfopoArgs a) { infopo_body<__half, false, INFOPO_VARIANT_RING>(a); }
+extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_bf16_ring(const InfopoArgs a) { infopo_body<__nv_bfloat16, false, INFOPO_VARIANT_RING>(a); }
 // Merge mode: one entry for every logit dtype (the range states are f32).
 extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_merge(const InfopoArgs a) { infopo_body<float, true>(a); }

@@ -109,6 +109,13 @@ pub struct KernelArgs {
     pub merge_states: *const f32,
     /// Ranges folded per row (≥ 1).
     pub merge_parts: i64,
+
+    /// The [`KernelVariant`] of this launch ([`KernelVariant::code`]): the emulator and the
+    /// driver stand-in run the entry it names; on a GPU the host loads that entry by name
+    /// ([`entry_point`]) and the kernel ignores the field.
+    pub variant: u32,
+    /// 0 (keeps the size a multiple of 8).
+    pub variant_reserved: u32,
 }
 
 impl Default for KernelArgs {
@@ -165,6 +172,8 @@ impl Default for KernelArgs {
             vocab_start: 0,
             merge_states: ptr::null(),
             merge_parts: 0,
+            variant: 0,
+            variant_reserved: 0,
         }
     }
 }
@@ -199,6 +208,7 @@ impl KernelArgs {
             beta: params.beta,
             gate_temperature: params.gate_temperature,
             eps: params.eps,
+            variant: KernelVariant::active().code(),
             ..KernelArgs::default()
         }
     }
@@ -209,17 +219,200 @@ pub fn scale(temperature: f64) -> f32 {
     (std::f64::consts::LOG2_E / temperature) as f32
 }
 
-/// Kernel entry point (symbol) for a dtype.
+/// Kernel entry point (symbol) for a dtype, under the active [`KernelVariant`] (a CUDA backend
+/// loads it once per context, so the variant of a process is the one `INFOPO_KERNEL_VARIANT`
+/// names; the emulator switches per launch on [`KernelArgs::variant`]).
 pub fn entry_point(dtype: Dtype) -> &'static str {
-    match dtype {
-        Dtype::F32 => "infopo_f32",
-        Dtype::F16 => "infopo_f16",
-        Dtype::BF16 => "infopo_bf16",
+    entry_point_of(dtype, KernelVariant::active())
+}
+
+/// [`entry_point`] for a given variant.
+pub fn entry_point_of(dtype: Dtype, variant: KernelVariant) -> &'static str {
+    match (dtype, variant) {
+        (Dtype::F32, KernelVariant::Ring) => "infopo_f32_ring",
+        (Dtype::F16, KernelVariant::Ring) => "infopo_f16_ring",
+        (Dtype::BF16, KernelVariant::Ring) => "infopo_bf16_ring",
+        (Dtype::F32, _) => "infopo_f32",
+        (Dtype::F16, _) => "infopo_f16",
+        (Dtype::BF16, KernelVariant::Packed) => "infopo_bf16_packed",
+        (Dtype::BF16, KernelVariant::PackedBump) => "infopo_bf16_packed_bump",
+        (Dtype::BF16, _) => "infopo_bf16",
     }
+}
+
+/// Variants of the kernel, each switchable at launch; [`KernelVariant::Baseline`]
+/// (today's kernel) unless `INFOPO_KERNEL_VARIANT` names another. The kernel variants compute
+/// the baseline's row states bit for bit on rows without a row error (error rows keep their
+/// codes); [`KernelVariant::Waves`] changes only the split count, so its values agree with the
+/// baseline's to rounding, as any other launch shape's do. Every suite runs unchanged under
+/// each (`.ci/run`, scripts/tsan, the driver stand-in). See kernels/variants.cuh and
+/// docs/kernel-notes.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelVariant {
+    /// Today's kernel.
+    Baseline,
+    /// bf16 rows sharing their offset mod 16: packed bf16x2 clamp (`max.NaN.bf16x2` against
+    /// −2¹⁰⁰), max and min, no `live` select (entry `infopo_bf16_packed`; f32/f16: baseline).
+    Packed,
+    /// [`KernelVariant::Packed`] with a 32-bit trip count over bumped pointers and a
+    /// blockDim = 256 fast path (entry `infopo_bf16_packed_bump`).
+    PackedBump,
+    /// Today's kernel with whole-wave split counts for few rows ([`launch_shape_of`]).
+    Waves,
+    /// Every dtype, rows sharing their offset mod 16: the chunk streamed through a 3–4 stage
+    /// shared-memory ring (`cp.async.bulk` + mbarrier on sm_90, 16-byte `cp.async` on sm_80–89)
+    /// while the warps compute (entries `infopo_<dtype>_ring`).
+    Ring,
+}
+
+impl KernelVariant {
+    /// Every variant, the baseline first.
+    pub const ALL: [KernelVariant; 5] = [
+        KernelVariant::Baseline,
+        KernelVariant::Packed,
+        KernelVariant::PackedBump,
+        KernelVariant::Waves,
+        KernelVariant::Ring,
+    ];
+
+    /// The name `INFOPO_KERNEL_VARIANT` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelVariant::Baseline => "baseline",
+            KernelVariant::Packed => "packed",
+            KernelVariant::PackedBump => "packed-bump",
+            KernelVariant::Waves => "waves",
+            KernelVariant::Ring => "ring",
+        }
+    }
+
+    /// `INFOPO_VARIANT_*` of kernels/args.h.
+    pub fn code(self) -> u32 {
+        match self {
+            KernelVariant::Baseline => 0,
+            KernelVariant::Packed => 1,
+            KernelVariant::PackedBump => 2,
+            KernelVariant::Waves => 3,
+            KernelVariant::Ring => 4,
+        }
+    }
+
+    /// The variant named `name` (an empty name is the baseline).
+    pub fn parse(name: &str) -> Result<Self> {
+        let name = name.trim();
+        if name.is_empty() {
+            return Ok(KernelVariant::Baseline);
+        }
+        KernelVariant::ALL.into_iter().find(|v| v.name() == name).ok_or_else(|| Error::BackendUnavailable {
+            backend: "kernel",
+            why: format!(
+                "INFOPO_KERNEL_VARIANT={name:?} names no kernel variant (one of: {})",
+                KernelVariant::ALL.map(KernelVariant::name).join(", ")
+            ),
+        })
+    }
+
+    /// The variant `INFOPO_KERNEL_VARIANT` names (read once per process); when it is unset, the
+    /// decision file's ([`decided_variant`]); an error for an unknown name (the backends return
+    /// it on their first launch).
+    pub fn from_env() -> Result<Self> {
+        static ENV: std::sync::OnceLock<std::result::Result<KernelVariant, String>> = std::sync::OnceLock::new();
+        let v = ENV.get_or_init(|| match std::env::var("INFOPO_KERNEL_VARIANT") {
+            Ok(name) => KernelVariant::parse(&name).map_err(|e| match e {
+                Error::BackendUnavailable { why, .. } => why,
+                e => e.to_string(),
+            }),
+            Err(_) => Ok(decided_default()),
+        });
+        v.clone().map_err(|why| Error::BackendUnavailable { backend: "kernel", why })
+    }
+
+    /// The variant launches on this thread use: the innermost [`KernelVariant::scoped`] one,
+    /// else [`KernelVariant::from_env`] (the baseline when that is an error, which the
+    /// backends report before launching).
+    pub fn active() -> Self {
+        SCOPED_VARIANT.with(|c| c.get()).unwrap_or_else(|| KernelVariant::from_env().unwrap_or(KernelVariant::Baseline))
+    }
+
+    /// Runs `f` with launches on this thread using `self` (tests comparing variants in one
+    /// process; the emulator honours it per launch, a CUDA context keeps the entries it loaded
+    /// first).
+    pub fn scoped<R>(self, f: impl FnOnce() -> R) -> R {
+        let old = SCOPED_VARIANT.with(|c| c.replace(Some(self)));
+        struct Restore(Option<KernelVariant>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                SCOPED_VARIANT.with(|c| c.set(self.0));
+            }
+        }
+        let _restore = Restore(old);
+        f()
+    }
+}
+
+/// The decision file scripts/gpu-variants writes: `INFOPO_KERNEL_DECISIONS` if set, else this
+/// crate's `results/kernel-variants.json`; read at run time, once per process.
+pub fn decision_file() -> std::path::PathBuf {
+    std::env::var_os("INFOPO_KERNEL_DECISIONS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/results/kernel-variants.json").into())
+}
+
+/// The variant a decision file (scripts/gpu_variants.py: `{"arch": .., "choices": [{"dtype",
+/// "rows_min", "rows_max", "variant", ..}, ..]}`) chooses for `dtype` at `rows` rows; `None`
+/// when no choice covers them or the name is not a variant. A small scanner, not a JSON parser:
+/// the file is machine-written, one flat object per choice.
+pub fn decided_variant(json: &str, dtype: Dtype, rows: usize) -> Option<KernelVariant> {
+    let choices = &json[json.find("\"choices\"")?..];
+    choices.split('{').skip(1).find_map(|obj| {
+        let obj = obj.split('}').next()?;
+        let field = |key: &str| -> Option<&str> {
+            let at = obj.find(&format!("\"{key}\""))? + key.len() + 2;
+            let v = obj[at..].trim_start().strip_prefix(':')?.trim_start();
+            Some(match v.strip_prefix('"') {
+                Some(v) => &v[..v.find('"')?],
+                None => v.split(|c: char| c == ',' || c.is_whitespace()).next()?,
+            })
+        };
+        let lo: usize = field("rows_min")?.parse().ok()?;
+        let hi: usize = field("rows_max")?.parse().ok()?;
+        let dtype_ok = field("dtype")? == dtype.name();
+        if !dtype_ok || rows < lo || rows > hi {
+            return None;
+        }
+        KernelVariant::parse(field("variant")?).ok()
+    })
+}
+
+/// The process default from the decision file: its choice for bf16 at the most rows (the
+/// throughput regime; a CUDA context loads one entry per dtype, so one variant per process);
+/// the baseline when the file is absent or chooses nothing.
+fn decided_default() -> KernelVariant {
+    std::fs::read_to_string(decision_file())
+        .ok()
+        .and_then(|json| decided_variant(&json, Dtype::BF16, 1 << 40))
+        .unwrap_or(KernelVariant::Baseline)
+}
+
+thread_local! {
+    static SCOPED_VARIANT: std::cell::Cell<Option<KernelVariant>> = const { std::cell::Cell::new(None) };
 }
 
 /// The merge-mode entry point (one for every logit dtype: range states are f32).
 pub const MERGE_ENTRY_POINT: &str = "infopo_merge";
+
+/// All entry points of the fatbin.
+pub const ENTRY_POINTS: [&str; 9] = [
+    "infopo_f32",
+    "infopo_f16",
+    "infopo_bf16",
+    MERGE_ENTRY_POINT,
+    "infopo_bf16_packed",
+    "infopo_bf16_packed_bump",
+    "infopo_f32_ring",
+    "infopo_f16_ring",
+    "infopo_bf16_ring",
+];
 
 /// The fatbin (SASS for the archs of `INFOPO_CUDA_ARCHS`, PTX for the last), for
 /// `cuModuleLoadData` / cudarc `Ptx::from_binary`-style loading.
@@ -347,6 +540,40 @@ impl LaunchShape {
 ///   split over blocks to reach 2 waves, but never into chunks of fewer than [`MIN_CHUNK`]
 ///   logits (nor more than [`MAX_SPLITS`] splits).
 pub fn launch_shape(rows: usize, vocab: usize, dtype: Dtype, sm_count: u32) -> LaunchShape {
+    launch_shape_of(KernelVariant::active(), rows, vocab, dtype, sm_count)
+}
+
+/// [`launch_shape`] for a given variant. [`KernelVariant::Waves`]: when the rows are too few
+/// for 2 waves, the split count s (1 ≤ s ≤ the baseline's, so never more blocks than its 2
+/// waves nor chunks below [`MIN_CHUNK`]) that minimises the time in waves of equal blocks,
+/// ⌈rows·s / wave⌉ / s with wave = SMs × resident blocks, the fewest splits on a tie (e.g.
+/// 6 splits, 384 blocks, one 97 % wave at 64 rows on 132 SMs, where the baseline's 13 splits
+/// make 2.1 waves). Every other variant: the baseline's shape.
+pub fn launch_shape_of(variant: KernelVariant, rows: usize, vocab: usize, dtype: Dtype, sm_count: u32) -> LaunchShape {
+    let base = baseline_shape(rows, vocab, dtype, sm_count);
+    if variant != KernelVariant::Waves || base.splits == 1 {
+        return base;
+    }
+    let resident = (65536 / (REGISTERS * base.threads)).clamp(1, 32) as usize;
+    let wave = sm_count.max(1) as usize * resident;
+    let most = base.splits as usize;
+    // (waves, splits) of the best so far: waves / splits is the time in units of one row's pass.
+    let mut best = (rows.div_ceil(wave), 1usize);
+    for s in 2..=most {
+        let waves = (rows * s).div_ceil(wave);
+        if waves * best.1 < best.0 * s {
+            best = (waves, s);
+        }
+    }
+    let splits = best.1;
+    LaunchShape {
+        threads: base.threads,
+        splits: splits as u32,
+        grid: rows.saturating_mul(splits).min(i32::MAX as usize) as u32,
+    }
+}
+
+fn baseline_shape(rows: usize, vocab: usize, dtype: Dtype, sm_count: u32) -> LaunchShape {
     let per_vec = 16 / dtype.size_bytes();
     let vectors = vocab.div_ceil(per_vec).max(1);
     let threads = vectors.div_ceil(2).next_power_of_two().clamp(32, MAX_THREADS as usize) as u32;
@@ -399,6 +626,155 @@ mod tests {
     }
 
     use super::*;
+
+    /// A100, H100 PCIe, H100 SXM / H200, RTX 4090, L4 (58) and L40 (142).
+    const SM_COUNTS: [u32; 6] = [108, 114, 132, 128, 58, 142];
+
+    /// The kernel variants whose row pass differs from the baseline's (same launch shape).
+    const KERNEL_VARIANTS: [KernelVariant; 3] = [KernelVariant::Packed, KernelVariant::PackedBump, KernelVariant::Ring];
+
+    fn time_in_waves(s: &LaunchShape, rows: usize, sm: u32) -> f64 {
+        let resident = (65536 / (85 * s.threads)).clamp(1, 32) as usize;
+        let wave = sm as usize * resident;
+        (rows * s.splits as usize).div_ceil(wave) as f64 / s.splits as f64
+    }
+
+    #[test]
+    fn waves_launch_shape_on_every_supported_gpu() {
+        // The issue's example: 64 rows of V = 151936 on 132 SMs, 6 splits in 384 blocks (one wave
+        // of 396 blocks, 97 % full) instead of 13 splits in 832 blocks (2.1 waves).
+        let s = launch_shape_of(KernelVariant::Waves, 64, 151_936, Dtype::BF16, 132);
+        assert_eq!((s.splits, s.grid, s.threads), (6, 384, 256));
+        assert_eq!(launch_shape_of(KernelVariant::Baseline, 64, 151_936, Dtype::BF16, 132).splits, 13);
+        for sm in SM_COUNTS {
+            for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+                for vocab in [1000usize, 32_000, 50_257, 151_936, 262_144] {
+                    for rows in (1..=64).chain([100, 127, 200, 300, 500, 512, 700, 1000, 2000, 4096, 100_000]) {
+                        let b = launch_shape_of(KernelVariant::Baseline, rows, vocab, dtype, sm);
+                        let w = launch_shape_of(KernelVariant::Waves, rows, vocab, dtype, sm);
+                        let what = format!("sm={sm} {dtype} V={vocab} N={rows}: baseline {b:?}, waves {w:?}");
+                        assert_eq!(w.threads, b.threads, "{what}");
+                        assert_eq!(w.grid as usize, rows * w.splits as usize, "{what}");
+                        assert!(w.splits >= 1 && w.splits as usize <= MAX_SPLITS, "{what}");
+                        assert!(w.splits == 1 || vocab / w.splits as usize >= MIN_CHUNK, "{what}");
+                        if b.splits == 1 {
+                            assert_eq!(w, b, "{what}");
+                        }
+                        // Never more waves of work than the baseline, in the model it minimises.
+                        assert!(time_in_waves(&w, rows, sm) <= time_in_waves(&b, rows, sm) + 1e-12, "{what}");
+                        // Every other variant keeps the baseline's shape.
+                        for v in KERNEL_VARIANTS {
+                            assert_eq!(launch_shape_of(v, rows, vocab, dtype, sm), b, "{what}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn variant_names_and_entry_points() {
+        for v in KernelVariant::ALL {
+            assert_eq!(KernelVariant::parse(v.name()).unwrap(), v);
+            for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+                assert!(ENTRY_POINTS.contains(&entry_point_of(dtype, v)), "{v:?} {dtype}");
+            }
+        }
+        assert_eq!(KernelVariant::parse("").unwrap(), KernelVariant::Baseline);
+        assert!(matches!(KernelVariant::parse("rings"), Err(Error::BackendUnavailable { .. })));
+        for (dtype, entry) in
+            [(Dtype::F32, "infopo_f32_ring"), (Dtype::F16, "infopo_f16_ring"), (Dtype::BF16, "infopo_bf16_ring")]
+        {
+            assert_eq!(entry_point_of(dtype, KernelVariant::Ring), entry);
+        }
+        assert_eq!(entry_point_of(Dtype::BF16, KernelVariant::Packed), "infopo_bf16_packed");
+        assert_eq!(entry_point_of(Dtype::F16, KernelVariant::Packed), "infopo_f16");
+        // The variant travels in the argument block (the emulator and the stand-in dispatch on it).
+        let shape = launch_shape_of(KernelVariant::Baseline, 1, 100, Dtype::BF16, 132);
+        for v in KernelVariant::ALL {
+            let a = v.scoped(|| KernelArgs::new(&Params::default(), &shape, 1, 100, 0, false));
+            assert_eq!(a.variant, v.code());
+        }
+    }
+
+    /// The decision file as scripts/gpu_variants.py writes it (its dry run on synthetic timings),
+    /// read back by src/launch.rs: the variant per (dtype, N range); nothing outside the ranges, for
+    /// another dtype, or for a name that is no variant (the process default is then the baseline).
+    #[test]
+    fn decision_file_picks_the_variant_per_dtype_and_rows() {
+        let json = r#"{
+     "format": 1,
+     "arch": "sm_90",
+     "device": "NVIDIA H200, 9.0, 3201 MHz",
+     "vocab": 151936,
+     "rule": "fastest variant by median if < 0.98 x baseline, else baseline",
+     "choices": [
+      {
+       "dtype": "bf16",
+       "rows_min": 1,
+       "rows_max": 255,
+       "variant": "waves",
+       "measured_at_rows": 64,
+       "baseline_ms": 64.0,
+       "chosen_ms": 44.352
+      },
+      {
+       "dtype": "bf16",
+       "rows_min": 256,
+       "rows_max": 2047,
+       "variant": "ring",
+       "measured_at_rows": 512,
+       "baseline_ms": 512.0,
+       "chosen_ms": 409.6
+      },
+      {
+       "dtype": "bf16",
+       "rows_min": 2048,
+       "rows_max": 4611686018427387904,
+       "variant": "ring",
+       "measured_at_rows": 4096,
+       "baseline_ms": 4096.0,
+       "chosen_ms": 3276.8
+      },
+      {
+       "dtype": "f32",
+       "rows_min": 1,
+       "rows_max": 255,
+       "variant": "waves",
+       "measured_at_rows": 64,
+       "baseline_ms": 64.0,
+       "chosen_ms": 44.352
+      },
+      {
+       "dtype": "f32",
+       "rows_min": 256,
+       "rows_max": 2047,
+       "variant": "ring",
+       "measured_at_rows": 512,
+       "baseline_ms": 512.0,
+       "chosen_ms": 409.6
+      },
+      {
+       "dtype": "f32",
+       "rows_min": 2048,
+       "rows_max": 4611686018427387904,
+       "variant": "ring",
+       "measured_at_rows": 4096,
+       "baseline_ms": 4096.0,
+       "chosen_ms": 3276.8
+      }
+     ]
+    }"#;
+        let d = |dtype, rows| decided_variant(json, dtype, rows);
+        assert_eq!(d(Dtype::BF16, 64), Some(KernelVariant::Waves));
+        assert_eq!(d(Dtype::BF16, 255), Some(KernelVariant::Waves));
+        assert_eq!(d(Dtype::BF16, 256), Some(KernelVariant::Ring));
+        assert_eq!(d(Dtype::F32, 100_000), Some(KernelVariant::Ring));
+        assert_eq!(d(Dtype::BF16, 0), None);
+        assert_eq!(d(Dtype::F16, 512), None);
+        assert_eq!(decided_variant(&json.replace("\"ring\"", "\"rung\""), Dtype::BF16, 512), None);
+        assert_eq!(decided_variant("{}", Dtype::BF16, 512), None);
+    }
 
     #[test]
     fn shape_splits_only_few_rows() {
@@ -508,6 +884,8 @@ mod tests {
             offset_of!(KernelArgs, vocab_start),
             offset_of!(KernelArgs, merge_states),
             offset_of!(KernelArgs, merge_parts),
+            offset_of!(KernelArgs, variant),
+            offset_of!(KernelArgs, variant_reserved),
         ];
         assert_eq!(&c[..n], &rust[..]);
     }

@@ -103,6 +103,8 @@ pub use error::{Error, Result, RowErrorKind};
 /// The `f16`/`bf16` element types of [`LogitData`] and [`OwnedBatch`], re-exported so that a
 /// trainer uses the same `half` version as this crate.
 pub use half;
+#[cfg(any(feature = "emulator", feature = "cuda"))]
+pub use launch::KernelVariant;
 pub use math::chunks::DEFAULT_CHUNK;
 pub use math::epilogue::{advantages, TurnAccumulator};
 pub use open::{open, BackendKind};

@@ -547,7 +547,9 @@ constexpr struct {
     const char *name;
     Entry entry;
 } ENTRIES[] = {{"infopo_f32", Entry::F32}, {"infopo_f16", Entry::F16}, {"infopo_bf16", Entry::BF16},
-               {"infopo_merge", Entry::Merge}};
+               {"infopo_merge", Entry::Merge}, {"infopo_bf16_packed", Entry::BF16}, {"infopo_bf16_packed_bump", Entry::BF16},
+               {"infopo_f32_ring", Entry::F32},       {"infopo_f16_ring", Entry::F16},
+               {"infopo_bf16_ring", Entry::BF16}};
 constexpr uint32_t FATBIN_MAGIC = 0xBA55ED50u;
 constexpr unsigned MAX_THREADS = 256; // the kernel's __launch_bounds__
 

@@ -89,6 +89,7 @@ impl Kernels {
 }
 
 fn kernels(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>> {
+    launch::KernelVariant::from_env()?; // an unknown INFOPO_KERNEL_VARIANT: a typed error
     static CACHE: OnceLock<Mutex<HashMap<usize, Arc<Kernels>>>> = OnceLock::new();
     let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
     let key = ctx.cu_ctx() as usize;

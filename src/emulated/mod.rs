@@ -177,6 +177,7 @@ impl Emulated {
 
     /// See [`Backend::compute_micro_batched`].
     fn micro_batched(&self, batch: &Batch<'_>, params: &Params, cuts: &[usize]) -> Result<Output> {
+        launch::KernelVariant::from_env()?; // an unknown INFOPO_KERNEL_VARIANT: a typed error
         params.validate()?;
         let layout = batch.validate()?;
         let n = batch.real.rows();

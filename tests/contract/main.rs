@@ -14,3 +14,4 @@ mod api;
 mod cpu_reference;
 mod emulated_kernel;
 mod emulated_numerics;
+mod kernel_variants;
