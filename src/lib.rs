@@ -92,6 +92,12 @@ pub struct ReadmeDoctests;
 #[doc = include_str!("../docs/guide.md")]
 pub struct GuideDoctests;
 
+/// The map from the official config to this crate (`docs/official-config.md`), its worked example
+/// compiled and run by `cargo test` likewise.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/official-config.md")]
+pub struct OfficialConfigDoctests;
+
 pub use backend::Backend;
 pub use cpu::Cpu;
 pub use data::{

@@ -13,7 +13,9 @@ use crate::error::{Error, Result};
 /// **credit** goes to a_t, whose `credit_tokens` tokens each receive the turn's bonus (InfoPO
 /// rewards the turn whose feedback moved the next action). The rows may be all of a_{t+1}'s
 /// tokens or any prefix of them (e.g. the first 64, to bound the cost): `info_t` is the mean
-/// over the rows given, and the number of rows is independent of `credit_tokens`.
+/// over the rows given, and the number of rows is independent of `credit_tokens`. The rows are
+/// never the user's reply tokens: o_t is only the context of the two passes. How this maps to the
+/// official code's turns: `docs/official-config.md`.
 ///
 /// Indices are `u32`, as the kernels read them (half the bytes of `i64` per index, and more
 /// than 2^32 − 1 rows is refused anyway); targets are `i64` because that is what PyTorch and
@@ -49,7 +51,9 @@ pub struct Trajectories<'a> {
     pub group: &'a [u32],
     /// `[B]`: the task reward R_i.
     pub outcome: &'a [f64],
-    /// `[B]`: agent response tokens of each trajectory.
+    /// `[B]`: agent tokens of each trajectory: the tokens of all its agent turns, not the user's
+    /// replies (nor the prompt). The outcome advantage covers them, the batch statistics are
+    /// taken over them and `token_advantage` has one entry per agent token.
     pub tokens: &'a [u32],
 }
 
@@ -120,8 +124,10 @@ impl BatchLayout {
 /// ```
 /// use infopo_kernels::LayoutBuilder;
 /// let mut b = LayoutBuilder::new();
-/// let first = b.trajectory(0, 1.0, 40); // GRPO group 0, outcome 1, 40 response tokens
-/// b.turn(first, 3, 12)?; // 3 scored rows (the user reply's tokens) credit 12 agent tokens
+/// let first = b.trajectory(0, 1.0, 40); // GRPO group 0, outcome 1, 40 agent tokens in all
+/// // 3 rows: positions of the agent turn after the user's reply; credit: the 12 tokens of the
+/// // agent turn that drew the reply.
+/// b.turn(first, 3, 12)?;
 /// b.turn(first, 2, 20)?;
 /// let second = b.trajectory(0, 0.0, 25);
 /// b.turn(second, 4, 25)?;
@@ -151,7 +157,8 @@ impl LayoutBuilder {
     }
 
     /// Adds a trajectory of GRPO group `group` (any id; trajectories sharing it form a group),
-    /// task reward `outcome` and `response_tokens` agent tokens in all; returns its index.
+    /// task reward `outcome` and `response_tokens` agent tokens in all (the tokens of its agent
+    /// turns; the user's replies are not counted); returns its index.
     pub fn trajectory(&mut self, group: u32, outcome: f64, response_tokens: u32) -> u32 {
         let t = &mut self.layout.trajectories;
         t.group.push(group);
@@ -161,9 +168,11 @@ impl LayoutBuilder {
     }
 
     /// Adds a scored turn of `trajectory` (an index [`LayoutBuilder::trajectory`] returned):
-    /// its next `rows` rows (0 is allowed: a turn with no scored tokens gets info 0), crediting
-    /// `credit_tokens` agent tokens (≥ 1). Checked here: the trajectory exists and the rows fit
-    /// in u32; the rest when [`LayoutBuilder::build`] validates the whole layout.
+    /// its next `rows` rows, positions of the agent turn after the feedback (0 is allowed: a turn
+    /// with no scored tokens gets info 0), crediting the `credit_tokens` tokens (≥ 1) of the
+    /// agent turn that drew the feedback (see [`Turns`]). Checked here: the trajectory exists
+    /// and the rows fit in u32; the rest when [`LayoutBuilder::build`] validates the whole
+    /// layout.
     pub fn turn(&mut self, trajectory: u32, rows: u32, credit_tokens: u32) -> Result<&mut Self> {
         let b = self.layout.trajectories.group.len();
         if trajectory as usize >= b {
@@ -185,7 +194,7 @@ impl LayoutBuilder {
     }
 
     /// The layout, validated as the backends will (credits ≥ 1 and within their trajectory's
-    /// tokens, finite outcomes, at least 2 response tokens in the batch).
+    /// tokens, finite outcomes, at least 2 agent tokens in the batch).
     pub fn build(&self) -> Result<BatchLayout> {
         self.layout.validate()?;
         Ok(self.layout.clone())
@@ -234,7 +243,7 @@ pub struct GroupLayout {
     /// `trajectory_token_offsets[i]..trajectory_token_offsets[i+1]` of the `[M]` token outputs
     /// (u64: M may exceed 2^32).
     pub trajectory_token_offsets: Vec<u64>,
-    /// `[T]` first credited token of each turn within its trajectory's response, when the batch
+    /// `[T]` first credited token of each turn among its trajectory's agent tokens, when the batch
     /// has credit starts (validated by [`Layout::with_credit_start`]); enables `token_advantage`.
     pub turn_credit_start: Option<Vec<u32>>,
 }
