@@ -257,7 +257,7 @@ pub enum KernelVariant {
     /// [`KernelVariant::Packed`] with a 32-bit trip count over bumped pointers and a
     /// blockDim = 256 fast path (entry `infopo_bf16_packed_bump`).
     PackedBump,
-    /// Today's kernel with whole-wave split counts for few rows ([`launch_shape_of`]).
+    /// Today's kernel with whole-wave split counts for few rows (`launch_shape_of`).
     Waves,
     /// Every dtype, rows sharing their offset mod 16: the chunk streamed through a 3–4 stage
     /// shared-memory ring (`cp.async.bulk` + mbarrier on sm_90, 16-byte `cp.async` on sm_80–89)
@@ -313,7 +313,7 @@ impl KernelVariant {
     }
 
     /// The variant `INFOPO_KERNEL_VARIANT` names (read once per process); when it is unset, the
-    /// decision file's ([`decided_variant`]); an error for an unknown name (the backends return
+    /// decision file's (`decided_variant`); an error for an unknown name (the backends return
     /// it on their first launch).
     pub fn from_env() -> Result<Self> {
         static ENV: std::sync::OnceLock<std::result::Result<KernelVariant, String>> = std::sync::OnceLock::new();

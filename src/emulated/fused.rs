@@ -26,7 +26,7 @@ impl Emulated {
         with_inputs!(tensors, |inputs| self.compute_hidden_typed(first_row, &inputs, targets, layout, params, chunk))
     }
 
-    /// [`score_hidden`] as the GPU path computes it, emulated: each chunk's logits by an f32 GEMM
+    /// [`crate::reference::score_hidden`] as the GPU path computes it, emulated: each chunk's logits by an f32 GEMM
     /// (the `gemm` crate in f32, as cuBLAS with fp32 accumulate; kept in f32, not rounded to the
     /// input dtype), then the kernel source in partial-state mode over the chunk, run by this emulator
     /// ([`Emulated::range_states`]), folded in vocabulary order with the same merge.

@@ -1,8 +1,8 @@
 //! The kernel source of `kernels/infopo.cu`, compiled as host C++ against `kernels/emulator.h`
 //! (feature `emulator`) and launched on CPU threads, one OS thread per CUDA thread, with the
-//! launch shape the GPU would get on an H100 ([`launch_shape`] with 132 SMs).
+//! launch shape the GPU would get on an H100 (`launch::launch_shape` with 132 SMs).
 //!
-//! It validates exactly like the CPU backend, fills the same [`KernelArgs`] a CUDA backend
+//! It validates exactly like the CPU backend, fills the same `KernelArgs` a CUDA backend
 //! fills, and decodes the kernel's error word the same way. Slow (it is a test vehicle), but
 //! bitwise deterministic run to run.
 //!
@@ -16,7 +16,7 @@
 //!   tickets) run in changing interleavings; `scripts/tsan` runs it under ThreadSanitizer.
 //!   The default is the serial mode: blocks 0, 1, 2, ... one at a time.
 //! - [`Emulated::with_grid_cap`] launches fewer blocks than work items
-//!   ([`LaunchShape::with_grid_cap`]), so the kernel's grid-stride loop runs.
+//!   (`LaunchShape::with_grid_cap`), so the kernel's grid-stride loop runs.
 //!
 //! See `kernels/emulator.h` for the model (and what it cannot show).
 

@@ -11,7 +11,7 @@ impl Emulated {
     /// The kernel source in partial-state mode, emulated on CPU threads by this emulator (the launch a
     /// GPU rank makes for its shard, with the emulator's launch shape and concurrency: serial, or
     /// several blocks at once as [`crate::emulated::Emulated::concurrent`] sets): `[rows, 8]` f32 in
-    /// the kernel's units, for [`RangeStates::from_kernel`] with the same `params`.
+    /// the kernel's units, for [`crate::vocab::RangeStates::from_kernel`] with the same `params`.
     pub fn range_states(&self, input: &RangeInput<'_>, targets: &[i64], params: &Params) -> Result<Vec<f32>> {
         input.validate(targets, params)?;
         let rows = targets.len();
