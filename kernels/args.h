@@ -69,7 +69,8 @@ typedef struct InfopoArgs {
     /* ---------------- token advantages (finalize && n_traj > 0 && token_advantage) ---------------- */
     const uint32_t *turn_credit_start;   /* [T] first credited token of turn t in its trajectory's response (validated: spans fit and are disjoint), or NULL */
     const uint64_t *trajectory_token_offsets; /* [B+1] prefix sums of trajectory_tokens (u64: M may exceed 2^32) */
-    double *token_advantage;     /* [M] out, or NULL for none: traj_advantage[i] on trajectory i's tokens, + turn_bonus[t] on turn t's span */
+    double *token_advantage;     /* [M] out, or NULL for none: traj_advantage[i] on trajectory i's tokens, + turn_bonus[t] on turn t's span
+                                    (variant SPREAD: written by infopo_tokens, launched after the epilogue's launch with the same args) */
 
     /* ---------------- 4-byte fields ---------------- */
     float scale;                 /* log2(e) / temperature */
@@ -114,5 +115,7 @@ typedef struct InfopoArgs {
 #define INFOPO_VARIANT_PACKED_BUMP 2u /* PACKED + 32-bit trip count, pointer bump, blockDim 256 fast path */
 #define INFOPO_VARIANT_WAVES 3u       /* host only: whole-wave split counts (launch_shape); the kernel runs the baseline */
 #define INFOPO_VARIANT_RING 4u        /* 16-byte path through a shared-memory ring: cp.async.bulk + mbarrier (sm_90), cp.async (sm_80-89); every dtype */
+#define INFOPO_VARIANT_SPREAD 5u      /* baseline row pass; the epilogue stops before token_advantage, which the host's
+                                         second launch (infopo_tokens, a block per trajectory) writes */
 
 #endif

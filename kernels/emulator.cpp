@@ -21,6 +21,7 @@
 #define infopo_f32_ring infopo_f32_ring_0
 #define infopo_f16_ring infopo_f16_ring_0
 #define infopo_bf16_ring infopo_bf16_ring_0
+#define infopo_tokens infopo_tokens_0
 namespace infopo_copy0 {
 #include "infopo.cu"
 }
@@ -33,6 +34,7 @@ namespace infopo_copy0 {
 #undef infopo_f32_ring
 #undef infopo_f16_ring
 #undef infopo_bf16_ring
+#undef infopo_tokens
 #define infopo_f32 infopo_f32_1
 #define infopo_f16 infopo_f16_1
 #define infopo_bf16 infopo_bf16_1
@@ -42,6 +44,7 @@ namespace infopo_copy0 {
 #define infopo_f32_ring infopo_f32_ring_1
 #define infopo_f16_ring infopo_f16_ring_1
 #define infopo_bf16_ring infopo_bf16_ring_1
+#define infopo_tokens infopo_tokens_1
 namespace infopo_copy1 {
 #include "infopo.cu"
 }
@@ -54,6 +57,7 @@ namespace infopo_copy1 {
 #undef infopo_f32_ring
 #undef infopo_f16_ring
 #undef infopo_bf16_ring
+#undef infopo_tokens
 #define infopo_f32 infopo_f32_2
 #define infopo_f16 infopo_f16_2
 #define infopo_bf16 infopo_bf16_2
@@ -63,6 +67,7 @@ namespace infopo_copy1 {
 #define infopo_f32_ring infopo_f32_ring_2
 #define infopo_f16_ring infopo_f16_ring_2
 #define infopo_bf16_ring infopo_bf16_ring_2
+#define infopo_tokens infopo_tokens_2
 namespace infopo_copy2 {
 #include "infopo.cu"
 }
@@ -75,6 +80,7 @@ namespace infopo_copy2 {
 #undef infopo_f32_ring
 #undef infopo_f16_ring
 #undef infopo_bf16_ring
+#undef infopo_tokens
 #define infopo_f32 infopo_f32_3
 #define infopo_f16 infopo_f16_3
 #define infopo_bf16 infopo_bf16_3
@@ -84,6 +90,7 @@ namespace infopo_copy2 {
 #define infopo_f32_ring infopo_f32_ring_3
 #define infopo_f16_ring infopo_f16_ring_3
 #define infopo_bf16_ring infopo_bf16_ring_3
+#define infopo_tokens infopo_tokens_3
 namespace infopo_copy3 {
 #include "infopo.cu"
 }
@@ -96,6 +103,7 @@ namespace infopo_copy3 {
 #undef infopo_f32_ring
 #undef infopo_f16_ring
 #undef infopo_bf16_ring
+#undef infopo_tokens
 static_assert(INFOPO_EMU_MAX_BLOCKS_AT_ONCE == 4, "one kernel copy per team above");
 
 namespace {
@@ -116,6 +124,7 @@ constexpr Kernel KERNELS_BF16_PACKED_BUMP[] = {
 constexpr Kernel KERNELS_F32_RING[] = INFOPO_KERNEL_COPIES(infopo_f32_ring);
 constexpr Kernel KERNELS_F16_RING[] = INFOPO_KERNEL_COPIES(infopo_f16_ring);
 constexpr Kernel KERNELS_BF16_RING[] = INFOPO_KERNEL_COPIES(infopo_bf16_ring);
+constexpr Kernel KERNELS_TOKENS[] = INFOPO_KERNEL_COPIES(infopo_tokens);
 #undef INFOPO_KERNEL_COPIES
 constexpr Kernel KERNELS_MERGE[] = {infopo_copy0::infopo_merge_0, infopo_copy1::infopo_merge_1,
                                     infopo_copy2::infopo_merge_2, infopo_copy3::infopo_merge_3};
@@ -132,7 +141,7 @@ extern "C" {
 // Runs one launch of infopo_<dtype> with `grid` blocks of `block` threads (a multiple of 32,
 // at most 256), `opt->blocks_at_once` blocks at a time. Launches are serialised process-wide.
 // f32 / f16 / bf16 run the entry of a->variant (kernels/args.h), as the GPU host loads
-// infopo_<dtype>_<variant> (src/launch.rs::entry_point); variants without an entry of their own
+// infopo_<dtype>_<variant> (src/launch.rs::entry_point, per launch); variants without an entry of their own
 // for the dtype run infopo_<dtype>.
 void infopo_emulate_f32(const InfopoArgs *a, unsigned grid, unsigned block, const InfopoEmulation *opt) {
     run(a->variant == INFOPO_VARIANT_RING ? KERNELS_F32_RING : KERNELS_F32, a, grid, block, opt);
@@ -147,6 +156,10 @@ void infopo_emulate_bf16(const InfopoArgs *a, unsigned grid, unsigned block, con
     case INFOPO_VARIANT_RING: run(KERNELS_BF16_RING, a, grid, block, opt); break;
     default: run(KERNELS_BF16, a, grid, block, opt); break;
     }
+}
+// The spread variant's token launch (infopo_tokens), launched the same way.
+void infopo_emulate_tokens(const InfopoArgs *a, unsigned grid, unsigned block, const InfopoEmulation *opt) {
+    run(KERNELS_TOKENS, a, grid, block, opt);
 }
 // The merge entry point (merge mode, kernels/args.h), launched the same way.
 void infopo_emulate_merge(const InfopoArgs *a, unsigned grid, unsigned block, const InfopoEmulation *opt) {

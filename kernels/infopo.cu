@@ -357,7 +357,8 @@ __device__ __forceinline__ void epilogue(const InfopoArgs &a, Moments *scratch) 
     }
     for (int64_t t = threadIdx.x; t < T; t += blockDim.x)
         a.turn_bonus[t] = a.beta * a.traj_gate[a.turn_trajectory[t]] * ratio * a.turn_norm[t];
-    if (a.token_advantage == nullptr) return;
+    // The spread variant leaves (d) to infopo_tokens, launched next on the stream by the host.
+    if (a.token_advantage == nullptr || a.variant == INFOPO_VARIANT_SPREAD) return;
     __syncthreads();
 
     // (d) Per-token advantages, on the device for the loss: every token of trajectory i gets
@@ -377,6 +378,36 @@ __device__ __forceinline__ void epilogue(const InfopoArgs &a, Moments *scratch) 
         const int64_t n = a.turn_credit[t];
         const double v = a.traj_advantage[i] + a.turn_bonus[t];
         for (int64_t k = lane; k < n; k += 32) a.token_advantage[k0 + k] = v;
+    }
+}
+
+// (d) spread over the grid (variant SPREAD): one block per trajectory, in group order, so that
+// M tokens are written by every SM rather than by the one block that ran the epilogue (M is
+// every agent token of the batch, often far more than the rows of a small final launch). The
+// block fills trajectory i's tokens with advantage_i, then overwrites the credited spans of
+// i's turns, found among its group's turns; the values are (d)'s, bit for bit. The epilogue's
+// launch has finished (stream order): its traj_advantage and turn_bonus are final.
+__device__ __forceinline__ void token_advantages_spread(const InfopoArgs &a) {
+    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int64_t j = blockIdx.x; j < a.n_traj; j += gridDim.x) {
+        int64_t g = 0, hi = a.n_groups; // the group holding member j: offsets[g] <= j < offsets[g + 1]
+        while (hi - g > 1) {
+            const int64_t mid = (g + hi) / 2;
+            if ((int64_t)a.group_trajectory_offsets[mid] <= j) g = mid; else hi = mid;
+        }
+        const uint32_t i = a.group_trajectories[j];
+        const int64_t k0 = (int64_t)a.trajectory_token_offsets[i], k1 = (int64_t)a.trajectory_token_offsets[i + 1];
+        const double adv = a.traj_advantage[i];
+        for (int64_t k = k0 + threadIdx.x; k < k1; k += blockDim.x) a.token_advantage[k] = adv;
+        __syncthreads(); // the fill before the spans' overwrites (same block: ordered by the barrier)
+        for (int64_t u = a.group_turn_offsets[g] + warp; u < (int64_t)a.group_turn_offsets[g + 1]; u += warps) {
+            const uint32_t t = a.group_turns[u];
+            if (a.turn_trajectory[t] != i) continue;
+            const int64_t s0 = k0 + (int64_t)a.turn_credit_start[t];
+            const int64_t n = a.turn_credit[t];
+            const double v = adv + a.turn_bonus[t];
+            for (int64_t k = lane; k < n; k += 32) a.token_advantage[s0 + k] = v;
+        }
     }
 }
 
@@ -549,7 +580,7 @@ extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOC
 extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_bf16(const InfopoArgs a) { infopo_body<__nv_bfloat16, false>(a); }
 // Variants of the bf16 row pass (kernels/variants.cuh), one entry each so that each is allocated
 // on its own (a dispatch inside one kernel spilled: registers are the maximum over every path).
-// The host loads the one its variant names (src/launch.rs::entry_point).
+// The host launches the one its variant names (src/launch.rs::entry_point).
 extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_bf16_packed(const InfopoArgs a) { infopo_body<__nv_bfloat16, false, INFOPO_VARIANT_PACKED>(a); }
 extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_bf16_packed_bump(const InfopoArgs a) { infopo_body<__nv_bfloat16, false, INFOPO_VARIANT_PACKED_BUMP>(a); }
 // The ring variant (kernels/variants.cuh, end): every dtype, shared memory of its own.
@@ -558,3 +589,6 @@ extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOC
 extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_bf16_ring(const InfopoArgs a) { infopo_body<__nv_bfloat16, false, INFOPO_VARIANT_RING>(a); }
 // Merge mode: one entry for every logit dtype (the range states are f32).
 extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS, INFOPO_MIN_BLOCKS) infopo_merge(const InfopoArgs a) { infopo_body<float, true>(a); }
+// The spread variant's second launch (token_advantages_spread): every dtype and mode, after the
+// launch that ran the epilogue, with its args.
+extern "C" __global__ void __launch_bounds__(INFOPO_MAX_THREADS) infopo_tokens(const InfopoArgs a) { token_advantages_spread(a); }

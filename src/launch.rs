@@ -112,7 +112,7 @@ pub struct KernelArgs {
 
     /// The [`KernelVariant`] of this launch ([`KernelVariant::code`]): the emulator and the
     /// driver stand-in run the entry it names; on a GPU the host loads that entry by name
-    /// ([`entry_point`]) and the kernel ignores the field.
+    /// ([`entry_point`]) and the kernel reads it only to leave `token_advantage` to [`token_launch`] (spread).
     pub variant: u32,
     /// 0 (keeps the size a multiple of 8).
     pub variant_reserved: u32,
@@ -214,20 +214,31 @@ impl KernelArgs {
     }
 }
 
+/// The second launch of [`KernelVariant::Spread`], after a launch with `args` and on the same
+/// stream: entry [`TOKENS_ENTRY_POINT`] with the same args, a block of [`MAX_THREADS`] per
+/// trajectory; `None` for any other variant, or when `args` writes no token advantages (not the
+/// finalising launch, no credit starts, or partial-state mode).
+pub fn token_launch(args: &KernelArgs) -> Option<LaunchShape> {
+    let writes = args.variant == KernelVariant::Spread.code()
+        && args.finalize != 0
+        && !args.token_advantage.is_null()
+        && args.n_traj > 0
+        && args.state_out.is_null();
+    writes.then(|| LaunchShape {
+        threads: MAX_THREADS,
+        splits: 1,
+        grid: (args.n_traj as u64).min(i32::MAX as u64) as u32,
+    })
+}
+
 /// `log2(e) / temperature`, the kernel's `scale`.
 pub fn scale(temperature: f64) -> f32 {
     (std::f64::consts::LOG2_E / temperature) as f32
 }
 
-/// Kernel entry point (symbol) for a dtype, under the active [`KernelVariant`] (a CUDA backend
-/// loads it once per context, so the variant of a process is the one `INFOPO_KERNEL_VARIANT`
-/// names; the emulator switches per launch on [`KernelArgs::variant`]).
-pub fn entry_point(dtype: Dtype) -> &'static str {
-    entry_point_of(dtype, KernelVariant::active())
-}
-
-/// [`entry_point`] for a given variant.
-pub fn entry_point_of(dtype: Dtype, variant: KernelVariant) -> &'static str {
+/// Kernel entry point (symbol) of a launch of `dtype` rows under `variant` (a CUDA backend
+/// loads every entry and picks per launch, as the emulator does, from [`KernelArgs::variant`]).
+pub fn entry_point(dtype: Dtype, variant: KernelVariant) -> &'static str {
     match (dtype, variant) {
         (Dtype::F32, KernelVariant::Ring) => "infopo_f32_ring",
         (Dtype::F16, KernelVariant::Ring) => "infopo_f16_ring",
@@ -263,16 +274,21 @@ pub enum KernelVariant {
     /// shared-memory ring (`cp.async.bulk` + mbarrier on sm_90, 16-byte `cp.async` on sm_80–89)
     /// while the warps compute (entries `infopo_<dtype>_ring`).
     Ring,
+    /// Today's row pass; `token_advantage` written by a second launch, a block per trajectory
+    /// (entry `infopo_tokens`, see [`token_launch`]) instead of the one block that runs the
+    /// epilogue.
+    Spread,
 }
 
 impl KernelVariant {
     /// Every variant, the baseline first.
-    pub const ALL: [KernelVariant; 5] = [
+    pub const ALL: [KernelVariant; 6] = [
         KernelVariant::Baseline,
         KernelVariant::Packed,
         KernelVariant::PackedBump,
         KernelVariant::Waves,
         KernelVariant::Ring,
+        KernelVariant::Spread,
     ];
 
     /// The name `INFOPO_KERNEL_VARIANT` takes.
@@ -283,6 +299,7 @@ impl KernelVariant {
             KernelVariant::PackedBump => "packed-bump",
             KernelVariant::Waves => "waves",
             KernelVariant::Ring => "ring",
+            KernelVariant::Spread => "spread",
         }
     }
 
@@ -294,7 +311,14 @@ impl KernelVariant {
             KernelVariant::PackedBump => 2,
             KernelVariant::Waves => 3,
             KernelVariant::Ring => 4,
+            KernelVariant::Spread => 5,
         }
+    }
+
+    /// The variant of an `INFOPO_VARIANT_*` code ([`KernelVariant::code`]); the baseline for an
+    /// unknown code, as the kernel runs it.
+    pub fn from_code(code: u32) -> Self {
+        KernelVariant::ALL.into_iter().find(|v| v.code() == code).unwrap_or(KernelVariant::Baseline)
     }
 
     /// The variant named `name` (an empty name is the baseline).
@@ -401,13 +425,17 @@ thread_local! {
 /// The merge-mode entry point (one for every logit dtype: range states are f32).
 pub const MERGE_ENTRY_POINT: &str = "infopo_merge";
 
-/// All entry points of the fatbin (the unit tests check every variant's entry is one).
-#[cfg(test)]
-pub const ENTRY_POINTS: [&str; 9] = [
+/// The entry point of [`token_launch`] (one for every dtype and mode).
+pub const TOKENS_ENTRY_POINT: &str = "infopo_tokens";
+
+/// All entry points of the fatbin (a CUDA backend loads them all; the unit tests check every
+/// variant's entry is one).
+pub const ENTRY_POINTS: [&str; 10] = [
     "infopo_f32",
     "infopo_f16",
     "infopo_bf16",
     MERGE_ENTRY_POINT,
+    TOKENS_ENTRY_POINT,
     "infopo_bf16_packed",
     "infopo_bf16_packed_bump",
     "infopo_f32_ring",
@@ -678,7 +706,7 @@ mod tests {
         for v in KernelVariant::ALL {
             assert_eq!(KernelVariant::parse(v.name()).unwrap(), v);
             for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
-                assert!(ENTRY_POINTS.contains(&entry_point_of(dtype, v)), "{v:?} {dtype}");
+                assert!(ENTRY_POINTS.contains(&entry_point(dtype, v)), "{v:?} {dtype}");
             }
         }
         assert_eq!(KernelVariant::parse("").unwrap(), KernelVariant::Baseline);
@@ -686,16 +714,43 @@ mod tests {
         for (dtype, entry) in
             [(Dtype::F32, "infopo_f32_ring"), (Dtype::F16, "infopo_f16_ring"), (Dtype::BF16, "infopo_bf16_ring")]
         {
-            assert_eq!(entry_point_of(dtype, KernelVariant::Ring), entry);
+            assert_eq!(entry_point(dtype, KernelVariant::Ring), entry);
         }
-        assert_eq!(entry_point_of(Dtype::BF16, KernelVariant::Packed), "infopo_bf16_packed");
-        assert_eq!(entry_point_of(Dtype::F16, KernelVariant::Packed), "infopo_f16");
+        assert_eq!(entry_point(Dtype::BF16, KernelVariant::Packed), "infopo_bf16_packed");
+        assert_eq!(entry_point(Dtype::F16, KernelVariant::Packed), "infopo_f16");
         // The variant travels in the argument block (the emulator and the stand-in dispatch on it).
         let shape = launch_shape_of(KernelVariant::Baseline, 1, 100, Dtype::BF16, 132);
         for v in KernelVariant::ALL {
             let a = v.scoped(|| KernelArgs::new(&Params::default(), &shape, 1, 100, 0, false));
             assert_eq!(a.variant, v.code());
+            assert_eq!(KernelVariant::from_code(v.code()), v);
         }
+        assert_eq!(KernelVariant::from_code(99), KernelVariant::Baseline);
+    }
+
+    /// The spread variant's second launch: only after a finalising launch that writes token
+    /// advantages of at least one trajectory, never in partial-state mode; a block per trajectory.
+    #[test]
+    fn token_launch_only_where_the_epilogue_leaves_tokens() {
+        let mut tokens = [0f64; 4];
+        let shape = launch_shape_of(KernelVariant::Baseline, 1, 100, Dtype::BF16, 132);
+        let tokens = tokens.as_mut_ptr();
+        let writing = |v: KernelVariant| KernelArgs {
+            n_traj: 3,
+            token_advantage: tokens,
+            ..v.scoped(|| KernelArgs::new(&Params::default(), &shape, 1, 100, 0, true))
+        };
+        let s = token_launch(&writing(KernelVariant::Spread)).expect("spread writes tokens in a second launch");
+        assert_eq!((s.grid, s.threads, s.splits), (3, MAX_THREADS, 1));
+        for v in KernelVariant::ALL.into_iter().filter(|&v| v != KernelVariant::Spread) {
+            assert_eq!(token_launch(&writing(v)), None, "{v:?}");
+        }
+        let base = writing(KernelVariant::Spread);
+        assert_eq!(token_launch(&KernelArgs { finalize: 0, ..base }), None);
+        assert_eq!(token_launch(&KernelArgs { n_traj: 0, ..base }), None);
+        assert_eq!(token_launch(&KernelArgs { token_advantage: ptr::null_mut(), ..base }), None);
+        let mut states = [0f32; 8];
+        assert_eq!(token_launch(&KernelArgs { state_out: states.as_mut_ptr(), ..base }), None);
     }
 
     /// The decision file as scripts/gpu_variants.py writes it (its dry run on synthetic timings),

@@ -530,7 +530,7 @@ double now_ms() {
 
 // ---------------------------------------------------------------- modules and launches
 
-enum class Entry { F32, F16, BF16, Merge };
+enum class Entry { F32, F16, BF16, Merge, Tokens };
 struct Module {
     Ctx *ctx;
     std::set<std::string> names;
@@ -549,7 +549,7 @@ constexpr struct {
 } ENTRIES[] = {{"infopo_f32", Entry::F32}, {"infopo_f16", Entry::F16}, {"infopo_bf16", Entry::BF16},
                {"infopo_merge", Entry::Merge}, {"infopo_bf16_packed", Entry::BF16}, {"infopo_bf16_packed_bump", Entry::BF16},
                {"infopo_f32_ring", Entry::F32},       {"infopo_f16_ring", Entry::F16},
-               {"infopo_bf16_ring", Entry::BF16}};
+               {"infopo_bf16_ring", Entry::BF16},     {"infopo_tokens", Entry::Tokens}};
 constexpr uint32_t FATBIN_MAGIC = 0xBA55ED50u;
 constexpr unsigned MAX_THREADS = 256; // the kernel's __launch_bounds__
 
@@ -562,7 +562,8 @@ bool image_has(const unsigned char *img, size_t n, const std::string &name) {
 std::vector<Buffer> launch_buffers(const InfopoArgs &a, Entry e) {
     std::vector<Buffer> b;
     auto n = [](int64_t v) { return v > 0 ? (size_t)v : 0; };
-    const size_t rows = n(a.n_rows), T = n(a.n_turns), B = n(a.n_traj), G = n(a.n_groups);
+    // infopo_tokens reads no rows: only the epilogue's buffers (its args are its launch's).
+    const size_t rows = e == Entry::Tokens ? 0 : n(a.n_rows), T = n(a.n_turns), B = n(a.n_traj), G = n(a.n_groups);
     const bool merge = e == Entry::Merge, partial = !merge && a.state_out != nullptr;
     const size_t elem = e == Entry::F32 ? 4 : 2;
     if (rows > 0) {
@@ -631,6 +632,7 @@ void emulate(Entry e, const InfopoArgs &a, unsigned grid, unsigned block, unsign
     case Entry::F16: infopo_emulate_f16(&a, grid, block, &opt); break;
     case Entry::BF16: infopo_emulate_bf16(&a, grid, block, &opt); break;
     case Entry::Merge: infopo_emulate_merge(&a, grid, block, &opt); break;
+    case Entry::Tokens: infopo_emulate_tokens(&a, grid, block, &opt); break;
     }
 }
 

@@ -69,22 +69,13 @@ fn cuda_err(e: DriverError) -> Error {
     Error::Cuda(format!("{e:?}"))
 }
 
-/// The entry points of the fatbin, loaded once per context.
-struct Kernels {
-    f32: CudaFunction,
-    f16: CudaFunction,
-    bf16: CudaFunction,
-    /// Merge mode (`merge::merge_states`).
-    merge: CudaFunction,
-}
+/// Every entry point of the fatbin, loaded once per context: each launch picks the one of its
+/// dtype and kernel variant (`KernelArgs::variant`), so variants can differ between launches.
+struct Kernels(HashMap<&'static str, CudaFunction>);
 
 impl Kernels {
-    fn get(&self, dtype: Dtype) -> &CudaFunction {
-        match dtype {
-            Dtype::F32 => &self.f32,
-            Dtype::F16 => &self.f16,
-            Dtype::BF16 => &self.bf16,
-        }
+    fn get(&self, name: &str) -> Result<&CudaFunction> {
+        self.0.get(name).ok_or_else(|| Error::Cuda(format!("the fatbin has no kernel entry point {name:?}")))
     }
 }
 
@@ -97,13 +88,11 @@ fn kernels(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>> {
         return Ok(k.clone());
     }
     let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(launch::FATBIN.to_vec())).map_err(cuda_err)?;
-    let load = |name| module.load_function(name).map_err(cuda_err);
-    let k = Arc::new(Kernels {
-        f32: load(launch::entry_point(Dtype::F32))?,
-        f16: load(launch::entry_point(Dtype::F16))?,
-        bf16: load(launch::entry_point(Dtype::BF16))?,
-        merge: load(launch::MERGE_ENTRY_POINT)?,
-    });
+    let mut functions = HashMap::new();
+    for name in launch::ENTRY_POINTS {
+        functions.insert(name, module.load_function(name).map_err(cuda_err)?);
+    }
+    let k = Arc::new(Kernels(functions));
     cache.insert(key, k.clone());
     Ok(k)
 }
@@ -591,11 +580,20 @@ impl CudaBackend {
         args.row_tickets = row_tickets as *mut u32;
         args.grid_ticket = grid_ticket as *mut u32;
         let cfg = LaunchConfig { grid_dim: (shape.grid, 1, 1), block_dim: (shape.threads, 1, 1), shared_mem_bytes: 0 };
-        let func = if args.merge_states.is_null() { self.kernels.get(dtype) } else { &self.kernels.merge };
+        let func = self.kernels.get(if args.merge_states.is_null() {
+            launch::entry_point(dtype, launch::KernelVariant::from_code(args.variant))
+        } else {
+            launch::MERGE_ENTRY_POINT
+        })?;
         // SAFETY: the caller vouches for the pointers it set; the scratch is exclusively ours
         // (mutex) and serial (one stream), sized above for this shape; the struct matches the
         // kernel's parameter.
         unsafe { s.launch_builder(func).arg(&args).launch(cfg) }.map_err(cuda_err)?;
+        if let Some(shape) = launch::token_launch(&args) {
+            let cfg = LaunchConfig { grid_dim: (shape.grid, 1, 1), block_dim: (shape.threads, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: the same args, next on the same stream: the epilogue's outputs are final.
+            unsafe { s.launch_builder(self.kernels.get(launch::TOKENS_ENTRY_POINT)?).arg(&args).launch(cfg) }.map_err(cuda_err)?;
+        }
         Ok(())
     }
 }

@@ -48,6 +48,7 @@ extern "C" {
     fn infopo_emulate_f16(args: *const KernelArgs, grid: u32, block: u32, opt: *const Emulation);
     fn infopo_emulate_bf16(args: *const KernelArgs, grid: u32, block: u32, opt: *const Emulation);
     fn infopo_emulate_merge(args: *const KernelArgs, grid: u32, block: u32, opt: *const Emulation);
+    fn infopo_emulate_tokens(args: *const KernelArgs, grid: u32, block: u32, opt: *const Emulation);
     #[cfg(test)]
     fn infopo_emulate_max_blocks_at_once() -> u32;
     #[cfg(test)]
@@ -62,6 +63,18 @@ unsafe fn launch_with(args: &KernelArgs, dtype: Dtype, shape: &LaunchShape, opt:
         Dtype::F32 => infopo_emulate_f32(args, shape.grid, shape.threads, opt),
         Dtype::F16 => infopo_emulate_f16(args, shape.grid, shape.threads, opt),
         Dtype::BF16 => infopo_emulate_bf16(args, shape.grid, shape.threads, opt),
+    }
+    launch_tokens(args, opt);
+}
+
+/// The spread variant's second launch after `args`' launch, when it has one (as the CUDA backend
+/// enqueues it: `launch::token_launch`).
+///
+/// # Safety
+/// As [`launch_with`], for the launch `args` just ran.
+unsafe fn launch_tokens(args: &KernelArgs, opt: &Emulation) {
+    if let Some(shape) = launch::token_launch(args) {
+        infopo_emulate_tokens(args, shape.grid, shape.threads, opt)
     }
 }
 
@@ -297,7 +310,10 @@ impl Emulated {
         // row outputs and epilogue buffers have the sizes kernels/args.h states for this launch
         // (EpilogueBufs sizes them from the layout, validated for `rows` rows); merge mode reads
         // no logits, partials or row tickets. The call returns after the emulated grid finished.
-        unsafe { infopo_emulate_merge(&a, shape.grid, shape.threads, &opt) }
+        unsafe {
+            infopo_emulate_merge(&a, shape.grid, shape.threads, &opt);
+            launch_tokens(&a, &opt);
+        }
         debug_assert!(tickets.grid == 0, "grid ticket not self-cleaned");
         drop(tickets);
         if let Some(fault) = launch::decode_error_word(error_word)? {

@@ -259,3 +259,80 @@ fn ring_refills_match_the_baseline() {
         assert_eq!(bits(&got), bits(&base), "ring refills");
     }
 }
+
+/// `spread` writes `token_advantage` in a second launch, a block per trajectory (src/launch.rs
+/// `token_launch`), instead of in the block that ran the epilogue: the baseline's values bit for
+/// bit on trajectories of up to ~2000 tokens (several block strides), with uncredited gaps,
+/// spans over a block stride, trajectories without turns and groups of mixed sizes; after one
+/// launch, after micro-batches whose last launch has no rows (the epilogue-only launch), and
+/// after the merge launch of range states; serially and 3 blocks at once on a 2-SM device (a
+/// grid cap below the trajectory count, so blocks take several trajectories).
+#[test]
+fn spread_token_advantages_match_the_baseline_bitwise() {
+    use infopo_kernels::vocab::{shard_ranges, RangeInput};
+    use infopo_kernels::{Trajectories, Turns};
+    let serial = Emulated::new();
+    let concurrent = Emulated::with_sm_count(2).with_concurrency(3, 16).unwrap().with_grid_cap(3);
+    for case in 0..4u64 {
+        let mut rng = StdRng::seed_from_u64(4100 + case);
+        let n_traj = rng.gen_range(2..14usize);
+        let (n, v) = (rng.gen_range(3..24usize), 1000usize);
+        // Turns in row order over random trajectories; each trajectory's spans in a random order
+        // along its response, with gaps; some trajectories get no turn.
+        let n_turns = rng.gen_range(1..10usize);
+        let mut offsets: Vec<u32> = (0..n_turns - 1).map(|_| rng.gen_range(0..=n as u32)).collect();
+        offsets.push(0);
+        offsets.push(n as u32);
+        offsets.sort_unstable();
+        let trajectory: Vec<u32> = (0..n_turns).map(|_| rng.gen_range(0..n_traj as u32)).collect();
+        let credit: Vec<u32> = (0..n_turns).map(|_| rng.gen_range(1..400)).collect();
+        let mut starts = vec![0u32; n_turns];
+        let mut tokens = vec![0u32; n_traj];
+        for (i, len) in tokens.iter_mut().enumerate() {
+            let mut pos = rng.gen_range(0..300u32);
+            for t in (0..n_turns).filter(|&t| trajectory[t] as usize == i) {
+                starts[t] = pos;
+                pos += credit[t] + rng.gen_range(0..300u32);
+            }
+            *len = pos.max(2);
+        }
+        let group: Vec<u32> = (0..n_traj).map(|_| rng.gen_range(0..3u32)).collect();
+        let outcome: Vec<f64> = (0..n_traj).map(|_| rng.gen_range(0..4) as f64 * 0.25).collect();
+        let turns = Turns { offsets: &offsets, trajectory: &trajectory, credit_tokens: &credit };
+        let traj = Trajectories { group: &group, outcome: &outcome, tokens: &tokens };
+        let (r, m, t) = data(n, v, 0.0, 0.02, 0.01, 4200 + case);
+        let p = Params { beta: 0.7, ..Params::default() };
+        let batch = Batch::rows(Logits::new(&r, n, v).unwrap(), Logits::new(&m, n, v).unwrap(), &t)
+            .with_turns(turns)
+            .with_trajectories(traj)
+            .with_credit_start(&starts);
+        let layout = infopo_kernels::Layout::new(n, &turns, Some(&traj)).unwrap().with_credit_start(&starts).unwrap();
+        let tokens_of = |o: Output| o.advantages.unwrap().token_advantage.unwrap();
+        for e in [&serial, &concurrent] {
+            let runs = |variant: KernelVariant| {
+                variant.scoped(|| {
+                    let one = e.compute(&batch, &p).unwrap();
+                    let micro = e.compute_micro_batched(&batch, &p, &[n / 2, n, n]).unwrap();
+                    let ranges = shard_ranges(v, 3).unwrap();
+                    let mut states = Vec::new();
+                    for &range in &ranges {
+                        let input = RangeInput::of_full(
+                            Logits::new(&r, n, v).unwrap(),
+                            Logits::new(&m, n, v).unwrap(),
+                            range,
+                        );
+                        states.extend(e.range_states(&input, &t, &p).unwrap());
+                    }
+                    let merged = e.merge_and_finish(&states, ranges.len(), &t, v, Some(&layout), &p).unwrap();
+                    [tokens_of(one), tokens_of(micro), tokens_of(merged)]
+                })
+            };
+            let (base, spread) = (runs(KernelVariant::Baseline), runs(KernelVariant::Spread));
+            for (k, (b, s)) in base.iter().zip(spread.iter()).enumerate() {
+                assert_eq!(b.len(), tokens.iter().map(|&x| x as usize).sum::<usize>());
+                let same = b.iter().zip(s.iter()).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "case {case} path {k} ({} trajectories, {} tokens): spread differs", n_traj, b.len());
+            }
+        }
+    }
+}
