@@ -105,6 +105,11 @@ typedef struct InfopoArgs {
     /* ---------------- kernel variant (kernels/variants.cuh; src/launch.rs::KernelVariant) ---------------- */
     uint32_t variant;            /* INFOPO_VARIANT_*; 0 = today's kernel. Unknown values run today's kernel */
     uint32_t variant_reserved;   /* 0; keeps sizeof a multiple of 8 */
+
+    /* ---------------- the official pipeline's ablation knobs (docs/contract.md §4; finalize only) ---------------- */
+    double pool_tolerance;       /* |intrinsic_t| <= this counts as zero (out of the pool, norm 0); 0 = exact zeros */
+    uint32_t centre_only;        /* 1: advantage R - mu, norm x - mu (no division by sigma + eps) */
+    uint32_t intrinsic_only;     /* 1: bonus = ratio * norm (no beta, no gate); token advantages without the outcome */
 } InfopoArgs;
 
 /* Kernel variants of the row pass, chosen per launch (args.variant). Every variant computes the

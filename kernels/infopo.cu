@@ -272,6 +272,11 @@ __device__ __forceinline__ Moments moments_block(Moments m, Moments *scratch) {
     return m;
 }
 
+// Trajectory i's token advantage outside its credited spans: advantage_i (intrinsic only: 0).
+__device__ __forceinline__ double token_base(const InfopoArgs &a, int64_t i) {
+    return a.intrinsic_only ? 0.0 : a.traj_advantage[i];
+}
+
 __device__ __forceinline__ void epilogue(const InfopoArgs &a, Moments *scratch) {
     const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int64_t T = a.n_turns, lo_row = a.first_row, hi_row = a.first_row + a.n_rows;
@@ -314,7 +319,7 @@ __device__ __forceinline__ void epilogue(const InfopoArgs &a, Moments *scratch) 
         for (int64_t j = t0 + lane; j < t1; j += 32) {
             const uint32_t t = a.group_turns[j];
             const double v = a.turn_intrinsic[t];
-            if (v != 0.0) p = moments_merge(p, moments_one((double)a.turn_credit[t], v));
+            if (fabs(v) > a.pool_tolerance) p = moments_merge(p, moments_one((double)a.turn_credit[t], v));
         }
         p = moments_warp(p);
         const bool psingle = p.n == 1.0;
@@ -323,7 +328,9 @@ __device__ __forceinline__ void epilogue(const InfopoArgs &a, Moments *scratch) 
         for (int64_t j = t0 + lane; j < t1; j += 32) {
             const uint32_t t = a.group_turns[j];
             const double v = a.turn_intrinsic[t];
-            a.turn_norm[t] = a.normalize ? (v != 0.0 ? (v - pmu) / (psigma + a.eps) : 0.0) : v;
+            const double centred = v - pmu;
+            const double norm = a.centre_only ? centred : centred / (psigma + a.eps);
+            a.turn_norm[t] = a.normalize ? (fabs(v) > a.pool_tolerance ? norm : 0.0) : v;
         }
 
         // The gate's σ_g: the outcomes' std, or the intrinsic pool's (0 below 2 tokens).
@@ -331,7 +338,8 @@ __device__ __forceinline__ void epilogue(const InfopoArgs &a, Moments *scratch) 
         const double gate = 1.0 / (1.0 + exp(gate_sigma / a.gate_temperature));
         for (int64_t j = b0 + lane; j < b1; j += 32) {
             const uint32_t i = a.group_trajectories[j];
-            a.traj_advantage[i] = (a.trajectory_outcome[i] - mu) / (sigma + a.eps);
+            const double centred = a.trajectory_outcome[i] - mu;
+            a.traj_advantage[i] = a.centre_only ? centred : centred / (sigma + a.eps);
             a.traj_gate[i] = gate;
         }
     }
@@ -356,7 +364,8 @@ __device__ __forceinline__ void epilogue(const InfopoArgs &a, Moments *scratch) 
         a.scalars[2] = ratio;
     }
     for (int64_t t = threadIdx.x; t < T; t += blockDim.x)
-        a.turn_bonus[t] = a.beta * a.traj_gate[a.turn_trajectory[t]] * ratio * a.turn_norm[t];
+        a.turn_bonus[t] = a.intrinsic_only ? ratio * a.turn_norm[t]
+                                           : a.beta * a.traj_gate[a.turn_trajectory[t]] * ratio * a.turn_norm[t];
     // The spread variant leaves (d) to infopo_tokens, launched next on the stream by the host.
     if (a.token_advantage == nullptr || a.variant == INFOPO_VARIANT_SPREAD) return;
     __syncthreads();
@@ -367,7 +376,7 @@ __device__ __forceinline__ void epilogue(const InfopoArgs &a, Moments *scratch) 
     // turn. Both are the f64 values the CPU writes.
     for (int64_t i = 0; i < a.n_traj; ++i) {
         const int64_t k1 = (int64_t)a.trajectory_token_offsets[i + 1];
-        const double adv = a.traj_advantage[i];
+        const double adv = token_base(a, i);
         for (int64_t k = (int64_t)a.trajectory_token_offsets[i] + threadIdx.x; k < k1; k += blockDim.x)
             a.token_advantage[k] = adv;
     }
@@ -376,7 +385,7 @@ __device__ __forceinline__ void epilogue(const InfopoArgs &a, Moments *scratch) 
         const uint32_t i = a.turn_trajectory[t];
         const int64_t k0 = (int64_t)a.trajectory_token_offsets[i] + (int64_t)a.turn_credit_start[t];
         const int64_t n = a.turn_credit[t];
-        const double v = a.traj_advantage[i] + a.turn_bonus[t];
+        const double v = token_base(a, i) + a.turn_bonus[t];
         for (int64_t k = lane; k < n; k += 32) a.token_advantage[k0 + k] = v;
     }
 }
@@ -397,7 +406,7 @@ __device__ __forceinline__ void token_advantages_spread(const InfopoArgs &a) {
         }
         const uint32_t i = a.group_trajectories[j];
         const int64_t k0 = (int64_t)a.trajectory_token_offsets[i], k1 = (int64_t)a.trajectory_token_offsets[i + 1];
-        const double adv = a.traj_advantage[i];
+        const double adv = token_base(a, i);
         for (int64_t k = k0 + threadIdx.x; k < k1; k += blockDim.x) a.token_advantage[k] = adv;
         __syncthreads(); // the fill before the spans' overwrites (same block: ordered by the barrier)
         for (int64_t u = a.group_turn_offsets[g] + warp; u < (int64_t)a.group_turn_offsets[g + 1]; u += warps) {

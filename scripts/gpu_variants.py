@@ -21,6 +21,7 @@ PREDICTION = {
     "packed-bump": {"bf16": "<= +22% where issue-bound (21.12 -> 17.38 instr/pair)", "f32": "= baseline (bf16 only)"},
     "ring": {"bf16": "H200 ~75% -> 87-90%, H100 ~85% -> ~90% of copy (bytes in flight: 96 KiB/SM vs <= 48)", "f32": "up to ~90% of copy where latency-bound"},
     "waves": {"bf16": "N=64: 2.10 -> 0.97 waves (132 SMs), up to ~+30%; N>=512: = baseline", "f32": "as bf16"},
+    "spread": {"bf16": "M=262144: 2 MB of f64 stores from 1 SM (~10-20 us) -> 32 blocks + 1 launch (~3 us): N=64 up to -40% time, N=4096 ~-1%", "f32": "(not run: as bf16)"},
 }
 RANGES = {64: (1, 255), 512: (256, 2047), 4096: (2048, 1 << 62)}
 

@@ -116,6 +116,12 @@ pub struct KernelArgs {
     pub variant: u32,
     /// 0 (keeps the size a multiple of 8).
     pub variant_reserved: u32,
+    /// [`Params::pool_tolerance`].
+    pub pool_tolerance: f64,
+    /// [`Params::centre_only`] (0/1).
+    pub centre_only: u32,
+    /// [`Params::intrinsic_only`] (0/1).
+    pub intrinsic_only: u32,
 }
 
 impl Default for KernelArgs {
@@ -174,6 +180,9 @@ impl Default for KernelArgs {
             merge_parts: 0,
             variant: 0,
             variant_reserved: 0,
+            pool_tolerance: 0.0,
+            centre_only: 0,
+            intrinsic_only: 0,
         }
     }
 }
@@ -208,7 +217,10 @@ impl KernelArgs {
             beta: params.beta,
             gate_temperature: params.gate_temperature,
             eps: params.eps,
-            variant: KernelVariant::active().code(),
+            variant: shape.variant.code(),
+            pool_tolerance: params.pool_tolerance,
+            centre_only: params.centre_only as u32,
+            intrinsic_only: params.intrinsic_only as u32,
             ..KernelArgs::default()
         }
     }
@@ -228,6 +240,7 @@ pub fn token_launch(args: &KernelArgs) -> Option<LaunchShape> {
         threads: MAX_THREADS,
         splits: 1,
         grid: (args.n_traj as u64).min(i32::MAX as u64) as u32,
+        variant: KernelVariant::Spread,
     })
 }
 
@@ -258,9 +271,10 @@ pub fn entry_point(dtype: Dtype, variant: KernelVariant) -> &'static str {
 /// baseline's to rounding, as any other launch shape's do. Every suite runs unchanged under
 /// each (`.ci/run`, scripts/tsan, the driver stand-in). See kernels/variants.cuh and
 /// docs/kernel-notes.md.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum KernelVariant {
     /// Today's kernel.
+    #[default]
     Baseline,
     /// bf16 rows sharing their offset mod 16: packed bf16x2 clamp (`max.NaN.bf16x2` against
     /// −2¹⁰⁰), max and min, no `live` select (entry `infopo_bf16_packed`; f32/f16: baseline).
@@ -336,31 +350,40 @@ impl KernelVariant {
         })
     }
 
-    /// The variant `INFOPO_KERNEL_VARIANT` names (read once per process); when it is unset, the
-    /// decision file's (`decided_variant`); an error for an unknown name (the backends return
-    /// it on their first launch).
-    pub fn from_env() -> Result<Self> {
-        static ENV: std::sync::OnceLock<std::result::Result<KernelVariant, String>> = std::sync::OnceLock::new();
+    /// The variant `INFOPO_KERNEL_VARIANT` names (read once per process), `None` when it is
+    /// unset; an error for an unknown name (the backends return it on their first launch).
+    pub fn from_env() -> Result<Option<Self>> {
+        static ENV: std::sync::OnceLock<std::result::Result<Option<KernelVariant>, String>> =
+            std::sync::OnceLock::new();
         let v = ENV.get_or_init(|| match std::env::var("INFOPO_KERNEL_VARIANT") {
-            Ok(name) => KernelVariant::parse(&name).map_err(|e| match e {
+            Ok(name) => KernelVariant::parse(&name).map(Some).map_err(|e| match e {
                 Error::BackendUnavailable { why, .. } => why,
                 e => e.to_string(),
             }),
-            Err(_) => Ok(decided_default()),
+            Err(_) => Ok(None),
         });
         v.clone().map_err(|why| Error::BackendUnavailable { backend: "kernel", why })
     }
 
-    /// The variant launches on this thread use: the innermost [`KernelVariant::scoped`] one,
-    /// else [`KernelVariant::from_env`] (the baseline when that is an error, which the
-    /// backends report before launching).
-    pub fn active() -> Self {
-        SCOPED_VARIANT.with(|c| c.get()).unwrap_or_else(|| KernelVariant::from_env().unwrap_or(KernelVariant::Baseline))
+    /// The variant of one launch of `rows` rows of `dtype` on a device of compute capability
+    /// `arch` (×10: 90 for sm_90): the innermost [`KernelVariant::scoped`] one, else the one
+    /// `INFOPO_KERNEL_VARIANT` names, else the decision file's choice for (arch, dtype, rows)
+    /// ([`decision_file`], [`decided_variant`]), else the baseline (also when the variable
+    /// names no variant: the backends report that before launching).
+    pub fn for_launch(dtype: Dtype, rows: usize, arch: u32) -> Self {
+        if let Some(v) = SCOPED_VARIANT.with(|c| c.get()) {
+            return v;
+        }
+        match KernelVariant::from_env() {
+            Ok(Some(v)) => v,
+            // An epilogue-only launch (0 rows) takes the choice of the fewest rows.
+            Ok(None) => decisions().and_then(|json| decided_variant(json, arch, dtype, rows.max(1))).unwrap_or_default(),
+            Err(_) => KernelVariant::Baseline,
+        }
     }
 
     /// Runs `f` with launches on this thread using `self` (tests comparing variants in one
-    /// process; the emulator honours it per launch, a CUDA context keeps the entries it loaded
-    /// first).
+    /// process; every backend picks the variant per launch).
     pub fn scoped<R>(self, f: impl FnOnce() -> R) -> R {
         let old = SCOPED_VARIANT.with(|c| c.replace(Some(self)));
         struct Restore(Option<KernelVariant>);
@@ -382,12 +405,17 @@ pub fn decision_file() -> std::path::PathBuf {
         .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/results/kernel-variants.json").into())
 }
 
-/// The variant a decision file (scripts/gpu_variants.py: `{"arch": .., "choices": [{"dtype",
-/// "rows_min", "rows_max", "variant", ..}, ..]}`) chooses for `dtype` at `rows` rows; `None`
-/// when no choice covers them or the name is not a variant. A small scanner, not a JSON parser:
-/// the file is machine-written, one flat object per choice.
-pub fn decided_variant(json: &str, dtype: Dtype, rows: usize) -> Option<KernelVariant> {
-    let choices = &json[json.find("\"choices\"")?..];
+/// The variant a decision file (scripts/gpu_variants.py: `{"arch": "sm_90", "choices":
+/// [{"dtype", "rows_min", "rows_max", "variant", ..}, ..]}`) chooses for `dtype` at `rows` rows
+/// on a device of compute capability `arch` (×10); `None` when the file was measured on another
+/// arch, no choice covers the rows or the name is not a variant. A small scanner, not a JSON
+/// parser: the file is machine-written, one flat object per choice.
+pub fn decided_variant(json: &str, arch: u32, dtype: Dtype, rows: usize) -> Option<KernelVariant> {
+    let (head, choices) = json.split_at(json.find("\"choices\"")?);
+    let measured_on = head.split("\"arch\"").nth(1)?.split('"').nth(1)?;
+    if measured_on != format!("sm_{arch}") {
+        return None;
+    }
     choices.split('{').skip(1).find_map(|obj| {
         let obj = obj.split('}').next()?;
         let field = |key: &str| -> Option<&str> {
@@ -408,14 +436,10 @@ pub fn decided_variant(json: &str, dtype: Dtype, rows: usize) -> Option<KernelVa
     })
 }
 
-/// The process default from the decision file: its choice for bf16 at the most rows (the
-/// throughput regime; a CUDA context loads one entry per dtype, so one variant per process);
-/// the baseline when the file is absent or chooses nothing.
-fn decided_default() -> KernelVariant {
-    std::fs::read_to_string(decision_file())
-        .ok()
-        .and_then(|json| decided_variant(&json, Dtype::BF16, 1 << 40))
-        .unwrap_or(KernelVariant::Baseline)
+/// The decision file's text, read once per process (`None` when absent).
+fn decisions() -> Option<&'static str> {
+    static FILE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| std::fs::read_to_string(decision_file()).ok()).as_deref()
 }
 
 thread_local! {
@@ -549,6 +573,8 @@ pub struct LaunchShape {
     /// Blocks of the grid (rows × splits, at most 2^31 − 1: the kernel loops over the rest;
     /// 1 for an epilogue-only launch of 0 rows).
     pub grid: u32,
+    /// The kernel variant the shape was made for (the launch's `KernelArgs::variant`).
+    pub variant: KernelVariant,
 }
 
 impl LaunchShape {
@@ -568,8 +594,9 @@ impl LaunchShape {
 /// - splits: 1 when the rows alone give ≥ 2 waves of resident blocks; otherwise the rows are
 ///   split over blocks to reach 2 waves, but never into chunks of fewer than [`MIN_CHUNK`]
 ///   logits (nor more than [`MAX_SPLITS`] splits).
-pub fn launch_shape(rows: usize, vocab: usize, dtype: Dtype, sm_count: u32) -> LaunchShape {
-    launch_shape_of(KernelVariant::active(), rows, vocab, dtype, sm_count)
+/// - variant: [`KernelVariant::for_launch`] on a device of compute capability `arch` (×10).
+pub fn launch_shape(rows: usize, vocab: usize, dtype: Dtype, sm_count: u32, arch: u32) -> LaunchShape {
+    launch_shape_of(KernelVariant::for_launch(dtype, rows, arch), rows, vocab, dtype, sm_count)
 }
 
 /// [`launch_shape`] for a given variant. [`KernelVariant::Waves`]: when the rows are too few
@@ -579,7 +606,7 @@ pub fn launch_shape(rows: usize, vocab: usize, dtype: Dtype, sm_count: u32) -> L
 /// 6 splits, 384 blocks, one 97 % wave at 64 rows on 132 SMs, where the baseline's 13 splits
 /// make 2.1 waves). Every other variant: the baseline's shape.
 pub fn launch_shape_of(variant: KernelVariant, rows: usize, vocab: usize, dtype: Dtype, sm_count: u32) -> LaunchShape {
-    let base = baseline_shape(rows, vocab, dtype, sm_count);
+    let base = LaunchShape { variant, ..baseline_shape(rows, vocab, dtype, sm_count) };
     if variant != KernelVariant::Waves || base.splits == 1 {
         return base;
     }
@@ -599,6 +626,7 @@ pub fn launch_shape_of(variant: KernelVariant, rows: usize, vocab: usize, dtype:
         threads: base.threads,
         splits: splits as u32,
         grid: rows.saturating_mul(splits).min(i32::MAX as usize) as u32,
+        variant,
     }
 }
 
@@ -607,22 +635,28 @@ fn baseline_shape(rows: usize, vocab: usize, dtype: Dtype, sm_count: u32) -> Lau
     let vectors = vocab.div_ceil(per_vec).max(1);
     let threads = vectors.div_ceil(2).next_power_of_two().clamp(32, MAX_THREADS as usize) as u32;
     if rows == 0 {
-        return LaunchShape { threads, splits: 1, grid: 1 };
+        return LaunchShape { threads, splits: 1, grid: 1, variant: KernelVariant::Baseline };
     }
     let resident = (65536 / (REGISTERS * threads)).clamp(1, 32) as usize;
     let target = 2 * sm_count.max(1) as usize * resident;
     let splits = if rows >= target { 1 } else { target.div_ceil(rows).min((vocab / MIN_CHUNK).max(1)).min(MAX_SPLITS) };
     let items = rows.saturating_mul(splits);
-    LaunchShape { threads, splits: splits as u32, grid: items.min(i32::MAX as usize) as u32 }
+    LaunchShape { threads, splits: splits as u32, grid: items.min(i32::MAX as usize) as u32, variant: KernelVariant::Baseline }
 }
 
 /// The launch shape of a merge-mode launch ([`MERGE_ENTRY_POINT`]) of `rows` rows of a
 /// `vocab`-token vocabulary: one block per row (no splits) of the size an unsplit f32 launch of
 /// the same rows would use, so the epilogue (whose f64 reduction order depends on the block
 /// size) runs in blocks of the same size as the logit path's for any V ≥ 2048.
-pub fn merge_shape(rows: usize, vocab: usize) -> LaunchShape {
-    let threads = launch_shape(rows, vocab, Dtype::F32, 1).threads;
-    LaunchShape { threads, splits: 1, grid: rows.clamp(1, i32::MAX as usize) as u32 }
+/// Its variant matters only for the token launch (spread): the decision for f32 rows on `arch`.
+pub fn merge_shape(rows: usize, vocab: usize, arch: u32) -> LaunchShape {
+    let threads = baseline_shape(rows, vocab, Dtype::F32, 1).threads;
+    LaunchShape {
+        threads,
+        splits: 1,
+        grid: rows.clamp(1, i32::MAX as usize) as u32,
+        variant: KernelVariant::for_launch(Dtype::F32, rows, arch),
+    }
 }
 
 /// The shape checks of a merge-mode launch, shared by the emulated and the CUDA backend:
@@ -660,7 +694,8 @@ mod tests {
     const SM_COUNTS: [u32; 6] = [108, 114, 132, 128, 58, 142];
 
     /// The kernel variants whose row pass differs from the baseline's (same launch shape).
-    const KERNEL_VARIANTS: [KernelVariant; 3] = [KernelVariant::Packed, KernelVariant::PackedBump, KernelVariant::Ring];
+    const KERNEL_VARIANTS: [KernelVariant; 4] =
+        [KernelVariant::Packed, KernelVariant::PackedBump, KernelVariant::Ring, KernelVariant::Spread];
 
     fn time_in_waves(s: &LaunchShape, rows: usize, sm: u32) -> f64 {
         let resident = (65536 / (85 * s.threads)).clamp(1, 32) as usize;
@@ -687,13 +722,13 @@ mod tests {
                         assert!(w.splits >= 1 && w.splits as usize <= MAX_SPLITS, "{what}");
                         assert!(w.splits == 1 || vocab / w.splits as usize >= MIN_CHUNK, "{what}");
                         if b.splits == 1 {
-                            assert_eq!(w, b, "{what}");
+                            assert_eq!(w, LaunchShape { variant: KernelVariant::Waves, ..b }, "{what}");
                         }
                         // Never more waves of work than the baseline, in the model it minimises.
                         assert!(time_in_waves(&w, rows, sm) <= time_in_waves(&b, rows, sm) + 1e-12, "{what}");
                         // Every other variant keeps the baseline's shape.
                         for v in KERNEL_VARIANTS {
-                            assert_eq!(launch_shape_of(v, rows, vocab, dtype, sm), b, "{what}");
+                            assert_eq!(launch_shape_of(v, rows, vocab, dtype, sm), LaunchShape { variant: v, ..b }, "{what}");
                         }
                     }
                 }
@@ -719,9 +754,10 @@ mod tests {
         assert_eq!(entry_point(Dtype::BF16, KernelVariant::Packed), "infopo_bf16_packed");
         assert_eq!(entry_point(Dtype::F16, KernelVariant::Packed), "infopo_f16");
         // The variant travels in the argument block (the emulator and the stand-in dispatch on it).
-        let shape = launch_shape_of(KernelVariant::Baseline, 1, 100, Dtype::BF16, 132);
         for v in KernelVariant::ALL {
-            let a = v.scoped(|| KernelArgs::new(&Params::default(), &shape, 1, 100, 0, false));
+            let shape = v.scoped(|| launch_shape(1, 100, Dtype::BF16, 132, 90));
+            assert_eq!(shape.variant, v);
+            let a = KernelArgs::new(&Params::default(), &shape, 1, 100, 0, false);
             assert_eq!(a.variant, v.code());
             assert_eq!(KernelVariant::from_code(v.code()), v);
         }
@@ -733,12 +769,11 @@ mod tests {
     #[test]
     fn token_launch_only_where_the_epilogue_leaves_tokens() {
         let mut tokens = [0f64; 4];
-        let shape = launch_shape_of(KernelVariant::Baseline, 1, 100, Dtype::BF16, 132);
         let tokens = tokens.as_mut_ptr();
         let writing = |v: KernelVariant| KernelArgs {
             n_traj: 3,
             token_advantage: tokens,
-            ..v.scoped(|| KernelArgs::new(&Params::default(), &shape, 1, 100, 0, true))
+            ..KernelArgs::new(&Params::default(), &launch_shape_of(v, 1, 100, Dtype::BF16, 132), 1, 100, 0, true)
         };
         let s = token_launch(&writing(KernelVariant::Spread)).expect("spread writes tokens in a second launch");
         assert_eq!((s.grid, s.threads, s.splits), (3, MAX_THREADS, 1));
@@ -821,31 +856,35 @@ mod tests {
       }
      ]
     }"#;
-        let d = |dtype, rows| decided_variant(json, dtype, rows);
+        let d = |dtype, rows| decided_variant(json, 90, dtype, rows);
         assert_eq!(d(Dtype::BF16, 64), Some(KernelVariant::Waves));
         assert_eq!(d(Dtype::BF16, 255), Some(KernelVariant::Waves));
         assert_eq!(d(Dtype::BF16, 256), Some(KernelVariant::Ring));
         assert_eq!(d(Dtype::F32, 100_000), Some(KernelVariant::Ring));
         assert_eq!(d(Dtype::BF16, 0), None);
         assert_eq!(d(Dtype::F16, 512), None);
-        assert_eq!(decided_variant(&json.replace("\"ring\"", "\"rung\""), Dtype::BF16, 512), None);
-        assert_eq!(decided_variant("{}", Dtype::BF16, 512), None);
+        assert_eq!(decided_variant(&json.replace("\"ring\"", "\"rung\""), 90, Dtype::BF16, 512), None);
+        assert_eq!(decided_variant("{}", 90, Dtype::BF16, 512), None);
+        // Measured on an H100/H200: not a choice for an sm_80 or sm_100 device.
+        assert_eq!(decided_variant(json, 80, Dtype::BF16, 512), None);
+        assert_eq!(decided_variant(json, 100, Dtype::BF16, 64), None);
+        assert_eq!(decided_variant(&json.replace("sm_90", "sm_80"), 80, Dtype::BF16, 64), Some(KernelVariant::Waves));
     }
 
     #[test]
     fn shape_splits_only_few_rows() {
-        let s = launch_shape(1, 151_936, Dtype::BF16, 132);
+        let s = launch_shape_of(KernelVariant::Baseline, 1, 151_936, Dtype::BF16, 132);
         assert_eq!(s.threads, 256);
         assert_eq!(s.splits, 151_936 / MIN_CHUNK as u32);
         assert_eq!(s.grid, s.splits);
-        let s = launch_shape(100_000, 151_936, Dtype::BF16, 132);
+        let s = launch_shape_of(KernelVariant::Baseline, 100_000, 151_936, Dtype::BF16, 132);
         assert_eq!((s.splits, s.grid), (1, 100_000));
-        let s = launch_shape(3, 1000, Dtype::F32, 132);
+        let s = launch_shape_of(KernelVariant::Baseline, 3, 1000, Dtype::F32, 132);
         assert_eq!(s.splits, 1);
         assert_eq!(s.threads, 128);
-        let s = launch_shape(1, 7, Dtype::F16, 132);
+        let s = launch_shape_of(KernelVariant::Baseline, 1, 7, Dtype::F16, 132);
         assert_eq!((s.threads, s.splits, s.grid), (32, 1, 1));
-        let s = launch_shape(0, 7, Dtype::F16, 132);
+        let s = launch_shape_of(KernelVariant::Baseline, 0, 7, Dtype::F16, 132);
         assert_eq!(s.grid, 1);
     }
 
@@ -942,6 +981,9 @@ mod tests {
             offset_of!(KernelArgs, merge_parts),
             offset_of!(KernelArgs, variant),
             offset_of!(KernelArgs, variant_reserved),
+            offset_of!(KernelArgs, pool_tolerance),
+            offset_of!(KernelArgs, centre_only),
+            offset_of!(KernelArgs, intrinsic_only),
         ];
         assert_eq!(&c[..n], &rust[..]);
     }

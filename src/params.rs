@@ -84,6 +84,15 @@ pub struct Params {
     pub normalize: bool,
     /// What the gate's σ_g measures. Default [`GateSource::Outcome`].
     pub gate_source: GateSource,
+    /// Centre only (the official `norm_adv_by_std_in_grpo = False`): outcome advantages
+    /// R − μ_g and normalised intrinsic values x − μ, without dividing by σ + ε. Default off.
+    pub centre_only: bool,
+    /// Intrinsic only (the official `use_intrinsic_only`): bonus_t = magnitude_ratio · norm_t,
+    /// without β and the gate, and token advantages without the outcome term. Default off.
+    pub intrinsic_only: bool,
+    /// A turn with |intrinsic_t| ≤ this counts as zero: out of its group's pool, norm_t = 0
+    /// (contract §4). Default 0: exact zeros only.
+    pub pool_tolerance: f64,
 }
 
 impl Default for Params {
@@ -96,6 +105,9 @@ impl Default for Params {
             eps: 1e-6,
             normalize: true,
             gate_source: GateSource::Outcome,
+            centre_only: false,
+            intrinsic_only: false,
+            pool_tolerance: 0.0,
         }
     }
 }
@@ -121,6 +133,9 @@ impl Params {
         positive("eps", self.eps)?;
         if !self.beta.is_finite() {
             return Err(Error::Param { name: "beta", value: self.beta, why: "must be finite" });
+        }
+        if !(self.pool_tolerance.is_finite() && self.pool_tolerance >= 0.0) {
+            return Err(Error::Param { name: "pool_tolerance", value: self.pool_tolerance, why: "must be finite and >= 0" });
         }
         Ok(())
     }

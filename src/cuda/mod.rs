@@ -111,6 +111,8 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     kernels: Arc<Kernels>,
     sm_count: u32,
+    /// Compute capability ×10 (90 for sm_90): the decision file's choices are per arch.
+    arch: u32,
     scratch: Mutex<Scratch>,
     /// The cuBLAS handle of the fused hidden-state path ([`fused`]), on `stream`, made on first use.
     blas: Mutex<Option<Arc<cudarc::cublas::CudaBlas>>>,
@@ -118,7 +120,7 @@ pub struct CudaBackend {
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaBackend").field("sm_count", &self.sm_count).finish_non_exhaustive()
+        f.debug_struct("CudaBackend").field("sm_count", &self.sm_count).field("arch", &self.arch).finish_non_exhaustive()
     }
 }
 
@@ -165,15 +167,17 @@ impl CudaBackend {
     pub fn with_stream(stream: Arc<CudaStream>) -> Result<Self> {
         let ctx = stream.context().clone();
         let kernels = kernels(&ctx)?;
-        let sm_count = ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(cuda_err)? as u32;
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let attribute = |a| ctx.attribute(a).map_err(cuda_err).map(|v| v as u32);
+        let sm_count = attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let arch = 10 * attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?
+            + attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
         let scratch = Scratch {
             row_tickets: stream.alloc_zeros::<u32>(1).map_err(cuda_err)?,
             grid_ticket: stream.alloc_zeros::<u32>(1).map_err(cuda_err)?,
             partials: stream.alloc_zeros::<f32>(1).map_err(cuda_err)?,
         };
-        Ok(CudaBackend { stream, kernels, sm_count, scratch: Mutex::new(scratch), blas: Mutex::new(None) })
+        Ok(CudaBackend { stream, kernels, sm_count, arch, scratch: Mutex::new(scratch), blas: Mutex::new(None) })
     }
 
     /// The backend of `stream`, made on the first call for its (context, stream) and shared
@@ -258,6 +262,11 @@ impl CudaBackend {
 
     pub fn sm_count(&self) -> u32 {
         self.sm_count
+    }
+
+    /// Compute capability ×10 (90 for sm_90).
+    pub fn arch(&self) -> u32 {
+        self.arch
     }
 
     /// Uploads a validated layout (see [`Layout::new`], and [`Layout::with_credit_start`] for
@@ -458,8 +467,8 @@ impl CudaBackend {
         merge: Option<MergeSource>,
     ) -> Result<()> {
         let shape = match merge {
-            Some(_) => launch::merge_shape(rows, vocab),
-            None => launch_shape(rows, vocab, dtype, self.sm_count),
+            Some(_) => launch::merge_shape(rows, vocab, self.arch),
+            None => launch_shape(rows, vocab, dtype, self.sm_count, self.arch),
         };
         if rows > 0 {
             // Merge mode sizes its blocks as an f32 launch of the same vocabulary does.

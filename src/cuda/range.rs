@@ -116,7 +116,7 @@ impl CudaBackend {
             return s.memcpy_htod(&empty, states).map_err(cuda_err);
         }
         let dtype = T::DTYPE;
-        let shape = launch_shape(rows, columns.range.len, dtype, self.sm_count());
+        let shape = launch_shape(rows, columns.range.len, dtype, self.sm_count(), self.arch());
         let offset = (columns.first_col * dtype.size_bytes()) as u64;
         // The guards keep cudarc's stream ordering (events) around the launch.
         let (real_ptr, _g0) = real.device_ptr(s);

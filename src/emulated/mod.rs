@@ -81,6 +81,9 @@ unsafe fn launch_tokens(args: &KernelArgs, opt: &Emulation) {
 /// SMs of the emulated device (an H100 SXM).
 pub const EMULATED_SM_COUNT: u32 = 132;
 
+/// Compute capability (×10) of the emulated device, for the decision file's choices: sm_90.
+pub const EMULATED_ARCH: u32 = 90;
+
 /// Most blocks [`Emulated::concurrent`] runs at once (`INFOPO_EMU_MAX_BLOCKS_AT_ONCE`: the
 /// emulator compiles one copy of the kernel, hence of its `__shared__` storage, per block).
 pub const MAX_BLOCKS_AT_ONCE: u32 = 4;
@@ -161,7 +164,7 @@ impl Emulated {
 
     /// The shape this backend launches for `rows` rows.
     pub fn shape(&self, rows: usize, vocab: usize, dtype: Dtype) -> LaunchShape {
-        let shape = launch_shape(rows, vocab, dtype, self.sm_count);
+        let shape = launch_shape(rows, vocab, dtype, self.sm_count, EMULATED_ARCH);
         match self.grid_cap {
             Some(cap) => shape.with_grid_cap(cap),
             None => shape,
@@ -291,7 +294,7 @@ impl Emulated {
         if rows == 0 && turns == 0 {
             return Ok(bufs.into_output(out, layout));
         }
-        let shape = merge_shape(rows, vocab);
+        let shape = merge_shape(rows, vocab, EMULATED_ARCH);
         let mut row_out = vec![0f32; launch::ROW_OUT_FLOATS * rows];
         let mut error_word = 0u64;
         let mut tickets = self.tickets.lock().unwrap_or_else(|e| e.into_inner());

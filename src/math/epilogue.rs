@@ -158,6 +158,12 @@ fn outcome_mean_std(m: &Moments) -> (f64, f64) {
     }
 }
 
+/// Whether a turn's intrinsic value joins its group's pool: |v| > the pool tolerance (contract
+/// §4; at 0, every non-zero value).
+fn in_pool(v: f64, params: &Params) -> bool {
+    v.abs() > params.pool_tolerance
+}
+
 /// Intrinsic pool moments and the rule for a pool of one token (μ = value, σ = 1).
 fn pool_mean_std(m: &Moments) -> (f64, f64) {
     if m.count <= 1.0 {
@@ -211,7 +217,7 @@ pub fn advantages(info: &[f64], layout: &Layout, params: &Params) -> Result<Adva
         let members = group_turn_offsets[g] as usize..group_turn_offsets[g + 1] as usize;
         for &t in &group_turns[members] {
             let v = turn_intrinsic[t as usize];
-            if v != 0.0 {
+            if in_pool(v, params) {
                 p.push(v, layout.turn_credit[t as usize] as f64);
             }
         }
@@ -229,7 +235,11 @@ pub fn advantages(info: &[f64], layout: &Layout, params: &Params) -> Result<Adva
         .zip(trajectory_group)
         .map(|(&r, &g)| {
             let (mu, sigma) = outcome[g as usize];
-            (r - mu) / (sigma + eps)
+            if params.centre_only {
+                r - mu
+            } else {
+                (r - mu) / (sigma + eps)
+            }
         })
         .collect();
     let trajectory_gate: Vec<f64> =
@@ -240,12 +250,16 @@ pub fn advantages(info: &[f64], layout: &Layout, params: &Params) -> Result<Adva
             let v = turn_intrinsic[t];
             if !params.normalize {
                 v
-            } else if v == 0.0 {
+            } else if !in_pool(v, params) {
                 0.0
             } else {
                 let g = trajectory_group[layout.turn_trajectory[t] as usize] as usize;
                 let (mu, sigma) = pool[g];
-                (v - mu) / (sigma + eps)
+                if params.centre_only {
+                    v - mu
+                } else {
+                    (v - mu) / (sigma + eps)
+                }
             }
         })
         .collect();
@@ -268,22 +282,29 @@ pub fn advantages(info: &[f64], layout: &Layout, params: &Params) -> Result<Adva
     let turn_bonus: Vec<f64> = turn_intrinsic_norm
         .iter()
         .zip(&layout.turn_trajectory)
-        .map(|(&v, &i)| params.beta * trajectory_gate[i as usize] * magnitude_ratio * v)
+        .map(|(&v, &i)| {
+            if params.intrinsic_only {
+                magnitude_ratio * v
+            } else {
+                params.beta * trajectory_gate[i as usize] * magnitude_ratio * v
+            }
+        })
         .collect();
 
-    // Per-token advantages: advantage_i everywhere, plus bonus_t on turn t's (validated,
-    // disjoint) span.
+    // Per-token advantages: a_i (advantage_i; intrinsic only: 0) everywhere, plus bonus_t on
+    // turn t's (validated, disjoint) span.
     let token_advantage = turn_credit_start.as_ref().map(|starts| {
+        let a = |i: usize| if params.intrinsic_only { 0.0 } else { trajectory_advantage[i] };
         let mut out = vec![0.0; *total_tokens as usize];
-        for (i, &a) in trajectory_advantage.iter().enumerate() {
-            out[trajectory_token_offsets[i] as usize..trajectory_token_offsets[i + 1] as usize].fill(a);
+        for i in 0..trajectory_advantage.len() {
+            out[trajectory_token_offsets[i] as usize..trajectory_token_offsets[i + 1] as usize].fill(a(i));
         }
         for t in 0..layout.turns() {
             let i = layout.turn_trajectory[t] as usize;
             let lo = trajectory_token_offsets[i] as usize + starts[t] as usize;
             let hi = lo + layout.turn_credit[t] as usize;
             for x in &mut out[lo..hi] {
-                *x = trajectory_advantage[i] + turn_bonus[t];
+                *x = a(i) + turn_bonus[t];
             }
         }
         out

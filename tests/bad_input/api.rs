@@ -109,6 +109,9 @@ fn bad_params() -> Vec<(String, &'static str, Params)> {
     for b in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
         out.push((format!("beta {b}"), "beta", Params { beta: b, ..d }));
     }
+    for t in [f64::NAN, f64::INFINITY, -1e-9, -1.0] {
+        out.push((format!("pool_tolerance {t}"), "pool_tolerance", Params { pool_tolerance: t, ..d }));
+    }
     out
 }
 

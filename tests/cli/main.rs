@@ -109,8 +109,25 @@ fn compute_with_parameters() {
         eps: 0.001,
         normalize: false,
         gate_source: infopo_kernels::GateSource::Intrinsic,
+        centre_only: false,
+        intrinsic_only: false,
+        pool_tolerance: 0.0,
     };
     check_output(&output, &Cpu.compute(&data.as_batch(), &params).unwrap());
+    // The official pipeline's ablation knobs.
+    let ablation = ["--centre-only", "--intrinsic-only", "--pool-tolerance", "0.001"];
+    let mut cmd = vec!["compute", s(&input), s(&output), "--backend", "cpu"];
+    cmd.extend(ablation);
+    let run = infopo(&cmd);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let params = Params { centre_only: true, intrinsic_only: true, pool_tolerance: 0.001, ..Params::default() };
+    check_output(&output, &Cpu.compute(&data.as_batch(), &params).unwrap());
+    // A negative tolerance: a usage error naming it, exit 2, no output file.
+    std::fs::remove_file(&output).unwrap();
+    let run = infopo(&["compute", s(&input), s(&output), "--backend", "cpu", "--pool-tolerance", "-1"]);
+    assert_eq!(run.status.code(), Some(2), "{}", stderr(&run));
+    assert!(stderr(&run).contains("pool_tolerance"), "{}", stderr(&run));
+    assert!(!output.exists());
 }
 
 #[test]

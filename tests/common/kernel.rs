@@ -467,11 +467,15 @@ pub fn layout() -> Layout {
     }
 }
 
-fn epilogue_params() -> [Params; 3] {
+/// The defaults, the other estimator, normalisation off, and the official pipeline's ablation
+/// knobs (centre only with a pool tolerance, intrinsic only).
+fn epilogue_params() -> [Params; 5] {
     [
         Params::default(),
         Params { estimator: Estimator::Kl, ..Params::default() },
         Params { normalize: false, beta: 0.3, gate_temperature: 0.5, ..Params::default() },
+        Params { centre_only: true, pool_tolerance: 0.03, ..Params::default() },
+        Params { intrinsic_only: true, estimator: Estimator::Kl, ..Params::default() },
     ]
 }
 
@@ -895,14 +899,75 @@ pub fn random_span_layout(rng: &mut StdRng, rows: usize) -> SpanLayout {
     SpanLayout { layout: Layout { offsets, trajectory, credit, group, outcome, tokens }, starts }
 }
 
-fn gate_params() -> [Params; 4] {
+fn gate_params() -> [Params; 6] {
     let intrinsic = Params { gate_source: GateSource::Intrinsic, ..Params::default() };
     [
         Params::default(),
         intrinsic,
         Params { estimator: Estimator::Kl, gate_temperature: 0.5, ..intrinsic },
         Params { normalize: false, beta: 0.3, gate_temperature: 2.0, ..intrinsic },
+        Params { centre_only: true, pool_tolerance: 0.02, ..intrinsic },
+        Params { intrinsic_only: true, ..Params::default() },
     ]
+}
+
+/// The official pipeline's ablation knobs at their edges (contract §4), on the 64-row
+/// [`layout`]: centre only gives the singleton group's trajectory its outcome exactly and
+/// matches the oracle; `pool_tolerance` at exactly a turn's |intrinsic| takes that turn out of
+/// its group's pool (norm 0) while a tolerance just below keeps it in; intrinsic only leaves
+/// advantages and gates as they were and drops β and the gate from the bonus.
+pub fn ablation_edge_cases(b: &dyn Backend) {
+    let l = layout();
+    let (real, masked, targets) = layout_data(300, 65);
+    let (rf, mf) = (to_f64(&real), to_f64(&masked));
+    let batch = Batch::rows(Logits::new(&real, 64, 300).unwrap(), Logits::new(&masked, 64, 300).unwrap(), &targets)
+        .with_turns(l.turns())
+        .with_trajectories(l.trajectories());
+    let run = |p: &Params| b.compute(&batch, p).unwrap_or_else(|e| panic!("{} {p:?}: {e}", b.name()));
+    let check = |p: &Params| {
+        let out = run(p);
+        let est = epilogue_feed(b, &out, p.estimator, &rf, &mf, &targets, 1.0);
+        check_epilogue(&out, &est, &l.turns(), &l.trajectories(), p);
+        out.advantages.unwrap()
+    };
+    let base = check(&Params::default());
+
+    let centre = check(&Params { centre_only: true, ..Params::default() });
+    assert_eq!(centre.trajectory_advantage[2], l.outcome[2], "{}: singleton group, centre only", b.name());
+    assert_eq!(centre.trajectory_gate, base.trajectory_gate, "{}: the gate keeps σ_g", b.name());
+
+    let only = check(&Params { intrinsic_only: true, ..Params::default() });
+    assert_eq!(only.trajectory_advantage, base.trajectory_advantage, "{}", b.name());
+    for t in 0..l.trajectory.len() {
+        let want = only.magnitude_ratio * only.turn_intrinsic_norm[t];
+        assert!(close(only.turn_bonus[t], want, 1e-12, 1e-12), "{}: turn {t} bonus", b.name());
+    }
+
+    // The smallest non-zero |intrinsic| among turns of groups that pool at least two turns.
+    let group_of = |t: usize| l.group[l.trajectory[t] as usize];
+    let pooled = |t: usize| base.turn_intrinsic[t] != 0.0;
+    let t0 = (0..l.trajectory.len())
+        .filter(|&t| pooled(t) && (0..l.trajectory.len()).any(|u| u != t && pooled(u) && group_of(u) == group_of(t)))
+        .min_by(|&x, &y| base.turn_intrinsic[x].abs().total_cmp(&base.turn_intrinsic[y].abs()))
+        .expect("a group pooling two turns");
+    let tol = base.turn_intrinsic[t0].abs();
+    let at = run(&Params { pool_tolerance: tol, ..Params::default() }).advantages.unwrap();
+    assert_eq!(at.turn_intrinsic[t0].to_bits(), base.turn_intrinsic[t0].to_bits(), "{}", b.name());
+    assert_eq!(at.turn_intrinsic_norm[t0], 0.0, "{}: |intrinsic| = tolerance is out of the pool", b.name());
+    for t in 0..l.trajectory.len() {
+        if at.turn_intrinsic[t].abs() <= tol {
+            assert_eq!(at.turn_intrinsic_norm[t], 0.0, "{}: turn {t}", b.name());
+        }
+    }
+    let below = run(&Params { pool_tolerance: tol * (1.0 - 1e-9), ..Params::default() }).advantages.unwrap();
+    assert_eq!(below.turn_intrinsic_norm[t0], base.turn_intrinsic_norm[t0], "{}: just below, still pooled", b.name());
+    assert_ne!(below.turn_intrinsic_norm[t0], 0.0, "{}", b.name());
+    // Between t0's value and the next larger one: the oracle agrees (no tie at the threshold).
+    let next = (0..l.trajectory.len())
+        .map(|t| base.turn_intrinsic[t].abs())
+        .filter(|&v| v > tol)
+        .fold(f64::INFINITY, f64::min);
+    check(&Params { pool_tolerance: (tol + next) / 2.0, ..Params::default() });
 }
 
 /// `token_advantage` on random span layouts (gaps, uncredited tokens, empty turns,

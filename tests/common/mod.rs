@@ -115,6 +115,8 @@ pub struct OracleAdvantages {
     pub outcome_std: f64,
     pub intrinsic_std: f64,
     pub magnitude_ratio: f64,
+    /// The token advantage outside credited spans is 0, not advantage_i (intrinsic only).
+    pub intrinsic_only: bool,
 }
 
 pub struct OracleParams {
@@ -124,11 +126,26 @@ pub struct OracleParams {
     pub normalize: bool,
     /// σ_g of the gate from the group's intrinsic pool instead of its outcomes.
     pub gate_intrinsic: bool,
+    /// The official `norm_adv_by_std_in_grpo = False`: R − μ and x − μ.
+    pub centre_only: bool,
+    /// The official `use_intrinsic_only`: bonus = ratio · norm; tokens without the outcome.
+    pub intrinsic_only: bool,
+    /// |intrinsic| ≤ this is out of the pool.
+    pub pool_tolerance: f64,
 }
 
 impl Default for OracleParams {
     fn default() -> Self {
-        OracleParams { beta: 0.1, gate_temperature: 0.05, eps: 1e-6, normalize: true, gate_intrinsic: false }
+        OracleParams {
+            beta: 0.1,
+            gate_temperature: 0.05,
+            eps: 1e-6,
+            normalize: true,
+            gate_intrinsic: false,
+            centre_only: false,
+            intrinsic_only: false,
+            pool_tolerance: 0.0,
+        }
     }
 }
 
@@ -140,6 +157,9 @@ impl From<&Params> for OracleParams {
             eps: p.eps,
             normalize: p.normalize,
             gate_intrinsic: p.gate_source == GateSource::Intrinsic,
+            centre_only: p.centre_only,
+            intrinsic_only: p.intrinsic_only,
+            pool_tolerance: p.pool_tolerance,
         }
     }
 }
@@ -201,7 +221,7 @@ pub fn oracle_advantages(
         }
         let mut pool = Vec::new();
         for t in 0..t_n {
-            if group[turn_traj[t] as usize] == g && intrinsic[t] != 0.0 {
+            if group[turn_traj[t] as usize] == g && intrinsic[t].abs() > p.pool_tolerance {
                 pool.extend(std::iter::repeat_n(intrinsic[t], credit[t] as usize));
             }
         }
@@ -223,18 +243,30 @@ pub fn oracle_advantages(
             gate_sigma[i] = sigma;
         }
     }
-    let advantage: Vec<f64> =
-        (0..group.len()).map(|i| (outcome[i] - mu_sigma[i].0) / (mu_sigma[i].1 + p.eps)).collect();
+    let advantage: Vec<f64> = (0..group.len())
+        .map(|i| {
+            let centred = outcome[i] - mu_sigma[i].0;
+            if p.centre_only {
+                centred
+            } else {
+                centred / (mu_sigma[i].1 + p.eps)
+            }
+        })
+        .collect();
     let gate: Vec<f64> = (0..group.len()).map(|i| 1.0 / (1.0 + (gate_sigma[i] / p.gate_temperature).exp())).collect();
     let norm: Vec<f64> = (0..t_n)
         .map(|t| {
             if !p.normalize {
                 intrinsic[t]
-            } else if intrinsic[t] == 0.0 {
+            } else if intrinsic[t].abs() <= p.pool_tolerance {
                 0.0
             } else {
                 let (m, s) = pool_stats[&group[turn_traj[t] as usize]];
-                (intrinsic[t] - m) / (s + p.eps)
+                if p.centre_only {
+                    intrinsic[t] - m
+                } else {
+                    (intrinsic[t] - m) / (s + p.eps)
+                }
             }
         })
         .collect();
@@ -253,8 +285,24 @@ pub fn oracle_advantages(
     let outcome_std = mean_std(&outcome_tokens).1 + p.eps;
     let intrinsic_std = mean_std(&intrinsic_tokens).1 + p.eps;
     let magnitude_ratio = (outcome_std.max(1.0) / intrinsic_std).min(1.0);
-    let bonus: Vec<f64> = (0..t_n).map(|t| p.beta * gate[turn_traj[t] as usize] * magnitude_ratio * norm[t]).collect();
-    OracleAdvantages { info, intrinsic, norm, bonus, advantage, gate, outcome_std, intrinsic_std, magnitude_ratio }
+    let bonus: Vec<f64> = (0..t_n)
+        .map(|t| {
+            let weight = if p.intrinsic_only { 1.0 } else { p.beta * gate[turn_traj[t] as usize] };
+            weight * magnitude_ratio * norm[t]
+        })
+        .collect();
+    OracleAdvantages {
+        info,
+        intrinsic,
+        norm,
+        bonus,
+        advantage,
+        gate,
+        outcome_std,
+        intrinsic_std,
+        magnitude_ratio,
+        intrinsic_only: p.intrinsic_only,
+    }
 }
 
 /// The per-token advantages of the contract from the oracle's advantages and bonuses, by
@@ -268,11 +316,12 @@ pub fn oracle_token_advantage(
 ) -> Vec<f64> {
     let mut out = Vec::new();
     for (i, &n) in tokens.iter().enumerate() {
-        let mut response = vec![o.advantage[i]; n as usize];
+        let base = if o.intrinsic_only { 0.0 } else { o.advantage[i] };
+        let mut response = vec![base; n as usize];
         for t in 0..turn_traj.len() {
             if turn_traj[t] as usize == i {
                 for k in starts[t]..starts[t] + credit[t] {
-                    response[k as usize] = o.advantage[i] + o.bonus[t];
+                    response[k as usize] = base + o.bonus[t];
                 }
             }
         }

@@ -431,6 +431,11 @@ fn kernel_bodies_epilogue_matches_oracle() {
 }
 
 #[test]
+fn kernel_bodies_ablation_edge_cases() {
+    kernel::ablation_edge_cases(&infopo_kernels::Cpu);
+}
+
+#[test]
 fn kernel_bodies_bitwise_deterministic() {
     kernel::bitwise_deterministic(&infopo_kernels::Cpu);
 }

@@ -91,6 +91,11 @@ fn token_advantages_match_oracle() {
 }
 
 #[test]
+fn ablation_edge_cases() {
+    kernel::ablation_edge_cases(&Emulated::new());
+}
+
+#[test]
 fn intrinsic_gate_matches_oracle() {
     kernel::intrinsic_gate_matches_oracle(&Emulated::new());
 }

@@ -140,6 +140,12 @@ fn token_advantages_match_oracle() {
 
 #[test]
 #[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
+fn ablation_edge_cases() {
+    kernel::ablation_edge_cases(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features cuda --test gpu -- --include-ignored cuda_kernel::"]
 fn intrinsic_gate_matches_oracle() {
     kernel::intrinsic_gate_matches_oracle(&gpu());
 }

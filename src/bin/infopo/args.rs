@@ -30,6 +30,17 @@ pub struct RunArgs {
     /// intrinsic values (σ_g = 0 below 2 tokens).
     #[arg(long, value_enum, default_value_t = GateSourceArg::Outcome)]
     pub gate_source: GateSourceArg,
+    /// Centre only (the official norm_adv_by_std_in_grpo = False): advantages R − μ and
+    /// normalised intrinsic values x − μ, not divided by σ + ε.
+    #[arg(long)]
+    pub centre_only: bool,
+    /// Intrinsic only (the official use_intrinsic_only): bonus = magnitude_ratio · norm (no β,
+    /// no gate) and token advantages without the outcome term.
+    #[arg(long)]
+    pub intrinsic_only: bool,
+    /// A turn whose |intrinsic| is at most this counts as zero (out of its group's pool).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub pool_tolerance: f64,
     /// Token ids per vocabulary chunk of the fused-linear path (files of hidden states and an
     /// lm_head): each chunk's logits are computed, folded into the row states and dropped.
     /// Ignored for files of logits.
@@ -60,6 +71,9 @@ impl RunArgs {
                 GateSourceArg::Outcome => GateSource::Outcome,
                 GateSourceArg::Intrinsic => GateSource::Intrinsic,
             },
+            centre_only: self.centre_only,
+            intrinsic_only: self.intrinsic_only,
+            pool_tolerance: self.pool_tolerance,
         }
     }
 }
@@ -93,6 +107,11 @@ pub struct BenchArgs {
     /// Time the per-row pass alone (no turns, no trajectories, no epilogue).
     #[arg(long)]
     pub rows_only: bool,
+    /// Agent tokens M of the synthetic batch, spread evenly over its 32 trajectories: the
+    /// length of the `token_advantage` output the epilogue writes (each turn's credited span
+    /// laid after the previous one's). Default: the synthetic batch's own (~20k).
+    #[arg(long, conflicts_with_all = ["input", "rows_only"], value_parser = clap::value_parser!(u64).range(2..=u32::MAX as u64))]
+    pub agent_tokens: Option<u64>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,

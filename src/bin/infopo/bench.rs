@@ -57,8 +57,35 @@ fn bench_typed<T: LogitElement>(args: &BenchArgs) -> Outcome {
     if !matches!(rows.checked_mul(vocab), Some(n) if n <= isize::MAX as usize / 8) {
         return Err(Failure::Input(format!("{rows} rows x {vocab} vocab is too large")));
     }
-    let data = synth::batch::<T>(SynthSpec { rows, vocab, groups: 4, trajectories_per_group: 8, seed: 2026 });
-    bench_batch(args, &data.as_batch())
+    let mut data = synth::batch::<T>(SynthSpec { rows, vocab, groups: 4, trajectories_per_group: 8, seed: 2026 });
+    let starts = token_spans(&mut data, args.agent_tokens);
+    bench_batch(args, &data.as_batch().with_credit_start(&starts))
+}
+
+/// Credit starts for `data`'s turns (each trajectory's credited spans end to end, in turn
+/// order), so that the timed epilogue writes `token_advantage` as a trainer's does; with
+/// `agent_tokens`, the trajectories' token counts are evened out to total it (each at least its
+/// credited tokens).
+fn token_spans<T: LogitElement>(data: &mut synth::SynthBatch<T>, agent_tokens: Option<u64>) -> Vec<u32> {
+    let b = data.trajectory_tokens.len();
+    let mut used = vec![0u32; b];
+    let starts = data
+        .turn_trajectory
+        .iter()
+        .zip(&data.turn_credit_tokens)
+        .map(|(&i, &c)| {
+            let start = used[i as usize];
+            used[i as usize] += c;
+            start
+        })
+        .collect();
+    if let Some(m) = agent_tokens {
+        for (i, tokens) in data.trajectory_tokens.iter_mut().enumerate() {
+            let even = m / b as u64 + u64::from((i as u64) < m % b as u64);
+            *tokens = (even as u32).max(used[i]);
+        }
+    }
+    starts
 }
 
 /// Times the full pipeline on `batch`; on CUDA the logits stay on the device (uploaded once,
