@@ -109,7 +109,7 @@ pub enum Error {
     Trajectories { what: String },
 
     /// A turn's credited token span (`Batch::credit_start` / file tensor `turn_credit_start`)
-    /// does not fit its trajectory's response tokens or overlaps another turn's span.
+    /// does not fit its trajectory's agent tokens or overlaps another turn's span.
     #[error("turn {turn}: credited token span {what}")]
     CreditSpan { turn: usize, what: String },
 

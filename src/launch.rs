@@ -289,8 +289,8 @@ pub enum KernelVariant {
     /// while the warps compute (entries `infopo_<dtype>_ring`).
     Ring,
     /// Today's row pass; `token_advantage` written by a second launch, a block per trajectory
-    /// (entry `infopo_tokens`, see [`token_launch`]) instead of the one block that runs the
-    /// epilogue.
+    /// (entry `infopo_tokens`, right after the epilogue's launch), instead of by the one block
+    /// that runs the epilogue.
     Spread,
 }
 
@@ -368,7 +368,8 @@ impl KernelVariant {
     /// The variant of one launch of `rows` rows of `dtype` on a device of compute capability
     /// `arch` (×10: 90 for sm_90): the innermost [`KernelVariant::scoped`] one, else the one
     /// `INFOPO_KERNEL_VARIANT` names, else the decision file's choice for (arch, dtype, rows)
-    /// ([`decision_file`], [`decided_variant`]), else the baseline (also when the variable
+    /// (`INFOPO_KERNEL_DECISIONS`, else the crate's results/kernel-variants.json, as
+    /// scripts/gpu-variants writes it), else the baseline (also when the variable
     /// names no variant: the backends report that before launching).
     pub fn for_launch(dtype: Dtype, rows: usize, arch: u32) -> Self {
         if let Some(v) = SCOPED_VARIANT.with(|c| c.get()) {
@@ -377,7 +378,9 @@ impl KernelVariant {
         match KernelVariant::from_env() {
             Ok(Some(v)) => v,
             // An epilogue-only launch (0 rows) takes the choice of the fewest rows.
-            Ok(None) => decisions().and_then(|json| decided_variant(json, arch, dtype, rows.max(1))).unwrap_or_default(),
+            Ok(None) => {
+                decisions().and_then(|json| decided_variant(json, arch, dtype, rows.max(1))).unwrap_or_default()
+            }
             Err(_) => KernelVariant::Baseline,
         }
     }
@@ -641,7 +644,12 @@ fn baseline_shape(rows: usize, vocab: usize, dtype: Dtype, sm_count: u32) -> Lau
     let target = 2 * sm_count.max(1) as usize * resident;
     let splits = if rows >= target { 1 } else { target.div_ceil(rows).min((vocab / MIN_CHUNK).max(1)).min(MAX_SPLITS) };
     let items = rows.saturating_mul(splits);
-    LaunchShape { threads, splits: splits as u32, grid: items.min(i32::MAX as usize) as u32, variant: KernelVariant::Baseline }
+    LaunchShape {
+        threads,
+        splits: splits as u32,
+        grid: items.min(i32::MAX as usize) as u32,
+        variant: KernelVariant::Baseline,
+    }
 }
 
 /// The launch shape of a merge-mode launch ([`MERGE_ENTRY_POINT`]) of `rows` rows of a
@@ -728,7 +736,11 @@ mod tests {
                         assert!(time_in_waves(&w, rows, sm) <= time_in_waves(&b, rows, sm) + 1e-12, "{what}");
                         // Every other variant keeps the baseline's shape.
                         for v in KERNEL_VARIANTS {
-                            assert_eq!(launch_shape_of(v, rows, vocab, dtype, sm), LaunchShape { variant: v, ..b }, "{what}");
+                            assert_eq!(
+                                launch_shape_of(v, rows, vocab, dtype, sm),
+                                LaunchShape { variant: v, ..b },
+                                "{what}"
+                            );
                         }
                     }
                 }

@@ -135,7 +135,11 @@ impl Params {
             return Err(Error::Param { name: "beta", value: self.beta, why: "must be finite" });
         }
         if !(self.pool_tolerance.is_finite() && self.pool_tolerance >= 0.0) {
-            return Err(Error::Param { name: "pool_tolerance", value: self.pool_tolerance, why: "must be finite and >= 0" });
+            return Err(Error::Param {
+                name: "pool_tolerance",
+                value: self.pool_tolerance,
+                why: "must be finite and >= 0",
+            });
         }
         Ok(())
     }

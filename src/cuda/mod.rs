@@ -120,7 +120,10 @@ pub struct CudaBackend {
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaBackend").field("sm_count", &self.sm_count).field("arch", &self.arch).finish_non_exhaustive()
+        f.debug_struct("CudaBackend")
+            .field("sm_count", &self.sm_count)
+            .field("arch", &self.arch)
+            .finish_non_exhaustive()
     }
 }
 
@@ -599,9 +602,11 @@ impl CudaBackend {
         // kernel's parameter.
         unsafe { s.launch_builder(func).arg(&args).launch(cfg) }.map_err(cuda_err)?;
         if let Some(shape) = launch::token_launch(&args) {
-            let cfg = LaunchConfig { grid_dim: (shape.grid, 1, 1), block_dim: (shape.threads, 1, 1), shared_mem_bytes: 0 };
+            let cfg =
+                LaunchConfig { grid_dim: (shape.grid, 1, 1), block_dim: (shape.threads, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: the same args, next on the same stream: the epilogue's outputs are final.
-            unsafe { s.launch_builder(self.kernels.get(launch::TOKENS_ENTRY_POINT)?).arg(&args).launch(cfg) }.map_err(cuda_err)?;
+            unsafe { s.launch_builder(self.kernels.get(launch::TOKENS_ENTRY_POINT)?).arg(&args).launch(cfg) }
+                .map_err(cuda_err)?;
         }
         Ok(())
     }

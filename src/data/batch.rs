@@ -66,7 +66,7 @@ pub struct Batch<'a> {
     pub trajectories: Option<Trajectories<'a>>,
     /// `[T]`, needs `trajectories`: turn t's credited tokens are positions
     /// `credit_start[t] .. credit_start[t] + credit_tokens[t]` of trajectory `trajectory[t]`'s
-    /// response tokens (0-based, within `0 .. tokens[i]`; the spans of one trajectory must not
+    /// agent tokens (0-based, within `0 .. tokens[i]`; the spans of one trajectory must not
     /// overlap). With it, [`crate::Advantages::token_advantage`] is computed (contract §4).
     pub credit_start: Option<&'a [u32]>,
 }

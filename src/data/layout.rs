@@ -384,7 +384,7 @@ fn check_spans(turn_trajectory: &[u32], credit: &[u32], tokens: &[u32], starts: 
         if hi > n as u64 {
             return Err(Error::CreditSpan {
                 turn: t,
-                what: format!("{lo}..{hi} extends past trajectory {i}'s {n} response tokens"),
+                what: format!("{lo}..{hi} extends past trajectory {i}'s {n} agent tokens"),
             });
         }
     }
@@ -497,7 +497,7 @@ fn group_layout(turns: &Turns<'_>, traj: &Trajectories<'_>) -> Result<GroupLayou
         if c > tokens as u64 {
             return Err(Error::trajectories(format!(
                 "trajectory {i} credits {c} tokens to its turns (Turns::credit_tokens / turn_credit_tokens) but has \
-                 only {tokens} response tokens (Trajectories::tokens / trajectory_tokens)"
+                 only {tokens} agent tokens (Trajectories::tokens / trajectory_tokens)"
             )));
         }
     }
@@ -509,7 +509,7 @@ fn group_layout(turns: &Turns<'_>, traj: &Trajectories<'_>) -> Result<GroupLayou
     let total_tokens: u64 = trajectory_token_offsets[b];
     if total_tokens < 2 {
         return Err(Error::trajectories(format!(
-            "the batch has {total_tokens} response tokens (Trajectories::tokens / trajectory_tokens); its standard \
+            "the batch has {total_tokens} agent tokens (Trajectories::tokens / trajectory_tokens); its standard \
              deviations need at least 2"
         )));
     }

@@ -283,7 +283,15 @@ fn batch_matches_the_cpu_backend() {
         let spec =
             SynthSpec { rows: 50 + 7 * k, vocab: 257 + k, groups: 2, trajectories_per_group: 3, seed: seed + k as u64 };
         let (b, real, masked, targets) = synth_tensors(spec, dtype, 3);
-        let params = Params { estimator, ..Params::default() };
+        // The official ablation knobs pass through the adapter too (bf16: centre only with a
+        // pool tolerance; f32: intrinsic only).
+        let params = Params {
+            estimator,
+            centre_only: k == 0,
+            pool_tolerance: if k == 0 { 1e-3 } else { 0.0 },
+            intrinsic_only: k == 1,
+            ..Params::default()
+        };
         let turns =
             Turns { offsets: &b.turn_offsets, trajectory: &b.turn_trajectory, credit_tokens: &b.turn_credit_tokens };
         let trajectories =
@@ -528,7 +536,15 @@ fn hidden_batch_matches_the_epilogue_of_candle_f64_rows() {
         let ids: Vec<i64> = (0..b.rows).map(|_| rng.below(vocab as u64) as i64).collect();
         let targets = Tensor::new(ids, &Device::Cpu).unwrap();
         let h = HiddenStates { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
-        let params = Params { estimator, ..Params::default() };
+        // The official ablation knobs pass through the adapter too (bf16: centre only with a
+        // pool tolerance; f32: intrinsic only).
+        let params = Params {
+            estimator,
+            centre_only: k == 0,
+            pool_tolerance: if k == 0 { 1e-3 } else { 0.0 },
+            intrinsic_only: k == 1,
+            ..Params::default()
+        };
         let turns =
             Turns { offsets: &b.turn_offsets, trajectory: &b.turn_trajectory, credit_tokens: &b.turn_credit_tokens };
         let trajectories =

@@ -497,7 +497,7 @@ fn credit_starts_give_token_advantage_and_bad_spans_exit_2() {
     // trajectory 1's 12 tokens.
     for (bad, needles) in [
         (starts(&[1, 3, 2]), &["turn 1", "overlaps turn 0"][..]),
-        (starts(&[0, 3, 8]), &["turn 2", "8..13", "12 response tokens"][..]),
+        (starts(&[0, 3, 8]), &["turn 2", "8..13", "12 agent tokens"][..]),
     ] {
         raw_file(&input, &with(good.clone(), "turn_credit_start", bad));
         expect_bad_input(dir.path(), &input, needles);

@@ -1059,7 +1059,7 @@ pub fn bad_credit_spans_are_typed(b: &dyn Backend) {
     };
     // Past the end: turn 2 covers 4..6 of 5 tokens; turn 1 covers 1..4 of 3.
     let (turn, what) = span_error(&[0, 0, 4]);
-    assert!(turn == 2 && what.contains("4..6") && what.contains("5 response tokens"), "{what}");
+    assert!(turn == 2 && what.contains("4..6") && what.contains("5 agent tokens"), "{what}");
     assert_eq!(span_error(&[0, 1, 2]).0, 1);
     // Overlap within trajectory 0 (turns 0 and 2): named by the later turn, whatever the order.
     let (turn, what) = span_error(&[0, 0, 1]);

@@ -306,7 +306,7 @@ pub fn oracle_advantages(
 }
 
 /// The per-token advantages of the contract from the oracle's advantages and bonuses, by
-/// building each trajectory's response token by token: `[M]`, trajectory-major.
+/// building each trajectory's agent tokens one by one: `[M]`, trajectory-major.
 pub fn oracle_token_advantage(
     o: &OracleAdvantages,
     turn_traj: &[u32],

@@ -316,11 +316,8 @@ fn spread_token_advantages_match_the_baseline_bitwise() {
                     let ranges = shard_ranges(v, 3).unwrap();
                     let mut states = Vec::new();
                     for &range in &ranges {
-                        let input = RangeInput::of_full(
-                            Logits::new(&r, n, v).unwrap(),
-                            Logits::new(&m, n, v).unwrap(),
-                            range,
-                        );
+                        let input =
+                            RangeInput::of_full(Logits::new(&r, n, v).unwrap(), Logits::new(&m, n, v).unwrap(), range);
                         states.extend(e.range_states(&input, &t, &p).unwrap());
                     }
                     let merged = e.merge_and_finish(&states, ranges.len(), &t, v, Some(&layout), &p).unwrap();
