@@ -283,15 +283,7 @@ fn batch_matches_the_cpu_backend() {
         let spec =
             SynthSpec { rows: 50 + 7 * k, vocab: 257 + k, groups: 2, trajectories_per_group: 3, seed: seed + k as u64 };
         let (b, real, masked, targets) = synth_tensors(spec, dtype, 3);
-        // The official ablation knobs pass through the adapter too (bf16: centre only with a
-        // pool tolerance; f32: intrinsic only).
-        let params = Params {
-            estimator,
-            centre_only: k == 0,
-            pool_tolerance: if k == 0 { 1e-3 } else { 0.0 },
-            intrinsic_only: k == 1,
-            ..Params::default()
-        };
+        let params = ablation_params(k, estimator);
         let turns =
             Turns { offsets: &b.turn_offsets, trajectory: &b.turn_trajectory, credit_tokens: &b.turn_credit_tokens };
         let trajectories =
@@ -341,6 +333,18 @@ fn batch_matches_the_cpu_backend() {
             let tokens: u32 = b.trajectory_tokens.iter().sum();
             assert_eq!(a.token_advantage.as_ref().map(|t| t.dims().to_vec()), Some(vec![tokens as usize]));
         }
+    }
+}
+
+/// The parameters of case `k` of the batch tests: the official ablation knobs pass through the
+/// adapter too (case 0: centre only with a pool tolerance; case 1: intrinsic only).
+fn ablation_params(k: usize, estimator: Estimator) -> Params {
+    Params {
+        estimator,
+        centre_only: k == 0,
+        pool_tolerance: if k == 0 { 1e-3 } else { 0.0 },
+        intrinsic_only: k == 1,
+        ..Params::default()
     }
 }
 
@@ -536,15 +540,7 @@ fn hidden_batch_matches_the_epilogue_of_candle_f64_rows() {
         let ids: Vec<i64> = (0..b.rows).map(|_| rng.below(vocab as u64) as i64).collect();
         let targets = Tensor::new(ids, &Device::Cpu).unwrap();
         let h = HiddenStates { real_hidden: &real, masked_hidden: &masked, lm_head: &lm_head };
-        // The official ablation knobs pass through the adapter too (bf16: centre only with a
-        // pool tolerance; f32: intrinsic only).
-        let params = Params {
-            estimator,
-            centre_only: k == 0,
-            pool_tolerance: if k == 0 { 1e-3 } else { 0.0 },
-            intrinsic_only: k == 1,
-            ..Params::default()
-        };
+        let params = ablation_params(k, estimator);
         let turns =
             Turns { offsets: &b.turn_offsets, trajectory: &b.turn_trajectory, credit_tokens: &b.turn_credit_tokens };
         let trajectories =
