@@ -41,6 +41,7 @@
 #![doc = include_str!("../docs/contract.md")]
 
 mod backend;
+mod conversation;
 mod cpu;
 mod data;
 mod error;
@@ -99,6 +100,7 @@ pub struct GuideDoctests;
 pub struct OfficialConfigDoctests;
 
 pub use backend::Backend;
+pub use conversation::Conversation;
 pub use cpu::Cpu;
 pub use data::{
     Advantages, Batch, BatchLayout, Dtype, Elements, GroupLayout, HiddenBatch, HiddenInputs, HiddenTensors, Layout,
@@ -114,4 +116,4 @@ pub use launch::KernelVariant;
 pub use math::chunks::DEFAULT_CHUNK;
 pub use math::epilogue::{advantages, TurnAccumulator};
 pub use open::{open, BackendKind};
-pub use params::{Estimator, GateSource, Params};
+pub use params::{Estimator, GateSource, Params, TrajectoryScore};

@@ -63,6 +63,18 @@ impl std::str::FromStr for GateSource {
     }
 }
 
+/// How a trajectory's score R_i (its `outcome`, what GRPO normalises) comes from the rewards of
+/// its agent turns r_0 … r_{n−1} (the official `trajectory_score_method`; contract §1). Used by
+/// [`crate::Conversation::rewarded`]; a trajectory given its outcome directly needs none.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TrajectoryScore {
+    /// round(Σ_k r_k, 4), rounded half to even on the exact value (the official `Sum`).
+    Sum,
+    /// Σ_k γ^k r_k, with 0 ≤ γ ≤ 1: the reward to go from the first turn (the official `R2G`; γ =
+    /// 0.8 in its config). A reward on the last of n turns counts γ^{n−1} times.
+    RewardToGo { gamma: f64 },
+}
+
 /// Smallest sampling temperature τs accepted (contract §5).
 pub const MIN_TEMPERATURE: f64 = 1e-3;
 /// Largest sampling temperature τs accepted (contract §5).

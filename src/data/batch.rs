@@ -26,6 +26,15 @@ macro_rules! layout_setters {
             self
         }
 
+        /// The turns, trajectories and credit starts (where it has them) of `layout`, e.g. a
+        /// [`crate::Conversation`]'s.
+        pub fn with_layout(mut self, layout: &'a BatchLayout) -> Self {
+            self.turns = Some(layout.turns.as_turns());
+            self.trajectories = Some(layout.trajectories.as_trajectories());
+            self.credit_start = layout.credit_start.as_deref();
+            self
+        }
+
         /// The views of an owned batch's layout buffers, those present.
         fn with_owned_layout(
             mut self,
@@ -44,10 +53,12 @@ macro_rules! layout_setters {
 /// The layout setter of the two owned batches ([`OwnedBatch`], [`OwnedHiddenBatch`]).
 macro_rules! owned_layout_setters {
     () => {
-        /// Adds the turns and trajectories of `layout` (checked against the rows by the backends).
+        /// Adds the turns, trajectories and credit starts (where it has them) of `layout`
+        /// (checked against the rows by the backends).
         pub fn with_layout(mut self, layout: BatchLayout) -> Self {
             self.turns = Some(layout.turns);
             self.trajectories = Some(layout.trajectories);
+            self.credit_start = layout.credit_start;
             self
         }
     };

@@ -102,6 +102,9 @@ impl TrajectoryBuf {
 pub struct BatchLayout {
     pub turns: TurnBuf,
     pub trajectories: TrajectoryBuf,
+    /// `[T]` first credited token of each turn (see [`crate::Batch::credit_start`]): set by
+    /// [`crate::Conversation`], `None` from [`LayoutBuilder`].
+    pub credit_start: Option<Vec<u32>>,
 }
 
 impl BatchLayout {
@@ -113,7 +116,11 @@ impl BatchLayout {
     /// The validated form [`crate::math::epilogue::advantages`] and
     /// [`crate::math::epilogue::TurnAccumulator`] take (the two-stage form).
     pub fn validate(&self) -> Result<Layout> {
-        crate::data::layout::layout(self.rows(), &self.turns.as_turns(), Some(&self.trajectories.as_trajectories()))
+        let layout = layout(self.rows(), &self.turns.as_turns(), Some(&self.trajectories.as_trajectories()))?;
+        match &self.credit_start {
+            Some(starts) => layout.with_credit_start(starts),
+            None => Ok(layout),
+        }
     }
 }
 
@@ -198,6 +205,11 @@ impl LayoutBuilder {
     pub fn build(&self) -> Result<BatchLayout> {
         self.layout.validate()?;
         Ok(self.layout.clone())
+    }
+
+    /// The layout as built so far, unvalidated.
+    pub(crate) fn into_layout(self) -> BatchLayout {
+        self.layout
     }
 }
 

@@ -4,7 +4,7 @@
 use crate::data::layout::{GroupLayout, Layout};
 use crate::data::{Advantages, Output, RowOutputs};
 use crate::error::{Error, Result};
-use crate::params::{GateSource, Params};
+use crate::params::{GateSource, Params, TrajectoryScore};
 
 /// Weighted Welford/Chan moments: count n (a sum of weights), mean μ and M2 = Σ w (v − μ)².
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -355,4 +355,19 @@ pub(crate) fn finish(rows: RowOutputs, layout: Option<Layout>, estimator: &[f64]
         None => None,
     };
     Ok(Output { rows, turn_info: Some(info), advantages })
+}
+
+/// R_i from the rewards of a trajectory's agent turns (contract §1, [`TrajectoryScore`]); the
+/// rewards are finite and γ ∈ [0, 1] (checked by the caller).
+pub(crate) fn trajectory_score(score: TrajectoryScore, rewards: &[f64]) -> f64 {
+    match score {
+        // Python's round(x, 4): the exact binary value rounded half to even at the 4th decimal,
+        // which is what Rust's fixed-precision formatting does; the parse is then exact.
+        TrajectoryScore::Sum => {
+            let sum: f64 = rewards.iter().sum();
+            format!("{sum:.4}").parse().unwrap_or(sum)
+        }
+        // Horner from the last turn: r_0 + γ (r_1 + γ (r_2 + …)), the official order of operations.
+        TrajectoryScore::RewardToGo { gamma } => rewards.iter().rev().fold(0.0, |acc, &r| r + gamma * acc),
+    }
 }

@@ -956,3 +956,62 @@ proptest::proptest! {
         let _ = vocab::merge(0, &split, &targets, 5);
     }
 }
+
+/// Every mistake a conversation can hold is a typed error naming the trajectory and agent turn:
+/// feedback no agent turn follows, more rows than the next turn has, out of row order or twice,
+/// to an empty turn or no trajectory; per-turn rewards of the wrong length or non-finite; γ out of
+/// [0, 1]; more agent tokens than u32 holds.
+#[test]
+fn conversation_rejects_what_cannot_be_scored() {
+    use infopo_kernels::{Conversation, TrajectoryScore};
+    let mut c = Cases::default();
+    let base = || {
+        let mut conv = Conversation::new();
+        conv.trajectory(0, 1.0, &[3, 0, 4]);
+        conv.trajectory(0, 0.0, &[2, 5]);
+        conv
+    };
+    type Step = fn(&mut Conversation) -> infopo_kernels::Result<()>;
+    let turn_cases: [(&str, &str, Step); 7] = [
+        ("after the last agent turn", "trajectory 1's agent turn 1 cannot be scored", |v| v.feedback(1, 1).map(drop)),
+        ("far past the last turn", "trajectory 0's agent turn 4294967295 cannot be scored", |v| {
+            v.feedback(0, u32::MAX).map(drop)
+        }),
+        ("more rows than the next turn", "scores 6 rows, but agent turn 1 has 5 tokens", |v| {
+            v.feedback_rows(1, 0, 6).map(drop)
+        }),
+        ("no trajectory", "but 2 trajectories were added", |v| v.feedback(2, 0).map(drop)),
+        ("an empty credited turn", "agent turn 1 has 0 tokens", |v| v.feedback(0, 1).map(drop)),
+        ("out of row order", "add feedback in row order", |v| v.feedback(1, 0)?.feedback(0, 0).map(drop)),
+        ("twice", "add feedback in row order", |v| v.feedback(0, 0)?.feedback(0, 0).map(drop)),
+    ];
+    for (label, needle, step) in turn_cases {
+        c.err(label, needle, is_turns, || step(&mut base()));
+    }
+    let rewarded = |turns: &[u32], rewards: &[f64], score| Conversation::new().rewarded(0, turns, rewards, score);
+    let sum = TrajectoryScore::Sum;
+    c.err("rewards of the wrong length", "2 agent turns but 3 per-turn rewards", is_trajectories, || {
+        rewarded(&[1, 2], &[0.0, 1.0, 1.0], sum)
+    });
+    for bad in [f64::NAN, f64::INFINITY] {
+        c.err("a non-finite reward", "agent turn 1 has a non-finite reward", is_trajectories, || {
+            rewarded(&[1, 2], &[0.0, bad], sum)
+        });
+    }
+    for gamma in [-0.1, 1.5, f64::NAN] {
+        c.err("γ out of [0, 1]", "invalid parameter gamma", is_param("gamma"), || {
+            rewarded(&[1, 2], &[0.0, 1.0], TrajectoryScore::RewardToGo { gamma })
+        });
+    }
+    c.err("too many agent tokens", "trajectory 0's agent tokens exceed 2^32 - 1", is_trajectories, || {
+        let mut v = Conversation::new();
+        v.trajectory(0, 1.0, &[u32::MAX, 1]);
+        v.build()
+    });
+    c.err("a batch of 1 agent token", "need at least 2", is_trajectories, || {
+        let mut v = Conversation::new();
+        v.trajectory(0, 1.0, &[1]);
+        v.build()
+    });
+    c.finish();
+}

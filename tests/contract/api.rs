@@ -8,8 +8,8 @@ use infopo_kernels::emulated::Emulated;
 use infopo_kernels::synth::{logits_pair, Rng};
 use infopo_kernels::{advantages, TurnAccumulator};
 use infopo_kernels::{
-    half::bf16, Backend, Batch, Cpu, Error, Estimator, LayoutBuilder, Logits, OwnedBatch, Params, RowErrorKind,
-    Trajectories, TrajectoryBuf, TurnBuf, Turns,
+    half::bf16, Backend, Batch, Conversation, Cpu, Error, Estimator, LayoutBuilder, Logits, OwnedBatch, Params,
+    RowErrorKind, Trajectories, TrajectoryBuf, TrajectoryScore, TurnBuf, Turns,
 };
 
 fn backends() -> [Box<dyn Backend>; 2] {
@@ -174,6 +174,104 @@ fn layout_builder_round_trips_hand_written_csr() {
         let params = Params::default();
         assert_eq!(b.compute(&owned.as_batch().unwrap(), &params).unwrap(), b.compute(&by_hand, &params).unwrap());
     }
+}
+
+/// A conversation's layout is what a trainer writes by hand with `LayoutBuilder` and a parallel
+/// vector of credit starts (the official rule: rows are the next agent turn's tokens, credit the
+/// turn that drew the reply, starting where it starts among the agent tokens), and the backends
+/// compute the same outputs from it, token advantages included.
+#[test]
+fn conversation_is_the_layout_written_by_hand() {
+    let mut rng = Rng::new(31);
+    for case in 0..20 {
+        let mut conv = Conversation::new();
+        let mut by_hand = LayoutBuilder::new();
+        let mut starts = Vec::new();
+        let trajectories = 1 + rng.below(6) as u32;
+        for i in 0..trajectories {
+            let turns: Vec<u32> = (0..1 + rng.below(4)).map(|_| 1 + rng.below(9) as u32).collect();
+            let turns = if i == 0 { [&[2][..], &turns].concat() } else { turns };
+            let (group, outcome) = (rng.below(3) as u32, rng.below(5) as f64 / 4.0);
+            assert_eq!(conv.trajectory(group, outcome, &turns), i);
+            by_hand.trajectory(group, outcome, turns.iter().sum());
+            for k in 0..turns.len() - 1 {
+                // Each reply scored or not, over all of the next turn or a prefix.
+                let rows = match rng.below(3) {
+                    0 => continue,
+                    1 => {
+                        conv.feedback(i, k as u32).unwrap();
+                        turns[k + 1]
+                    }
+                    _ => {
+                        conv.feedback_rows(i, k as u32, turns[k + 1] / 2).unwrap();
+                        turns[k + 1] / 2
+                    }
+                };
+                by_hand.turn(i, rows, turns[k]).unwrap();
+                starts.push(turns[..k].iter().sum::<u32>());
+            }
+        }
+        let built = conv.build().unwrap();
+        let mut want = by_hand.build().unwrap();
+        want.credit_start = Some(starts);
+        assert_eq!(built, want, "case {case}");
+        let (rows, vocab) = (built.rows(), 23);
+        let (real, masked, targets) = logits_pair::<f32>(&mut rng, rows, vocab);
+        let logits = |v| Logits::new(v, rows, vocab).unwrap();
+        let batch = Batch::rows(logits(&real), logits(&masked), &targets).with_layout(&built);
+        let starts = want.credit_start.as_deref().unwrap();
+        let manual = Batch::rows(logits(&real), logits(&masked), &targets)
+            .with_turns(want.turns.as_turns())
+            .with_trajectories(want.trajectories.as_trajectories())
+            .with_credit_start(starts);
+        let owned =
+            OwnedBatch::new(real.clone(), masked.clone(), vocab, targets.clone()).unwrap().with_layout(built.clone());
+        for b in backends() {
+            let params = Params::default();
+            let got = b.compute(&batch, &params).unwrap();
+            assert!(got.advantages.as_ref().unwrap().token_advantage.is_some());
+            assert_eq!(got, b.compute(&manual, &params).unwrap(), "case {case}");
+            assert_eq!(got, b.compute(&owned.as_batch().unwrap(), &params).unwrap(), "case {case}");
+        }
+    }
+}
+
+/// The trajectory scores against the formulas of contract §1, written out: `Sum` rounds the sum
+/// to 4 decimals half to even on the exact value (Python's `round`), `RewardToGo` is Σ γ^k r_k.
+#[test]
+fn trajectory_scores_follow_the_official_formulas() {
+    let score = |rewards: &[f64], s| {
+        let mut c = Conversation::new();
+        c.rewarded(0, &vec![1; rewards.len()], rewards, s).unwrap();
+        c.build().map(|l| l.trajectories.outcome[0]).unwrap_or_else(|_| {
+            // A layout needs 2 agent tokens; score a 2-token copy instead.
+            let mut c = Conversation::new();
+            c.rewarded(0, &vec![2; rewards.len()], rewards, s).unwrap();
+            c.build().unwrap().trajectories.outcome[0]
+        })
+    };
+    let sum = TrajectoryScore::Sum;
+    // Values Python's round(x, 4) gives: 0.1 + 0.2 = 0.30000000000000004 → 0.3; 1.00015 is
+    // stored as 1.0001500000000000945… → 1.0002; 0.00005 as 5.0000000000000000239…e-05 → 0.0001;
+    // 0.12345 as 0.1234500000000000041… → 0.1235; 2.00005 as 2.0000499999999998834… → 2.0.
+    for (rewards, want) in [
+        (&[0.1, 0.2][..], 0.3),
+        (&[1.00015], 1.0002),
+        (&[0.00005], 0.0001),
+        (&[0.12345], 0.1235),
+        (&[2.00005], 2.0),
+        (&[0.5, -0.25, 1.0], 1.25),
+    ] {
+        assert_eq!(score(rewards, sum), want, "Sum of {rewards:?}");
+    }
+    let r2g = |gamma| TrajectoryScore::RewardToGo { gamma };
+    let rewards = [0.5, -1.0, 0.25, 2.0];
+    let direct = |g: f64| rewards.iter().enumerate().map(|(k, r)| g.powi(k as i32) * r).sum::<f64>();
+    assert_eq!(score(&rewards, r2g(0.0)), 0.5, "γ = 0 keeps the first turn's reward");
+    assert_eq!(score(&rewards, r2g(1.0)), rewards.iter().sum::<f64>(), "γ = 1 is the plain sum");
+    assert_close("γ = 0.8", &[score(&rewards, r2g(0.8))], &[direct(0.8)], 1e-15, 0.0);
+    // A reward on the last of 3 turns only counts γ².
+    assert_close("γ² on the last of 3", &[score(&[0.0, 0.0, 1.0], r2g(0.8))], &[0.64], 1e-15, 0.0);
 }
 
 #[test]
