@@ -110,6 +110,12 @@ typedef struct InfopoArgs {
     double pool_tolerance;       /* |intrinsic_t| <= this counts as zero (out of the pool, norm 0); 0 = exact zeros */
     uint32_t centre_only;        /* 1: advantage R - mu, norm x - mu (no division by sigma + eps) */
     uint32_t intrinsic_only;     /* 1: bonus = ratio * norm (no beta, no gate); token advantages without the outcome */
+
+    /* ---------------- the padded [B, L] token output (needs token_advantage; docs/contract.md §4) ---------------- */
+    double *padded_advantage;    /* [B * pad_width] out, or NULL for none: row i holds trajectory i's token_advantage values at
+                                    columns pad_offset[i] .. pad_offset[i] + trajectory_tokens[i] (validated to fit), 0 elsewhere */
+    const uint32_t *pad_offset;  /* [B] */
+    int64_t pad_width;           /* L */
 } InfopoArgs;
 
 /* Kernel variants of the row pass, chosen per launch (args.variant). Every variant computes the

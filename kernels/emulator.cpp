@@ -203,7 +203,8 @@ size_t infopo_args_layout(size_t *out, size_t cap) {
         F(turn_credit_start), F(trajectory_token_offsets), F(token_advantage),
         F(scale), F(splits), F(estimator), F(finalize), F(normalize), F(gate_source),
         F(state_out), F(row_stride), F(vocab_start), F(merge_states), F(merge_parts), F(variant),
-        F(variant_reserved), F(pool_tolerance), F(centre_only), F(intrinsic_only),
+        F(variant_reserved), F(pool_tolerance), F(centre_only), F(intrinsic_only), F(padded_advantage),
+        F(pad_offset), F(pad_width),
     };
 #undef F
     const size_t n = sizeof(v) / sizeof(v[0]);

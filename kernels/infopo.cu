@@ -277,6 +277,32 @@ __device__ __forceinline__ double token_base(const InfopoArgs &a, int64_t i) {
     return a.intrinsic_only ? 0.0 : a.traj_advantage[i];
 }
 
+// Trajectory i's tokens in both token outputs, by the block's threads: token_base on each of
+// them, and 0 on the padding of its [B, L] row (when asked for). Strided over the block:
+// coalesced.
+__device__ __forceinline__ void fill_tokens(const InfopoArgs &a, int64_t i) {
+    const double adv = token_base(a, i);
+    const int64_t k0 = (int64_t)a.trajectory_token_offsets[i], n = (int64_t)a.trajectory_token_offsets[i + 1] - k0;
+    for (int64_t k = threadIdx.x; k < n; k += blockDim.x) a.token_advantage[k0 + k] = adv;
+    if (a.padded_advantage == nullptr) return;
+    const int64_t o = a.pad_offset[i];
+    double *row = a.padded_advantage + i * a.pad_width;
+    for (int64_t p = threadIdx.x; p < a.pad_width; p += blockDim.x) row[p] = (p >= o && p < o + n) ? adv : 0.0;
+}
+
+// Turn t's credited span in both token outputs, by one warp: token_base + bonus_t. Spans are
+// disjoint (validated on the host); a fill of the trajectory must have happened before (barrier).
+__device__ __forceinline__ void write_span(const InfopoArgs &a, int64_t t, unsigned lane) {
+    const uint32_t i = a.turn_trajectory[t];
+    const int64_t start = a.turn_credit_start[t], n = a.turn_credit[t];
+    const double v = token_base(a, i) + a.turn_bonus[t];
+    double *m = a.token_advantage + (int64_t)a.trajectory_token_offsets[i] + start;
+    for (int64_t k = lane; k < n; k += 32) m[k] = v;
+    if (a.padded_advantage == nullptr) return;
+    double *p = a.padded_advantage + (int64_t)i * a.pad_width + a.pad_offset[i] + start;
+    for (int64_t k = lane; k < n; k += 32) p[k] = v;
+}
+
 __device__ __forceinline__ void epilogue(const InfopoArgs &a, Moments *scratch) {
     const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int64_t T = a.n_turns, lo_row = a.first_row, hi_row = a.first_row + a.n_rows;
@@ -370,24 +396,12 @@ __device__ __forceinline__ void epilogue(const InfopoArgs &a, Moments *scratch) 
     if (a.token_advantage == nullptr || a.variant == INFOPO_VARIANT_SPREAD) return;
     __syncthreads();
 
-    // (d) Per-token advantages, on the device for the loss: every token of trajectory i gets
-    // advantage_i (the block strides each trajectory's tokens: coalesced), then each credited
-    // span (disjoint, validated on the host) is overwritten by advantage_i + bonus_t, a warp per
-    // turn. Both are the f64 values the CPU writes.
-    for (int64_t i = 0; i < a.n_traj; ++i) {
-        const int64_t k1 = (int64_t)a.trajectory_token_offsets[i + 1];
-        const double adv = token_base(a, i);
-        for (int64_t k = (int64_t)a.trajectory_token_offsets[i] + threadIdx.x; k < k1; k += blockDim.x)
-            a.token_advantage[k] = adv;
-    }
+    // (d) Per-token advantages, on the device for the loss ([M], and [B, L] when asked for):
+    // every token of trajectory i gets advantage_i, then each credited span is overwritten by
+    // advantage_i + bonus_t, a warp per turn. Both are the f64 values the CPU writes.
+    for (int64_t i = 0; i < a.n_traj; ++i) fill_tokens(a, i);
     __syncthreads();
-    for (int64_t t = warp; t < T; t += warps) {
-        const uint32_t i = a.turn_trajectory[t];
-        const int64_t k0 = (int64_t)a.trajectory_token_offsets[i] + (int64_t)a.turn_credit_start[t];
-        const int64_t n = a.turn_credit[t];
-        const double v = token_base(a, i) + a.turn_bonus[t];
-        for (int64_t k = lane; k < n; k += 32) a.token_advantage[k0 + k] = v;
-    }
+    for (int64_t t = warp; t < T; t += warps) write_span(a, t, lane);
 }
 
 // (d) spread over the grid (variant SPREAD): one block per trajectory, in group order, so that
@@ -405,17 +419,11 @@ __device__ __forceinline__ void token_advantages_spread(const InfopoArgs &a) {
             if ((int64_t)a.group_trajectory_offsets[mid] <= j) g = mid; else hi = mid;
         }
         const uint32_t i = a.group_trajectories[j];
-        const int64_t k0 = (int64_t)a.trajectory_token_offsets[i], k1 = (int64_t)a.trajectory_token_offsets[i + 1];
-        const double adv = token_base(a, i);
-        for (int64_t k = k0 + threadIdx.x; k < k1; k += blockDim.x) a.token_advantage[k] = adv;
+        fill_tokens(a, i);
         __syncthreads(); // the fill before the spans' overwrites (same block: ordered by the barrier)
         for (int64_t u = a.group_turn_offsets[g] + warp; u < (int64_t)a.group_turn_offsets[g + 1]; u += warps) {
             const uint32_t t = a.group_turns[u];
-            if (a.turn_trajectory[t] != i) continue;
-            const int64_t s0 = k0 + (int64_t)a.turn_credit_start[t];
-            const int64_t n = a.turn_credit[t];
-            const double v = adv + a.turn_bonus[t];
-            for (int64_t k = lane; k < n; k += 32) a.token_advantage[s0 + k] = v;
+            if (a.turn_trajectory[t] == i) write_span(a, t, lane);
         }
     }
 }

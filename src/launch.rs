@@ -122,6 +122,12 @@ pub struct KernelArgs {
     pub centre_only: u32,
     /// [`Params::intrinsic_only`] (0/1).
     pub intrinsic_only: u32,
+    /// `[B × pad_width]` f64 out, or null: the padded token output (needs `token_advantage`).
+    pub padded_advantage: *mut f64,
+    /// `[B]` each trajectory's first column in `padded_advantage`.
+    pub pad_offset: *const u32,
+    /// L of `padded_advantage`.
+    pub pad_width: i64,
 }
 
 impl Default for KernelArgs {
@@ -183,6 +189,9 @@ impl Default for KernelArgs {
             pool_tolerance: 0.0,
             centre_only: 0,
             intrinsic_only: 0,
+            padded_advantage: ptr::null_mut(),
+            pad_offset: ptr::null(),
+            pad_width: 0,
         }
     }
 }
@@ -996,6 +1005,9 @@ mod tests {
             offset_of!(KernelArgs, pool_tolerance),
             offset_of!(KernelArgs, centre_only),
             offset_of!(KernelArgs, intrinsic_only),
+            offset_of!(KernelArgs, padded_advantage),
+            offset_of!(KernelArgs, pad_offset),
+            offset_of!(KernelArgs, pad_width),
         ];
         assert_eq!(&c[..n], &rust[..]);
     }

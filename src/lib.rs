@@ -104,7 +104,7 @@ pub use conversation::Conversation;
 pub use cpu::Cpu;
 pub use data::{
     Advantages, Batch, BatchLayout, Dtype, Elements, GroupLayout, HiddenBatch, HiddenInputs, HiddenTensors, Layout,
-    LayoutBuilder, LogitBuf, LogitData, LogitElement, Logits, Output, OwnedBatch, OwnedHiddenBatch, RowOutputs,
+    LayoutBuilder, LogitBuf, LogitData, LogitElement, Logits, Output, OwnedBatch, OwnedHiddenBatch, Padding, RowOutputs,
     Trajectories, TrajectoryBuf, TurnBuf, Turns,
 };
 pub use error::{Error, Result, RowErrorKind};

@@ -1,7 +1,7 @@
 //! The batches every backend takes: paired logits ([`Batch`], [`OwnedBatch`]) or, on the fused
 //! path, hidden states and the lm_head weight ([`HiddenBatch`], [`OwnedHiddenBatch`]).
 
-use super::layout::{self, BatchLayout, Layout, Trajectories, TrajectoryBuf, TurnBuf, Turns};
+use super::layout::{self, BatchLayout, Layout, Padding, Trajectories, TrajectoryBuf, TurnBuf, Turns};
 use super::logits::{Dtype, Elements, LogitBuf, LogitData, LogitElement, Logits};
 use crate::error::{Error, Result};
 
@@ -23,6 +23,13 @@ macro_rules! layout_setters {
         /// [`Batch::credit_start`]).
         pub fn with_credit_start(mut self, credit_start: &'a [u32]) -> Self {
             self.credit_start = Some(credit_start);
+            self
+        }
+
+        /// Asks for the padded `[B, L]` token output ([`crate::Advantages::padded_advantage`]):
+        /// L = `width`, trajectory i's tokens from column `offset[i]` (0 without `offset`).
+        pub fn with_padding(mut self, width: u32, offset: Option<&'a [u32]>) -> Self {
+            self.padding = Some(Padding { width, offset });
             self
         }
 
@@ -80,12 +87,15 @@ pub struct Batch<'a> {
     /// agent tokens (0-based, within `0 .. tokens[i]`; the spans of one trajectory must not
     /// overlap). With it, [`crate::Advantages::token_advantage`] is computed (contract §4).
     pub credit_start: Option<&'a [u32]>,
+    /// Needs `credit_start`: the padded `[B, L]` token output as well
+    /// ([`crate::Advantages::padded_advantage`]).
+    pub padding: Option<Padding<'a>>,
 }
 
 impl<'a> Batch<'a> {
     /// A batch of rows only (no turns, no trajectories).
     pub fn rows(real: Logits<'a>, masked: Logits<'a>, targets: &'a [i64]) -> Self {
-        Batch { real, masked, targets, turns: None, trajectories: None, credit_start: None }
+        Batch { real, masked, targets, turns: None, trajectories: None, credit_start: None, padding: None }
     }
 
     layout_setters!();
@@ -114,7 +124,7 @@ impl<'a> Batch<'a> {
                 real.rows()
             )));
         }
-        layout::batch_layout(real.rows(), batch.turns, batch.trajectories, batch.credit_start)
+        layout::batch_layout(real.rows(), batch.turns, batch.trajectories, batch.credit_start, batch.padding)
     }
 
     /// Bytes of logits the batch holds (both tensors): the memory traffic of one pass.
@@ -391,12 +401,14 @@ pub struct HiddenBatch<'a> {
     pub trajectories: Option<Trajectories<'a>>,
     /// Needs `trajectories` (see [`crate::Batch::credit_start`]).
     pub credit_start: Option<&'a [u32]>,
+    /// Needs `credit_start` (see [`crate::Batch::padding`]).
+    pub padding: Option<Padding<'a>>,
 }
 
 impl<'a> HiddenBatch<'a> {
     /// A batch of rows only.
     pub fn rows(tensors: HiddenTensors<'a>, targets: &'a [i64]) -> Self {
-        HiddenBatch { tensors, targets, turns: None, trajectories: None, credit_start: None }
+        HiddenBatch { tensors, targets, turns: None, trajectories: None, credit_start: None, padding: None }
     }
 
     layout_setters!();
@@ -411,7 +423,7 @@ impl<'a> HiddenBatch<'a> {
                 self.tensors.rows
             )));
         }
-        crate::data::layout::batch_layout(self.tensors.rows, self.turns, self.trajectories, self.credit_start)
+        crate::data::layout::batch_layout(self.tensors.rows, self.turns, self.trajectories, self.credit_start, self.padding)
     }
 }
 

@@ -66,6 +66,17 @@ impl Trajectories<'_> {
     }
 }
 
+/// The padded `[B, L]` token output a trainer holds advantages in (contract §4): row i holds
+/// trajectory i's agent tokens at `offset[i] .. offset[i] + tokens[i]` (each at 0 without
+/// `offset`) and 0 elsewhere. Needs credit starts, as `token_advantage` does.
+#[derive(Debug, Clone, Copy)]
+pub struct Padding<'a> {
+    /// L: the row width, ≥ `offset[i] + tokens[i]` for every trajectory.
+    pub width: u32,
+    /// `[B]` where each trajectory's first agent token sits in its row; `None`: at 0.
+    pub offset: Option<&'a [u32]>,
+}
+
 /// Owned turn layout: the buffers behind a [`Turns`] view.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct TurnBuf {
@@ -258,6 +269,11 @@ pub struct GroupLayout {
     /// `[T]` first credited token of each turn among its trajectory's agent tokens, when the batch
     /// has credit starts (validated by [`Layout::with_credit_start`]); enables `token_advantage`.
     pub turn_credit_start: Option<Vec<u32>>,
+    /// L of the padded `[B, L]` token output, when asked for ([`Layout::with_padding`]).
+    pub pad_width: Option<u32>,
+    /// `[B]` each trajectory's first column in the padded output (zeros when none were given);
+    /// empty without `pad_width`.
+    pub pad_offset: Vec<u32>,
 }
 
 impl Layout {
@@ -271,6 +287,13 @@ impl Layout {
     /// against the trajectories, which enables `token_advantage`.
     pub fn with_credit_start(mut self, starts: &[u32]) -> Result<Layout> {
         credit_spans(&mut self, starts)?;
+        Ok(self)
+    }
+
+    /// Adds the padded `[B, L]` token output (see [`Padding`]), validated against the
+    /// trajectories; needs credit starts.
+    pub fn with_padding(mut self, padding: Padding<'_>) -> Result<Layout> {
+        pad(&mut self, &padding)?;
         Ok(self)
     }
 
@@ -298,6 +321,7 @@ pub(crate) fn batch_layout(
     turns: Option<Turns<'_>>,
     trajectories: Option<Trajectories<'_>>,
     credit_start: Option<&[u32]>,
+    padding: Option<Padding<'_>>,
 ) -> Result<Option<Layout>> {
     if rows > u32::MAX as usize {
         return Err(Error::shape(format!("{rows} rows exceed the 2^32 - 1 supported")));
@@ -305,15 +329,60 @@ pub(crate) fn batch_layout(
     match (turns, trajectories) {
         (None, Some(_)) => Err(Error::trajectories("Batch::trajectories need a turn layout (Batch::turns)")),
         (None, None) if credit_start.is_some() => Err(credit_start_needs_trajectories()),
+        (None, None) if padding.is_some() => Err(padding_needs_credit_starts()),
         (None, None) => Ok(None),
         (Some(turns), trajectories) => {
             let mut out = layout(rows, &turns, trajectories.as_ref())?;
             if let Some(starts) = credit_start {
                 credit_spans(&mut out, starts)?;
             }
+            if let Some(p) = padding {
+                pad(&mut out, &p)?;
+            }
             Ok(Some(out))
         }
     }
+}
+
+fn padding_needs_credit_starts() -> Error {
+    Error::trajectories(
+        "the padded [B, L] output (padding, CLI --pad-width) is a token output: it needs trajectories and credit starts",
+    )
+}
+
+/// Validates the padded `[B, L]` token output against a layout with credit starts and records it
+/// (`GroupLayout::pad_width`, `pad_offset`): each trajectory's tokens fit its row, and B · L
+/// elements of f64 are addressable.
+pub(crate) fn pad(layout: &mut Layout, padding: &Padding<'_>) -> Result<()> {
+    let g = match layout.groups.as_mut() {
+        Some(g) if g.turn_credit_start.is_some() => g,
+        _ => return Err(padding_needs_credit_starts()),
+    };
+    let b = g.trajectory_tokens.len();
+    let width = padding.width;
+    let offset = match padding.offset {
+        Some(o) if o.len() != b => {
+            return Err(Error::trajectories(format!(
+                "the padded output's offsets (pad_offset) have {} entries for {b} trajectories",
+                o.len()
+            )))
+        }
+        Some(o) => o.to_vec(),
+        None => vec![0; b],
+    };
+    for (i, (&o, &n)) in offset.iter().zip(&g.trajectory_tokens).enumerate() {
+        if o as u64 + n as u64 > width as u64 {
+            return Err(Error::trajectories(format!(
+                "trajectory {i}'s {n} agent tokens at offset {o} do not fit the padded width L = {width}"
+            )));
+        }
+    }
+    if (b as u128) * (width as u128) * 8 > isize::MAX as u128 {
+        return Err(Error::shape(format!("a padded output of {b} x {width} f64 is not addressable")));
+    }
+    g.pad_width = Some(width);
+    g.pad_offset = offset;
+    Ok(())
 }
 
 fn credit_start_needs_trajectories() -> Error {
@@ -362,6 +431,11 @@ pub(crate) fn layout_consistent(layout: &Layout) -> Result<()> {
     let mut rebuilt = self::layout(rows as usize, &turns, trajectories.as_ref())?;
     if let Some(starts) = layout.groups.as_ref().and_then(|g| g.turn_credit_start.as_deref()) {
         credit_spans(&mut rebuilt, starts)?;
+    }
+    if let Some(g) = layout.groups.as_ref() {
+        if let Some(width) = g.pad_width {
+            pad(&mut rebuilt, &Padding { width, offset: Some(&g.pad_offset) })?;
+        }
     }
     if rebuilt != *layout {
         return Err(Error::turns(
@@ -551,6 +625,8 @@ fn group_layout(turns: &Turns<'_>, traj: &Trajectories<'_>) -> Result<GroupLayou
         total_tokens,
         trajectory_token_offsets,
         turn_credit_start: None,
+        pad_width: None,
+        pad_offset: Vec::new(),
     })
 }
 

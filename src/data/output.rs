@@ -71,6 +71,10 @@ pub struct Advantages {
     /// trajectory i plus `bonus_t` on turn t's credited span (the per-token advantage of the
     /// policy loss). `None` without credit starts.
     pub token_advantage: Option<Vec<f64>>,
+    /// `[B × L]` row-major, with [`crate::Batch::padding`]: row i is `token_advantage`'s
+    /// trajectory i at columns `offset[i] .. offset[i] + tokens[i]`, 0 elsewhere (the padded
+    /// layout verl and OpenRLHF hold advantages in).
+    pub padded_advantage: Option<Vec<f64>>,
 }
 
 /// Everything a backend returns for a [`crate::Batch`].

@@ -367,6 +367,7 @@ struct EpilogueBufs {
     traj_gate: Vec<f64>,
     scalars: [f64; 3],
     token_advantage: Vec<f64>,
+    padded_advantage: Vec<f64>,
 }
 
 impl EpilogueBufs {
@@ -375,6 +376,7 @@ impl EpilogueBufs {
         let groups = layout.and_then(|l| l.groups.as_ref());
         let b = groups.map_or(0, |g| g.trajectory_tokens.len());
         let m = groups.filter(|g| g.turn_credit_start.is_some()).map_or(0, |g| g.total_tokens as usize);
+        let padded = groups.and_then(|g| g.pad_width).map_or(0, |w| b * w as usize);
         EpilogueBufs {
             turn_sum: vec![0.0; t],
             turn_count: vec![0.0; t],
@@ -386,6 +388,7 @@ impl EpilogueBufs {
             traj_gate: vec![0.0; b],
             scalars: [0.0; 3],
             token_advantage: vec![0.0; m],
+            padded_advantage: vec![0.0; padded],
         }
     }
 
@@ -420,6 +423,11 @@ impl EpilogueBufs {
             a.trajectory_token_offsets = g.trajectory_token_offsets.as_ptr();
             a.token_advantage = self.token_advantage.as_mut_ptr();
         }
+        if let Some(width) = g.pad_width {
+            a.padded_advantage = self.padded_advantage.as_mut_ptr();
+            a.pad_offset = g.pad_offset.as_ptr();
+            a.pad_width = width as i64;
+        }
     }
 
     fn into_output(self, rows: RowOutputs, layout: Option<&Layout>) -> Output {
@@ -434,6 +442,7 @@ impl EpilogueBufs {
             intrinsic_std: self.scalars[1],
             magnitude_ratio: self.scalars[2],
             token_advantage: g.turn_credit_start.as_ref().map(|_| self.token_advantage),
+            padded_advantage: g.pad_width.map(|_| self.padded_advantage),
         });
         Output { rows, turn_info: layout.map(|_| self.turn_info), advantages }
     }

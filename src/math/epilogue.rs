@@ -192,6 +192,8 @@ pub fn advantages(info: &[f64], layout: &Layout, params: &Params) -> Result<Adva
         total_tokens,
         trajectory_token_offsets,
         turn_credit_start,
+        pad_width,
+        pad_offset,
     } = groups;
     let n_groups = group_trajectory_offsets.len() - 1;
     let eps = params.eps;
@@ -309,6 +311,16 @@ pub fn advantages(info: &[f64], layout: &Layout, params: &Params) -> Result<Adva
         }
         out
     });
+    let padded_advantage = token_advantage.as_ref().zip(*pad_width).map(|(tokens, width)| {
+        let width = width as usize;
+        let mut out = vec![0.0; trajectory_advantage.len() * width];
+        for (i, &o) in pad_offset.iter().enumerate() {
+            let (lo, hi) = (trajectory_token_offsets[i] as usize, trajectory_token_offsets[i + 1] as usize);
+            let at = i * width + o as usize;
+            out[at..at + hi - lo].copy_from_slice(&tokens[lo..hi]);
+        }
+        out
+    });
 
     Ok(Advantages {
         turn_intrinsic,
@@ -320,6 +332,7 @@ pub fn advantages(info: &[f64], layout: &Layout, params: &Params) -> Result<Adva
         intrinsic_std,
         magnitude_ratio,
         token_advantage,
+        padded_advantage,
     })
 }
 

@@ -544,7 +544,7 @@ fn hidden_batch<'a, T: infopo_kernels::LogitElement>(
     )
     .unwrap();
     let b = data.as_batch();
-    HiddenBatch { tensors, targets: b.targets, turns: b.turns, trajectories: b.trajectories, credit_start: None }
+    HiddenBatch { tensors, targets: b.targets, turns: b.turns, trajectories: b.trajectories, credit_start: None, padding: None }
 }
 
 #[test]

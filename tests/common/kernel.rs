@@ -984,18 +984,29 @@ pub fn token_advantages_match_oracle(b: &dyn Backend, cases: u64) {
         let plain = Batch::rows(Logits::new(&real, n, v).unwrap(), Logits::new(&masked, n, v).unwrap(), &targets)
             .with_turns(l.layout.turns())
             .with_trajectories(l.layout.trajectories());
-        let batch = plain.with_credit_start(&l.starts);
+        // The padded [B, L] output as well: each trajectory at a random offset (or at 0) of rows
+        // up to 3 columns wider than the widest.
+        let tokens = &l.layout.trajectories().tokens;
+        let offsets: Vec<u32> = tokens.iter().map(|_| rng.gen_range(0..4u32)).collect();
+        let offsets = (case % 2 == 1).then_some(&offsets[..]);
+        let at = |i: usize| offsets.map_or(0, |o| o[i]);
+        let width = (0..tokens.len()).map(|i| at(i) + tokens[i]).max().unwrap_or(0) + rng.gen_range(0..4u32);
+        let batch = plain.with_credit_start(&l.starts).with_padding(width, offsets);
         let cut = rng.gen_range(0..=n);
         for params in gate_params() {
             let what = format!("{} case {case} N={n} V={v} {params:?}", b.name());
             let out = b.compute(&batch, &params).unwrap_or_else(|e| panic!("{what}: {e}"));
             let est = epilogue_feed(b, &out, params.estimator, &rf, &mf, &targets, 1.0);
             check_token_advantage(&out, &est, &l.layout.turns(), &l.layout.trajectories(), &l.starts, &params);
+            check_padded(&out, tokens, width, offsets, &what);
             let micro = b.compute_micro_batched(&batch, &params, &[cut, cut, n]).unwrap();
             let est = epilogue_feed(b, &micro, params.estimator, &rf, &mf, &targets, 1.0);
             check_token_advantage(&micro, &est, &l.layout.turns(), &l.layout.trajectories(), &l.starts, &params);
-            let none = b.compute(&plain, &params).unwrap();
-            assert!(none.advantages.unwrap().token_advantage.is_none(), "{what}");
+            check_padded(&micro, tokens, width, offsets, &what);
+            let none = b.compute(&plain, &params).unwrap().advantages.unwrap();
+            assert!(none.token_advantage.is_none() && none.padded_advantage.is_none(), "{what}");
+            let unpadded = b.compute(&plain.with_credit_start(&l.starts), &params).unwrap().advantages.unwrap();
+            assert!(unpadded.padded_advantage.is_none(), "{what}");
         }
     }
 }
@@ -1072,4 +1083,23 @@ pub fn bad_credit_spans_are_typed(b: &dyn Backend) {
     assert!(matches!(e, Err(Error::Trajectories { .. })), "{e:?}");
     let e = b.compute(&batch.with_credit_start(&[0, 0]), &p);
     assert!(matches!(e, Err(Error::Turns { .. })), "{e:?}");
+}
+
+/// `padded_advantage` is `token_advantage` scattered into `[B, width]` rows at `offsets` (0
+/// without), zero elsewhere: bit for bit, written independently of the backend.
+#[track_caller]
+pub fn check_padded(out: &Output, tokens: &[u32], width: u32, offsets: Option<&[u32]>, what: &str) {
+    let a = out.advantages.as_ref().unwrap();
+    let (m, got) = (a.token_advantage.as_ref().unwrap(), a.padded_advantage.as_ref().expect("padded_advantage"));
+    let w = width as usize;
+    let mut want = vec![0.0; tokens.len() * w];
+    let mut k = 0;
+    for (i, &n) in tokens.iter().enumerate() {
+        let o = offsets.map_or(0, |o| o[i] as usize);
+        want[i * w + o..i * w + o + n as usize].copy_from_slice(&m[k..k + n as usize]);
+        k += n as usize;
+    }
+    assert_eq!(got.len(), want.len(), "{what}: padded length");
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(got), bits(&want), "{what}: padded_advantage is not token_advantage scattered");
 }

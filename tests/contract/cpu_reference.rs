@@ -402,6 +402,7 @@ fn layout_errors() {
         turns: None,
         trajectories: Some(Trajectories { group: &[0], outcome: &[0.0], tokens: &[2] }),
         credit_start: None,
+        padding: None,
     };
     assert!(matches!(Cpu.compute(&b, &Params::default()), Err(Error::Trajectories { .. })));
 }
