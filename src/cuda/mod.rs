@@ -292,6 +292,7 @@ impl CudaBackend {
                 turns: up32(&g.group_turns)?,
                 token_offsets: s.clone_htod(&g.trajectory_token_offsets).map_err(cuda_err)?,
                 credit_start: g.turn_credit_start.as_ref().map(|v| up32(v)).transpose()?,
+                pad_offset: g.pad_width.map(|_| up32(&g.pad_offset)).transpose()?,
             }),
         };
         Ok(DeviceLayout {
@@ -313,6 +314,8 @@ impl CudaBackend {
         let trajectories = groups.map_or(0, |g| g.trajectory_group.len());
         // [M] only when the layout has credit starts (the kernel writes it then).
         let tokens = groups.filter(|g| g.turn_credit_start.is_some()).map_or(0, |g| g.total_tokens as usize);
+        // [B × L] only when the layout asks for the padded output.
+        let padded = groups.and_then(|g| g.pad_width).map_or(0, |w| trajectories * w as usize);
         Ok(DeviceBatch {
             layout,
             params: *params,
@@ -325,6 +328,7 @@ impl CudaBackend {
             traj_gate: zeros(trajectories)?,
             scalars: zeros(3)?,
             token_advantage: zeros(tokens)?,
+            padded_advantage: zeros(padded)?,
             rows_seen: 0,
             finalized: false,
             epilogue_shape: (Dtype::F32, 1),
@@ -536,6 +540,12 @@ impl CudaBackend {
                     args.trajectory_token_offsets = a as *const u64;
                     guards.push(g);
                 }
+                if let (Some(offset), Some(width)) = (&d.pad_offset, h.pad_width) {
+                    let (a, g) = offset.device_ptr(s);
+                    args.pad_offset = a as *const u32;
+                    args.pad_width = width as i64;
+                    guards.push(g);
+                }
             }
         }
         let mut out_guards = Vec::new();
@@ -555,6 +565,11 @@ impl CudaBackend {
         if !args.turn_credit_start.is_null() {
             let (a, g) = batch.token_advantage.device_ptr_mut(s);
             args.token_advantage = a as *mut f64;
+            out_guards.push(g);
+        }
+        if !args.pad_offset.is_null() {
+            let (a, g) = batch.padded_advantage.device_ptr_mut(s);
+            args.padded_advantage = a as *mut f64;
             out_guards.push(g);
         }
         // SAFETY: every pointer in `args` is a live device buffer of the documented length on
@@ -640,6 +655,8 @@ struct DeviceGroups {
     token_offsets: CudaSlice<u64>,
     /// `[T]` with credit starts.
     credit_start: Option<CudaSlice<u32>>,
+    /// `[B]` with the padded output.
+    pad_offset: Option<CudaSlice<u32>>,
 }
 
 /// A validated turn/trajectory layout on the device.
@@ -678,6 +695,9 @@ pub struct DeviceBatch<'l> {
     /// (`layout::credit_spans`); trajectory i's tokens start at Σ_{j<i} tokens_j. A
     /// one-element placeholder otherwise.
     pub token_advantage: CudaSlice<f64>,
+    /// `[B × L]` the padded token output after finalisation, when the layout asks for it
+    /// ([`Layout::with_padding`]); a one-element placeholder otherwise.
+    pub padded_advantage: CudaSlice<f64>,
     rows_seen: usize,
     finalized: bool,
     /// (dtype, vocab) of the last launch with rows: the block size of [`CudaBackend::finish`].
@@ -738,6 +758,10 @@ impl DeviceBatch<'_> {
                     magnitude_ratio: scalars[2],
                     token_advantage: match g.turn_credit_start {
                         Some(_) => Some(down(&self.token_advantage, g.total_tokens as usize)?),
+                        None => None,
+                    },
+                    padded_advantage: match g.pad_width {
+                        Some(w) => Some(down(&self.padded_advantage, b * w as usize)?),
                         None => None,
                     },
                 })
