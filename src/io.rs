@@ -42,6 +42,11 @@ pub const TRAJECTORY_TENSORS: [&str; 3] = ["trajectory_group", "trajectory_token
 pub const CREDIT_START_TENSOR: &str = "turn_credit_start";
 /// Per-token output `[M]`, written with [`CREDIT_START_TENSOR`].
 pub const TOKEN_OUTPUT: &str = "token_advantage";
+/// Optional input `[B]`: each trajectory's first column in the padded output (needs a padded
+/// width: [`crate::OwnedBatch::pad_width`], CLI `--pad-width`).
+pub const PAD_OFFSET_TENSOR: &str = "trajectory_pad_offset";
+/// The padded token output `[B, L]`, written with a padded width.
+pub const PADDED_OUTPUT: &str = "token_advantage_padded";
 /// Per-row outputs, `[N]`.
 /// The row outputs' tensor names: `row_` and [`crate::RowOutputs::NAMES`], in that order.
 pub const ROW_OUTPUTS: [&str; 5] = ["row_lse_real", "row_lse_masked", "row_log_ratio", "row_kl", "row_entropy_real"];
@@ -196,6 +201,8 @@ fn parse_logits(file: &File<'_, '_>, map: Option<&Arc<Mmap>>) -> Result<OwnedBat
         turns: layout.turns,
         trajectories: layout.trajectories,
         credit_start: layout.credit_start,
+        pad_width: None,
+        pad_offset: layout.pad_offset,
     })
 }
 
@@ -248,6 +255,8 @@ fn parse_hidden(file: &File<'_, '_>, map: Option<&Arc<Mmap>>) -> Result<OwnedHid
         turns: layout.turns,
         trajectories: layout.trajectories,
         credit_start: layout.credit_start,
+        pad_width: None,
+        pad_offset: layout.pad_offset,
     })
 }
 
@@ -257,6 +266,7 @@ struct FileLayout {
     turns: Option<TurnBuf>,
     trajectories: Option<TrajectoryBuf>,
     credit_start: Option<Vec<u32>>,
+    pad_offset: Option<Vec<u32>>,
 }
 
 fn parse_layout(file: &File<'_, '_>, targets: &TensorView<'_>, map: Option<&Arc<Mmap>>) -> Result<FileLayout> {
@@ -291,7 +301,8 @@ fn parse_layout(file: &File<'_, '_>, targets: &TensorView<'_>, map: Option<&Arc<
     };
     // Checked against the turns and trajectories by the backends (`layout::batch`).
     let credit_start = file.get(CREDIT_START_TENSOR).map(|v| indices(CREDIT_START_TENSOR, &v)).transpose()?;
-    Ok(FileLayout { targets, turns, trajectories, credit_start })
+    let pad_offset = file.get(PAD_OFFSET_TENSOR).map(|v| indices(PAD_OFFSET_TENSOR, &v)).transpose()?;
+    Ok(FileLayout { targets, turns, trajectories, credit_start, pad_offset })
 }
 
 struct File<'a, 'd> {
@@ -493,6 +504,12 @@ pub fn write_output(path: impl AsRef<Path>, output: &Output) -> Result<()> {
         if let Some(tokens) = &a.token_advantage {
             tensors.push(f64_as_f32(TOKEN_OUTPUT, tokens));
         }
+        if let Some(padded) = &a.padded_advantage {
+            let b = a.trajectory_advantage.len();
+            let mut t = f64_as_f32(PADDED_OUTPUT, padded);
+            t.shape = vec![b, padded.len() / b.max(1)];
+            tensors.push(t);
+        }
     }
     write_tensors(path.as_ref(), tensors)
 }
@@ -506,7 +523,12 @@ pub fn write_input(path: impl AsRef<Path>, batch: &Batch<'_>) -> Result<()> {
         logit_tensor(LOGIT_TENSORS[1], &batch.masked),
         i64_tensor("targets", batch.targets.iter().copied()),
     ];
-    tensors.extend(layout_tensors(batch.turns.as_ref(), batch.trajectories.as_ref(), batch.credit_start));
+    tensors.extend(layout_tensors(
+        batch.turns.as_ref(),
+        batch.trajectories.as_ref(),
+        batch.credit_start,
+        batch.padding,
+    ));
     write_tensors(path.as_ref(), tensors)
 }
 
@@ -522,7 +544,12 @@ pub fn write_hidden_input(path: impl AsRef<Path>, batch: &HiddenBatch<'_>) -> Re
         float_tensor(HIDDEN_TENSORS[2], t.lm_head(), vec![v, d]),
         i64_tensor("targets", batch.targets.iter().copied()),
     ];
-    tensors.extend(layout_tensors(batch.turns.as_ref(), batch.trajectories.as_ref(), batch.credit_start));
+    tensors.extend(layout_tensors(
+        batch.turns.as_ref(),
+        batch.trajectories.as_ref(),
+        batch.credit_start,
+        batch.padding,
+    ));
     write_tensors(path.as_ref(), tensors)
 }
 
@@ -531,6 +558,7 @@ fn layout_tensors(
     turns: Option<&crate::Turns<'_>>,
     trajectories: Option<&crate::Trajectories<'_>>,
     credit_start: Option<&[u32]>,
+    padding: Option<crate::Padding<'_>>,
 ) -> Vec<Out<'static>> {
     let u32s = |name, v: &[u32]| i64_tensor(name, v.iter().map(|&x| x as i64));
     let mut tensors = Vec::new();
@@ -556,6 +584,10 @@ fn layout_tensors(
     }
     if let Some(starts) = credit_start {
         tensors.push(u32s(CREDIT_START_TENSOR, starts));
+    }
+    // The width is the caller's choice at compute time (`--pad-width`), not part of the file.
+    if let Some(offset) = padding.and_then(|p| p.offset) {
+        tensors.push(u32s(PAD_OFFSET_TENSOR, offset));
     }
     tensors
 }

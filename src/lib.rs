@@ -104,8 +104,8 @@ pub use conversation::Conversation;
 pub use cpu::Cpu;
 pub use data::{
     Advantages, Batch, BatchLayout, Dtype, Elements, GroupLayout, HiddenBatch, HiddenInputs, HiddenTensors, Layout,
-    LayoutBuilder, LogitBuf, LogitData, LogitElement, Logits, Output, OwnedBatch, OwnedHiddenBatch, Padding, RowOutputs,
-    Trajectories, TrajectoryBuf, TurnBuf, Turns,
+    LayoutBuilder, LogitBuf, LogitData, LogitElement, Logits, Output, OwnedBatch, OwnedHiddenBatch, Padding,
+    RowOutputs, Trajectories, TrajectoryBuf, TurnBuf, Turns,
 };
 pub use error::{Error, Result, RowErrorKind};
 /// The `f16`/`bf16` element types of [`LogitData`] and [`OwnedBatch`], re-exported so that a

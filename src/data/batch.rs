@@ -48,11 +48,23 @@ macro_rules! layout_setters {
             turns: &'a Option<TurnBuf>,
             trajectories: &'a Option<TrajectoryBuf>,
             credit_start: &'a Option<Vec<u32>>,
-        ) -> Self {
+            pad_width: Option<u32>,
+            pad_offset: &'a Option<Vec<u32>>,
+        ) -> Result<Self> {
             self.turns = turns.as_ref().map(TurnBuf::as_turns);
             self.trajectories = trajectories.as_ref().map(TrajectoryBuf::as_trajectories);
             self.credit_start = credit_start.as_deref();
-            self
+            self.padding = match (pad_width, pad_offset) {
+                (Some(width), offset) => Some(Padding { width, offset: offset.as_deref() }),
+                (None, None) => None,
+                (None, Some(_)) => {
+                    return Err(Error::trajectories(
+                        "pad offsets (pad_offset, file tensor trajectory_pad_offset) need a padded width \
+                         (pad_width, CLI --pad-width)",
+                    ))
+                }
+            };
+            Ok(self)
         }
     };
 }
@@ -155,6 +167,11 @@ pub struct OwnedBatch {
     /// `[T]` first credited token of each turn (see [`Batch::credit_start`]); needs
     /// `trajectories`.
     pub credit_start: Option<Vec<u32>>,
+    /// L of the padded `[B, L]` token output (see [`Batch::padding`]); `None`: not asked for.
+    pub pad_width: Option<u32>,
+    /// `[B]` each trajectory's first column in the padded output (0 each without); needs
+    /// `pad_width`.
+    pub pad_offset: Option<Vec<u32>>,
 }
 
 impl OwnedBatch {
@@ -176,6 +193,8 @@ impl OwnedBatch {
             turns: None,
             trajectories: None,
             credit_start: None,
+            pad_width: None,
+            pad_offset: None,
         };
         let batch = OwnedBatch { rows: batch.targets.len(), ..batch };
         batch.as_batch()?;
@@ -193,7 +212,7 @@ impl OwnedBatch {
         let real = Logits::from_data(self.real.as_data(), self.rows, self.vocab)?;
         let masked = Logits::from_data(self.masked.as_data(), self.rows, self.vocab)?;
         let batch = Batch::rows(real, masked, self.targets.as_slice());
-        Ok(batch.with_owned_layout(&self.turns, &self.trajectories, &self.credit_start))
+        batch.with_owned_layout(&self.turns, &self.trajectories, &self.credit_start, self.pad_width, &self.pad_offset)
     }
 
     /// Bytes of logits the batch holds (both tensors).
@@ -423,7 +442,13 @@ impl<'a> HiddenBatch<'a> {
                 self.tensors.rows
             )));
         }
-        crate::data::layout::batch_layout(self.tensors.rows, self.turns, self.trajectories, self.credit_start, self.padding)
+        crate::data::layout::batch_layout(
+            self.tensors.rows,
+            self.turns,
+            self.trajectories,
+            self.credit_start,
+            self.padding,
+        )
     }
 }
 
@@ -449,6 +474,11 @@ pub struct OwnedHiddenBatch {
     pub trajectories: Option<TrajectoryBuf>,
     /// Needs `trajectories`.
     pub credit_start: Option<Vec<u32>>,
+    /// L of the padded `[B, L]` token output (see [`Batch::padding`]); `None`: not asked for.
+    pub pad_width: Option<u32>,
+    /// `[B]` each trajectory's first column in the padded output (0 each without); needs
+    /// `pad_width`.
+    pub pad_offset: Option<Vec<u32>>,
 }
 
 impl OwnedHiddenBatch {
@@ -475,6 +505,8 @@ impl OwnedHiddenBatch {
             turns: None,
             trajectories: None,
             credit_start: None,
+            pad_width: None,
+            pad_offset: None,
         };
         batch.as_batch()?;
         Ok(batch)
@@ -494,6 +526,6 @@ impl OwnedHiddenBatch {
             self.vocab,
         )?;
         let batch = HiddenBatch::rows(tensors, self.targets.as_slice());
-        Ok(batch.with_owned_layout(&self.turns, &self.trajectories, &self.credit_start))
+        batch.with_owned_layout(&self.turns, &self.trajectories, &self.credit_start, self.pad_width, &self.pad_offset)
     }
 }

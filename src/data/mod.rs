@@ -8,6 +8,8 @@ pub(crate) mod logits;
 pub(crate) mod output;
 
 pub use batch::{Batch, HiddenBatch, HiddenInputs, HiddenTensors, OwnedBatch, OwnedHiddenBatch};
-pub use layout::{BatchLayout, GroupLayout, Layout, LayoutBuilder, Padding, Trajectories, TrajectoryBuf, TurnBuf, Turns};
+pub use layout::{
+    BatchLayout, GroupLayout, Layout, LayoutBuilder, Padding, Trajectories, TrajectoryBuf, TurnBuf, Turns,
+};
 pub use logits::{Dtype, Elements, LogitBuf, LogitData, LogitElement, Logits};
 pub use output::{Advantages, Output, RowOutputs};

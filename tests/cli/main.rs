@@ -47,7 +47,12 @@ fn check_output(path: &Path, want: &Output) {
         if let Some(tokens) = &a.token_advantage {
             expected.push(("token_advantage", f(tokens)));
         }
+        if let Some(padded) = &a.padded_advantage {
+            expected.push(("token_advantage_padded", f(padded)));
+        }
     }
+    // [B, L] for the padded output, [len] for the others.
+    let b = want.advantages.as_ref().map_or(0, |a| a.trajectory_advantage.len());
     let mut names: Vec<String> = st.names().into_iter().cloned().collect();
     names.sort();
     let mut want_names: Vec<String> = expected.iter().map(|(n, _)| n.to_string()).collect();
@@ -56,7 +61,8 @@ fn check_output(path: &Path, want: &Output) {
     for (name, values) in expected {
         let t = st.tensor(name).unwrap();
         assert_eq!(t.dtype(), Dtype::F32, "{name}");
-        assert_eq!(t.shape(), [values.len()], "{name}");
+        let shape = if name == "token_advantage_padded" { vec![b, values.len() / b] } else { vec![values.len()] };
+        assert_eq!(t.shape(), shape, "{name}");
         let got: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         assert_eq!(got, values, "{name}");
     }
@@ -511,6 +517,80 @@ fn credit_starts_give_token_advantage_and_bad_spans_exit_2() {
     expect_bad_input(dir.path(), &input, &["turn_credit_start", "needs trajectories"]);
 }
 
+/// `--pad-width L` makes `compute` write `token_advantage_padded` [B, L] as the library computes
+/// it (trajectories at the file's `trajectory_pad_offset`, or at 0), on the cpu and the emulated
+/// kernel; a width a trajectory does not fit, offsets without `--pad-width`, offsets of the wrong
+/// length or padding without credit starts exit 2 with no output file.
+#[test]
+fn pad_width_gives_the_padded_output_and_bad_padding_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    let output = dir.path().join("out.safetensors");
+    let offsets = |v: &[i64]| Some((Dtype::I64, vec![v.len()], i64_bytes(v)));
+    let mut good = raw_batch();
+    good.push(("turn_credit_start", Dtype::I64, vec![3], i64_bytes(&[0, 3, 2])));
+    // Trajectories of 10 and 12 agent tokens: at columns 3 and 0 of rows of 13.
+    let mut padded = good.clone();
+    padded.push(("trajectory_pad_offset", Dtype::I64, vec![2], i64_bytes(&[3, 0])));
+    for (file, width, offset) in [(&good, 12u32, None), (&padded, 13, Some(&[3u32, 0][..]))] {
+        raw_file(&input, file);
+        let mut batch = io::read_input(&input).unwrap();
+        assert_eq!(batch.pad_offset.as_deref(), offset);
+        batch.pad_width = Some(width);
+        let want = Cpu.compute(&batch.as_batch().unwrap(), &Params::default()).unwrap();
+        assert_eq!(want.advantages.as_ref().unwrap().padded_advantage.as_ref().map(Vec::len), Some(2 * width as usize));
+        for backend in ["cpu", "emulated"] {
+            let run =
+                infopo(&["compute", s(&input), s(&output), "--backend", backend, "--pad-width", &width.to_string()]);
+            assert!(run.status.success(), "{backend}: {}", stderr(&run));
+            if backend == "cpu" {
+                check_output(&output, &want);
+            }
+            // Every backend: the [B, L] tensor is the file's [M] tensor scattered at the offsets.
+            let bytes = std::fs::read(&output).unwrap();
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            let f32s = |name| -> (Vec<usize>, Vec<f32>) {
+                let t = st.tensor(name).unwrap();
+                (
+                    t.shape().to_vec(),
+                    t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+                )
+            };
+            let ((_, tokens), (shape, got)) = (f32s("token_advantage"), f32s("token_advantage_padded"));
+            assert_eq!(shape, [2, width as usize], "{backend}");
+            let mut scattered = vec![0.0f32; 2 * width as usize];
+            let at = |i: usize| offset.map_or(0, |o| o[i] as usize);
+            scattered[at(0)..at(0) + 10].copy_from_slice(&tokens[..10]);
+            scattered[width as usize + at(1)..width as usize + at(1) + 12].copy_from_slice(&tokens[10..]);
+            assert_eq!(got, scattered, "{backend}");
+            std::fs::remove_file(&output).unwrap();
+        }
+    }
+    let bad_run = |file: &[(&str, Dtype, Vec<usize>, Vec<u8>)], width: Option<&str>, needles: &[&str]| {
+        raw_file(&input, file);
+        let mut args = vec!["compute", s(&input), s(&output), "--backend", "emulated"];
+        args.extend(width.map(|w| ["--pad-width", w]).into_iter().flatten());
+        let run = infopo(&args);
+        let err = stderr(&run);
+        assert_eq!(run.status.code(), Some(2), "{err}");
+        for needle in needles {
+            assert!(err.contains(needle), "`{needle}` not in: {err}");
+        }
+        assert!(!output.exists(), "OUT left behind");
+    };
+    bad_run(&padded, Some("12"), &["trajectory 0's 10 agent tokens at offset 3 do not fit the padded width L = 12"]);
+    bad_run(&good, Some("11"), &["trajectory 1's 12 agent tokens at offset 0 do not fit the padded width L = 11"]);
+    bad_run(&padded, None, &["trajectory_pad_offset", "--pad-width"]);
+    bad_run(
+        &with(padded.clone(), "trajectory_pad_offset", offsets(&[0, 0, 0])),
+        Some("20"),
+        &["3 entries for 2 trajectories"],
+    );
+    let mut no_starts = good.clone();
+    no_starts.retain(|t| t.0 != "turn_credit_start");
+    bad_run(&no_starts, Some("20"), &["padded [B, L] output", "needs trajectories and credit starts"]);
+}
+
 // ------------------------------------------------------------------------------------------
 // Fused-linear files: hidden states and the lm_head weight instead of logits.
 
@@ -544,7 +624,14 @@ fn hidden_batch<'a, T: infopo_kernels::LogitElement>(
     )
     .unwrap();
     let b = data.as_batch();
-    HiddenBatch { tensors, targets: b.targets, turns: b.turns, trajectories: b.trajectories, credit_start: None, padding: None }
+    HiddenBatch {
+        tensors,
+        targets: b.targets,
+        turns: b.turns,
+        trajectories: b.trajectories,
+        credit_start: None,
+        padding: None,
+    }
 }
 
 #[test]

@@ -7,11 +7,15 @@ use infopo_kernels::io::{self, Input};
 use std::path::Path;
 use std::time::Instant;
 
-pub fn run(input: &Path, output: &Path, run: &RunArgs) -> Outcome {
+pub fn run(input: &Path, output: &Path, pad_width: Option<u32>, run: &RunArgs) -> Outcome {
     let params = run.params();
     params.validate()?;
     let backend = open(run.backend)?;
-    let data = io::read_any_input(input)?;
+    let mut data = io::read_any_input(input)?;
+    match &mut data {
+        Input::Logits(d) => d.pad_width = pad_width,
+        Input::Hidden(d) => d.pad_width = pad_width,
+    }
     let start = Instant::now();
     // The outputs, what the file holds, and its turn and trajectory counts.
     let (out, what, turns, trajectories) = match &data {

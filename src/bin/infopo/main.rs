@@ -52,6 +52,11 @@ enum Command {
         input: PathBuf,
         /// Output safetensors file, written atomically.
         output: PathBuf,
+        /// Also write the padded [B, L] token output `token_advantage_padded` with rows of this
+        /// width L: trajectory i's agent tokens from column `trajectory_pad_offset[i]` (a file
+        /// tensor; 0 without it), zeros elsewhere. Needs `turn_credit_start`.
+        #[arg(long)]
+        pad_width: Option<u32>,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -88,7 +93,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         None => main_job::run(),
-        Some(Command::Compute { input, output, run }) => compute::run(&input, &output, &run),
+        Some(Command::Compute { input, output, pad_width, run }) => compute::run(&input, &output, pad_width, &run),
         Some(Command::Verify { input, run }) => verify::run(&input, &run),
         Some(Command::Bench(args)) => bench::run(&args),
     };
