@@ -20,13 +20,13 @@ const ROWS: usize = 6;
 const VOCAB: usize = 7;
 
 /// 6 rows in 3 turns of 2 trajectories (groups 5 and 3, so the dense ids matter), with credit
-/// starts: the layout `validate` builds.
+/// starts and a padded output of width 8: the layout `validate` builds.
 fn valid_layout() -> Layout {
     let turns = Turns { offsets: &[0, 2, 3, 6], trajectory: &[0, 1, 1], credit_tokens: &[2, 1, 3] };
     let trajectories = Trajectories { group: &[5, 3], outcome: &[1.0, 0.25], tokens: &[4, 6] };
     let mut layout = infopo_kernels::Layout::new(ROWS, &turns, Some(&trajectories)).unwrap();
     layout = layout.with_credit_start(&[1, 0, 2]).unwrap();
-    layout
+    layout.with_padding(infopo_kernels::Padding { width: 8, offset: Some(&[4, 2]) }).unwrap()
 }
 
 /// Hand edits of the valid layout, each breaking one invariant the epilogues rely on.
@@ -65,6 +65,11 @@ fn broken_layouts() -> Vec<(&'static str, Layout)> {
         ),
         ("credit starts missing", edit(|l| l.groups.as_mut().unwrap().turn_credit_start.as_mut().unwrap().truncate(1))),
         ("overlapping credit spans", edit(|l| l.groups.as_mut().unwrap().turn_credit_start.as_mut().unwrap()[1] = 2)),
+        ("a padded width a trajectory does not fit", edit(|l| l.groups.as_mut().unwrap().pad_width = Some(7))),
+        ("a pad offset past the width", edit(|l| l.groups.as_mut().unwrap().pad_offset[1] = 3)),
+        ("pad offsets missing", edit(|l| l.groups.as_mut().unwrap().pad_offset.truncate(1))),
+        ("pad offsets without a width", edit(|l| l.groups.as_mut().unwrap().pad_width = None)),
+        ("padding without credit starts", edit(|l| l.groups.as_mut().unwrap().turn_credit_start = None)),
     ]
 }
 
