@@ -1,9 +1,7 @@
 //! The CUDA half of the candle adapter: candle's stream, candle's buffers, the device API of
 //! [`crate::cuda`]. Inputs are read in place and the outputs are candle device buffers.
 
-use super::{
-    contiguous_range, AdvantageTensors, BatchOutput, HiddenShape, HiddenStates, InputShape, Trajectories, Turns,
-};
+use super::{contiguous_range, AdvantageTensors, BatchOutput, CallLayout, HiddenShape, HiddenStates, InputShape};
 use crate::cuda::fused::DeviceHiddenInputs;
 use crate::cuda::{CudaBackend, DeviceBatch};
 use crate::data::layout::{self, Layout};
@@ -171,16 +169,12 @@ pub(super) fn compute(
     device: &CudaDevice,
     targets: &Tensor,
     inputs: &impl Inputs,
-    turns: Turns<'_>,
-    trajectories: Option<Trajectories<'_>>,
-    credit_start: Option<&[u32]>,
+    call: CallLayout<'_>,
     params: &Params,
 ) -> Result<BatchOutput> {
     let rows = inputs.rows();
-    let mut layout = layout::layout(rows, &turns, trajectories.as_ref())?;
-    if let Some(starts) = credit_start {
-        layout::credit_spans(&mut layout, starts)?;
-    }
+    let layout = layout::batch_layout(rows, Some(call.turns), call.trajectories, call.credit_start, call.padding)?
+        .unwrap_or_default();
     let backend = CudaBackend::shared(&device.cuda_stream())?;
     let device_layout = backend.upload_layout(&layout)?;
     let mut batch = backend.begin(Some(&device_layout), params)?;
@@ -203,6 +197,10 @@ fn batch_output(
         Some(g) => Some(AdvantageTensors {
             token_advantage: match g.turn_credit_start {
                 Some(_) => Some(wrap(batch.token_advantage, g.total_tokens as usize, device)?),
+                None => None,
+            },
+            padded_advantage: match g.pad_width {
+                Some(w) => Some(wrap(batch.padded_advantage, b * w as usize, device)?.reshape((b, w as usize))?),
                 None => None,
             },
             turn_intrinsic: wrap(batch.turn_intrinsic, t, device)?,

@@ -3,6 +3,8 @@
 //! - [`score_rows`]: the per-row outputs of two `[N, V]` logit tensors as one `[5, N]` F32
 //!   tensor (rows in the order of [`RowOutputs::NAMES`]);
 //! - [`compute`]: a whole batch (rows, turns, trajectories) as a [`BatchOutput`] of tensors;
+//!   [`compute_layout`] the same from a [`BatchLayout`] whole (e.g. a [`crate::Conversation`]'s,
+//!   credit starts and the padded `[B, L]` output included);
 //! - [`score_hidden_rows`] and [`compute_hidden`]: the same from the last hidden states and the
 //!   lm_head weight ([`HiddenStates`]), the logits never stored (the fused linear path,
 //!   `docs/guide.md`): extra memory O(N·chunk), not O(N·V).
@@ -52,7 +54,8 @@
 use crate::backend::Backend;
 use crate::cpu::Cpu;
 use crate::data::{
-    Advantages, Batch, Dtype, HiddenBatch, HiddenTensors, LogitData, Logits, Output, RowOutputs, Trajectories, Turns,
+    Advantages, Batch, BatchLayout, Dtype, HiddenBatch, HiddenTensors, LogitData, Logits, Output, Padding, RowOutputs,
+    Trajectories, Turns,
 };
 use crate::error::{Error, Result};
 use crate::params::Params;
@@ -134,6 +137,9 @@ pub struct AdvantageTensors {
     /// `[M]` per-token advantage (M = Σ trajectory tokens, trajectory-major), present when
     /// [`compute`] was given credit starts.
     pub token_advantage: Option<Tensor>,
+    /// `[B, L]` the padded token output ([`Advantages::padded_advantage`]), present when the
+    /// layout asks for it ([`BatchLayout::with_padding`], [`compute_layout`]).
+    pub padded_advantage: Option<Tensor>,
 }
 
 impl BatchOutput {
@@ -161,6 +167,7 @@ impl BatchOutput {
                     intrinsic_std,
                     magnitude_ratio,
                     token_advantage: a.token_advantage.as_ref().map(f64s).transpose()?,
+                    padded_advantage: a.padded_advantage.as_ref().map(|t| f64s(&t.flatten_all()?)).transpose()?,
                 })
             }
         };
@@ -192,14 +199,59 @@ pub fn compute(
     credit_start: Option<&[u32]>,
     params: &Params,
 ) -> Result<BatchOutput> {
+    let layout = CallLayout { turns, trajectories, credit_start, padding: None };
+    compute_with(real, masked, targets, layout, params)
+}
+
+/// [`compute`] with a [`BatchLayout`] whole: its turns, trajectories, credit starts (a
+/// [`crate::Conversation`]'s has them) and padded output ([`BatchLayout::with_padding`]), which
+/// [`AdvantageTensors::padded_advantage`] then holds as a `[B, L]` tensor on the logits' device.
+pub fn compute_layout(
+    real: &Tensor,
+    masked: &Tensor,
+    targets: &Tensor,
+    layout: &BatchLayout,
+    params: &Params,
+) -> Result<BatchOutput> {
+    compute_with(real, masked, targets, CallLayout::of(layout)?, params)
+}
+
+/// The layout of one candle call, as [`Batch`] holds it.
+#[derive(Debug, Clone, Copy)]
+struct CallLayout<'a> {
+    turns: Turns<'a>,
+    trajectories: Option<Trajectories<'a>>,
+    credit_start: Option<&'a [u32]>,
+    padding: Option<Padding<'a>>,
+}
+
+impl<'a> CallLayout<'a> {
+    fn of(layout: &'a BatchLayout) -> Result<Self> {
+        Ok(CallLayout {
+            turns: layout.turns.as_turns(),
+            trajectories: Some(layout.trajectories.as_trajectories()),
+            credit_start: layout.credit_start.as_deref(),
+            padding: layout.padding()?,
+        })
+    }
+}
+
+fn compute_with(
+    real: &Tensor,
+    masked: &Tensor,
+    targets: &Tensor,
+    layout: CallLayout<'_>,
+    params: &Params,
+) -> Result<BatchOutput> {
     params.validate()?;
     let shape = check_inputs(real, masked, targets)?;
     match real.device() {
         Device::Cpu => {
             let out = with_cpu_inputs(real, masked, targets, &shape, |real, masked, targets| {
-                let mut batch = Batch::rows(real, masked, targets).with_turns(turns);
-                batch.trajectories = trajectories;
-                batch.credit_start = credit_start;
+                let mut batch = Batch::rows(real, masked, targets).with_turns(layout.turns);
+                batch.trajectories = layout.trajectories;
+                batch.credit_start = layout.credit_start;
+                batch.padding = layout.padding;
                 Cpu.compute(&batch, params)
             })?;
             output_tensors(&out, &Device::Cpu)
@@ -207,7 +259,7 @@ pub fn compute(
         #[cfg(feature = "cuda")]
         Device::Cuda(device) => {
             let inputs = cuda::Logits { real, masked, shape: &shape };
-            cuda::compute(device, targets, &inputs, turns, trajectories, credit_start, params)
+            cuda::compute(device, targets, &inputs, layout, params)
         }
         other => Err(no_backend(other)),
     }
@@ -386,6 +438,13 @@ fn output_tensors(out: &Output, device: &Device) -> Result<BatchOutput> {
             trajectory_gate: f64s(&a.trajectory_gate)?,
             batch_stats: f64s(&[a.outcome_std, a.intrinsic_std, a.magnitude_ratio])?,
             token_advantage: a.token_advantage.as_deref().map(f64s).transpose()?,
+            padded_advantage: match &a.padded_advantage {
+                Some(p) => {
+                    let b = a.trajectory_advantage.len();
+                    Some(Tensor::from_slice(p, (b, p.len() / b.max(1)), device)?)
+                }
+                None => None,
+            },
         }),
     };
     Ok(BatchOutput {
@@ -477,12 +536,41 @@ pub fn compute_hidden(
     params: &Params,
     chunk: usize,
 ) -> Result<BatchOutput> {
+    let layout = CallLayout { turns, trajectories, credit_start, padding: None };
+    compute_hidden_with(hidden, targets, layout, params, chunk)
+}
+
+/// [`compute_hidden`] with a [`BatchLayout`] whole, as [`compute_layout`] takes it.
+pub fn compute_hidden_layout(
+    hidden: &HiddenStates<'_>,
+    targets: &Tensor,
+    layout: &BatchLayout,
+    params: &Params,
+    chunk: usize,
+) -> Result<BatchOutput> {
+    compute_hidden_with(hidden, targets, CallLayout::of(layout)?, params, chunk)
+}
+
+fn compute_hidden_with(
+    hidden: &HiddenStates<'_>,
+    targets: &Tensor,
+    layout: CallLayout<'_>,
+    params: &Params,
+    chunk: usize,
+) -> Result<BatchOutput> {
     params.validate()?;
     let shape = check_hidden_inputs(hidden, targets)?;
     match hidden.real_hidden.device() {
         Device::Cpu => {
             let out = with_cpu_hidden(hidden, targets, &shape, |tensors, ids| {
-                let batch = HiddenBatch { tensors, targets: ids, turns: Some(turns), trajectories, credit_start };
+                let batch = HiddenBatch {
+                    tensors,
+                    targets: ids,
+                    turns: Some(layout.turns),
+                    trajectories: layout.trajectories,
+                    credit_start: layout.credit_start,
+                    padding: layout.padding,
+                };
                 Cpu.compute_hidden(&batch, params, chunk)
             })?;
             output_tensors(&out, &Device::Cpu)
@@ -490,7 +578,7 @@ pub fn compute_hidden(
         #[cfg(feature = "cuda")]
         Device::Cuda(device) => {
             let inputs = cuda::Hidden { h: hidden, shape: &shape, chunk };
-            cuda::compute(device, targets, &inputs, turns, trajectories, credit_start, params)
+            cuda::compute(device, targets, &inputs, layout, params)
         }
         other => Err(no_backend(other)),
     }

@@ -33,13 +33,14 @@ macro_rules! layout_setters {
             self
         }
 
-        /// The turns, trajectories and credit starts (where it has them) of `layout`, e.g. a
-        /// [`crate::Conversation`]'s.
-        pub fn with_layout(mut self, layout: &'a BatchLayout) -> Self {
+        /// The turns, trajectories, credit starts and padding (where it has them) of `layout`,
+        /// e.g. a [`crate::Conversation`]'s. Pad offsets without a width are an error here.
+        pub fn with_layout(mut self, layout: &'a BatchLayout) -> Result<Self> {
             self.turns = Some(layout.turns.as_turns());
             self.trajectories = Some(layout.trajectories.as_trajectories());
             self.credit_start = layout.credit_start.as_deref();
-            self
+            self.padding = layout.padding()?;
+            Ok(self)
         }
 
         /// The views of an owned batch's layout buffers, those present.
@@ -54,16 +55,7 @@ macro_rules! layout_setters {
             self.turns = turns.as_ref().map(TurnBuf::as_turns);
             self.trajectories = trajectories.as_ref().map(TrajectoryBuf::as_trajectories);
             self.credit_start = credit_start.as_deref();
-            self.padding = match (pad_width, pad_offset) {
-                (Some(width), offset) => Some(Padding { width, offset: offset.as_deref() }),
-                (None, None) => None,
-                (None, Some(_)) => {
-                    return Err(Error::trajectories(
-                        "pad offsets (pad_offset, file tensor trajectory_pad_offset) need a padded width \
-                         (pad_width, CLI --pad-width)",
-                    ))
-                }
-            };
+            self.padding = layout::padding_of(pad_width, pad_offset)?;
             Ok(self)
         }
     };
@@ -72,12 +64,14 @@ macro_rules! layout_setters {
 /// The layout setter of the two owned batches ([`OwnedBatch`], [`OwnedHiddenBatch`]).
 macro_rules! owned_layout_setters {
     () => {
-        /// Adds the turns, trajectories and credit starts (where it has them) of `layout`
-        /// (checked against the rows by the backends).
+        /// Adds the turns, trajectories, credit starts and padding (where it has them) of
+        /// `layout` (checked against the rows by the backends).
         pub fn with_layout(mut self, layout: BatchLayout) -> Self {
             self.turns = Some(layout.turns);
             self.trajectories = Some(layout.trajectories);
             self.credit_start = layout.credit_start;
+            self.pad_width = layout.pad_width;
+            self.pad_offset = layout.pad_offset;
             self
         }
     };

@@ -116,6 +116,11 @@ pub struct BatchLayout {
     /// `[T]` first credited token of each turn (see [`crate::Batch::credit_start`]): set by
     /// [`crate::Conversation`], `None` from [`LayoutBuilder`].
     pub credit_start: Option<Vec<u32>>,
+    /// L of the padded `[B, L]` token output (see [`Padding`]), set by
+    /// [`BatchLayout::with_padding`]; `None`: not asked for.
+    pub pad_width: Option<u32>,
+    /// `[B]` each trajectory's first column in the padded output (0 each without).
+    pub pad_offset: Option<Vec<u32>>,
 }
 
 impl BatchLayout {
@@ -127,11 +132,29 @@ impl BatchLayout {
     /// The validated form [`crate::math::epilogue::advantages`] and
     /// [`crate::math::epilogue::TurnAccumulator`] take (the two-stage form).
     pub fn validate(&self) -> Result<Layout> {
-        let layout = layout(self.rows(), &self.turns.as_turns(), Some(&self.trajectories.as_trajectories()))?;
-        match &self.credit_start {
-            Some(starts) => layout.with_credit_start(starts),
-            None => Ok(layout),
-        }
+        let padding = self.padding()?;
+        batch_layout(
+            self.rows(),
+            Some(self.turns.as_turns()),
+            Some(self.trajectories.as_trajectories()),
+            self.credit_start.as_deref(),
+            padding,
+        )
+        .map(|l| l.unwrap_or_default())
+    }
+
+    /// Asks for the padded `[B, L]` token output (see [`Padding`]): L = `width`, trajectory i's
+    /// tokens from column `offset[i]` (0 without `offset`). Checked by [`BatchLayout::validate`]
+    /// and the backends.
+    pub fn with_padding(mut self, width: u32, offset: Option<Vec<u32>>) -> Self {
+        self.pad_width = Some(width);
+        self.pad_offset = offset;
+        self
+    }
+
+    /// The padding the layout asks for, as a [`Padding`] view.
+    pub(crate) fn padding(&self) -> Result<Option<Padding<'_>>> {
+        padding_of(self.pad_width, &self.pad_offset)
     }
 }
 
@@ -341,6 +364,17 @@ pub(crate) fn batch_layout(
             }
             Ok(Some(out))
         }
+    }
+}
+
+/// The [`Padding`] of an owned layout's `pad_width` and `pad_offset`: offsets need a width.
+pub(crate) fn padding_of(width: Option<u32>, offset: &Option<Vec<u32>>) -> Result<Option<Padding<'_>>> {
+    match (width, offset) {
+        (Some(width), offset) => Ok(Some(Padding { width, offset: offset.as_deref() })),
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(Error::trajectories(
+            "pad offsets (pad_offset, file tensor trajectory_pad_offset) need a padded width (pad_width, CLI --pad-width)",
+        )),
     }
 }
 

@@ -905,3 +905,67 @@ mod on_cuda {
         assert!(e.to_string().contains("cpu") && e.to_string().contains("cuda:0"), "{e}");
     }
 }
+
+/// A conversation's layout, taken whole with a padded output (`compute_layout`,
+/// `compute_hidden_layout`), gives what the CPU backend gives for the same batch, with
+/// `padded_advantage` a `[B, L]` tensor; pad offsets without a width are the crate's error.
+#[test]
+fn layout_whole_with_padding_matches_the_cpu_backend() {
+    use infopo_kernels::candle::{compute_hidden_layout, compute_layout};
+    use infopo_kernels::{Batch, Conversation, Cpu, HiddenBatch, HiddenTensors, LogitData, Logits};
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    let mut conv = Conversation::new();
+    let turns: [&[u32]; 4] = [&[3, 2, 4], &[5], &[1, 6, 2, 3], &[2, 2]];
+    for (i, t) in turns.iter().enumerate() {
+        let i = conv.trajectory((i % 2) as u32, rng.below(2) as f64, t) as usize;
+        for k in 0..t.len() - 1 {
+            conv.feedback(i as u32, k as u32).unwrap();
+        }
+    }
+    let offsets = vec![1, 0, 2, 5];
+    let layout = conv.build().unwrap().with_padding(14, Some(offsets.clone()));
+    let (rows, vocab, d) = (layout.rows(), 29, 6);
+    let real = random_matrix(&mut rng, rows, vocab, 2.0, DType::F32);
+    let masked = perturbed(&mut rng, &real);
+    let ids: Vec<i64> = (0..rows).map(|_| rng.below(vocab as u64) as i64).collect();
+    let targets = Tensor::from_slice(&ids, rows, &Device::Cpu).unwrap();
+    let params = Params::default();
+    let host = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (rh, mh) = (host(&real), host(&masked));
+    let logits = |v| Logits::new(v, rows, vocab).unwrap();
+    let batch = Batch::rows(logits(&rh), logits(&mh), &ids).with_layout(&layout).unwrap();
+    let want = Cpu.compute(&batch, &params).unwrap();
+    let out = compute_layout(&real, &masked, &targets, &layout, &params).unwrap();
+    let padded = out.advantages.as_ref().unwrap().padded_advantage.as_ref().expect("padded_advantage");
+    assert_eq!(padded.dims(), &[4, 14]);
+    assert_eq!(out.to_output().unwrap(), want, "seed {seed}");
+
+    // The fused path on hidden states, the same layout.
+    let (hr, hm) =
+        (random_matrix(&mut rng, rows, d, 1.0, DType::F32), random_matrix(&mut rng, rows, d, 1.0, DType::F32));
+    let head = random_matrix(&mut rng, vocab, d, 1.0, DType::F32);
+    let h = HiddenStates { real_hidden: &hr, masked_hidden: &hm, lm_head: &head };
+    let (hrh, hmh, headh) = (host(&hr), host(&hm), host(&head));
+    let tensors = HiddenTensors::new(
+        LogitData::from_slice(&hrh),
+        LogitData::from_slice(&hmh),
+        LogitData::from_slice(&headh),
+        rows,
+        d,
+        vocab,
+    )
+    .unwrap();
+    let hidden = HiddenBatch::rows(tensors, &ids).with_layout(&layout).unwrap();
+    let want = Cpu.compute_hidden(&hidden, &params, 7).unwrap();
+    let out = compute_hidden_layout(&h, &targets, &layout, &params, 7).unwrap();
+    assert_eq!(out.to_output().unwrap(), want, "seed {seed}");
+
+    let mut no_width = layout.clone();
+    no_width.pad_width = None;
+    let e = compute_layout(&real, &masked, &targets, &no_width, &params).unwrap_err();
+    assert!(matches!(e, Error::Trajectories { .. }) && e.to_string().contains("need a padded width"), "{e}");
+    let narrow = layout.clone().with_padding(8, Some(offsets));
+    let e = compute_layout(&real, &masked, &targets, &narrow, &params).unwrap_err();
+    assert!(e.to_string().contains("do not fit the padded width L = 8"), "{e}");
+}

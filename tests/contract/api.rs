@@ -218,7 +218,7 @@ fn conversation_is_the_layout_written_by_hand() {
         let (rows, vocab) = (built.rows(), 23);
         let (real, masked, targets) = logits_pair::<f32>(&mut rng, rows, vocab);
         let logits = |v| Logits::new(v, rows, vocab).unwrap();
-        let batch = Batch::rows(logits(&real), logits(&masked), &targets).with_layout(&built);
+        let batch = Batch::rows(logits(&real), logits(&masked), &targets).with_layout(&built).unwrap();
         let starts = want.credit_start.as_deref().unwrap();
         let manual = Batch::rows(logits(&real), logits(&masked), &targets)
             .with_turns(want.turns.as_turns())
