@@ -10,8 +10,8 @@
 //! ~4k parameters), on the CPU by default. Each training step samples GRPO groups (G
 //! trajectories per hidden item); for every user reply followed by an agent turn it takes the
 //! policy's logits over that next agent turn's tokens twice — with the real reply in context and
-//! with the reply replaced by the placeholder `MASK` — and hands both, as candle tensors, to
-//! `infopo_kernels::candle::compute`, which returns the outcome advantages and the per-turn
+//! with the reply replaced by the placeholder `MASK` — and hands both, as candle tensors, with the
+//! batch's `Conversation` layout to `infopo_kernels::candle::compute_layout`, which returns the outcome advantages and the per-turn
 //! information bonus (log-ratio estimator, group normalisation, variance gate). The bonus
 //! goes to the agent turn that asked the question (its answer is what changed the next turn), the
 //! outcome advantage to every agent token, and the policy takes one AdamW step on
@@ -31,7 +31,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use candle_nn::{Embedding, Linear, Module, Optimizer};
 use clap::Parser;
-use infopo_kernels::{Params, Trajectories, Turns};
+use infopo_kernels::{Conversation, Params};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -364,26 +364,23 @@ fn train_step(
     let real = rows_of(&real_logits, real_rows)?;
     let masked = rows_of(&masked_logits, masked_rows)?;
     let targets = Tensor::from_vec(targets, rows, device)?;
-    let turn_trajectory: Vec<u32> = turns.iter().map(|t| t.trajectory as u32).collect();
-    let turn_credit_tokens = vec![TOKENS_PER_AGENT_TURN as u32; turns.len()];
-    let turn_credit_start: Vec<u32> = turns.iter().map(|t| (t.asking_turn * TOKENS_PER_AGENT_TURN) as u32).collect();
-    // One GRPO group per hidden item drawn for this step: trajectories i·G .. (i+1)·G.
-    let group: Vec<u32> = (0..batch).map(|i| (i / GROUP_SIZE) as u32).collect();
-    let outcome: Vec<f64> = episodes.iter().map(|e| e.reward).collect();
-    let trajectory_tokens: Vec<u32> = episodes.iter().map(|e| (e.agent_turns * TOKENS_PER_AGENT_TURN) as u32).collect();
+
+    // The layout, told as conversations: each trajectory's agent turns (the replies are not
+    // agent tokens), one GRPO group per hidden item drawn for this step (trajectories
+    // i·G .. (i+1)·G), and the replies scored, in the order their rows were gathered. Each turn's
+    // rows are the next agent turn's tokens; its bonus goes to the agent turn that asked.
+    let mut conv = Conversation::new();
+    for (i, e) in episodes.iter().enumerate() {
+        conv.trajectory((i / GROUP_SIZE) as u32, e.reward, &vec![TOKENS_PER_AGENT_TURN as u32; e.agent_turns]);
+    }
+    for t in &turns {
+        conv.feedback(t.trajectory as u32, t.asking_turn as u32)?;
+    }
+    let layout = conv.build()?;
 
     // candle tensors in, candle tensors out: the CPU reference for CPU tensors, the kernels on
     // candle's own stream for CUDA tensors.
-    let output = infopo_kernels::candle::compute(
-        &real,
-        &masked,
-        &targets,
-        Turns { offsets: &turn_offsets, trajectory: &turn_trajectory, credit_tokens: &turn_credit_tokens },
-        Some(Trajectories { group: &group, outcome: &outcome, tokens: &trajectory_tokens }),
-        // Each turn's bonus goes to the agent turn that asked the question: its two tokens.
-        Some(&turn_credit_start),
-        params,
-    )?;
+    let output = infopo_kernels::candle::compute_layout(&real, &masked, &targets, &layout, params)?;
     let advantages = output.advantages.ok_or("the crate returned no advantages for a batch with trajectories")?;
     let turn_bonus = advantages.turn_bonus.to_vec1::<f64>()?;
     // [M] trajectory-major: the outcome advantage on every response token plus each turn's bonus
@@ -398,7 +395,7 @@ fn train_step(
     let mut weights = vec![0f32; batch * MAX_INPUTS];
     let mut agent_positions = vec![0f32; batch * MAX_INPUTS];
     let mut next = 0;
-    for (b, &tokens) in trajectory_tokens.iter().enumerate() {
+    for (b, &tokens) in layout.trajectories.tokens.iter().enumerate() {
         for j in 0..tokens as usize {
             let (turn, within) = (j / TOKENS_PER_AGENT_TURN, j % TOKENS_PER_AGENT_TURN);
             let position = b * MAX_INPUTS + Episode::agent_turn_start(turn) - 1 + within;
@@ -430,7 +427,7 @@ fn train_step(
     let questions: Vec<usize> = episodes.iter().flat_map(|e| e.questions()).collect();
     let bonuses: Vec<f64> = turn_bonus.into_iter().filter(|b| *b != 0.0).collect();
     Ok(StepStats {
-        reward: outcome.iter().sum::<f64>() / batch as f64,
+        reward: episodes.iter().map(|e| e.reward).sum::<f64>() / batch as f64,
         questions: questions.len() as f64 / batch as f64,
         informative: questions.iter().filter(|&&a| a < INFORMATIVE_ATTRS).count() as f64
             / questions.len().max(1) as f64,
@@ -564,15 +561,11 @@ mod tests {
         // Every game ended at its first turn: no rows, no turns, only outcomes.
         let empty = Tensor::zeros((0, VOCAB), DType::F32, &Device::Cpu)?;
         let targets = Tensor::zeros(0, DType::U32, &Device::Cpu)?;
-        let out = infopo_kernels::candle::compute(
-            &empty,
-            &empty,
-            &targets,
-            Turns { offsets: &[0], trajectory: &[], credit_tokens: &[] },
-            Some(Trajectories { group: &[0, 0], outcome: &[1.0, 0.0], tokens: &[2, 2] }),
-            Some(&[]),
-            &Params::default(),
-        )?;
+        let mut conv = Conversation::new();
+        conv.trajectory(0, 1.0, &[2]);
+        conv.trajectory(0, 0.0, &[2]);
+        let layout = conv.build()?;
+        let out = infopo_kernels::candle::compute_layout(&empty, &empty, &targets, &layout, &Params::default())?;
         let advantages = out.advantages.ok_or("no advantages")?;
         let outcome = advantages.trajectory_advantage.to_vec1::<f64>()?;
         assert!(outcome[0] > 0.0 && outcome[1] < 0.0);
