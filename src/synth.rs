@@ -186,6 +186,23 @@ impl<T: LogitElement> SynthBatch<T> {
     }
 }
 
+/// Credit starts that place each turn's credited span right after the previous turn's of the
+/// same trajectory, the first at `first`, in turn order: the spans of a synthetic or random
+/// layout, whose trajectories have room for `first` plus their credits.
+pub fn consecutive_credit_starts(turn_trajectory: &[u32], credit_tokens: &[u32], first: u32) -> Vec<u32> {
+    let mut next = std::collections::HashMap::new();
+    turn_trajectory
+        .iter()
+        .zip(credit_tokens)
+        .map(|(&i, &c)| {
+            let at = next.entry(i).or_insert(first);
+            let start = *at;
+            *at += c;
+            start
+        })
+        .collect()
+}
+
 /// The `index`-th draw (from 0) of the SplitMix64 stream seeded with `key`: SplitMix64 is
 /// counter-based (its state after `i` steps is `key + i·γ`), so any element of a stream can be
 /// drawn directly, in parallel and in any language with wrapping 64-bit arithmetic — which is

@@ -290,17 +290,7 @@ fn batch_matches_the_cpu_backend() {
             Trajectories { group: &b.trajectory_group, outcome: &b.trajectory_outcome, tokens: &b.trajectory_tokens };
         // Each trajectory's turns credit consecutive spans after 5 prompt-echo tokens (the
         // synthetic trajectories have at least 32 tokens beyond their credits).
-        let mut next = vec![5u32; b.trajectory_tokens.len()];
-        let starts: Vec<u32> = b
-            .turn_trajectory
-            .iter()
-            .zip(&b.turn_credit_tokens)
-            .map(|(&i, &c)| {
-                let start = next[i as usize];
-                next[i as usize] += c;
-                start
-            })
-            .collect();
+        let starts = synth::consecutive_credit_starts(&b.turn_trajectory, &b.turn_credit_tokens, 5);
         let credit_start = with_trajectories.then_some(&starts[..]);
         let out =
             compute(&real, &masked, &targets, turns, with_trajectories.then_some(trajectories), credit_start, &params)

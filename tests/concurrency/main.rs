@@ -257,17 +257,7 @@ fn merge_mode_concurrent_equals_serial_bitwise() {
         .flat_map(|&range| serial.range_states(&RangeInput::of_full(real, masked, range), &t, &params).unwrap())
         .collect();
     // Credited spans: each turn's credit at the start of its trajectory's response, in turn order.
-    let mut next = vec![0u32; l.tokens.len()];
-    let starts: Vec<u32> = l
-        .trajectory
-        .iter()
-        .zip(&l.credit)
-        .map(|(&i, &c)| {
-            let s = next[i as usize];
-            next[i as usize] += c;
-            s
-        })
-        .collect();
+    let starts = infopo_kernels::synth::consecutive_credit_starts(&l.trajectory, &l.credit, 0);
     let mut lay = infopo_kernels::Layout::new(n, &l.turns(), Some(&l.trajectories())).unwrap();
     lay = lay.with_credit_start(&starts).unwrap();
     let merge = |b: &Emulated| b.merge_and_finish(&states, ranges.len(), &t, v, Some(&lay), &params).unwrap();

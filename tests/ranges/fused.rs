@@ -214,17 +214,7 @@ use infopo_kernels::{HiddenBatch, HiddenTensors, OwnedHiddenBatch};
 fn layout_with_starts(rows: usize, seed: u64) -> (RandomLayout, Vec<u32>) {
     let mut rng = infopo_kernels::synth::Rng::new(seed);
     let l = random_layout(&mut rng, rows, 4, 3, 2);
-    let mut next = vec![0u32; l.tokens.len()];
-    let starts = l
-        .turn_traj
-        .iter()
-        .zip(&l.credit)
-        .map(|(&i, &c)| {
-            let s = next[i as usize];
-            next[i as usize] += c;
-            s
-        })
-        .collect();
+    let starts = infopo_kernels::synth::consecutive_credit_starts(&l.turn_traj, &l.credit, 0);
     (l, starts)
 }
 

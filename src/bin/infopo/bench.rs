@@ -68,18 +68,13 @@ fn bench_typed<T: LogitElement>(args: &BenchArgs) -> Outcome {
 /// credited tokens).
 fn token_spans<T: LogitElement>(data: &mut synth::SynthBatch<T>, agent_tokens: Option<u64>) -> Vec<u32> {
     let b = data.trajectory_tokens.len();
-    let mut used = vec![0u32; b];
-    let starts = data
-        .turn_trajectory
-        .iter()
-        .zip(&data.turn_credit_tokens)
-        .map(|(&i, &c)| {
-            let start = used[i as usize];
-            used[i as usize] += c;
-            start
-        })
-        .collect();
+    let starts = synth::consecutive_credit_starts(&data.turn_trajectory, &data.turn_credit_tokens, 0);
     if let Some(m) = agent_tokens {
+        // At least the credited tokens: the spans must still fit.
+        let mut used = vec![0u32; b];
+        for (&i, &c) in data.turn_trajectory.iter().zip(&data.turn_credit_tokens) {
+            used[i as usize] += c;
+        }
         for (i, tokens) in data.trajectory_tokens.iter_mut().enumerate() {
             let even = m / b as u64 + u64::from((i as u64) < m % b as u64);
             *tokens = (even as u32).max(used[i]);
